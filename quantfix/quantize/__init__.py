@@ -1,0 +1,103 @@
+"""Stage: quantize. Apply a Plan to the model in place (simulated), and restore the float weights.
+
+Trial weights replace the originals in the live model; the float originals of the planned
+modules are kept on the CPU, so the accelerator never holds two copies of the model. Applying
+a new plan rewrites only the modules whose precision changed.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from quantfix.plan import Plan, Precision
+from quantfix.quantize import fake
+from quantfix.quantize.calib import CalibStats
+
+log = logging.getLogger(__name__)
+
+
+def quantize_weight(W: torch.Tensor, p: Precision, stats: Optional[CalibStats], name: str,
+                    awq_scales: Optional[torch.Tensor] = None, damp: float = 0.01, block_size: int = 128,
+                    int8_threshold: float = 6.0) -> torch.Tensor:
+    """The simulated (dequantized) weight of one module under precision p."""
+    if p.is_float:
+        return W
+    has_stats = stats is not None and name in stats.module_input
+    if p.algorithm == "gptq" and has_stats:
+        return fake.gptq(W, stats.of(name).hessian.to(W.device), p.bits, p.group_size, p.symmetric, damp, block_size)
+    if p.algorithm == "awq" and awq_scales is not None:
+        return fake.awq(W, awq_scales, p.bits, p.group_size, p.symmetric)
+    if p.algorithm == "llm_int8":
+        cols = None
+        if has_stats:
+            cols = torch.nonzero(stats.of(name).absmax > int8_threshold).flatten().to(W.device)
+        return fake.llm_int8_weight(W, cols)
+    if p.algorithm == "nf4":
+        return fake.nf4(W, p.group_size or 64)
+    return fake.rtn(W, p.bits, p.group_size, p.symmetric)
+
+
+class WeightBank:
+    """Float originals of the planned modules (on CPU) and the plan currently applied."""
+
+    def __init__(self, model, names, stats: Optional[CalibStats] = None, gptq_damp: float = 0.01,
+                 gptq_block: int = 128, awq_grid: int = 20, int8_threshold: float = 6.0):
+        self.model = model
+        mods = dict(model.named_modules())
+        self.modules = {n: mods[n] for n in names}
+        self.originals = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
+        self.stats = stats
+        self.current: Dict[str, Precision] = {}
+        self.gptq_damp, self.gptq_block, self.awq_grid, self.int8_threshold = gptq_damp, gptq_block, awq_grid, int8_threshold
+        self._awq: Dict[Tuple[str, int, int, bool], torch.Tensor] = {}
+
+    def original(self, name: str, device=None) -> torch.Tensor:
+        w = self.originals[name]
+        return w.to(device or self.modules[name].weight.device, torch.float32)
+
+    def _awq_scales(self, name: str, p: Precision) -> Optional[torch.Tensor]:
+        if self.stats is None or name not in self.stats.module_input:
+            return None
+        key = self.stats.module_input[name]
+        ck = (key, p.bits, p.group_size, p.symmetric)
+        if ck not in self._awq:
+            members = [m for m in self.stats.groups()[key] if m in self.modules]
+            dev = self.modules[name].weight.device
+            st = self.stats.inputs[key]
+            _, s = fake.awq_search([self.original(m, dev) for m in members], st.hessian.to(dev), st.absmean,
+                                   p.bits, p.group_size, p.symmetric, self.awq_grid)
+            self._awq[ck] = s
+        return self._awq[ck]
+
+    def simulate(self, name: str, p: Precision) -> torch.Tensor:
+        W = self.original(name)
+        awq_s = self._awq_scales(name, p) if p.algorithm == "awq" and not p.is_float else None
+        return quantize_weight(W, p, self.stats, name, awq_s, self.gptq_damp, self.gptq_block, self.int8_threshold)
+
+    @torch.no_grad()
+    def apply(self, plan: Plan, progress: bool = True) -> int:
+        """Make the live model compute with the plan's (simulated) weights; returns modules rewritten."""
+        todo = [n for n in self.modules if plan.modules.get(n, Precision()) != self.current.get(n, Precision())]
+        for n in tqdm(todo, desc="apply plan", unit="module", disable=not progress or len(todo) < 20, leave=False):
+            p = plan.modules.get(n, Precision())
+            w = self.modules[n].weight
+            w.copy_(self.simulate(n, p).to(w.dtype))
+            self.current[n] = p
+        return len(todo)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n, m in self.modules.items():
+            if not self.current.get(n, Precision()).is_float:
+                m.weight.copy_(self.originals[n].to(m.weight.device, m.weight.dtype))
+        self.current.clear()
+
+    def output_error(self, name: str, p: Precision) -> float:
+        """Calibration-set output error ||(W - Wq) X||^2 of one module under precision p (0 if no stats)."""
+        if self.stats is None or name not in self.stats.module_input or p.is_float:
+            return 0.0
+        W = self.original(name)
+        return fake.output_error(W, self.simulate(name, p), self.stats.of(name).hessian.to(W.device))

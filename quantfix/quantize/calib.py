@@ -1,0 +1,129 @@
+"""Calibration statistics, computed once per (model, calibration set) and cached on disk.
+
+For every input that targeted linear modules read (q/k/v share one, gate/up share one): the
+Hessian H = sum x x^T (GPTQ, AWQ's loss, output error of any trial weight), and per input
+channel the absmax (outlier channels) and mean |x| (AWQ scales).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
+from quantfix.model import decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputStats:
+    hessian: torch.Tensor  # [in, in], float32, sum over tokens of x x^T
+    absmax: torch.Tensor  # [in]
+    absmean: torch.Tensor  # [in]
+    n_tokens: int
+
+
+@dataclass
+class CalibStats:
+    inputs: Dict[str, InputStats] = field(default_factory=dict)  # key: first module reading that input
+    module_input: Dict[str, str] = field(default_factory=dict)  # module name -> key in inputs
+
+    def of(self, module: str) -> InputStats:
+        return self.inputs[self.module_input[module]]
+
+    def groups(self) -> Dict[str, List[str]]:
+        """Modules grouped by the input they read, in model order."""
+        out: Dict[str, List[str]] = {}
+        for m, key in self.module_input.items():
+            out.setdefault(key, []).append(m)
+        return out
+
+    def save(self, path: Path) -> None:
+        tmp = Path(str(path) + ".part")
+        torch.save({"inputs": {k: vars(v) for k, v in self.inputs.items()}, "module_input": self.module_input}, tmp)
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "CalibStats":
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return cls({k: InputStats(**v) for k, v in d["inputs"].items()}, d["module_input"])
+
+
+def cache_key(model_path: str, samples: torch.Tensor, names: List[str]) -> str:
+    h = hashlib.sha256()
+    h.update(model_path.encode())
+    h.update(samples.numpy().tobytes())
+    h.update("\n".join(names).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
+            cache_path: Optional[Path] = None, progress: bool = True) -> CalibStats:
+    """Hessians and channel statistics of every input of the named linear modules, layer by layer."""
+    if cache_path is not None and cache_path.exists():
+        log.info("calibration statistics: cached (%s)", cache_path.name)
+        return CalibStats.load(cache_path)
+    wanted = set(names)
+    prefix = {id(m): n for n, m in model.named_modules()}
+    batches = list(samples.split(batch_size))
+    stats = CalibStats()
+    inputs = capture_layer0_inputs(model, batches)
+    n_target_layers = sum(1 for layer in decoder_layers(model)
+                          if any(f"{prefix[id(layer)]}.{n}" in wanted for n, _ in layer.named_modules()))
+    bar = tqdm(total=n_target_layers, desc="calibration stats", unit="layer", disable=not progress)
+    acc: Dict[str, dict] = {}
+    for i, layer, layer_in in iterate_layers(model, inputs):
+        targets = [(f"{prefix[id(layer)]}.{n}", m) for n, m in layer.named_modules()
+                   if f"{prefix[id(layer)]}.{n}" in wanted]
+        if not targets:
+            continue
+        seen: Dict[tuple, str] = {}
+        handles = []
+
+        def make_hook(full_name):
+            def hook(_mod, args):
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                owner = seen.setdefault(key, full_name)
+                stats.module_input[full_name] = owner
+                if owner != full_name:
+                    return
+                x2 = x.reshape(-1, x.shape[-1]).float()
+                a = acc.setdefault(owner, {"h": torch.zeros(x2.shape[1], x2.shape[1], device=x2.device),
+                                           "max": torch.zeros(x2.shape[1], device=x2.device),
+                                           "sum": torch.zeros(x2.shape[1], device=x2.device), "n": 0})
+                a["h"].addmm_(x2.T, x2)
+                a["max"] = torch.maximum(a["max"], x2.abs().amax(0))
+                a["sum"] += x2.abs().sum(0)
+                a["n"] += x2.shape[0]
+            return hook
+
+        for n, m in targets:
+            handles.append(m.register_forward_pre_hook(make_hook(n)))
+        try:
+            for h, kw in zip(layer_in.hidden, layer_in.kwargs):
+                seen.clear()
+                layer_output(layer, h, kw)
+        finally:
+            for hd in handles:
+                hd.remove()
+        for owner, a in acc.items():
+            stats.inputs[owner] = InputStats(a["h"].cpu(), a["max"].cpu(), (a["sum"] / a["n"]).cpu(), a["n"])
+        acc.clear()
+        bar.update(1)
+    bar.close()
+    missing = wanted - set(stats.module_input)
+    if missing:
+        log.warning("no calibration statistics for %d modules outside decoder layers (e.g. %s): they use RTN",
+                    len(missing), sorted(missing)[0])
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(cache_path)
+    return stats
