@@ -27,7 +27,7 @@ class Reference:
     nll: torch.Tensor  # [N] float model's NLL of each target token
     top_idx: torch.Tensor  # [N, k] int64 (or [N, 0] when full is set)
     top_logp: torch.Tensor  # [N, k] float32
-    full_logp: Optional[torch.Tensor] = None  # [N, V] float16, when it fits
+    full_logp: Optional[torch.Tensor] = None  # [N, V] float32, when it fits
 
     @property
     def n_tokens(self) -> int:
@@ -58,7 +58,7 @@ class Metrics:
 
 
 def cache_key(model_path: str, windows: torch.Tensor, topk: int, full_max_mb: int, dtype: torch.dtype) -> str:
-    h = hashlib.sha256(f"{model_path}|{topk}|{full_max_mb}|{dtype}".encode())
+    h = hashlib.sha256(f"ref-v2|{model_path}|{topk}|{full_max_mb}|{dtype}".encode())
     h.update(windows.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -82,14 +82,14 @@ def reference(model, windows: torch.Tensor, batch_size: int, topk: int, full_max
         return Reference.load(cache_path)
     vocab = model.get_output_embeddings().weight.shape[0]
     n = windows.shape[0] * (windows.shape[1] - 1)
-    full = n * vocab * 2 <= full_max_mb * 2 ** 20
+    full = n * vocab * 4 <= full_max_mb * 2 ** 20
     nll, idx, lp, fulls = [], [], [], []
     for ids in tqdm(_batches(windows, batch_size), desc="float reference", unit="batch", disable=not progress):
         logp = _logprobs(model, ids)
         tgt = ids[:, 1:].reshape(-1).to(logp.device)
         nll.append(-logp.gather(1, tgt[:, None]).squeeze(1).cpu())
         if full:
-            fulls.append(logp.half().cpu())
+            fulls.append(logp.cpu())
         else:
             v, i = logp.topk(min(topk, vocab), dim=-1)
             lp.append(v.cpu())
@@ -107,7 +107,7 @@ def reference(model, windows: torch.Tensor, batch_size: int, topk: int, full_max
 def _kld_rows(ref: Reference, sl: slice, q_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL(P_float || Q) for rows sl of the reference."""
     if ref.full_logp is not None:
-        p_logp = ref.full_logp[sl].to(q_logp.device).float()
+        p_logp = ref.full_logp[sl].to(q_logp.device)
         return (p_logp.exp() * (p_logp - q_logp)).sum(-1).clamp(min=0)
     idx = ref.top_idx[sl].to(q_logp.device)
     p_top = ref.top_logp[sl].to(q_logp.device)
@@ -120,7 +120,7 @@ def _kld_rows(ref: Reference, sl: slice, q_logp: torch.Tensor) -> torch.Tensor:
 
 def _ref_top1(ref: Reference, sl: slice) -> torch.Tensor:
     if ref.full_logp is not None:
-        return ref.full_logp[sl].float().argmax(-1)
+        return ref.full_logp[sl].argmax(-1)
     return ref.top_idx[sl, 0]
 
 

@@ -168,7 +168,13 @@ def search(s: Session, bank: WeightBank, plan0: Plan, ref: ev.Reference, base: e
 
 def run(cfg, out_dir: Path) -> Dict[str, Any]:
     t_start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-test").touch()
+        (out_dir / ".write-test").unlink()
+    except OSError as e:
+        raise QuantfixError(f"cannot write the output directory {out_dir} ({e.strerror}): "
+                            "pick a writable hydra.run.dir or output_dir") from e
     s = Session(cfg, out_dir)
     ref = s.reference()
     base = ev.baseline_metrics(ref)

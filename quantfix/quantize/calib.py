@@ -56,7 +56,7 @@ class CalibStats:
 
 
 def cache_key(model_path: str, samples: torch.Tensor, names: List[str]) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"calib-v2")
     h.update(model_path.encode())
     h.update(samples.numpy().tobytes())
     h.update("\n".join(names).encode())
@@ -84,14 +84,15 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
                    if f"{prefix[id(layer)]}.{n}" in wanted]
         if not targets:
             continue
-        seen: Dict[tuple, str] = {}
+        seen: Dict[tuple, tuple] = {}
         handles = []
 
         def make_hook(full_name):
             def hook(_mod, args):
                 x = args[0]
+                # the tensor itself is kept in `seen` for the batch, so its address cannot be reused
                 key = (x.data_ptr(), tuple(x.shape))
-                owner = seen.setdefault(key, full_name)
+                owner = seen.setdefault(key, (full_name, x))[0]
                 stats.module_input[full_name] = owner
                 if owner != full_name:
                     return

@@ -1,0 +1,65 @@
+"""Every config file composes; bad values fail with one clear message naming the fix."""
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from quantfix.config import validate
+from quantfix.errors import QuantfixError
+from tests.conftest import CONF
+
+
+def _options():
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):
+        for f in sorted(group.glob("*.yaml")):
+            yield f"{group.name}={f.stem}"
+
+
+@pytest.mark.parametrize("override", list(_options()))
+def test_every_config_file_composes(compose, override):
+    cfg = compose([override])
+    group, name = override.split("=")
+    assert group in cfg
+    if override != "model=hf":  # model=hf requires name_or_path (???)
+        validate(cfg)
+
+
+def test_defaults_are_the_demo(compose):
+    cfg = compose()
+    assert cfg.model.name_or_path == "demo" and cfg.quant.bits == 4 and cfg.quant.group_size == 64
+    assert cfg.thresholds.max_ppl_increase_pct <= 5
+
+
+def test_misspelled_key_fails_at_compose(compose):
+    with pytest.raises(ConfigCompositionException):
+        compose(["quant.bitz=4"])
+    with pytest.raises(ConfigCompositionException):
+        compose(["quant.bits=four"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("quant.bits=9", "quant.bits=9 is out of range: use 2..8"),
+    ("quant.bits=1", "quant.bits=1 is out of range"),
+    ("quant.algorithm=magic", "quant.algorithm='magic': choose one of rtn, gptq, awq, llm_int8, nf4"),
+    ("thresholds.max_ppl_increase_pct=-1", "is impossible: use a value >= 0"),
+    ("thresholds.min_top1=1.5", "thresholds.min_top1=1.5 is impossible"),
+    ("thresholds.max_kld_mean=-0.1", "KL divergence is >= 0"),
+    ("quant.group_size=-2", "quant.group_size=-2"),
+    ("loop.ladder=[4-64]", "is not 'bits/group'"),
+])
+def test_validation_messages(compose, override, message):
+    with pytest.raises(QuantfixError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        validate(compose([override]))
+
+
+def test_validation_collects_every_problem(compose):
+    with pytest.raises(QuantfixError) as e:
+        validate(compose(["quant.bits=9", "thresholds.min_top1=2", "eval.n_windows=0"]))
+    msg = str(e.value)
+    assert "quant.bits=9" in msg and "min_top1=2" in msg and "n_windows" in msg
+
+
+def test_no_threshold_set_is_rejected(compose):
+    cfg = compose(["thresholds.max_ppl_increase_pct=null"])
+    with pytest.raises(QuantfixError, match="none set, so every plan would pass"):
+        validate(cfg)

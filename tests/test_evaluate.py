@@ -1,0 +1,89 @@
+"""Metrics against direct computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantfix import evaluate as ev
+from quantfix.quantize import fake
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama(seed=1)
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 384, (4, 32), generator=g)
+    return model, windows
+
+
+def _quantized_copy(model, bits=3):
+    q = tiny_llama(seed=1)
+    with torch.no_grad():
+        for n, m in q.named_modules():
+            if isinstance(m, torch.nn.Linear) and "layers" in n:
+                m.weight.copy_(fake.rtn(m.weight, bits, 0, True))
+    return q
+
+
+def test_float_model_against_itself(setup):
+    model, windows = setup
+    ref = ev.reference(model, windows, 2, topk=16, full_max_mb=64, progress=False)
+    m = ev.evaluate(model, windows, ref, 2, progress=False)
+    assert m.kld_mean == pytest.approx(0, abs=1e-6) and m.top1 == 1.0
+    # PPL equals exp of the model's own mean cross-entropy
+    with torch.no_grad():
+        loss = model(windows, labels=windows).loss
+    assert m.ppl == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    assert ev.baseline_metrics(ref).ppl == pytest.approx(m.ppl, rel=1e-5)
+
+
+def test_kld_and_top1_against_direct_computation(setup):
+    model, windows = setup
+    q = _quantized_copy(model)
+    ref = ev.reference(model, windows, 2, topk=16, full_max_mb=64, progress=False)
+    assert ref.full_logp is not None
+    m = ev.evaluate(q, windows, ref, 2, progress=False)
+    with torch.no_grad():
+        p = F.log_softmax(model(windows).logits[:, :-1].float(), -1).reshape(-1, 384)
+        lq = F.log_softmax(q(windows).logits[:, :-1].float(), -1).reshape(-1, 384)
+    kl = (p.exp() * (p - lq)).sum(-1)
+    assert m.kld_mean == pytest.approx(float(kl.mean()), rel=1e-3, abs=1e-5)
+    assert m.kld_max == pytest.approx(float(kl.max()), rel=1e-3)
+    assert m.top1 == pytest.approx(float((p.argmax(-1) == lq.argmax(-1)).float().mean()))
+    assert m.kld_mean > 0.001
+
+
+def test_topk_kld_is_a_tight_lower_bound(setup):
+    model, windows = setup
+    q = _quantized_copy(model)
+    full = ev.evaluate(q, windows, ev.reference(model, windows, 2, 16, 64, progress=False), 2, progress=False)
+    small = ev.evaluate(q, windows, ev.reference(model, windows, 2, 8, 0, progress=False), 2, progress=False)
+    big = ev.evaluate(q, windows, ev.reference(model, windows, 2, 256, 0, progress=False), 2, progress=False)
+    # coarsening the distribution can only lose divergence; more tokens lose less
+    assert small.kld_mean <= big.kld_mean + 1e-6 <= full.kld_mean + 1e-6
+    assert full.kld_mean - big.kld_mean < full.kld_mean - small.kld_mean
+    assert small.ppl == pytest.approx(full.ppl, rel=1e-5) and small.top1 == full.top1
+
+
+def test_reference_cache_round_trip(setup, tmp_path):
+    model, windows = setup
+    path = tmp_path / "ref.pt"
+    a = ev.reference(model, windows, 2, 8, 0, cache_path=path, progress=False)
+    assert path.exists()
+    b = ev.reference(None, windows, 2, 8, 0, cache_path=path, progress=False)  # no model needed when cached
+    assert torch.equal(a.top_idx, b.top_idx) and torch.equal(a.nll, b.nll)
+
+
+def test_topk_kld_is_tight_when_topk_holds_the_mass():
+    model, q = tiny_llama(seed=1), None
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6)  # peaked next-token distributions, as in trained LMs
+    q = _quantized_copy(model, bits=4)
+    with torch.no_grad():
+        q.lm_head.weight.copy_(model.lm_head.weight)
+    windows = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    full = ev.evaluate(q, windows, ev.reference(model, windows, 2, 16, 64, progress=False), 2, progress=False)
+    top = ev.evaluate(q, windows, ev.reference(model, windows, 2, 64, 0, progress=False), 2, progress=False)
+    assert top.kld_mean == pytest.approx(full.kld_mean, rel=0.05)
