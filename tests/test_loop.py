@@ -102,3 +102,20 @@ def test_cli_unwritable_output(tmp_path, tiny_dir):
              f"output_dir={blocker}/sub")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "cannot write the output directory" in r.stderr
+
+
+def test_cli_sweep_writes_one_run_dir_per_job(tmp_path, tiny_dir):
+    sweep = tmp_path / "sweep"
+    r = _cli("-m", "quant.group_size=16,32", "quant=rtn,gptq", *tiny_overrides(tiny_dir, tmp_path / "cache"),
+             "thresholds.max_ppl_increase_pct=1000", "loop.max_iters=1", "export.verify=false",
+             f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted(p.parent for p in sweep.glob("*/report.json"))
+    assert len(runs) == 4
+    combos = set()
+    for d in runs:
+        rep = json.loads((d / "report.json").read_text())
+        q = rep["config"]["quant"]
+        combos.add((q["algorithm"], q["group_size"]))
+        assert (d / "checkpoint" / "config.json").exists()
+    assert combos == {("rtn", 16), ("rtn", 32), ("gptq", 16), ("gptq", 32)}
