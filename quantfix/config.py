@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from quantfix.errors import QuantfixError
 
@@ -96,6 +97,53 @@ class LoopConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    # fisher: one forward + backward estimate (default); exact: restore each part and re-evaluate
+    method: str = "fisher"
+    windows: int = 4  # eval windows the fisher pass uses (exact uses all of eval)
+    label_samples: int = 2
+    per_module_exact: bool = False
+
+
+@dataclass
+class DiagnoseConfig:
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    outlier_k: float = 6.0
+    histograms: int = 4  # PNGs for the inputs with the largest outliers
+    absmax_samples: int = 8  # calibration samples used for float-vs-quantized activation absmax
+    channel_windows: int = 2
+    probes: bool = True
+    # per-domain perplexity: label -> data source
+    domains: Dict[str, str] = field(default_factory=lambda: {"prose": "wikitext2", "web": "c4", "code": "humaneval"})
+    domain_windows: int = 4
+    domain_seq_len: int = 256
+    # thresholds for the verdicts
+    concentrated_share: float = 0.5  # top 10% of layers hold at least this share of the sensitivity
+    ppl_ok_pct: float = 2.0  # "PPL fine" below this increase...
+    kld_bad: float = 0.05  # ...while KLD above this (or top-1 below top1_bad) is flagged
+    top1_bad: float = 0.9
+
+
+@dataclass
+class ProbeItem:
+    domain: str = "prose"
+    prompt: str = MISSING
+    chat: bool = False
+
+
+@dataclass
+class ProbesConfig:
+    max_new_tokens: int = 40
+    prompts: List[ProbeItem] = field(default_factory=list)
+
+
+@dataclass
+class QuantizedConfig:
+    # an existing quantized checkpoint to diagnose (mode=diagnose) instead of a plan from `quant`
+    name_or_path: Optional[str] = None
+
+
+@dataclass
 class ExportConfig:
     enabled: bool = True
     # dtype of the unquantized tensors in the checkpoint (auto = the model's dtype)
@@ -119,6 +167,9 @@ class Config:
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    quantized: QuantizedConfig = field(default_factory=QuantizedConfig)
 
 
 def register() -> None:
@@ -176,6 +227,12 @@ def validate(cfg: Any) -> None:
         p.append(f"thresholds.max_kld_mean={t.max_kld_mean} is impossible: KL divergence is >= 0")
     if t.min_top1 is not None and not 0 <= t.min_top1 <= 1:
         p.append(f"thresholds.min_top1={t.min_top1} is impossible: use a fraction in [0, 1]")
+    if cfg.diagnose.sensitivity.method not in ("fisher", "exact"):
+        p.append(f"diagnose.sensitivity.method={cfg.diagnose.sensitivity.method!r}: use fisher or exact")
+    if cfg.diagnose.sensitivity.windows < 1 or cfg.diagnose.sensitivity.label_samples < 1:
+        p.append("diagnose.sensitivity.windows and label_samples must be at least 1")
+    if cfg.quantized.name_or_path and cfg.mode != "diagnose":
+        p.append("quantized.name_or_path is only used by mode=diagnose: add mode=diagnose")
     if cfg.loop.max_iters < 1:
         p.append(f"loop.max_iters={cfg.loop.max_iters}: use at least 1")
     if cfg.loop.bits_step <= 0:

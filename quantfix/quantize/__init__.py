@@ -53,6 +53,7 @@ class WeightBank:
         self.current: Dict[str, Precision] = {}
         self.gptq_damp, self.gptq_block, self.awq_grid, self.int8_threshold = gptq_damp, gptq_block, awq_grid, int8_threshold
         self._awq: Dict[Tuple[str, int, int, bool], torch.Tensor] = {}
+        self._sim: Dict[Tuple[str, Precision], torch.Tensor] = {}
 
     def original(self, name: str, device=None) -> torch.Tensor:
         w = self.originals[name]
@@ -73,9 +74,20 @@ class WeightBank:
         return self._awq[ck]
 
     def simulate(self, name: str, p: Precision) -> torch.Tensor:
+        key = (name, p)
+        if key in self._sim:
+            return self._sim[key].to(self.modules[name].weight.device, torch.float32)
         W = self.original(name)
         awq_s = self._awq_scales(name, p) if p.algorithm == "awq" and not p.is_float else None
-        return quantize_weight(W, p, self.stats, name, awq_s, self.gptq_damp, self.gptq_block, self.int8_threshold)
+        out = quantize_weight(W, p, self.stats, name, awq_s, self.gptq_damp, self.gptq_block, self.int8_threshold)
+        if p.algorithm in ("gptq", "awq"):  # expensive to recompute: keep a CPU copy
+            self._sim[key] = out.to("cpu", self.originals[name].dtype)
+        return out
+
+    def quantized_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
+        """The simulated weight of every quantized module of the plan (CPU), without applying it."""
+        return {n: self.simulate(n, p).to("cpu") for n, p in plan.modules.items()
+                if n in self.modules and not p.is_float}
 
     @torch.no_grad()
     def apply(self, plan: Plan, progress: bool = True) -> int:

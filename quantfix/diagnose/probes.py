@@ -1,0 +1,94 @@
+"""Symptom probes: repetition loops, refusals and divergence in greedy generations; per-domain
+perplexity to expose a domain gap."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+REFUSAL_PHRASES = ("i can't", "i cannot", "i'm sorry", "i am sorry", "i'm not able", "i am not able",
+                   "as an ai", "i won't", "i will not", "unable to help", "cannot assist", "can't assist",
+                   "not appropriate", "i apologize")
+
+
+def _encode(tok, prompt: str, chat: bool) -> torch.Tensor:
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=False)
+        return ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
+    return tok(prompt, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def generate(model, tok, probes: List[dict], max_new_tokens: int, progress: bool = True) -> List[List[int]]:
+    """Greedy continuations (token ids) of every probe, one at a time (no padding effects)."""
+    outs = []
+    eos = tok.eos_token_id
+    for p in tqdm(probes, desc="probes", unit="prompt", disable=not progress, leave=False):
+        ids = _encode(tok, p["prompt"], bool(p.get("chat"))).to(model.device)
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=eos if eos is not None else 0)
+        outs.append(gen[0, ids.shape[1]:].tolist())
+    return outs
+
+
+def repetition(ids: List[int], n: int = 4) -> dict:
+    """Fraction of n-grams that repeat an earlier one, distinct-2, and a loop verdict."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    seen, repeats = set(), 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    bigrams = [tuple(ids[i:i + 2]) for i in range(len(ids) - 1)]
+    distinct2 = len(set(bigrams)) / max(1, len(bigrams))
+    frac = repeats / max(1, len(grams))
+    return {"repeated_ngram_frac": round(frac, 3), "distinct2": round(distinct2, 3),
+            "loop": bool(len(grams) >= 8 and (frac > 0.5 or distinct2 < 0.35))}
+
+
+def is_refusal(text: str) -> bool:
+    t = text.lower()
+    return any(p in t for p in REFUSAL_PHRASES)
+
+
+def first_divergence(a: List[int], b: List[int]) -> Optional[int]:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_generations(tok, probes: List[dict], fp: List[List[int]], q: List[List[int]]) -> List[dict]:
+    rows = []
+    for p, a, b in zip(probes, fp, q):
+        ta, tb = tok.decode(a, skip_special_tokens=True), tok.decode(b, skip_special_tokens=True)
+        ra, rb = repetition(a), repetition(b)
+        rows.append({
+            "domain": p["domain"], "prompt": p["prompt"], "float": ta, "quantized": tb,
+            "first_divergence": first_divergence(a, b), "float_repetition": ra, "quantized_repetition": rb,
+            "new_loop": rb["loop"] and not ra["loop"], "new_refusal": is_refusal(tb) and not is_refusal(ta),
+        })
+    return rows
+
+
+@torch.no_grad()
+def domain_logprobs(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-token log-probs of the next token, [N, V] float32 on CPU."""
+    outs = []
+    for ids in windows.split(batch_size):
+        logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1].float()
+        outs.append(F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu())
+    return torch.cat(outs)
+
+
+def domain_metrics(windows: torch.Tensor, fp_logp: torch.Tensor, q_logp: torch.Tensor) -> dict:
+    tgt = windows[:, 1:].reshape(-1, 1)
+    nll_fp = float(-fp_logp.gather(1, tgt).mean())
+    nll_q = float(-q_logp.gather(1, tgt).mean())
+    kld = float((fp_logp.exp() * (fp_logp - q_logp)).sum(-1).mean())
+    return {"ppl_float": round(math.exp(nll_fp), 3), "ppl_quantized": round(math.exp(nll_q), 3),
+            "ppl_increase_pct": round(100 * (math.exp(nll_q - nll_fp) - 1), 2), "kld_mean": round(kld, 5),
+            "n_tokens": int(tgt.numel())}

@@ -1,0 +1,189 @@
+"""Sensitivity: how much the KL divergence from the float model drops when a part is restored.
+
+``exact`` is the seed's measurement: restore one part to float, re-evaluate the whole eval set,
+one evaluation per part (L+1 for L layers). ``fisher`` (the default) estimates every part's
+contribution in one forward + backward pass of the float model: to second order,
+
+    KL(P || Q) ~= 1/2 * E_y[(grad_h log p(y) . dh)^2],  y ~ P (teacher-forced, per sequence),
+
+where dh is the error the part's quantized weights inject at its output given the float input
+(dh = x (W - W_q)^T for a module; layer_q(x) - layer(x) for a decoder layer). The gradient is
+taken once for all parts, so the cost does not grow with the number of parts, and the error of
+several precision options per module costs one extra matmul each: the planner uses that to
+predict what a plan will cost before trying it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from quantfix.model import decoder_layers
+from quantfix.plan import layer_index, module_type
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sensitivity:
+    method: str
+    layers: Dict[int, float]  # decoder layer -> estimated KLD reduction when restored to float
+    types: Dict[str, float]  # module type (q_proj, ...) -> same, summed over layers
+    modules: Dict[str, float] = field(default_factory=dict)  # single module -> same
+    options: Dict[str, Dict[str, float]] = field(default_factory=dict)  # module -> option label -> KLD estimate
+    seconds: float = 0.0
+    n_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "seconds": round(self.seconds, 2), "n_tokens": self.n_tokens,
+                "layers": {str(k): v for k, v in self.layers.items()}, "types": self.types,
+                "modules": self.modules, "options": self.options}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sensitivity":
+        return cls(d["method"], {int(k): v for k, v in d["layers"].items()}, d["types"], d.get("modules", {}),
+                   d.get("options", {}), d.get("seconds", 0.0), d.get("n_tokens", 0))
+
+    def ranked_layers(self) -> List[int]:
+        return sorted(self.layers, key=lambda i: -self.layers[i])
+
+
+def _layer_prefix(model) -> Dict[int, str]:
+    ids = {id(layer): i for i, layer in enumerate(decoder_layers(model))}
+    return {ids[id(m)]: n for n, m in model.named_modules() if id(m) in ids}
+
+
+@torch.enable_grad()
+def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
+           options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
+           label_samples: int = 2, seed: int = 0, progress: bool = True) -> Sensitivity:
+    """One-pass second-order estimate. ``model`` must hold the float weights; ``quantized`` maps
+    module name -> its quantized (dequantized) weight; ``options`` maps module name -> label ->
+    alternative quantized weight, scored in the same pass."""
+    t0 = time.perf_counter()
+    options = options or {}
+    mods = dict(model.named_modules())
+    prefixes = _layer_prefix(model)
+    layer_q = {i: {f"{n[len(p) + 1:]}.weight": w for n, w in quantized.items() if n.startswith(p + ".")}
+               for i, p in prefixes.items()}
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    acc_mod: Dict[str, float] = {n: 0.0 for n in quantized}
+    acc_opt: Dict[str, Dict[str, float]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
+    acc_layer: Dict[int, float] = {i: 0.0 for i, q in layer_q.items() if q}
+    handles = []
+    state: Dict[str, object] = {}
+
+    def module_hook(name):
+        dW = None
+
+        def fwd(_m, args, out):
+            nonlocal dW
+            if state.get("busy") or not out.requires_grad:
+                return
+            x = args[0].detach()
+            if dW is None or dW.device != x.device:
+                dW = (mods[name].weight.detach().float() - quantized[name].to(x.device).float())
+            deltas = {"__plan__": F.linear(x.float(), dW)}
+            for label, w in options.get(name, {}).items():
+                deltas[label] = F.linear(x.float(), mods[name].weight.detach().float() - w.to(x.device).float())
+            state[name] = deltas
+            out.register_hook(lambda g, n=name: _acc_module(n, g))
+        return fwd
+
+    def _acc_module(name, g):
+        deltas = state[name]
+        g = g.float()
+        for label, d in deltas.items():
+            dots = (g * d).sum(dim=(1, 2))  # per sequence
+            val = 0.5 * float((dots ** 2).sum())
+            if label == "__plan__":
+                acc_mod[name] += val
+            else:
+                acc_opt[name][label] += val
+
+    def layer_hook(i):
+        def fwd(layer, args, kwargs, out):
+            if state.get("busy"):
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            h_out = out[0] if isinstance(out, (tuple, list)) else out
+            state["busy"] = True
+            try:
+                with torch.no_grad():
+                    params = {**dict(layer.named_parameters()), **layer_q[i]}
+                    q_out = functional_call(layer, params, (hidden.detach(),), kw)
+            finally:
+                state["busy"] = False
+                q_out = q_out[0] if isinstance(q_out, (tuple, list)) else q_out
+                delta = (q_out - h_out.detach()).float()
+            h_out.register_hook(lambda g, d=delta, i=i: _acc_layer(i, g, d))
+        return fwd
+
+    def _acc_layer(i, g, d):
+        dots = (g.float() * d).sum(dim=(1, 2))
+        acc_layer[i] += 0.5 * float((dots ** 2).sum())
+
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
+    for n in quantized:
+        handles.append(mods[n].register_forward_hook(module_hook(n)))
+    layers = decoder_layers(model)
+    for i in acc_layer:
+        handles.append(layers[i].register_forward_hook(layer_hook(i), with_kwargs=True))
+    n_tokens = 0
+    try:
+        for ids in tqdm(list(windows.split(batch_size)), desc="sensitivity (fisher)", unit="batch",
+                        disable=not progress, leave=False):
+            ids = ids.to(dev)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            logp = F.log_softmax(logits, dim=-1)
+            n_tokens += logp.shape[0] * logp.shape[1]
+            probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
+            for k in range(label_samples):
+                y = torch.multinomial(probs, 1, generator=gen).to(dev).view(logp.shape[0], logp.shape[1], 1)
+                loss = logp.gather(-1, y).sum()
+                loss.backward(retain_graph=k < label_samples - 1)
+            for k in [k for k in state if k != "busy"]:
+                del state[k]
+    finally:
+        for h in handles:
+            h.remove()
+    norm = 1.0 / (label_samples * max(1, n_tokens))
+    modules = {n: v * norm for n, v in acc_mod.items()}
+    types: Dict[str, float] = {}
+    for n, v in modules.items():
+        types[module_type(n)] = types.get(module_type(n), 0.0) + v
+    return Sensitivity("fisher", {i: v * norm for i, v in acc_layer.items()}, types, modules,
+                       {n: {k: v * norm for k, v in o.items()} for n, o in acc_opt.items()},
+                       time.perf_counter() - t0, n_tokens)
+
+
+def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_module: bool = False,
+          progress: bool = True) -> Sensitivity:
+    """The seed's method: restore each layer (each module type; optionally each module) to float
+    and re-evaluate. ``evaluate_kld(restored_names)`` returns the mean KLD with those modules in float."""
+    t0 = time.perf_counter()
+    base = evaluate_kld(())
+    by_layer: Dict[int, List[str]] = {}
+    by_type: Dict[str, List[str]] = {}
+    for n in names:
+        if layer_index(n) is not None:
+            by_layer.setdefault(layer_index(n), []).append(n)
+        by_type.setdefault(module_type(n), []).append(n)
+    parts = [("layer", k, v) for k, v in sorted(by_layer.items())] + [("type", k, v) for k, v in by_type.items()]
+    if per_module:
+        parts += [("module", n, [n]) for n in names]
+    layers, types, modules = {}, {}, {}
+    for kind, key, group in tqdm(parts, desc="sensitivity (exact)", unit="eval", disable=not progress):
+        gain = base - evaluate_kld(group)
+        {"layer": layers, "type": types, "module": modules}[kind][key] = gain
+    return Sensitivity("exact", layers, types, modules, {}, time.perf_counter() - t0, 0)
