@@ -87,12 +87,13 @@ class ThresholdsConfig:
 @dataclass
 class LoopConfig:
     max_iters: int = 6
-    # greedy: promote the modules with the largest measured error per added bit
-    policy: str = "greedy"
+    # predictive: diagnose plan 0, predict the cheapest passing plan, verify, recalibrate on a miss;
+    # greedy: promote the modules with the largest calibration output error per added bit
+    policy: str = "predictive"
     # average bits (over the targeted modules) added per iteration when the plan fails
     bits_step: float = 0.75
     # the ladder a module climbs when promoted: "bits/group" entries, 16 = keep in float
-    ladder: List[str] = field(default_factory=lambda: ["4/64", "8/0", "16/0"])
+    ladder: List[str] = field(default_factory=lambda: ["4/64", "4/32", "8/0", "16/0"])
     resume: bool = False
 
 
@@ -235,6 +236,8 @@ def validate(cfg: Any) -> None:
         p.append("quantized.name_or_path is only used by mode=diagnose: add mode=diagnose")
     if cfg.loop.max_iters < 1:
         p.append(f"loop.max_iters={cfg.loop.max_iters}: use at least 1")
+    if cfg.loop.policy not in ("predictive", "greedy"):
+        p.append(f"loop.policy={cfg.loop.policy!r}: use predictive or greedy")
     if cfg.loop.bits_step <= 0:
         p.append(f"loop.bits_step={cfg.loop.bits_step}: use a positive number of bits")
     for rung in cfg.loop.ladder:

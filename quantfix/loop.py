@@ -9,11 +9,12 @@ with plain transformers, and re-evaluated.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -26,7 +27,8 @@ from quantfix import report as rep
 from quantfix.config import validate
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan
-from quantfix.planner import GreedyPlanner, Ladder, initial_plan
+from quantfix.planner import GreedyPlanner, Ladder, PredictivePlanner, initial_plan, kld_target, ladder_options
+from quantfix import diagnose as diag_mod
 from quantfix.quantize import WeightBank
 from quantfix.quantize import calib as calib_mod
 
@@ -120,49 +122,104 @@ def _iteration_record(i: int, plan: Plan, m: ev.Metrics, fails: List[str], secon
             "changes": {n: f"{a} -> {b}" for n, (a, b) in (changes or {}).items()}}
 
 
-def search(s: Session, bank: WeightBank, plan0: Plan, ref: ev.Reference, base: ev.Metrics,
-           iterations: List[Dict[str, Any]]) -> Tuple[Optional[Plan], Plan, str]:
-    """Run trials until a plan passes and the bisection converges or the budget runs out.
-    Returns (smallest passing plan or None, last plan evaluated, stop reason)."""
-    cfg = s.cfg
-    planner = GreedyPlanner(Ladder.parse(list(cfg.loop.ladder)), bank.output_error, cfg.loop.bits_step)
+class Trials:
+    """Runs and records trials: apply a plan in place, evaluate, check the thresholds."""
 
-    def trial(plan: Plan, changes=None) -> List[str]:
+    def __init__(self, s: Session, bank: WeightBank, ref: ev.Reference, base: ev.Metrics,
+                 iterations: List[Dict[str, Any]]):
+        self.s, self.bank, self.ref, self.base, self.iterations = s, bank, ref, base, iterations
+        self.last_metrics: Optional[ev.Metrics] = None
+
+    @property
+    def left(self) -> int:
+        return self.s.cfg.loop.max_iters - len(self.iterations)
+
+    def __call__(self, plan: Plan, prev: Optional[Plan] = None, extra: Optional[Dict[str, Any]] = None) -> List[str]:
+        s = self.s
         t = time.perf_counter()
         with s.timer("quantize (simulated)"):
-            bank.apply(plan)
+            self.bank.apply(plan)
         with s.timer("evaluate trials"):
-            m = ev.evaluate(s.model, s.windows, ref, cfg.eval.batch_size, desc=f"trial {len(iterations)}")
-        fails = check(m, base, cfg.thresholds)
-        iterations.append(_iteration_record(len(iterations), plan, m, fails, time.perf_counter() - t, changes))
-        log.info("trial %d: %s | avg bits %.2f | PPL %.3f | KLD %.4f | %s", len(iterations) - 1,
+            m = ev.evaluate(s.model, s.windows, self.ref, s.cfg.eval.batch_size, desc=f"trial {len(self.iterations)}")
+        self.last_metrics = m
+        fails = check(m, self.base, s.cfg.thresholds)
+        rec = _iteration_record(len(self.iterations), plan, m, fails, time.perf_counter() - t,
+                                prev.diff(plan) if prev is not None else None)
+        rec.update(extra or {})
+        self.iterations.append(rec)
+        log.info("trial %d: %s | avg bits %.2f | PPL %.3f | KLD %.4f | %s", len(self.iterations) - 1,
                  plan.summary_str(), plan.avg_bits, m.ppl, m.kld_mean, "PASS" if not fails else "; ".join(fails))
         return fails
 
-    plan, best = plan0, None
-    if not trial(plan):
-        return plan, plan, "plan 0 passed"
-    while len(iterations) < cfg.loop.max_iters:
-        with s.timer("plan"):
+
+def bisect(trial: Trials, make: Callable[[int], Plan], lo: int, hi: int, best: Plan, prev: Plan) -> Tuple[Plan, str]:
+    """Smallest passing prefix between lo (fails) and hi (passes) while trials are left."""
+    while hi - lo > 1 and trial.left > 0:
+        mid = (lo + hi) // 2
+        cand = make(mid)
+        if trial(cand, prev):
+            lo = mid
+        else:
+            hi, best = mid, cand
+    return best, ("passed; bisection converged" if hi - lo <= 1 else "passed; loop.max_iters reached while bisecting")
+
+
+def search_greedy(trial: Trials, plan0: Plan) -> Tuple[Optional[Plan], Plan, str]:
+    cfg = trial.s.cfg
+    planner = GreedyPlanner(Ladder.parse(list(cfg.loop.ladder)), trial.bank.output_error, cfg.loop.bits_step)
+    plan = plan0
+    while trial.left > 0:
+        with trial.s.timer("plan"):
             step = planner.next_plan(plan)
         if step is None:
             return None, plan, "every module is at the top of loop.ladder and the plan still fails"
         new, changes = step
-        if trial(new, plan.diff(new)):
+        if trial(new, plan):
             plan = new
             continue
-        best = new
-        # bisect the promotions of this step (ordered best first) for a smaller passing plan
-        lo, hi = 0, len(changes)
-        while hi - lo > 1 and len(iterations) < cfg.loop.max_iters:
-            mid = (lo + hi) // 2
-            cand = plan.with_changes(dict(changes[:mid]), note=f"bisect: first {mid} of {len(changes)} promotions")
-            if trial(cand, plan.diff(cand)):
-                lo = mid
-            else:
-                hi, best = mid, cand
-        reason = "passed; bisection converged" if hi - lo <= 1 else "passed; loop.max_iters reached while bisecting"
+
+        def make(k, plan=plan, changes=changes, n=len(changes)):
+            return plan.with_changes(dict(changes[:k]), note=f"bisect: first {k} of {n} promotions")
+
+        best, reason = bisect(trial, make, 0, len(changes), new, plan)
         return best, best, reason
+    return None, plan, f"loop.max_iters={cfg.loop.max_iters} reached without a passing plan"
+
+
+def search_predictive(trial: Trials, plan0: Plan, diag: Dict[str, Any], options) -> Tuple[Optional[Plan], Plan, str]:
+    """Predict the cheapest passing plan from the diagnosis, verify it, recalibrate on a miss."""
+    s, cfg = trial.s, trial.s.cfg
+    sens = diag["sensitivity"]
+    with s.timer("plan"):
+        planner = PredictivePlanner(plan0, sens["modules"], sens["options"], options, diag["findings"])
+    m0 = trial.last_metrics
+    nll_per_kld = max((m0.nll - trial.base.nll) / max(m0.kld_mean, 1e-9), 0.2)
+    target = kld_target(cfg.thresholds, trial.base.ppl, nll_per_kld)
+    planner.calibrate(0, m0.kld_mean)
+    lo, plan = 0, plan0
+    while trial.left > 0:
+        k = planner.first_passing(target, after=lo)
+        if k is None:
+            k = len(planner.steps)
+            if k <= lo:
+                return None, plan, "no plan on loop.ladder is predicted to pass, and the largest one failed"
+        cand = planner.plan_at(k)
+        predicted = planner.predict(k)
+        extra = {"predicted_kld": round(predicted, 5), "kld_target": round(target, 5),
+                 "drivers": {r: len(v) for r, v in planner.drivers(k).items()}}
+        fails = trial(cand, plan0, extra)
+        m = trial.last_metrics
+        trial.iterations[-1]["prediction_error_pct"] = round(100 * (predicted / max(m.kld_mean, 1e-12) - 1), 1)
+        if not fails:
+            best, reason = bisect(trial, planner.plan_at, lo, k, cand, plan0)
+            return best, best, reason
+        # missed: refit the correction and the NLL/KLD ratio on this measurement, then replan
+        planner.calibrate(k, m.kld_mean)
+        nll_per_kld = max((m.nll - trial.base.nll) / max(m.kld_mean, 1e-9), 0.2)
+        target = kld_target(cfg.thresholds, trial.base.ppl, nll_per_kld)
+        lo, plan = k, cand
+        if k >= len(planner.steps):
+            return None, cand, "every module is at the top of loop.ladder and the plan still fails"
     return None, plan, f"loop.max_iters={cfg.loop.max_iters} reached without a passing plan"
 
 
@@ -199,7 +256,21 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
     stats = s.calib_stats(names)
     bank = WeightBank(s.model, names, stats, cfg.quant.gptq_dampening, cfg.quant.gptq_block_size,
                       cfg.quant.awq_grid, cfg.quant.llm_int8_threshold)
-    best, last, reason = search(s, bank, plan0, ref, base, report["iterations"])
+    trial = Trials(s, bank, ref, base, report["iterations"])
+    if cfg.mode == "diagnose":
+        trial(plan0)
+        diag = _diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, None, report)
+        bank.restore()
+        report["final"] = None
+        return _finish(s, report, t_start)
+    if not trial(plan0):
+        best, last, reason = plan0, plan0, "plan 0 passed"
+    elif cfg.loop.policy == "greedy":
+        best, last, reason = search_greedy(trial, plan0)
+    else:
+        options = ladder_options(plan0, Ladder.parse(list(cfg.loop.ladder)))
+        diag = _diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report)
+        best, last, reason = search_predictive(trial, plan0, diag, options)
     chosen = best or last
     chosen.save(out_dir / "plan.yaml")
     bank.restore()
@@ -212,6 +283,26 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
     else:
         report["final"]["passed"] = best is not None
     return _finish(s, report, t_start)
+
+
+def _diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report) -> Dict[str, Any]:
+    with s.timer("diagnose"):
+        diag = diag_mod.run(s, bank, plan, ref, base, metrics, stats, options)
+    (s.out_dir / "diagnosis.json").write_text(json.dumps(_strip_options(diag), indent=2, default=str))
+    report["diagnosis"] = {"file": "diagnosis.json", "findings": diag["findings"],
+                           "top_layers": sorted(diag["sensitivity"]["layers"],
+                                                key=lambda k: -diag["sensitivity"]["layers"][k])[:5],
+                           "sensitivity_method": diag["sensitivity"]["method"],
+                           "sensitivity_seconds": diag["sensitivity"]["seconds"],
+                           "domains": diag["domains"], "plots": diag["plots"]}
+    report["_diag"] = diag
+    return diag
+
+
+def _strip_options(diag: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(diag)
+    out["sensitivity"] = {k: v for k, v in diag["sensitivity"].items() if k != "options"}
+    return out
 
 
 def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metrics, report: Dict[str, Any]) -> None:
@@ -248,6 +339,7 @@ def _finish(s: Session, report: Dict[str, Any], t_start: float) -> Dict[str, Any
     rep.write_json(report, s.out_dir)
     if report["iterations"]:
         rep.plot_iterations(report, s.out_dir)
+    rep.write_human(report, s.out_dir)
     print("\n" + rep.table(report) if report["iterations"] else f"\nfloat baseline PPL {report['baseline']['ppl']:.3f}")
     fin = report.get("final")
     if fin:

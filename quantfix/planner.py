@@ -7,6 +7,7 @@ until the step adds ``loop.bits_step`` average bits.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -141,3 +142,137 @@ class GreedyPlanner:
         new = plan.with_changes(dict(changes), note=f"greedy: promoted {len(changes)} modules with the largest "
                                                     "calibration output error per added bit")
         return new, changes
+
+
+def ladder_options(plan: Plan, ladder: Ladder) -> Dict[str, Dict[str, Precision]]:
+    """Every precision up the ladder from each module's current one (FP16 excluded: it costs nothing
+    to score, its KLD contribution is 0)."""
+    out: Dict[str, Dict[str, Precision]] = {}
+    for n, p in plan.modules.items():
+        _, in_f = plan.shapes[n]
+        opts, cur = {}, p
+        while True:
+            cur = ladder.next(cur, in_f)
+            if cur is None or cur.is_float:
+                break
+            opts[cur.label] = cur
+        if opts:
+            out[n] = opts
+    return out
+
+
+@dataclass
+class Step:
+    module: str
+    precision: Precision
+    gain: float  # predicted KLD removed
+    cost: float  # bits added
+    reason: str
+
+
+class PredictivePlanner:
+    """Predict, then verify. Each module's KLD contribution at each option on the ladder comes from
+    the diagnosis (one Fisher pass); the cheapest assignment predicted to pass is a prefix of the
+    upgrades sorted by predicted KLD removed per added bit (multiple-choice knapsack, greedy over
+    each module's convex hull). A multiplicative correction, refit on every measured trial, maps
+    the additive prediction to the measured KLD."""
+
+    def __init__(self, plan0: Plan, module_kld: Dict[str, float], option_kld: Dict[str, Dict[str, float]],
+                 options: Dict[str, Dict[str, Precision]], findings: List[dict]):
+        self.plan0 = plan0
+        self.module_kld = module_kld
+        self.reasons = self._reasons(findings)
+        self.steps: List[Step] = []
+        for n, p in plan0.modules.items():
+            out_f, in_f = plan0.shapes[n]
+            numel = out_f * in_f
+            pts = [(p.bits_per_weight(in_f) * numel, max(module_kld.get(n, 0.0), 0.0), p)]
+            for label, q in options.get(n, {}).items():
+                pts.append((q.bits_per_weight(in_f) * numel, max(option_kld.get(n, {}).get(label, 0.0), 0.0), q))
+            pts.append((Precision(16).bits_per_weight(in_f) * numel, 0.0, Precision(16, 0, True, p.algorithm)))
+            self.steps += self._hull_steps(n, pts)
+        self.steps.sort(key=lambda st: -st.gain / max(st.cost, 1e-9))
+        self.correction = 1.0
+
+    def _reasons(self, findings: List[dict]) -> Dict[str, str]:
+        r: Dict[str, str] = {}
+        for f in findings:
+            for m in f.get("modules", []) or []:
+                r.setdefault(m, f["kind"])
+            for layer in f.get("layers", []) or []:
+                for n in self.plan0.modules:
+                    if re.search(rf"\.layers\.{layer}\.", n):
+                        r.setdefault(n, f["kind"])
+        self.spread = any(f["kind"] == "spread_evenly" for f in findings)
+        return r
+
+    def _hull_steps(self, name: str, pts) -> List[Step]:
+        """Lower convex hull of (bits, kld) from the current option: upgrades with falling efficiency."""
+        pts = sorted(pts, key=lambda t: (t[0], t[1]))
+        hull = [pts[0]]
+        for pt in pts[1:]:
+            if pt[1] >= hull[-1][1]:
+                continue  # costs more, removes nothing
+            while len(hull) >= 2:
+                (b1, k1, _), (b2, k2, _) = hull[-2], hull[-1]
+                if (k1 - pt[1]) / (pt[0] - b1) >= (k1 - k2) / (b2 - b1):
+                    hull.pop()
+                else:
+                    break
+            hull.append(pt)
+        steps = []
+        for (b1, k1, p1), (b2, k2, p2) in zip(hull, hull[1:]):
+            reason = self.reasons.get(name, "sensitivity")
+            if p2.bits == p1.bits and p2.group_size != p1.group_size:
+                reason = "spread_evenly" if getattr(self, "spread", False) else "sensitivity (smaller group)"
+            steps.append(Step(name, p2, k1 - k2, b2 - b1, reason))
+        return steps
+
+    def plan_at(self, k: int) -> Plan:
+        changes: Dict[str, Precision] = {}
+        for st in self.steps[:k]:
+            changes[st.module] = st.precision
+        reasons: Dict[str, int] = {}
+        for st in self.steps[:k]:
+            reasons[st.reason] = reasons.get(st.reason, 0) + 1
+        note = f"predictive: first {k} of {len(self.steps)} upgrades; drivers: " + \
+               ", ".join(f"{r} x{c}" for r, c in sorted(reasons.items(), key=lambda t: -t[1]))
+        return self.plan0.with_changes(changes, note=note)
+
+    def raw_prediction(self, k: int) -> float:
+        return max(sum(max(v, 0.0) for v in self.module_kld.values()) - sum(st.gain for st in self.steps[:k]), 0.0)
+
+    def predict(self, k: int) -> float:
+        return self.correction * self.raw_prediction(k)
+
+    def calibrate(self, k: int, measured_kld: float) -> None:
+        raw = self.raw_prediction(k)
+        if raw > 1e-9:
+            self.correction = measured_kld / raw
+
+    def first_passing(self, target_kld: float, margin: float = 0.9, after: int = -1) -> Optional[int]:
+        """The smallest prefix predicted to reach margin x target (and longer than ``after``)."""
+        for k in range(max(0, after + 1), len(self.steps) + 1):
+            if self.predict(k) <= margin * target_kld:
+                return k
+        return None
+
+    def drivers(self, k: int) -> Dict[str, List[str]]:
+        out: Dict[str, List[str]] = {}
+        for st in self.steps[:k]:
+            out.setdefault(st.reason, []).append(f"{st.module} -> {st.precision.label}")
+        return out
+
+
+def kld_target(thresholds, base_ppl: float, nll_per_kld: float) -> float:
+    """The mean KLD a plan may reach: the KLD threshold, and the PPL thresholds mapped to KLD
+    through the measured ratio of NLL increase to KLD (about 1 when the eval text looks like
+    what the model would generate)."""
+    targets = []
+    if thresholds.max_kld_mean is not None:
+        targets.append(thresholds.max_kld_mean)
+    if thresholds.max_ppl_increase_pct is not None:
+        targets.append(math.log1p(thresholds.max_ppl_increase_pct / 100) / nll_per_kld)
+    if thresholds.max_ppl_increase_abs is not None:
+        targets.append(math.log1p(thresholds.max_ppl_increase_abs / base_ppl) / nll_per_kld)
+    return min(targets) if targets else float("inf")

@@ -39,7 +39,8 @@ def table(report: Dict[str, Any]) -> str:
 
 def write_json(report: Dict[str, Any], out_dir: Path) -> Path:
     path = out_dir / "report.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    path.write_text(json.dumps(public, indent=2, default=str))
     return path
 
 
@@ -84,3 +85,171 @@ def plot_iterations(report: Dict[str, Any], out_dir: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---- human-readable report: the same blocks rendered as Markdown and as HTML ------------------
+
+def _blocks(report: Dict[str, Any], out_dir: Path) -> List[tuple]:
+    """("h", text) | ("p", text) | ("ul", [items]) | ("table", header, rows) | ("img", path, caption)."""
+    b: List[tuple] = []
+    base = report["baseline"]
+    fin = report.get("final") or {}
+    diag = report.get("_diag")
+    its = report["iterations"]
+    b.append(("h1", f"quantfix report: {report['model']}"))
+    # verdict
+    if fin:
+        vm = fin.get("verified_metrics") or {}
+        ok = fin.get("passed")
+        verdict = (f"**{'PASSED' if ok else 'FAILED'}**: {fin['stop_reason']}. Final plan {fin['plan_summary']} "
+                   f"({fin['avg_bits']:.2f} average bits, {fin['size_bytes'] / 1e6:.1f} MB) after {fin['trials']} trials.")
+        if vm:
+            verdict += (f" The checkpoint reloaded from disk measures PPL {vm['ppl']:.3f} "
+                        f"(float {base['ppl']:.3f}, {100 * (vm['ppl'] / base['ppl'] - 1):+.2f}%), "
+                        f"mean KLD {vm['kld_mean']:.4f}, top-1 agreement {vm['top1']:.3f}.")
+        b.append(("h2", "Verdict"))
+        b.append(("p", verdict))
+    elif its:
+        m = its[0]["metrics"]
+        b.append(("h2", "Verdict"))
+        b.append(("p", f"Diagnosis of plan {its[0]['plan_summary']}: PPL {m['ppl']:.3f} vs float {base['ppl']:.3f} "
+                       f"({100 * (m['ppl'] / base['ppl'] - 1):+.2f}%), mean KLD {m['kld_mean']:.4f}, "
+                       f"top-1 {m['top1']:.3f}; {'passes' if its[0]['passed'] else 'fails: ' + '; '.join(its[0]['failed'])}."))
+    if diag:
+        sym = []
+        q = diag["metrics"]["quantized"]
+        sym.append(f"Perplexity {diag['metrics']['ppl_increase_pct']:+.2f}%; mean KLD {q['kld_mean']:.4f} "
+                   f"(p99 {q['kld_p99']:.3f}, max {q['kld_max']:.2f}); top-1 agreement {q['top1']:.3f}.")
+        if diag["domains"]:
+            sym.append("Per-domain perplexity increase: " + ", ".join(
+                f"{k} {v['ppl_increase_pct']:+.1f}% (PPL {v['ppl_float']} -> {v['ppl_quantized']})"
+                for k, v in diag["domains"].items()) + ".")
+        gens = diag["generations"]
+        if gens:
+            loops = sum(g["new_loop"] for g in gens)
+            refus = sum(g["new_refusal"] for g in gens)
+            div = [g["first_divergence"] for g in gens if g["first_divergence"] is not None]
+            sym.append(f"Probes: {len(gens)} prompts; {len(div)} diverge from float greedy output; "
+                       f"{loops} new repetition loops; {refus} new refusals.")
+        b.append(("h2", "Symptoms found"))
+        b.append(("ul", sym))
+        b.append(("h2", "Root causes and fixes"))
+        rows = [[f["kind"], f["finding"], f["fix"], json.dumps(f.get("evidence", {}), default=str)[:160]]
+                for f in diag["findings"]]
+        b.append(("table", ["kind", "finding", "fix", "evidence"], rows))
+        sens = diag["sensitivity"]
+        layers = {int(k): v for k, v in sens["layers"].items()}
+        top = sorted(layers, key=lambda i: -layers[i])[:8]
+        b.append(("p", f"Sensitivity ({sens['method']}, {sens['seconds']:.1f} s): most sensitive layers "
+                       + ", ".join(f"{i} ({layers[i]:.4f})" for i in top) + "; by module type: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in sorted(sens['types'].items(), key=lambda t: -t[1])) + "."))
+        for key, cap in (("sensitivity", "Estimated KLD removed by restoring each layer / module type to float"),
+                         ("channel_errors", "Output channels with >10% / >50% relative error per layer"),
+                         ("domains", "Perplexity increase per domain")):
+            if key in diag["plots"]:
+                b.append(("img", diag["plots"][key], cap))
+        outl = diag["outliers"][:6]
+        if outl:
+            b.append(("h3", "Activation outliers (largest max/median channel ratio)"))
+            b.append(("table", ["input of", "top channel", "value", "median", "ratio", "outliers", "quantized max"],
+                      [[", ".join(o["input_of"]), o["float"]["top"][0][0], o["float"]["top"][0][1], o["float"]["median"],
+                        o["float"]["ratio"], o["float"]["n_outliers"], (o["quantized"] or {}).get("max", "-")] for o in outl]))
+            for path in diag["plots"].get("histograms", [])[:4]:
+                b.append(("img", path, f"Per-channel activation absmax: {Path(path).stem[9:]}"))
+        if gens:
+            b.append(("h3", "Probe generations (float vs quantized)"))
+            b.append(("table", ["domain", "prompt", "float", "quantized", "diverges at", "loop"],
+                      [[g["domain"], g["prompt"][:50], g["float"][:90], g["quantized"][:90], g["first_divergence"],
+                        "NEW" if g["new_loop"] else ""] for g in gens]))
+    if its:
+        b.append(("h2", "Fixes applied per iteration"))
+        rows = []
+        for it in its:
+            m = it["metrics"]
+            drivers = ", ".join(f"{k} x{v}" for k, v in (it.get("drivers") or {}).items()) or it.get("note", "")
+            rows.append([it["iter"], it["plan_summary"], f"{it['avg_bits']:.2f}", f"{m['ppl']:.3f}",
+                         f"{m['kld_mean']:.4f}", f"{m['top1']:.3f}", it.get("predicted_kld", "-"),
+                         "pass" if it["passed"] else "; ".join(it["failed"]), drivers])
+        b.append(("table", ["iter", "plan", "avg bits", "PPL", "KLD", "top-1", "predicted KLD", "result", "why"], rows))
+        if (out_dir / "plots" / "iterations.png").exists():
+            b.append(("img", str(out_dir / "plots" / "iterations.png"), "Every plan tried: average bits vs KLD and PPL"))
+    if fin:
+        b.append(("h2", "Final numbers"))
+        items = [f"Float baseline: PPL {base['ppl']:.3f} on {base['n_tokens']} tokens"]
+        if fin.get("verified_metrics"):
+            vm = fin["verified_metrics"]
+            items.append(f"Checkpoint `{fin.get('checkpoint')}` ({fin.get('checkpoint_bytes', 0) / 1e6:.1f} MB on disk), "
+                         f"reloaded with AutoModelForCausalLM: PPL {vm['ppl']:.3f}, KLD {vm['kld_mean']:.4f} "
+                         f"(p99 {vm['kld_p99']:.3f}), top-1 {vm['top1']:.3f}")
+        items.append("Wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.get("timings_s", {}).items()))
+        items.append("Peak memory: " + ", ".join(f"{k} {v}" for k, v in report.get("memory", {}).items()))
+        b.append(("ul", items))
+    return b
+
+
+def _md_cell(x) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: List[tuple], out_dir: Path) -> str:
+    lines: List[str] = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind.startswith("h"):
+            lines += ["#" * int(kind[1]) + " " + blk[1], ""]
+        elif kind == "p":
+            lines += [blk[1], ""]
+        elif kind == "ul":
+            lines += [f"- {x}" for x in blk[1]] + [""]
+        elif kind == "table":
+            lines.append("| " + " | ".join(blk[1]) + " |")
+            lines.append("|" + "---|" * len(blk[1]))
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in blk[2]]
+            lines.append("")
+        elif kind == "img":
+            rel = Path(blk[1]).resolve().relative_to(out_dir.resolve()) if Path(blk[1]).resolve().is_relative_to(out_dir.resolve()) else blk[1]
+            lines += [f"![{blk[2]}]({rel})", ""]
+    return "\n".join(lines)
+
+
+def render_html(blocks: List[tuple], out_dir: Path) -> str:
+    import base64
+    import html
+    import re
+
+    def inline(t: str) -> str:
+        t = html.escape(str(t))
+        t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>quantfix report</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;"
+             "padding:3px 6px;vertical-align:top}th{background:#f3f4f6}img{max-width:100%;border:1px solid #eee}"
+             "figcaption{font-size:12px;color:#555;margin-bottom:1.5em}</style></head><body>"]
+    for blk in blocks:
+        kind = blk[0]
+        if kind.startswith("h"):
+            parts.append(f"<{kind}>{inline(blk[1])}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{inline(blk[1])}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{inline(x)}</li>" for x in blk[1]) + "</ul>")
+        elif kind == "table":
+            parts.append("<table><tr>" + "".join(f"<th>{inline(h)}</th>" for h in blk[1]) + "</tr>" +
+                         "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in blk[2]) +
+                         "</table>")
+        elif kind == "img":
+            p = Path(blk[1])
+            if p.exists():  # embedded, so the HTML file stands alone
+                data = base64.b64encode(p.read_bytes()).decode()
+                parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{inline(blk[2])}"
+                             "</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_human(report: Dict[str, Any], out_dir: Path) -> None:
+    blocks = _blocks(report, out_dir)
+    (out_dir / "report.md").write_text(render_markdown(blocks, out_dir))
+    (out_dir / "report.html").write_text(render_html(blocks, out_dir))
