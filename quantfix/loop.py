@@ -258,6 +258,12 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
                       cfg.quant.awq_grid, cfg.quant.llm_int8_threshold)
     trial = Trials(s, bank, ref, base, report["iterations"])
     if cfg.mode == "diagnose":
+        if cfg.quantized.name_or_path:
+            from quantfix.quantized import load_quantized
+
+            plan0, qweights = load_quantized(cfg.quantized.name_or_path, plan0, s.model)
+            bank.use_external(plan0, qweights)
+            report["quantized"] = cfg.quantized.name_or_path
         trial(plan0)
         diag = _diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, None, report)
         bank.restore()

@@ -84,6 +84,11 @@ class WeightBank:
             self._sim[key] = out.to("cpu", self.originals[name].dtype)
         return out
 
+    def use_external(self, plan: Plan, weights: Dict[str, torch.Tensor]) -> None:
+        """Serve the given (already quantized) weights for the plan's precisions instead of simulating."""
+        for n, w in weights.items():
+            self._sim[(n, plan.modules[n])] = w.to("cpu", self.originals[n].dtype)
+
     def quantized_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
         """The simulated weight of every quantized module of the plan (CPU), without applying it."""
         return {n: self.simulate(n, p).to("cpu") for n, p in plan.modules.items()

@@ -1,0 +1,152 @@
+"""Diagnosis on planted faults: a function-preserving rescale the float model does not notice but
+quantization does must come out as the most sensitive layer, its channel as an outlier, and the
+repair must protect that module."""
+import json
+
+import pytest
+import torch
+
+from quantfix.diagnose import probes, root_causes
+from quantfix.diagnose.sensitivity import fisher
+from quantfix.loop import run
+from quantfix.plan import Plan
+from quantfix.quantize import fake
+from tests.conftest import tiny_llama, tiny_overrides
+
+LAYER, CHANNEL, ALPHA, FEATURE = 2, 7, 100.0, 8.0
+
+
+def base_model(seed=0):
+    """A tiny random Llama in which hidden channel CHANNEL matters to layer LAYER's attention
+    (its q/k/v input columns are FEATURE x larger), as real features do."""
+    model = tiny_llama(seed=seed, layers=4)
+    layer = model.model.layers[LAYER]
+    with torch.no_grad():
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.weight[:, CHANNEL] *= FEATURE
+    return model
+
+
+def planted(seed=0):
+    """Scale input_layernorm channel CHANNEL of layer LAYER by ALPHA and divide the matching input
+    column of q/k/v by ALPHA: the float function is unchanged, but that channel becomes a massive
+    activation and its weights shrink below the group's rounding step."""
+    model = base_model(seed)
+    layer = model.model.layers[LAYER]
+    with torch.no_grad():
+        layer.input_layernorm.weight[CHANNEL] *= ALPHA
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.weight[:, CHANNEL] /= ALPHA
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("planted")
+    model = planted()
+    model.config._name_or_path = str(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_rescale_preserves_the_float_function():
+    x = torch.randint(0, 384, (2, 32))
+    with torch.no_grad():
+        a = base_model()(x).logits
+        b = planted()(x).logits
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_diagnose_finds_the_planted_layer_channel_and_fix(compose, planted_dir, tmp_path):
+    cfg = compose(tiny_overrides(planted_dir, tmp_path / "cache", **{
+        "mode": "diagnose", "quant.group_size": 16, "diagnose.domain_seq_len": 64, "probes.max_new_tokens": 8,
+        "diagnose.sensitivity.windows": 4}))
+    out = tmp_path / "run"
+    report = run(cfg, out)
+    diag = json.loads((out / "diagnosis.json").read_text())
+    layers = {int(k): v for k, v in diag["sensitivity"]["layers"].items()}
+    assert max(layers, key=layers.get) == LAYER
+    # the planted channel is the top outlier of the input q/k/v read
+    q_input = next(o for o in diag["outliers"] if f"model.layers.{LAYER}.self_attn.q_proj" in o["input_of"])
+    assert q_input["float"]["top"][0][0] == CHANNEL and q_input["float"]["n_outliers"] >= 1
+    assert q_input["float"]["ratio"] > 6
+    assert diag["outliers"][0] is not None and diag["outliers"][0]["input_of"] == q_input["input_of"]
+    kinds = {f["kind"] for f in diag["findings"]}
+    outl = [f for f in diag["findings"] if f["kind"] == "outlier_channels"]
+    assert outl and any(f"layers.{LAYER}.self_attn" in m for f in outl for m in f["modules"])
+    assert outl[0]["evidence"]["channel"] == CHANNEL
+    assert "concentrated_layers" in kinds
+    conc = next(f for f in diag["findings"] if f["kind"] == "concentrated_layers")
+    assert LAYER in conc["layers"]
+    # human-readable report and plots
+    md = (out / "report.md").read_text()
+    assert "Root causes and fixes" in md and f"outlier activation channel {CHANNEL}" in md
+    assert (out / "report.html").read_text().count("data:image/png;base64") >= 3
+    assert any(p.name.startswith("act_hist_") for p in (out / "plots").iterdir())
+    assert report["final"] is None and not (out / "checkpoint").exists()
+
+
+def test_repair_protects_the_planted_module(compose, planted_dir, tmp_path):
+    cfg = compose(tiny_overrides(planted_dir, tmp_path / "cache", **{
+        "quant.group_size": 16, "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 0.01,
+        "diagnose.domain_seq_len": 64, "probes.max_new_tokens": 4, "loop.max_iters": 5,
+        "loop.ladder": "[4/16,8/0,16/0]"}))
+    out = tmp_path / "run"
+    report = run(cfg, out)
+    assert not report["iterations"][0]["passed"]
+    assert report["final"]["passed"], report["final"]
+    plan = Plan.load(out / "plan.yaml")
+    q = plan.modules[f"model.layers.{LAYER}.self_attn.q_proj"]
+    v = plan.modules[f"model.layers.{LAYER}.self_attn.v_proj"]
+    assert q.bits > 4 or v.bits > 4  # the planted module got more precision
+    drivers = report["iterations"][1].get("drivers", {})
+    assert drivers and set(drivers) & {"outlier_channels", "concentrated_layers"}
+
+
+def test_fisher_ranks_the_planted_layer_first():
+    model = planted()
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    qw = {n: fake.rtn(dict(model.named_modules())[n].weight.detach(), 4, 16, True) for n in names}
+    s = fisher(model, torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0)), qw,
+               batch_size=2, progress=False)
+    assert s.ranked_layers()[0] == LAYER
+    top_module = max(s.modules, key=s.modules.get)
+    assert f"layers.{LAYER}.self_attn" in top_module
+
+
+def test_diagnose_an_existing_checkpoint(compose, planted_dir, tmp_path):
+    # export a W4 checkpoint, then diagnose it as quantized.name_or_path
+    cfg = compose(tiny_overrides(planted_dir, tmp_path / "cache", **{
+        "quant.group_size": 16, "thresholds.max_ppl_increase_pct": 1e6, "loop.max_iters": 1}))
+    run(cfg, tmp_path / "export")
+    ckpt = tmp_path / "export" / "checkpoint"
+    cfg = compose(tiny_overrides(planted_dir, tmp_path / "cache", **{
+        "mode": "diagnose", "quantized.name_or_path": str(ckpt), "diagnose.domain_seq_len": 64,
+        "probes.max_new_tokens": 4}))
+    report = run(cfg, tmp_path / "diag")
+    exported = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert report["iterations"][0]["plan_summary"] == "W4g16x28"
+    assert report["iterations"][0]["metrics"]["ppl"] == pytest.approx(
+        exported["final"]["verified_metrics"]["ppl"], rel=1e-4)
+    assert report["diagnosis"]["top_layers"][0] == str(LAYER)
+
+
+def test_probe_helpers():
+    assert probes.repetition([1, 2, 3, 4] * 6)["loop"]
+    assert not probes.repetition(list(range(24)))["loop"]
+    assert probes.first_divergence([1, 2, 3], [1, 2, 4]) == 2 and probes.first_divergence([1], [1]) is None
+    assert probes.is_refusal("I'm sorry, but I cannot help with that.") and not probes.is_refusal("Sure: 42.")
+
+
+def test_root_causes_domain_gap_and_ppl_hides_damage():
+    from quantfix.config import DiagnoseConfig
+
+    diag = {"sensitivity": {"layers": {str(i): 1.0 for i in range(10)}, "modules": {}},
+            "metrics": {"ppl_increase_pct": 0.8, "quantized": {"kld_mean": 0.12, "top1": 0.8}},
+            "outliers": [], "generations": [], "calibration_domains": ["c4"],
+            "domains": {"prose": {"ppl_increase_pct": 2.0}, "web": {"ppl_increase_pct": 1.5},
+                        "code": {"ppl_increase_pct": 14.0}}}
+    f = {x["kind"]: x for x in root_causes(diag, None, DiagnoseConfig())}
+    assert "calibrate on code" in f["domain_gap"]["fix"] and "humaneval" in f["domain_gap"]["fix"]
+    assert "ppl_hides_damage" in f and "spread_evenly" in f
