@@ -145,6 +145,18 @@ class QuantizedConfig:
 
 
 @dataclass
+class BudgetConfig:
+    # objective (b): the lowest KLD within this average bits per weight (null = objective (a):
+    # the fewest bits that pass the thresholds)
+    avg_bits: Optional[float] = None
+
+
+@dataclass
+class PlanConfig:
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+@dataclass
 class ExportConfig:
     enabled: bool = True
     # dtype of the unquantized tensors in the checkpoint (auto = the model's dtype)
@@ -169,6 +181,7 @@ class Config:
     loop: LoopConfig = field(default_factory=LoopConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     quantized: QuantizedConfig = field(default_factory=QuantizedConfig)
 
@@ -236,6 +249,11 @@ def validate(cfg: Any) -> None:
         p.append("quantized.name_or_path is only used by mode=diagnose: add mode=diagnose")
     if cfg.loop.max_iters < 1:
         p.append(f"loop.max_iters={cfg.loop.max_iters}: use at least 1")
+    b = cfg.plan.budget.avg_bits
+    if b is not None and not 2 <= b <= 16:
+        p.append(f"plan.budget.avg_bits={b}: use a value between 2 and 16 bits per weight")
+    if b is not None and cfg.loop.policy != "predictive":
+        p.append("plan.budget.avg_bits needs loop.policy=predictive")
     if cfg.loop.policy not in ("predictive", "greedy"):
         p.append(f"loop.policy={cfg.loop.policy!r}: use predictive or greedy")
     if cfg.loop.bits_step <= 0:

@@ -196,6 +196,21 @@ def search_predictive(trial: Trials, plan0: Plan, diag: Dict[str, Any], options)
     nll_per_kld = max((m0.nll - trial.base.nll) / max(m0.kld_mean, 1e-9), 0.2)
     target = kld_target(cfg.thresholds, trial.base.ppl, nll_per_kld)
     planner.calibrate(0, m0.kld_mean)
+    trial.s.frontier = planner
+    budget = cfg.plan.budget.avg_bits
+    if budget is not None and budget < plan0.avg_bits:
+        raise QuantfixError(f"plan.budget.avg_bits={budget} is below plan 0's {plan0.avg_bits:.2f} average bits: "
+                            "lower quant.bits or raise the budget")
+    if budget is not None:
+        # objective (b): the lowest predicted KLD within the budget, verified once
+        k = planner.largest_within(budget)
+        cand = planner.plan_at(k)
+        extra = {"predicted_kld": round(planner.predict(k), 5), "budget_avg_bits": budget,
+                 "drivers": {r: len(v) for r, v in planner.drivers(k).items()}}
+        fails = trial(cand, plan0, extra)
+        reason = f"lowest predicted KLD within plan.budget.avg_bits={budget}" + ("" if not fails else
+                                                                                  "; thresholds not met")
+        return (cand if not fails else None), cand, reason
     lo, plan = 0, plan0
     while trial.left > 0:
         k = planner.first_passing(target, after=lo)
@@ -269,7 +284,7 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
         bank.restore()
         report["final"] = None
         return _finish(s, report, t_start)
-    if not trial(plan0):
+    if not trial(plan0) and cfg.plan.budget.avg_bits is None:
         best, last, reason = plan0, plan0, "plan 0 passed"
     elif cfg.loop.policy == "greedy":
         best, last, reason = search_greedy(trial, plan0)
@@ -279,6 +294,10 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
         best, last, reason = search_predictive(trial, plan0, diag, options)
     chosen = best or last
     chosen.save(out_dir / "plan.yaml")
+    report["pareto"] = {"measured": [[it["avg_bits"], it["metrics"]["kld_mean"], it["metrics"]["ppl"]]
+                                     for it in report["iterations"]]}
+    if getattr(s, "frontier", None) is not None:
+        report["pareto"]["predicted"] = [[round(b, 4), round(k, 6)] for b, k in s.frontier.frontier()]
     bank.restore()
     del bank
     report["final"] = {"plan": "plan.yaml", "plan_summary": chosen.summary_str(), "avg_bits": round(chosen.avg_bits, 4),

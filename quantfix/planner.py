@@ -257,6 +257,29 @@ class PredictivePlanner:
                 return k
         return None
 
+    def largest_within(self, avg_bits: float) -> int:
+        """The longest prefix whose plan stays within the average-bits budget."""
+        budget = avg_bits * self.plan0.n_params
+        used = sum(self.plan0.module_bits(n) for n in self.plan0.modules)
+        k = 0
+        for st in self.steps:
+            if used + st.cost > budget + 1e-6:
+                break
+            used += st.cost
+            k += 1
+        return k
+
+    def frontier(self, points: int = 40) -> List[Tuple[float, float]]:
+        """Predicted (avg bits, KLD) along the upgrade sequence: the planner's Pareto curve."""
+        out, used = [], sum(self.plan0.module_bits(n) for n in self.plan0.modules)
+        stride = max(1, len(self.steps) // points)
+        for k in range(len(self.steps) + 1):
+            if k % stride == 0 or k == len(self.steps):
+                out.append((used / self.plan0.n_params, self.predict(k)))
+            if k < len(self.steps):
+                used += self.steps[k].cost
+        return out
+
     def drivers(self, k: int) -> Dict[str, List[str]]:
         out: Dict[str, List[str]] = {}
         for st in self.steps[:k]:

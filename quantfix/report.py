@@ -63,8 +63,22 @@ def plot_iterations(report: Dict[str, Any], out_dir: Path) -> Path | None:
         xs = [it["avg_bits"] for it in its]
         ys = [it["metrics"][key] for it in its]
         colors = ["tab:green" if it["passed"] else "tab:red" for it in its]
-        ax.plot(xs, ys, color="0.7", zorder=1)
         ax.scatter(xs, ys, c=colors, zorder=2)
+        # measured Pareto frontier: plans no other plan beats on both bits and this metric
+        pts = sorted(zip(xs, ys))
+        front, best = [], float("inf")
+        for x, y in pts:
+            if y < best:
+                front.append((x, y))
+                best = y
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:green", alpha=0.5,
+                label="measured frontier")
+        pred = (report.get("pareto") or {}).get("predicted")
+        if key == "kld_mean" and pred:
+            ax.plot([p[0] for p in pred], [p[1] for p in pred], color="tab:purple", ls="--", lw=1,
+                    label="predicted (diagnosis)")
+            ax.set_yscale("log")
+            ax.legend()
         for it, x, y in zip(its, xs, ys):
             ax.annotate(str(it["iter"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if key == "ppl":
