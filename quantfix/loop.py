@@ -9,10 +9,12 @@ with plain transformers, and re-evaluated.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -129,6 +131,18 @@ class Trials:
                  iterations: List[Dict[str, Any]]):
         self.s, self.bank, self.ref, self.base, self.iterations = s, bank, ref, base, iterations
         self.last_metrics: Optional[ev.Metrics] = None
+        # every trial's metrics are appended to trials.jsonl; with loop.resume=true a rerun in the
+        # same run dir replays them instead of evaluating again (the search is deterministic)
+        self.journal = s.out_dir / "trials.jsonl"
+        self.memo: Dict[str, Dict[str, Any]] = {}
+        if s.cfg.loop.resume and self.journal.exists():
+            for line in self.journal.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self.memo[rec["plan_key"]] = rec["metrics"]
+            log.info("resume: %d trials journaled in %s", len(self.memo), self.journal)
+        elif self.journal.exists():
+            self.journal.unlink()
 
     @property
     def left(self) -> int:
@@ -137,10 +151,18 @@ class Trials:
     def __call__(self, plan: Plan, prev: Optional[Plan] = None, extra: Optional[Dict[str, Any]] = None) -> List[str]:
         s = self.s
         t = time.perf_counter()
-        with s.timer("quantize (simulated)"):
-            self.bank.apply(plan)
-        with s.timer("evaluate trials"):
-            m = ev.evaluate(s.model, s.windows, self.ref, s.cfg.eval.batch_size, desc=f"trial {len(self.iterations)}")
+        key = plan_key(plan)
+        if key in self.memo:
+            m = ev.Metrics(**self.memo[key])
+            extra = dict(extra or {}, resumed=True)
+        else:
+            with s.timer("quantize (simulated)"):
+                self.bank.apply(plan)
+            with s.timer("evaluate trials"):
+                m = ev.evaluate(s.model, s.windows, self.ref, s.cfg.eval.batch_size,
+                                desc=f"trial {len(self.iterations)}")
+            with open(self.journal, "a") as f:
+                f.write(json.dumps({"plan_key": key, "metrics": asdict(m)}) + "\n")
         self.last_metrics = m
         fails = check(m, self.base, s.cfg.thresholds)
         rec = _iteration_record(len(self.iterations), plan, m, fails, time.perf_counter() - t,
@@ -150,6 +172,11 @@ class Trials:
         log.info("trial %d: %s | avg bits %.2f | PPL %.3f | KLD %.4f | %s", len(self.iterations) - 1,
                  plan.summary_str(), plan.avg_bits, m.ppl, m.kld_mean, "PASS" if not fails else "; ".join(fails))
         return fails
+
+
+def plan_key(plan: Plan) -> str:
+    body = json.dumps({n: asdict(p) for n, p in sorted(plan.modules.items())}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:20]
 
 
 def bisect(trial: Trials, make: Callable[[int], Plan], lo: int, hi: int, best: Plan, prev: Plan) -> Tuple[Plan, str]:
@@ -311,8 +338,16 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
 
 
 def _diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report) -> Dict[str, Any]:
-    with s.timer("diagnose"):
-        diag = diag_mod.run(s, bank, plan, ref, base, metrics, stats, options)
+    saved = s.out_dir / "diagnosis_full.json"
+    if s.cfg.loop.resume and saved.exists():
+        diag = json.loads(saved.read_text())
+        log.info("resume: diagnosis loaded from %s", saved)
+    else:
+        with s.timer("diagnose"):
+            diag = diag_mod.run(s, bank, plan, ref, base, metrics, stats, options)
+        tmp = saved.with_suffix(".part")
+        tmp.write_text(json.dumps(diag, default=str))
+        tmp.rename(saved)
     (s.out_dir / "diagnosis.json").write_text(json.dumps(_strip_options(diag), indent=2, default=str))
     report["diagnosis"] = {"file": "diagnosis.json", "findings": diag["findings"],
                            "top_layers": sorted(diag["sensitivity"]["layers"],
@@ -333,8 +368,14 @@ def _strip_options(diag: Dict[str, Any]) -> Dict[str, Any]:
 def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metrics, report: Dict[str, Any]) -> None:
     cfg = s.cfg
     export_dtype = None if cfg.export.dtype == "auto" else getattr(torch, cfg.export.dtype)
-    with s.timer("export"):
-        ckpt = exp.export(s.model, s.tokenizer, plan, s.samples, s.out_dir, s.resolved.path, cfg.quant, export_dtype)
+    existing = s.out_dir / "checkpoint"
+    if cfg.loop.resume and (existing / "quantfix_plan.yaml").exists() and \
+            Plan.load(existing / "quantfix_plan.yaml").modules == plan.modules:
+        ckpt = existing  # exported before the interruption: verify it again
+    else:
+        with s.timer("export"):
+            ckpt = exp.export(s.model, s.tokenizer, plan, s.samples, s.out_dir, s.resolved.path, cfg.quant,
+                              export_dtype)
     # free the working model before loading the checkpoint: never two models on the device
     s.model = None
     gc.collect()

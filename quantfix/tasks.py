@@ -322,11 +322,11 @@ def _from_lm_eval(task: str, out: dict, seconds: float) -> TaskResult:
     res = out["results"][task]
     metrics, stderr = {}, {}
     for key, value in res.items():
-        name, _, _filter = key.partition(",")
-        if name == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+        name, comma, _filter = key.partition(",")  # "acc,none"; skips "alias", "sample_len"
+        if not comma or name.endswith("_stderr") or not isinstance(value, (int, float)):
             continue
         metrics[name] = float(value)
-        se = res.get(f"{name}_stderr,{_filter}" if _filter else f"{name}_stderr")
+        se = res.get(f"{name}_stderr,{_filter}")
         stderr[name] = float(se) if isinstance(se, (int, float)) else float("nan")
     per_doc: Dict[str, List[float]] = {}
     doc_ids: List[int] = []

@@ -29,9 +29,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--fast-windows", type=int, default=4)
+    ap.add_argument("--fast-windows", type=int, nargs="+", default=[4])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--label-samples", type=int, default=2)
+    ap.add_argument("--label-samples", type=int, nargs="+", default=[2])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--algorithm", default="rtn")
@@ -40,12 +42,16 @@ def main() -> None:
     torch.manual_seed(0)
     cache = model_mod.cache_dir()
     resolved = model_mod.resolve(a.model, cache)
-    model, tok = model_mod.load(resolved, torch.float32, torch.device("cpu"))
+    device = model_mod.resolve_device(a.device)
+    dtype = model_mod.resolve_dtype(a.dtype, device)
+    model, tok = model_mod.load(resolved, dtype, device)
     windows = data_mod.eval_windows("wikitext2", str(data_mod.default_data_dir()), tok, a.windows, a.seq_len)
     q = QuantConfig(algorithm=a.algorithm, bits=a.bits, group_size=a.group_size)
     plan, _ = initial_plan(model, q, {})
     bank = WeightBank(model, list(plan.modules))
     ref = ev.reference(model, windows, 4, 256, 0, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
     # exact: one evaluation per layer and per module type, on all windows
     def kld_with_restored(restored):
@@ -56,29 +62,39 @@ def main() -> None:
     ex = sens.exact(kld_with_restored, list(plan.modules))
     t_exact = time.perf_counter() - t
     bank.restore()
-    # fast: one forward + backward on a subset of windows
+    # fast: one forward + backward on a subset of windows, for each variant asked
     qweights = bank.quantized_weights(plan)
-    t = time.perf_counter()
-    fa = sens.fisher(model, windows[: a.fast_windows], qweights, batch_size=2, label_samples=a.label_samples)
-    t_fast = time.perf_counter() - t
     layers = sorted(ex.layers)
-    rho = spearmanr([ex.layers[i] for i in layers], [fa.layers[i] for i in layers]).statistic
-    rho_types = spearmanr([ex.types[k] for k in ex.types], [fa.types[k] for k in ex.types]).statistic
-    top5 = len(set(ex.ranked_layers()[:5]) & set(fa.ranked_layers()[:5]))
-    res = {"model": a.model, "plan": plan.summary_str(), "exact_seconds": round(t_exact, 1),
-           "exact_evaluations": len(ex.layers) + len(ex.types) + 1, "fast_seconds": round(t_fast, 1),
-           "speedup": round(t_exact / t_fast, 1), "spearman_layers": round(float(rho), 3),
-           "spearman_types": round(float(rho_types), 3), "top5_overlap": top5,
-           "exact_top5": ex.ranked_layers()[:5], "fast_top5": fa.ranked_layers()[:5],
-           "exact": ex.to_dict(), "fast": {**fa.to_dict(), "modules": None, "options": None},
-           "windows_exact": a.windows, "windows_fast": a.fast_windows, "seq_len": a.seq_len,
-           "label_samples": a.label_samples, "device": "cpu", "threads": torch.get_num_threads()}
+    variants = []
+    for fw in a.fast_windows:
+        for ls in a.label_samples:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fa = sens.fisher(model, windows[:fw], qweights, batch_size=2, label_samples=ls)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_fast = time.perf_counter() - t
+            rho = spearmanr([ex.layers[i] for i in layers], [fa.layers[i] for i in layers]).statistic
+            rho_t = spearmanr([ex.types[k] for k in ex.types], [fa.types[k] for k in ex.types]).statistic
+            variants.append({"fast_windows": fw, "label_samples": ls, "fast_seconds": round(t_fast, 2),
+                             "speedup": round(t_exact / t_fast, 1), "spearman_layers": round(float(rho), 3),
+                             "spearman_types": round(float(rho_t), 3),
+                             "top5_overlap": len(set(ex.ranked_layers()[:5]) & set(fa.ranked_layers()[:5])),
+                             "fast_top5": fa.ranked_layers()[:5],
+                             "layers": {str(k): v for k, v in fa.layers.items()}})
+    res = {"model": a.model, "plan": plan.summary_str(), "device": str(device), "dtype": str(dtype),
+           "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+           "threads": torch.get_num_threads(), "exact_seconds": round(t_exact, 2),
+           "exact_evaluations": len(ex.layers) + len(ex.types) + 1, "exact_top5": ex.ranked_layers()[:5],
+           "exact": ex.to_dict(), "windows_exact": a.windows, "seq_len": a.seq_len, "variants": variants}
     Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"\n{'method':<8} {'seconds':>8} {'evals':>6}  layer ranking")
-    print(f"{'exact':<8} {t_exact:8.1f} {res['exact_evaluations']:>6}  top5 {res['exact_top5']}")
-    print(f"{'fast':<8} {t_fast:8.1f} {'1':>6}  top5 {res['fast_top5']}")
-    print(f"speedup {res['speedup']}x  spearman(layers) {res['spearman_layers']}  "
-          f"spearman(types) {res['spearman_types']}  top-5 overlap {top5}/5")
+    print(f"\nexact: {t_exact:.1f} s, {res['exact_evaluations']} evaluations of {a.windows}x{a.seq_len} tokens, "
+          f"top5 {res['exact_top5']}")
+    print(f"{'windows':>7} {'labels':>6} {'seconds':>8} {'speedup':>8} {'spearman':>8} {'types':>6} {'top5':>5}")
+    for v in variants:
+        print(f"{v['fast_windows']:>7} {v['label_samples']:>6} {v['fast_seconds']:>8.2f} {v['speedup']:>7.1f}x "
+              f"{v['spearman_layers']:>8.3f} {v['spearman_types']:>6.3f} {v['top5_overlap']:>4}/5")
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ def test_non_local_task_without_lm_eval(monkeypatch, model, tok):
 
 def test_lm_eval_results_conversion():
     out = {"results": {"hellaswag": {"alias": "hellaswag", "acc,none": 0.5, "acc_stderr,none": 0.1,
-                                     "acc_norm,none": 0.75, "acc_norm_stderr,none": "N/A"}},
+                                     "acc_norm,none": 0.75, "acc_norm_stderr,none": "N/A", "sample_len": 2}},
            "samples": {"hellaswag": [{"doc_id": 1, "acc": 1.0, "acc_norm": 1.0},
                                      {"doc_id": 0, "acc": 0.0, "acc_norm": 0.5}]},
            "n-samples": {"hellaswag": {"original": 100, "effective": 2}}}
