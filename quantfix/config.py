@@ -52,6 +52,13 @@ class EvalConfig:
     # reference log-probs: full when they fit in full_max_mb, else top-k plus the tail mass
     topk: int = 256
     full_max_mb: int = 256
+    # task metrics on the float baseline (cached) and on every trial: local lambada_openai,
+    # arc_easy, piqa (from data_dir or task_paths), any other lm-eval task through the harness
+    tasks: List[str] = field(default_factory=list)
+    task_limit: Optional[int] = 200  # a fixed, seeded subset of each task (null = all)
+    task_seed: int = 0
+    task_batch_size: int = 8
+    task_paths: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +82,13 @@ class QuantConfig:
 
 
 @dataclass
+class TaskThreshold:
+    max_drop: Optional[float] = None  # points (accuracy x 100); null = reported, not checked
+    metric: Optional[str] = None  # default: the task's primary metric (acc / acc_norm)
+    z: float = 1.96  # a drop within z standard errors is noise, not a failure
+
+
+@dataclass
 class ThresholdsConfig:
     """A plan passes when every set threshold holds (null = not checked)."""
 
@@ -82,6 +96,7 @@ class ThresholdsConfig:
     max_ppl_increase_abs: Optional[float] = None
     max_kld_mean: Optional[float] = None
     min_top1: Optional[float] = None
+    tasks: Dict[str, TaskThreshold] = field(default_factory=dict)
 
 
 @dataclass
@@ -231,7 +246,14 @@ def validate(cfg: Any) -> None:
     if cfg.eval.n_windows < 1 or cfg.eval.batch_size < 1:
         p.append("eval.n_windows and eval.batch_size must be at least 1")
     t = cfg.thresholds
-    if all(v is None for v in (t.max_ppl_increase_pct, t.max_ppl_increase_abs, t.max_kld_mean, t.min_top1)):
+    task_limits = [k for k, v in t.tasks.items() if v.max_drop is not None]
+    for k in task_limits:
+        if k not in cfg.eval.tasks:
+            p.append(f"thresholds.tasks.{k} is set but eval.tasks does not include {k}: add eval.tasks=[{k}]")
+        if t.tasks[k].max_drop < 0:
+            p.append(f"thresholds.tasks.{k}.max_drop={t.tasks[k].max_drop} is impossible: use points >= 0")
+    if all(v is None for v in (t.max_ppl_increase_pct, t.max_ppl_increase_abs, t.max_kld_mean, t.min_top1)) \
+            and not task_limits:
         p.append("thresholds: none set, so every plan would pass; set e.g. thresholds.max_ppl_increase_pct=5")
     if t.max_ppl_increase_pct is not None and t.max_ppl_increase_pct < 0:
         p.append(f"thresholds.max_ppl_increase_pct={t.max_ppl_increase_pct} is impossible: use a value >= 0")

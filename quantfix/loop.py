@@ -65,6 +65,26 @@ def check(m: ev.Metrics, base: ev.Metrics, t) -> List[str]:
     return fails
 
 
+def task_checks(base: Dict[str, Any], quant: Dict[str, Any], thresholds) -> Tuple[Dict[str, dict], List[str]]:
+    """Compare every task's metrics with the float baseline; failures name the task and metric."""
+    from quantfix import tasks as tasks_mod
+
+    rows, fails = {}, []
+    for t, q in quant.items():
+        th = thresholds.tasks.get(t) if t in thresholds.tasks else None
+        metric = (th.metric if th is not None and th.metric else None) or tasks_mod.PRIMARY_METRIC.get(t) \
+            or next(iter(q.metrics))
+        max_drop = th.max_drop if th is not None and th.max_drop is not None else float("inf")
+        z = th.z if th is not None else 1.96
+        c = tasks_mod.compare(base[t], q, metric, max_drop, z)
+        c["checked"] = max_drop != float("inf")
+        c["seconds"] = round(q.seconds, 1)
+        rows[t] = c
+        if c["failed"]:
+            fails.append(f"{t} {c['reason']}")
+    return rows, fails
+
+
 def ppl_limit(base: ev.Metrics, t) -> Optional[float]:
     lims = []
     if t.max_ppl_increase_pct is not None:
@@ -109,6 +129,40 @@ class Session:
             return ev.reference(self.model, self.windows, e.batch_size, e.topk, e.full_max_mb,
                                 cache_path=self.cache / "reference" / f"{key}.pt")
 
+    def task_results(self, desc: str) -> Dict[str, Any]:
+        """Task metrics of the model as it is now (eval.tasks), with a progress bar per task."""
+        from quantfix import tasks as tasks_mod
+
+        e = self.cfg.eval
+        with self.timer("tasks"):
+            return tasks_mod.score_tasks(self.model, self.tokenizer, list(e.tasks), self.data_dir, e.task_limit,
+                                         e.task_seed, e.task_batch_size, dict(e.task_paths))
+
+    def task_baseline(self) -> Dict[str, Any]:
+        """Float task metrics, cached on disk per (model, tasks, subset)."""
+        from quantfix import tasks as tasks_mod
+
+        e = self.cfg.eval
+        out = {}
+        todo = []
+        for t in e.tasks:
+            key = hashlib.sha256(f"tasks-v1|{self.model_key}|{self.dtype}|{t}|{e.task_limit}|{e.task_seed}|"
+                                 f"{dict(e.task_paths).get(t)}".encode()).hexdigest()[:16]
+            path = self.cache / "tasks" / f"{key}.json"
+            if path.exists():
+                out[t] = tasks_mod.TaskResult.from_dict(json.loads(path.read_text()))
+            else:
+                todo.append((t, path))
+        if todo:
+            with self.timer("tasks"):
+                fresh = tasks_mod.score_tasks(self.model, self.tokenizer, [t for t, _ in todo], self.data_dir,
+                                              e.task_limit, e.task_seed, e.task_batch_size, dict(e.task_paths))
+            for t, path in todo:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(fresh[t].to_dict(per_doc=True)))
+                out[t] = fresh[t]
+        return out
+
     def calib_stats(self, names: List[str]) -> calib_mod.CalibStats:
         key = calib_mod.cache_key(self.model_key + str(self.dtype), self.samples, names)
         with self.timer("calibration stats"):
@@ -131,6 +185,8 @@ class Trials:
                  iterations: List[Dict[str, Any]]):
         self.s, self.bank, self.ref, self.base, self.iterations = s, bank, ref, base, iterations
         self.last_metrics: Optional[ev.Metrics] = None
+        self.last_task_fails: List[str] = []
+        self.task_base = s.task_baseline() if s.cfg.eval.tasks else {}
         # every trial's metrics are appended to trials.jsonl; with loop.resume=true a rerun in the
         # same run dir replays them instead of evaluating again (the search is deterministic)
         self.journal = s.out_dir / "trials.jsonl"
@@ -139,7 +195,7 @@ class Trials:
             for line in self.journal.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
-                    self.memo[rec["plan_key"]] = rec["metrics"]
+                    self.memo[rec["plan_key"]] = rec
             log.info("resume: %d trials journaled in %s", len(self.memo), self.journal)
         elif self.journal.exists():
             self.journal.unlink()
@@ -152,8 +208,11 @@ class Trials:
         s = self.s
         t = time.perf_counter()
         key = plan_key(plan)
+        task_rows: Dict[str, dict] = {}
+        task_fails: List[str] = []
         if key in self.memo:
-            m = ev.Metrics(**self.memo[key])
+            m = ev.Metrics(**self.memo[key]["metrics"])
+            task_rows, task_fails = self.memo[key].get("tasks", {}), self.memo[key].get("task_fails", [])
             extra = dict(extra or {}, resumed=True)
         else:
             with s.timer("quantize (simulated)"):
@@ -161,13 +220,20 @@ class Trials:
             with s.timer("evaluate trials"):
                 m = ev.evaluate(s.model, s.windows, self.ref, s.cfg.eval.batch_size,
                                 desc=f"trial {len(self.iterations)}")
+            if self.task_base:
+                task_rows, task_fails = task_checks(self.task_base, s.task_results(f"trial {len(self.iterations)}"),
+                                                    s.cfg.thresholds)
             with open(self.journal, "a") as f:
-                f.write(json.dumps({"plan_key": key, "metrics": asdict(m)}) + "\n")
+                f.write(json.dumps({"plan_key": key, "metrics": asdict(m), "tasks": task_rows,
+                                    "task_fails": task_fails}) + "\n")
         self.last_metrics = m
-        fails = check(m, self.base, s.cfg.thresholds)
+        self.last_task_fails = task_fails
+        fails = check(m, self.base, s.cfg.thresholds) + task_fails
         rec = _iteration_record(len(self.iterations), plan, m, fails, time.perf_counter() - t,
                                 prev.diff(plan) if prev is not None else None)
         rec.update(extra or {})
+        if task_rows:
+            rec["tasks"] = task_rows
         self.iterations.append(rec)
         log.info("trial %d: %s | avg bits %.2f | PPL %.3f | KLD %.4f | %s", len(self.iterations) - 1,
                  plan.summary_str(), plan.avg_bits, m.ppl, m.kld_mean, "PASS" if not fails else "; ".join(fails))
@@ -258,7 +324,11 @@ def search_predictive(trial: Trials, plan0: Plan, diag: Dict[str, Any], options)
         # missed: refit the correction and the NLL/KLD ratio on this measurement, then replan
         planner.calibrate(k, m.kld_mean)
         nll_per_kld = max((m.nll - trial.base.nll) / max(m.kld_mean, 1e-9), 0.2)
-        target = kld_target(cfg.thresholds, trial.base.ppl, nll_per_kld)
+        if trial.last_task_fails and len(trial.last_task_fails) == len(fails):
+            # only a task failed: the KLD that passes PPL is not enough for the task; ask for less
+            target = min(target, m.kld_mean) * 0.7
+        else:
+            target = kld_target(cfg.thresholds, trial.base.ppl, nll_per_kld)
         lo, plan = k, cand
         if k >= len(planner.steps):
             return None, cand, "every module is at the top of loop.ladder and the plan still fails"
@@ -299,6 +369,9 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
     bank = WeightBank(s.model, names, stats, cfg.quant.gptq_dampening, cfg.quant.gptq_block_size,
                       cfg.quant.awq_grid, cfg.quant.llm_int8_threshold)
     trial = Trials(s, bank, ref, base, report["iterations"])
+    if trial.task_base:
+        report["baseline_tasks"] = {t: r.to_dict() for t, r in trial.task_base.items()}
+    s.task_base = trial.task_base
     if cfg.mode == "diagnose":
         if cfg.quantized.name_or_path:
             from quantfix.quantized import load_quantized
@@ -320,6 +393,8 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
         diag = _diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report)
         best, last, reason = search_predictive(trial, plan0, diag, options)
     chosen = best or last
+    if best is None and report["iterations"]:
+        reason += "; the last trial failed on: " + "; ".join(report["iterations"][-1]["failed"])
     chosen.save(out_dir / "plan.yaml")
     report["pareto"] = {"measured": [[it["avg_bits"], it["metrics"]["kld_mean"], it["metrics"]["ppl"]]
                                      for it in report["iterations"]]}
@@ -390,8 +465,13 @@ def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metri
     with s.timer("verify (reload + evaluate)"):
         model = exp.reload(ckpt, s.dtype, s.device)
         m = ev.evaluate(model, s.windows, ref, cfg.eval.batch_size, desc="verify checkpoint")
+        task_fails = []
+        if getattr(s, "task_base", None):
+            s.model = model
+            fin["verified_tasks"], task_fails = task_checks(s.task_base, s.task_results("verify"), cfg.thresholds)
+            s.model = None
         del model
-    fails = check(m, base, cfg.thresholds)
+    fails = check(m, base, cfg.thresholds) + task_fails
     fin["verified_metrics"] = m.to_dict()
     fin["verified_failed"] = fails
     fin["passed"] = fin["search_passed"] and not fails

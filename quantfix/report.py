@@ -185,6 +185,19 @@ def _blocks(report: Dict[str, Any], out_dir: Path) -> List[tuple]:
                          f"{m['kld_mean']:.4f}", f"{m['top1']:.3f}", it.get("predicted_kld", "-"),
                          "pass" if it["passed"] else "; ".join(it["failed"]), drivers])
         b.append(("table", ["iter", "plan", "avg bits", "PPL", "KLD", "top-1", "predicted KLD", "result", "why"], rows))
+        task_rows = []
+        for t, r in (report.get("baseline_tasks") or {}).items():
+            task_rows.append(["fp", t, ", ".join(f"{k} {100 * v:.1f}" if k != "perplexity" else f"ppl {v:.2f}"
+                                                 for k, v in r["metrics"].items()), "", "", "", f"{r['seconds']:.0f}s"])
+        for it in its:
+            for t, c in (it.get("tasks") or {}).items():
+                status = "FAIL" if c["failed"] else ("within noise" if c["within_noise"] else "ok")
+                task_rows.append([it["iter"], t, f"{c['metric']} {c['base']:.2f} -> {c['quant']:.2f}",
+                                  f"{c['delta']:+.2f}", f"{c['stderr']:.2f}",
+                                  (status + ("" if c.get("checked") else " (not gated)")), f"{c.get('seconds', 0):.0f}s"])
+        if task_rows:
+            b.append(("h3", "Task metrics per iteration (float -> quantized, points)"))
+            b.append(("table", ["iter", "task", "metric", "delta", "stderr", "verdict", "time"], task_rows))
         if (out_dir / "plots" / "iterations.png").exists():
             b.append(("img", str(out_dir / "plots" / "iterations.png"), "Every plan tried: average bits vs KLD and PPL"))
     if fin:
