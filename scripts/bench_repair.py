@@ -79,7 +79,11 @@ def main() -> None:
         t = time.perf_counter()
         p = Plan({n: Precision(x.bits, x.group_size, x.symmetric, alg) if not x.is_float else x
                   for n, x in plan.modules.items()}, plan.shapes, plan.other_params)
-        ckpt = exp.export(model, tok, p, samples, out, resolved.path, QuantConfig())
+        try:
+            ckpt = exp.export(model, tok, p, samples, out, resolved.path, QuantConfig())
+        except Exception:
+            model, _ = model_mod.load(resolved, dtype, device)  # the failed engine may leave hooks behind
+            raise
         sync(device)
         t_export = time.perf_counter() - t
         del model
@@ -169,23 +173,47 @@ def autoscheme(path, tok, avg_bits, samples, windows, ref, dtype, device, bs) ->
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         texts = [tok.decode(s) for s in samples]
+        data_file = Path(tempfile.mkdtemp(prefix="ar-data-")) / "calib.jsonl"
+        data_file.write_text("\n".join(json.dumps({"text": t}) for t in texts))  # the same C4 windows
         scheme = AutoScheme(avg_bits=avg_bits, options=("W4A16", "W8A16"), nsamples=len(texts),
-                            seqlen=samples.shape[1], dataset=texts, ignore_scale_zp_bits=False)
-        ar = AutoRound(model, tok, scheme=scheme, iters=0, dataset=texts, nsamples=len(texts),
+                            seqlen=samples.shape[1], dataset=str(data_file), ignore_scale_zp_bits=False)
+        ar = AutoRound(model, tok, scheme=scheme, iters=0, dataset=str(data_file), nsamples=len(texts),
                        seqlen=samples.shape[1], group_size=64)
         out = Path(tempfile.mkdtemp(prefix="ar-"))
         ar.quantize_and_save(str(out), format="llm_compressor")
         secs = time.perf_counter() - t
         del model, ar
         gc.collect()
-        qm = exp.reload(out, dtype, device)
+        cfgs = sorted(out.rglob("config.json"))
+        if not cfgs:
+            raise RuntimeError(f"AutoRound wrote no config.json under {out}: {[p.name for p in out.rglob('*')][:10]}")
+        qm = exp.reload(cfgs[0].parent, dtype, device)
         m = ev.evaluate(qm, windows, ref, bs, progress=False)
-        size = exp.dir_size(out)
+        bits = _avg_bits_of(qm)
+        size = exp.dir_size(cfgs[0].parent)
         shutil.rmtree(out, ignore_errors=True)
-        return {"method": "AutoRound AutoScheme (W4A16/W8A16, iters=0)", "kld_mean": m.kld_mean, "ppl": m.ppl,
+        return {"method": "AutoRound AutoScheme (W4A16/W8A16, iters=0)", "avg_bits": bits, "kld_mean": m.kld_mean,
+                "ppl": m.ppl,
                 "top1": m.top1, "checkpoint_mb": round(size / 1e6, 1), "seconds": round(secs, 1)}
     except Exception as e:
         return {"method": "AutoRound AutoScheme", "error": "".join(traceback.format_exception_only(e))[-400:]}
+
+
+def _avg_bits_of(model) -> float:
+    """Average storage bits of the decoder's linear weights in a loaded compressed-tensors model,
+    counted as quantfix counts them (16-bit scales per group)."""
+    total_bits, total = 0.0, 0
+    for name, mod in model.named_modules():
+        if not (name.endswith("proj") and ".layers." in name):
+            continue
+        scheme = getattr(mod, "quantization_scheme", None)
+        w = getattr(scheme, "weights", None) if scheme is not None else None
+        shape = tuple(getattr(mod, "weight_shape", torch.tensor([mod.out_features, mod.in_features])).tolist())
+        n = shape[0] * shape[1]
+        p = Precision(w.num_bits, w.group_size or 0, w.symmetric) if w is not None else Precision(16)
+        total_bits += p.bits_per_weight(shape[1]) * n
+        total += n
+    return round(total_bits / max(total, 1), 3)
 
 
 @torch.no_grad()

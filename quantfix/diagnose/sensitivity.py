@@ -14,6 +14,7 @@ predict what a plan will cost before trying it.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from quantfix.model import decoder_layers
@@ -118,13 +118,18 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
             h_out = out[0] if isinstance(out, (tuple, list)) else out
             state["busy"] = True
             try:
+                # a throw-away copy of this one layer with quantized weights: swapping the live
+                # layer's parameters would bump their versions under autograd's feet
                 with torch.no_grad():
-                    params = {**dict(layer.named_parameters()), **layer_q[i]}
-                    q_out = functional_call(layer, params, (hidden.detach(),), kw)
+                    qlayer = copy.deepcopy(layer)
+                    for pname, w in layer_q[i].items():
+                        qlayer.get_parameter(pname).copy_(w.to(hidden.device))
+                    q_out = qlayer(hidden.detach(), **kw)
+                    del qlayer
             finally:
                 state["busy"] = False
-                q_out = q_out[0] if isinstance(q_out, (tuple, list)) else q_out
-                delta = (q_out - h_out.detach()).float()
+            q_out = q_out[0] if isinstance(q_out, (tuple, list)) else q_out
+            delta = (q_out - h_out.detach()).float()
             h_out.register_hook(lambda g, d=delta, i=i: _acc_layer(i, g, d))
         return fwd
 
