@@ -114,9 +114,11 @@ class LoopConfig:
 
 @dataclass
 class SensitivityConfig:
-    # fisher: one forward + backward estimate (default); exact: restore each part and re-evaluate
-    method: str = "fisher"
-    windows: int = 4  # eval windows the fisher pass uses (exact uses all of eval)
+    # fast (default): layers by the exact measurement with the quantized prefix reused, on
+    # `windows` eval windows; modules, types and precision options by a one-pass Taylor estimate.
+    # exact: the seed's restore-one-and-re-evaluate on all eval windows. taylor / fisher: one pass.
+    method: str = "fast"
+    windows: int = 2  # eval windows the fast/taylor/fisher methods use (exact uses all of eval)
     label_samples: int = 2
     per_module_exact: bool = False
 
@@ -263,8 +265,8 @@ def validate(cfg: Any) -> None:
         p.append(f"thresholds.max_kld_mean={t.max_kld_mean} is impossible: KL divergence is >= 0")
     if t.min_top1 is not None and not 0 <= t.min_top1 <= 1:
         p.append(f"thresholds.min_top1={t.min_top1} is impossible: use a fraction in [0, 1]")
-    if cfg.diagnose.sensitivity.method not in ("fisher", "exact"):
-        p.append(f"diagnose.sensitivity.method={cfg.diagnose.sensitivity.method!r}: use fisher or exact")
+    if cfg.diagnose.sensitivity.method not in ("fast", "exact", "taylor", "fisher"):
+        p.append(f"diagnose.sensitivity.method={cfg.diagnose.sensitivity.method!r}: use fast, exact, taylor or fisher")
     if cfg.diagnose.sensitivity.windows < 1 or cfg.diagnose.sensitivity.label_samples < 1:
         p.append("diagnose.sensitivity.windows and label_samples must be at least 1")
     if cfg.quantized.name_or_path and cfg.mode != "diagnose":

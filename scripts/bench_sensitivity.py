@@ -1,10 +1,10 @@
 """Fast (Fisher, one pass) vs exact (restore-one-at-a-time) sensitivity on the demo model.
 
-    python scripts/bench_sensitivity.py [--windows 16] [--fast-windows 4] [--out bench_sensitivity.json]
+    python scripts/bench_sensitivity.py [--windows 16] [--fast-windows 1 2 4] [--methods fast taylor fisher]
 
-Prints a table (wall time, Spearman rank correlation of the layer ranking, top-5 overlap) and
-writes JSON. Both methods diagnose the same plan (W4 g64 RTN by default) against the same float
-reference; exact uses all eval windows, fast uses --fast-windows of them.
+Prints a table (wall time, Spearman rank correlation of the layer ranking with exact, top-5
+overlap) and writes JSON. Every method diagnoses the same plan (W4 g64 RTN by default) against
+the same float reference; exact uses all eval windows, the others --fast-windows of them.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--algorithm", default="rtn")
-    ap.add_argument("--out", default="bench_sensitivity.json")
+    ap.add_argument("--methods", nargs="+", default=["fast", "taylor", "fisher"])
+    ap.add_argument("--out", default="benchmarks/sensitivity.json")
     a = ap.parse_args()
     torch.manual_seed(0)
     cache = model_mod.cache_dir()
@@ -58,43 +59,62 @@ def main() -> None:
         bank.apply(plan.with_changes({n: plan.modules[n].__class__() for n in restored}), progress=False)
         return ev.evaluate(model, windows, ref, 4, progress=False).kld_mean
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
     t = time.perf_counter()
     ex = sens.exact(kld_with_restored, list(plan.modules))
+    sync()
     t_exact = time.perf_counter() - t
     bank.restore()
-    # fast: one forward + backward on a subset of windows, for each variant asked
+    # the fast methods, each on a prefix of the eval windows
     qweights = bank.quantized_weights(plan)
+    fweights = {n: bank.originals[n] for n in plan.modules}
     layers = sorted(ex.layers)
     variants = []
+
+    def run_variant(method, fw, ls=0):
+        bank.apply(plan, progress=False) if method != "fisher" else bank.restore()
+        sync()
+        t = time.perf_counter()
+        if method == "fast":
+            fa = sens.fast(model, windows[:fw], ref, fweights, batch_size=2, progress=False)
+        elif method == "taylor":
+            fa = sens.taylor(model, windows[:fw], ref, fweights, batch_size=2, progress=False)
+        else:
+            fa = sens.fisher(model, windows[:fw], qweights, batch_size=2, label_samples=ls, progress=False)
+        sync()
+        t_fast = time.perf_counter() - t
+        rho = spearmanr([ex.layers[i] for i in layers], [fa.layers[i] for i in layers]).statistic
+        rho_t = spearmanr([ex.types[k] for k in ex.types], [fa.types[k] for k in ex.types]).statistic
+        v = {"method": method, "fast_windows": fw, "label_samples": ls, "fast_seconds": round(t_fast, 2),
+             "speedup": round(t_exact / t_fast, 1), "spearman_layers": round(float(rho), 3),
+             "spearman_types": round(float(rho_t), 3),
+             "top5_overlap": len(set(ex.ranked_layers()[:5]) & set(fa.ranked_layers()[:5])),
+             "fast_top5": fa.ranked_layers()[:5], "layers": {str(k): v for k, v in fa.layers.items()}}
+        variants.append(v)
+        print(f"{method:>7} {fw:>7} {ls:>6} {v['fast_seconds']:>8.2f} {v['speedup']:>7.1f}x "
+              f"{v['spearman_layers']:>8.3f} {v['spearman_types']:>6.3f} {v['top5_overlap']:>4}/5", flush=True)
+
+    print(f"\nexact: {t_exact:.1f} s, {len(ex.layers) + len(ex.types) + 1} evaluations of {a.windows}x{a.seq_len} "
+          f"tokens, top5 {ex.ranked_layers()[:5]}")
+    print(f"{'method':>7} {'windows':>7} {'labels':>6} {'seconds':>8} {'speedup':>8} {'spearman':>8} {'types':>6} {'top5':>5}")
     for fw in a.fast_windows:
-        for ls in a.label_samples:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fa = sens.fisher(model, windows[:fw], qweights, batch_size=2, label_samples=ls)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t_fast = time.perf_counter() - t
-            rho = spearmanr([ex.layers[i] for i in layers], [fa.layers[i] for i in layers]).statistic
-            rho_t = spearmanr([ex.types[k] for k in ex.types], [fa.types[k] for k in ex.types]).statistic
-            variants.append({"fast_windows": fw, "label_samples": ls, "fast_seconds": round(t_fast, 2),
-                             "speedup": round(t_exact / t_fast, 1), "spearman_layers": round(float(rho), 3),
-                             "spearman_types": round(float(rho_t), 3),
-                             "top5_overlap": len(set(ex.ranked_layers()[:5]) & set(fa.ranked_layers()[:5])),
-                             "fast_top5": fa.ranked_layers()[:5],
-                             "layers": {str(k): v for k, v in fa.layers.items()}})
+        for method in a.methods:
+            if method == "fisher":
+                for ls in a.label_samples:
+                    run_variant(method, fw, ls)
+            else:
+                run_variant(method, fw)
     res = {"model": a.model, "plan": plan.summary_str(), "device": str(device), "dtype": str(dtype),
            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
            "threads": torch.get_num_threads(), "exact_seconds": round(t_exact, 2),
            "exact_evaluations": len(ex.layers) + len(ex.types) + 1, "exact_top5": ex.ranked_layers()[:5],
            "exact": ex.to_dict(), "windows_exact": a.windows, "seq_len": a.seq_len, "variants": variants}
     Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"\nexact: {t_exact:.1f} s, {res['exact_evaluations']} evaluations of {a.windows}x{a.seq_len} tokens, "
-          f"top5 {res['exact_top5']}")
-    print(f"{'windows':>7} {'labels':>6} {'seconds':>8} {'speedup':>8} {'spearman':>8} {'types':>6} {'top5':>5}")
-    for v in variants:
-        print(f"{v['fast_windows']:>7} {v['label_samples']:>6} {v['fast_seconds']:>8.2f} {v['speedup']:>7.1f}x "
-              f"{v['spearman_layers']:>8.3f} {v['spearman_types']:>6.3f} {v['top5_overlap']:>4}/5")
+    print(f"\nwrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _sens_cache_key(model_key: str, plan: Plan, windows: torch.Tensor, dcfg, option_labels: List[str]) -> str:
-    h = hashlib.sha256(f"sens-v1|{model_key}|{dcfg.sensitivity.method}|{dcfg.sensitivity.windows}|"
+    h = hashlib.sha256(f"sens-v2|{model_key}|{dcfg.sensitivity.method}|{dcfg.sensitivity.windows}|"
                        f"{dcfg.sensitivity.label_samples}|{option_labels}".encode())
     h.update(json.dumps(plan.to_dict()["modules"], sort_keys=True).encode())
     h.update(windows.numpy().tobytes())
@@ -52,6 +52,17 @@ def measure_sensitivity(s, bank, plan: Plan, ref, options: Optional[Dict[str, Di
 
         quantized = [n for n, p in plan.modules.items() if not p.is_float]
         result = sensitivity.exact(kld, quantized, dcfg.sensitivity.per_module_exact, progress)
+        bank.restore()
+    elif dcfg.sensitivity.method in ("fast", "taylor"):
+        opt_w = {n: {lab: bank.simulate(n, p).cpu() for lab, p in o.items()} for n, o in (options or {}).items()}
+        bank.apply(plan, progress=False)
+        fw = {n: bank.originals[n] for n, p in plan.modules.items() if not p.is_float}
+        sub = s.windows[: dcfg.sensitivity.windows]
+        bs = min(2, s.cfg.eval.batch_size)
+        if dcfg.sensitivity.method == "fast":
+            result = sensitivity.fast(s.model, sub, ref, fw, opt_w, bs, progress=progress)
+        else:
+            result = sensitivity.taylor(s.model, sub, ref, fw, opt_w, bs, progress=progress)
         bank.restore()
     else:
         qw = bank.quantized_weights(plan)

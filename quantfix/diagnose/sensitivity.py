@@ -192,3 +192,173 @@ def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_
         gain = base - evaluate_kld(group)
         {"layer": layers, "type": types, "module": modules}[kind][key] = gain
     return Sensitivity("exact", layers, types, modules, {}, time.perf_counter() - t0, 0)
+
+
+@torch.enable_grad()
+def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
+           options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
+           progress: bool = True) -> Sensitivity:
+    """First-order estimate of the seed's exact measurement, in one forward + backward pass of the
+    quantized model. ``model`` must hold the quantized weights; ``float_weights`` maps each
+    quantized module to its float weight. The mean KLD from the cached float reference is
+    differentiated once; restoring part i changes its output by d_i (float layer/module on the
+    same quantized-model input), so the KLD it removes is ~ -grad . d_i. Deterministic (no label
+    sampling); ``options`` (module -> label -> weight) are scored in the same pass."""
+    from quantfix.evaluate import _kld_rows
+
+    t0 = time.perf_counter()
+    options = options or {}
+    mods = dict(model.named_modules())
+    prefixes = _layer_prefix(model)
+    layer_fp = {i: {f"{n[len(p) + 1:]}.weight": w for n, w in float_weights.items() if n.startswith(p + ".")}
+                for i, p in prefixes.items()}
+    dev = next(model.parameters()).device
+    acc_mod: Dict[str, float] = {n: 0.0 for n in float_weights}
+    acc_opt: Dict[str, Dict[str, float]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
+    acc_layer: Dict[int, float] = {i: 0.0 for i, q in layer_fp.items() if q}
+    state: Dict[str, object] = {}
+    handles = []
+
+    def module_hook(name):
+        def fwd(_m, args, out):
+            if state.get("busy") or not out.requires_grad:
+                return
+            x = args[0].detach().float()
+            wq = mods[name].weight.detach().float()
+            deltas = {"__fp__": F.linear(x, float_weights[name].to(x.device).float() - wq)}
+            for label, w in options.get(name, {}).items():
+                deltas[label] = F.linear(x, w.to(x.device).float() - wq)
+            out.register_hook(lambda g, d=deltas, n=name: _acc_module(n, g, d))
+        return fwd
+
+    def _acc_module(name, g, deltas):
+        g = g.float()
+        for label, d in deltas.items():
+            gain = -float((g * d).sum())  # KLD removed by moving this module to `label`
+            if label == "__fp__":
+                acc_mod[name] += gain
+            else:
+                acc_opt[name][label] += gain
+
+    def layer_hook(i):
+        def fwd(layer, args, kwargs, out):
+            if state.get("busy"):
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            h_out = out[0] if isinstance(out, (tuple, list)) else out
+            state["busy"] = True
+            try:
+                with torch.no_grad():
+                    fl = copy.deepcopy(layer)
+                    for pname, w in layer_fp[i].items():
+                        fl.get_parameter(pname).copy_(w.to(hidden.device))
+                    f_out = fl(hidden.detach(), **kw)
+                    del fl
+            finally:
+                state["busy"] = False
+            f_out = f_out[0] if isinstance(f_out, (tuple, list)) else f_out
+            delta = (f_out - h_out.detach()).float()
+            h_out.register_hook(lambda g, d=delta, i=i: _acc_layer(i, g, d))
+        return fwd
+
+    def _acc_layer(i, g, d):
+        acc_layer[i] += -float((g.float() * d).sum())
+
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
+    for n in float_weights:
+        handles.append(mods[n].register_forward_hook(module_hook(n)))
+    layers = decoder_layers(model)
+    for i in acc_layer:
+        handles.append(layers[i].register_forward_hook(layer_hook(i), with_kwargs=True))
+    n_tokens, row = 0, 0
+    total = windows.shape[0] * (windows.shape[1] - 1)
+    try:
+        for ids in tqdm(list(windows.split(batch_size)), desc="sensitivity (taylor)", unit="batch",
+                        disable=not progress, leave=False):
+            logits = model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1].float()
+            q_logp = F.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+            sl = slice(row, row + q_logp.shape[0])
+            row += q_logp.shape[0]
+            n_tokens += q_logp.shape[0]
+            (_kld_rows(ref, sl, q_logp).sum() / total).backward()  # the mean KLD over all windows
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(acc_mod)
+    types: Dict[str, float] = {}
+    for n, v in modules.items():
+        types[module_type(n)] = types.get(module_type(n), 0.0) + v
+    # per option: the contribution that remains at that option (what the planner consumes)
+    opts = {n: {k: max(modules[n] - v, 0.0) for k, v in o.items()} for n, o in acc_opt.items()}
+    return Sensitivity("taylor", dict(acc_layer), types, modules, opts, time.perf_counter() - t0, n_tokens)
+
+
+@torch.no_grad()
+def exact_prefix(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor], batch_size: int = 4,
+                 progress: bool = True) -> Dict[int, float]:
+    """The seed's per-layer measurement (KLD removed when layer i alone is restored to float), with
+    the quantized model's prefix reused: layers 0..i-1 are run once for all i, so restoring layer i
+    costs layers i..L-1 and the head. ``model`` holds the quantized weights; ``windows`` are the
+    first rows of the eval set that ``ref`` was computed on."""
+    from quantfix.evaluate import _kld_rows
+    from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
+
+    inner = model.model
+    head = model.get_output_embeddings()
+    layers = decoder_layers(model)
+    prefixes = _layer_prefix(model)
+    batches = list(windows.split(batch_size))
+    total = windows.shape[0] * (windows.shape[1] - 1)
+
+    def kld_from(hidden: List[torch.Tensor]) -> float:
+        row, acc = 0, 0.0
+        for h in hidden:
+            logits = head(inner.norm(h))[:, :-1].float()
+            q = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
+            acc += float(_kld_rows(ref, slice(row, row + q.shape[0]), q).sum())
+            row += q.shape[0]
+        return acc / total
+
+    saved = []  # the quantized model's input to every layer (kept on the CPU between uses)
+    final = None
+    for i, layer, li in iterate_layers(model, capture_layer0_inputs(model, batches)):
+        saved.append(([h.cpu() for h in li.hidden], li.kwargs))
+    last = layers[-1]
+    final = [layer_output(last, h.to(model.device), kw) for h, kw in zip(*saved[-1])]
+    base = kld_from(final)
+    out: Dict[int, float] = {}
+    for i in tqdm(range(len(layers)), desc="sensitivity (prefix exact)", unit="layer", disable=not progress,
+                  leave=False):
+        p = prefixes[i]
+        fp = {f"{n[len(p) + 1:]}.weight": w for n, w in float_weights.items() if n.startswith(p + ".")}
+        if not fp:
+            continue
+        fl = copy.deepcopy(layers[i])
+        for pname, w in fp.items():
+            fl.get_parameter(pname).copy_(w.to(model.device))
+        hidden, kwargs = saved[i]
+        cur = [layer_output(fl, h.to(model.device), kw) for h, kw in zip(hidden, kwargs)]
+        del fl
+        for j in range(i + 1, len(layers)):
+            cur = [layer_output(layers[j], h, kw) for h, kw in zip(cur, kwargs)]
+        out[i] = base - kld_from(cur)
+    return out
+
+
+def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
+         options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
+         evaluate_kld=None, progress: bool = True) -> Sensitivity:
+    """The default: layers by the prefix-reusing exact measurement on a window subset; module types
+    by exact restore on the same subset (``evaluate_kld``); single modules and their precision
+    options by the one-pass Taylor estimate. ``model`` holds the quantized weights."""
+    t0 = time.perf_counter()
+    layers = exact_prefix(model, windows, ref, float_weights, batch_size, progress)
+    t = taylor(model, windows, ref, float_weights, options, batch_size, progress)
+    types = dict(t.types)
+    if evaluate_kld is not None:
+        base = evaluate_kld(())
+        for typ in list(types):
+            types[typ] = base - evaluate_kld([n for n in float_weights if module_type(n) == typ])
+    return Sensitivity("fast", layers, types, t.modules, t.options, time.perf_counter() - t0, t.n_tokens)
