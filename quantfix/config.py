@@ -119,6 +119,7 @@ class SensitivityConfig:
     # exact: the seed's restore-one-and-re-evaluate on all eval windows. taylor / fisher: one pass.
     method: str = "fast"
     windows: int = 2  # eval windows the fast/taylor/fisher methods use (exact uses all of eval)
+    fisher_windows: int = 4  # eval windows the fast method's Fisher pass (modules, options) uses
     label_samples: int = 2
     per_module_exact: bool = False
 

@@ -130,6 +130,13 @@ def evaluate(model, windows: torch.Tensor, ref: Reference, batch_size: int, prog
     nll, kld, agree = [], [], []
     row = 0
     for ids in tqdm(_batches(windows, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        if ref.full_logp is None:  # top-k reference: never materialize the full log-softmax
+            n, k, a, rows = _topk_batch(model, ids, ref, row)
+            nll.append(n)
+            kld.append(k)
+            agree.append(a)
+            row += rows
+            continue
         logp = _logprobs(model, ids)
         sl = slice(row, row + logp.shape[0])
         row += logp.shape[0]
@@ -140,6 +147,27 @@ def evaluate(model, windows: torch.Tensor, ref: Reference, batch_size: int, prog
     if row > ref.n_tokens:  # fewer is fine: a prefix of the eval windows
         raise ValueError(f"eval windows give {row} tokens but the reference has {ref.n_tokens}")
     return summarize(torch.cat(nll), torch.cat(kld), torch.cat(agree))
+
+
+@torch.no_grad()
+def _topk_batch(model, ids: torch.Tensor, ref: Reference, row: int):
+    """NLL, KLD (top-k + tail) and top-1 agreement of one batch from the logits, with one float
+    copy and a logsumexp instead of a full log-softmax: fewer passes over [tokens x vocab]."""
+    logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1]
+    lf = logits.reshape(-1, logits.shape[-1]).float()
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    tgt = ids[:, 1:].reshape(-1, 1).to(lf.device)
+    sl = slice(row, row + lf.shape[0])
+    idx = ref.top_idx[sl].to(lf.device)
+    p_top = ref.top_logp[sl].to(lf.device)
+    q_top = lf.gather(1, idx) - lse
+    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
+    p_tail = (1 - p_top.exp().sum(-1)).clamp(min=1e-10)
+    q_tail = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
+    kld = (kl + p_tail * (p_tail.log() - q_tail.log())).clamp(min=0)
+    nll = (lse - lf.gather(1, tgt)).squeeze(1)
+    agree = (lf.argmax(-1).cpu() == ref.top_idx[sl, 0]).float()
+    return nll.cpu(), kld.cpu(), agree, lf.shape[0]
 
 
 def summarize(nll: torch.Tensor, kld: torch.Tensor, agree: torch.Tensor) -> Metrics:

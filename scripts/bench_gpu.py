@@ -73,7 +73,8 @@ def bench_model(name, model, windows, samples, device, bs, with_llmc=False, path
             mods[n].weight.copy_(fake.rtn(mods[n].weight, 4, 64, True))
     torch.cuda.synchronize(device)
     t = time.perf_counter()
-    fast(model, windows[:2], ref, fw, batch_size=2, progress=False)
+    qd = {n: mods[n].weight.detach().cpu().clone() for n in names}
+    fast(model, windows[:2], ref, fw, qd, batch_size=2, progress=False)
     torch.cuda.synchronize(device)
     res["sensitivity_fast_s"] = round(time.perf_counter() - t, 2)
     res["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)

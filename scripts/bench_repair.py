@@ -27,7 +27,7 @@ from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import model as model_mod
 from quantfix.config import QuantConfig, ThresholdsConfig
-from quantfix.diagnose.sensitivity import taylor
+from quantfix.diagnose.sensitivity import fisher
 from quantfix.loop import check
 from quantfix.plan import Plan, Precision
 from quantfix.planner import Ladder, PredictivePlanner, initial_plan, kld_target, ladder_options
@@ -109,9 +109,9 @@ def main() -> None:
     ladder = Ladder.parse(["3/64", "4/64", "4/32", "8/0", "16/0"])
     options = ladder_options(plan3, ladder)
     opt_w = {n: {lab: bank.simulate(n, p).cpu() for lab, p in o.items()} for n, o in options.items()}
-    bank.apply(plan3, progress=False)
-    sens = taylor(model, windows[:2], ref, bank.originals, opt_w, batch_size=2, progress=False)
+    sens = fisher(model, windows[:2], bank.quantized_weights(plan3), opt_w, batch_size=2, progress=False)
     planner = PredictivePlanner(plan3, sens.modules, sens.options, options, [])
+    bank.apply(plan3, progress=False)
     m3 = ev.evaluate(model, windows, ref, bs, progress=False)
     planner.calibrate(0, m3.kld_mean)
     bank.restore()
@@ -234,7 +234,9 @@ def trials_to_pass(model, names, stats, windows, ref, base, a, bs, device) -> di
     ladder = Ladder.parse(["4/64", "4/32", "8/0", "16/0"])
     options = ladder_options(plan0, ladder)
     opt_w = {nm: {lab: bank.simulate(nm, p).cpu() for lab, p in o.items()} for nm, o in options.items()}
-    sens = taylor(model, windows[:2], ref, bank.originals, opt_w, batch_size=2, progress=False)
+    qw = bank.quantized_weights(plan0)
+    bank.restore()
+    sens = fisher(model, windows[:2], qw, opt_w, batch_size=2, progress=False)
     planner = PredictivePlanner(plan0, sens.modules, sens.options, options, [])
     planner.calibrate(0, m0.kld_mean)
     target = kld_target(thr, base.ppl, max((m0.nll - base.nll) / m0.kld_mean, 0.2))

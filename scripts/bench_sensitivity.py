@@ -80,7 +80,9 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         if method == "fast":
-            fa = sens.fast(model, windows[:fw], ref, fweights, batch_size=2, progress=False)
+            fa = sens.fast(model, windows[:fw], ref, fweights, qweights, batch_size=2, progress=False,
+                           fisher_windows=windows[:4])
+            bank.current.clear()
         elif method == "taylor":
             fa = sens.taylor(model, windows[:fw], ref, fweights, batch_size=2, progress=False)
         else:

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def _sens_cache_key(model_key: str, plan: Plan, windows: torch.Tensor, dcfg, option_labels: List[str]) -> str:
-    h = hashlib.sha256(f"sens-v2|{model_key}|{dcfg.sensitivity.method}|{dcfg.sensitivity.windows}|"
-                       f"{dcfg.sensitivity.label_samples}|{option_labels}".encode())
+    h = hashlib.sha256(f"sens-v3|{model_key}|{dcfg.sensitivity.method}|{dcfg.sensitivity.windows}|"
+                       f"{dcfg.sensitivity.label_samples}|{dcfg.sensitivity.fisher_windows}|{option_labels}".encode())
     h.update(json.dumps(plan.to_dict()["modules"], sort_keys=True).encode())
     h.update(windows.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -60,7 +60,10 @@ def measure_sensitivity(s, bank, plan: Plan, ref, options: Optional[Dict[str, Di
         sub = s.windows[: dcfg.sensitivity.windows]
         bs = min(2, s.cfg.eval.batch_size)
         if dcfg.sensitivity.method == "fast":
-            result = sensitivity.fast(s.model, sub, ref, fw, opt_w, bs, progress=progress)
+            result = sensitivity.fast(s.model, sub, ref, fw, bank.quantized_weights(plan), opt_w, bs,
+                                      dcfg.sensitivity.label_samples, s.cfg.seed, progress=progress,
+                                      fisher_windows=s.windows[: dcfg.sensitivity.fisher_windows])
+            bank.current.clear()  # fast() leaves the float weights live
         else:
             result = sensitivity.taylor(s.model, sub, ref, fw, opt_w, bs, progress=progress)
         bank.restore()

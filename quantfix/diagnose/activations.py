@@ -60,7 +60,8 @@ def channel_errors(model, windows: torch.Tensor, quantized: Dict[str, torch.Tens
     for i, layer, li in tqdm(iterate_layers(model, inputs), total=len(decoder_layers(model)),
                              desc="per-channel error", unit="layer", disable=not progress, leave=False):
         p = prefix[id(layer)] + "."
-        q = {f"{n[len(p):]}.weight": w.to(model.device) for n, w in quantized.items() if n.startswith(p)}
+        dt = next(layer.parameters()).dtype
+        q = {f"{n[len(p):]}.weight": w.to(model.device, dt) for n, w in quantized.items() if n.startswith(p)}
         if not q:
             continue
         params = {**dict(layer.named_parameters()), **q}

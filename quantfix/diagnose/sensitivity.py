@@ -348,17 +348,19 @@ def exact_prefix(model, windows: torch.Tensor, ref, float_weights: Dict[str, tor
 
 
 def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
-         options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
-         evaluate_kld=None, progress: bool = True) -> Sensitivity:
-    """The default: layers by the prefix-reusing exact measurement on a window subset; module types
-    by exact restore on the same subset (``evaluate_kld``); single modules and their precision
-    options by the one-pass Taylor estimate. ``model`` holds the quantized weights."""
+         quantized: Dict[str, torch.Tensor], options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+         batch_size: int = 4, label_samples: int = 2, seed: int = 0, progress: bool = True,
+         fisher_windows: Optional[torch.Tensor] = None) -> Sensitivity:
+    """The default: layers by the prefix-reusing exact measurement on a window subset (the seed's
+    quantity, cheaper); modules, module types and each module's precision options by the one-pass
+    Fisher estimate, which scores every option of every module in the same pass (what the
+    planner consumes). ``model`` holds the quantized weights on entry and the float ones on exit."""
     t0 = time.perf_counter()
     layers = exact_prefix(model, windows, ref, float_weights, batch_size, progress)
-    t = taylor(model, windows, ref, float_weights, options, batch_size, progress)
-    types = dict(t.types)
-    if evaluate_kld is not None:
-        base = evaluate_kld(())
-        for typ in list(types):
-            types[typ] = base - evaluate_kld([n for n in float_weights if module_type(n) == typ])
-    return Sensitivity("fast", layers, types, t.modules, t.options, time.perf_counter() - t0, t.n_tokens)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for n, w in float_weights.items():
+            mods[n].weight.copy_(w.to(mods[n].weight.device, mods[n].weight.dtype))
+    f = fisher(model, windows if fisher_windows is None else fisher_windows, quantized, options, batch_size,
+               label_samples, seed, progress)
+    return Sensitivity("fast", layers, f.types, f.modules, f.options, time.perf_counter() - t0, f.n_tokens)
