@@ -114,12 +114,12 @@ class LoopConfig:
 
 @dataclass
 class SensitivityConfig:
-    # fast (default): layers by the exact measurement with the quantized prefix reused, on
-    # `windows` eval windows; modules, types and precision options by a one-pass Taylor estimate.
+    # fast (default): layers, types and modules by a one-pass Taylor estimate of the exact
+    # measurement on `windows` eval windows, precision options (planner) by one Fisher pass.
     # exact: the seed's restore-one-and-re-evaluate on all eval windows. taylor / fisher: one pass.
     method: str = "fast"
-    windows: int = 2  # eval windows the fast/taylor/fisher methods use (exact uses all of eval)
-    fisher_windows: int = 4  # eval windows the fast method's Fisher pass (modules, options) uses
+    windows: int = 8  # eval windows the fast/taylor/fisher methods use (exact uses all of eval)
+    fisher_windows: int = 4  # eval windows of the fast method's Fisher pass (precision options)
     label_samples: int = 2
     per_module_exact: bool = False
 

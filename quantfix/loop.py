@@ -284,7 +284,8 @@ def search_predictive(trial: Trials, plan0: Plan, diag: Dict[str, Any], options)
     s, cfg = trial.s, trial.s.cfg
     sens = diag["sensitivity"]
     with s.timer("plan"):
-        planner = PredictivePlanner(plan0, sens["modules"], sens["options"], options, diag["findings"])
+        planner = PredictivePlanner(plan0, sens.get("option_base") or sens["modules"], sens["options"], options,
+                                    diag["findings"])
     m0 = trial.last_metrics
     nll_per_kld = max((m0.nll - trial.base.nll) / max(m0.kld_mean, 1e-9), 0.2)
     target = kld_target(cfg.thresholds, trial.base.ppl, nll_per_kld)

@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--ppl-pct", type=float, default=5.0, help="threshold for trials-to-pass")
     ap.add_argument("--fallback-cap", type=int, default=400)
     ap.add_argument("--skip-autoround", action="store_true")
+    ap.add_argument("--skip-trials", action="store_true")
     ap.add_argument("--out", default="benchmarks/repair.json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -131,7 +132,10 @@ def main() -> None:
     gc.collect()
 
     # ---- uniform baselines at the nearest width within each budget ------------------------------
-    widths = {"W4g64": (4, 64), "W4g32": (4, 32), "W8": (8, 0)}
+    widths = {w: bg for w, bg in {"W4g64": (4, 64), "W4g32": (4, 32), "W8": (8, 0)}.items()
+              if Precision(*bg).bits_per_weight(576) <= max(a.budgets) + 1e-9}  # only widths some budget admits
+    results["budgets"] = budgets
+    save(results, a.out)
     uniform = {}
     for wname, (bits, g) in widths.items():
         for alg in ("rtn", "gptq", "awq"):
@@ -149,18 +153,25 @@ def main() -> None:
         for alg in ("rtn", "gptq", "awq"):
             entry[f"uniform_{alg}"] = uniform.get((nearest, alg)) if nearest else None
 
+    results["uniform"] = {f"{w}/{alg}": r for (w, alg), r in uniform.items()}
+    save(results, a.out)
     # ---- AutoRound AutoScheme at the same average bits --------------------------------------------
     if not a.skip_autoround:
         for b, entry in budgets.items():
             entry["autoscheme"] = autoscheme(resolved.path, tok, float(b), samples, windows, ref, dtype, device, bs)
+            save(results, a.out)
 
     # ---- trials to pass: quantfix predictive vs one-module-at-a-time fallback --------------------
-    results["trials_to_pass"] = trials_to_pass(model, names, stats, windows, ref, base, a, bs, device)
-    results["budgets"] = budgets
-    results["uniform"] = {f"{w}/{alg}": r for (w, alg), r in uniform.items()}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2, default=str))
+    if not a.skip_trials:
+        results["trials_to_pass"] = trials_to_pass(model, names, stats, windows, ref, base, a, bs, device)
+    save(results, a.out)
     print_table(results)
+
+
+def save(results: dict, out: str) -> None:
+    """Written after every section, so an interrupted run keeps what it measured."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2, default=str))
 
 
 def autoscheme(path, tok, avg_bits, samples, windows, ref, dtype, device, bs) -> dict:
@@ -295,7 +306,9 @@ def print_table(r: dict) -> None:
                 continue
             print(f"{b:>6}  {x['method']:<40} {x.get('avg_bits', float('nan')):>6.3f} {x['kld_mean']:>8.4f} "
                   f"{x['ppl']:>8.3f} {x['top1']:>6.3f} {x['checkpoint_mb']:>6.1f} {x['seconds']:>6.1f}")
-    t = r["trials_to_pass"]
+    t = r.get("trials_to_pass")
+    if not t:
+        return
     print(f"\ntrials to pass {t['threshold']} from {t['start']}: quantfix {t['quantfix']['trials_to_first_pass']} "
           f"({t['quantfix']['seconds']}s), one-module fallback {t['fallback_basic']['trials_to_first_pass']} "
           f"(ran {t['fallback_basic']['trials_run']}, {t['fallback_basic']['seconds']}s)")
