@@ -28,6 +28,11 @@ class ModelConfig:
     # auto = float32 on CPU, bfloat16 on CUDA
     dtype: str = "auto"
     trust_remote_code: bool = False
+    # null: the whole model on `device`. "auto" / "balanced" / "sequential": accelerate spreads the
+    # layers over every visible GPU (models larger than one card) and offloads the rest to the CPU
+    # as the last resort; max_memory caps each device, e.g. {0: "70GiB", 1: "70GiB", cpu: "200GiB"}
+    device_map: Optional[str] = None
+    max_memory: Optional[Dict[str, str]] = None
 
 
 @dataclass

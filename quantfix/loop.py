@@ -1,10 +1,11 @@
-"""Stage: loop. Baseline -> plan 0 -> quantize -> evaluate -> check -> next plan ... -> export -> verify.
+"""Stage: loop. Baseline -> plan 0 -> quantize -> evaluate -> check -> diagnose -> next plan ...
+-> export -> verify.
 
 Each trial applies a plan to the live model in place (simulated quantization; float originals on
-the CPU), evaluates it against the cached float reference, and checks the thresholds. After the
-first passing plan, the remaining trials bisect the last step's promotions to find a smaller
-passing plan. The smallest passing plan is exported with the real engine, reloaded from disk
-with plain transformers, and re-evaluated.
+the CPU), evaluates it against the cached float reference (and the task baselines), and checks
+the thresholds. When plan 0 fails, the diagnosis feeds the planner; after the first passing plan,
+the remaining trials bisect toward a smaller passing plan. The smallest passing plan is exported
+with the real engine, reloaded from disk with plain transformers, and re-evaluated.
 """
 from __future__ import annotations
 
@@ -113,8 +114,9 @@ class Session:
             torch.cuda.reset_peak_memory_stats(self.device)
         with self.timer("load model"):
             self.resolved = model_mod.resolve(cfg.model.name_or_path, self.cache)
-            self.model, self.tokenizer = model_mod.load(self.resolved, self.dtype, self.device, cfg.model.revision,
-                                                        cfg.model.trust_remote_code)
+            self.model, self.tokenizer = model_mod.load(
+                self.resolved, self.dtype, self.device, cfg.model.revision, cfg.model.trust_remote_code,
+                cfg.model.device_map, dict(cfg.model.max_memory) if cfg.model.max_memory else None)
         with self.timer("data"):
             self.windows = data_mod.eval_windows(cfg.eval.source, self.data_dir, self.tokenizer,
                                                  cfg.eval.n_windows, cfg.eval.seq_len)
@@ -129,7 +131,7 @@ class Session:
             return ev.reference(self.model, self.windows, e.batch_size, e.topk, e.full_max_mb,
                                 cache_path=self.cache / "reference" / f"{key}.pt")
 
-    def task_results(self, desc: str) -> Dict[str, Any]:
+    def task_results(self) -> Dict[str, Any]:
         """Task metrics of the model as it is now (eval.tasks), with a progress bar per task."""
         from quantfix import tasks as tasks_mod
 
@@ -221,7 +223,7 @@ class Trials:
                 m = ev.evaluate(s.model, s.windows, self.ref, s.cfg.eval.batch_size,
                                 desc=f"trial {len(self.iterations)}")
             if self.task_base:
-                task_rows, task_fails = task_checks(self.task_base, s.task_results(f"trial {len(self.iterations)}"),
+                task_rows, task_fails = task_checks(self.task_base, s.task_results(),
                                                     s.cfg.thresholds)
             with open(self.journal, "a") as f:
                 f.write(json.dumps({"plan_key": key, "metrics": asdict(m), "tasks": task_rows,
@@ -469,7 +471,7 @@ def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metri
         task_fails = []
         if getattr(s, "task_base", None):
             s.model = model
-            fin["verified_tasks"], task_fails = task_checks(s.task_base, s.task_results("verify"), cfg.thresholds)
+            fin["verified_tasks"], task_fails = task_checks(s.task_base, s.task_results(), cfg.thresholds)
             s.model = None
         del model
     fails = check(m, base, cfg.thresholds) + task_fails

@@ -149,7 +149,7 @@ def resolve(name_or_path: str, cache: Path) -> ResolvedModel:
 
 
 def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revision: Optional[str] = None,
-         trust_remote_code: bool = False):
+         trust_remote_code: bool = False, device_map: Optional[str] = None, max_memory: Optional[dict] = None):
     """Load the FP model and tokenizer; one clear line if it is not there or not a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -168,8 +168,13 @@ def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revi
             "model (pass the quantized one as quantized.name_or_path)"
         )
     try:
+        extra = {}
+        if device_map:
+            extra["device_map"] = device_map
+            if max_memory:
+                extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
         model = AutoModelForCausalLM.from_pretrained(
-            resolved.path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code
+            resolved.path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
     except ValueError as e:
         msg = str(e).splitlines()[0]
@@ -180,7 +185,8 @@ def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revi
             ) from e
         raise
     tok = AutoTokenizer.from_pretrained(resolved.path, revision=revision, trust_remote_code=trust_remote_code)
-    model.to(device)
+    if not device_map:  # with a device map, accelerate placed every layer already
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, tok

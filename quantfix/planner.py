@@ -1,8 +1,10 @@
 """Stage: plan. Plan 0 from the ``quant`` config, and the next plan when a trial fails.
 
-The greedy policy climbs each module up ``loop.ladder`` (e.g. W4g64 -> W4g32 -> W8 -> FP16),
-picking the modules whose measured calibration output error drops the most per added bit,
-until the step adds ``loop.bits_step`` average bits.
+Two policies climb modules up ``loop.ladder`` (e.g. W4g64 -> W4g32 -> W8 -> FP16):
+``PredictivePlanner`` (the default) predicts each module's KLD at every option from the diagnosis
+and picks the cheapest plan predicted to pass, refitting on every measurement;
+``GreedyPlanner`` promotes the modules whose calibration output error drops the most per added
+bit, ``loop.bits_step`` average bits per iteration.
 """
 from __future__ import annotations
 

@@ -64,3 +64,13 @@ def test_cuda_requested_without_cuda():
     with pytest.raises(QuantfixError, match="CUDA is not available"):
         model_mod.resolve_device("cuda")
     assert model_mod.resolve_device("auto").type == "cpu"
+
+
+def test_device_map_load_places_layers_with_accelerate(tiny_dir, tmp_path):
+    r = model_mod.resolve(str(tiny_dir), tmp_path)
+    m, _ = model_mod.load(r, torch.float32, torch.device("cpu"), device_map="auto", max_memory={"cpu": "2GiB"})
+    assert all(p.device.type == "cpu" for p in m.parameters())
+    x = torch.randint(0, 384, (1, 8))
+    ref, _ = model_mod.load(r, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.allclose(m(x).logits, ref(x).logits)

@@ -297,58 +297,6 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     return Sensitivity("taylor", dict(acc_layer), types, modules, opts, time.perf_counter() - t0, n_tokens)
 
 
-@torch.no_grad()
-def exact_prefix(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor], batch_size: int = 4,
-                 progress: bool = True) -> Dict[int, float]:
-    """The seed's per-layer measurement (KLD removed when layer i alone is restored to float), with
-    the quantized model's prefix reused: layers 0..i-1 are run once for all i, so restoring layer i
-    costs layers i..L-1 and the head. ``model`` holds the quantized weights; ``windows`` are the
-    first rows of the eval set that ``ref`` was computed on."""
-    from quantfix.evaluate import _kld_rows
-    from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
-
-    inner = model.model
-    head = model.get_output_embeddings()
-    layers = decoder_layers(model)
-    prefixes = _layer_prefix(model)
-    batches = list(windows.split(batch_size))
-    total = windows.shape[0] * (windows.shape[1] - 1)
-
-    def kld_from(hidden: List[torch.Tensor]) -> float:
-        row, acc = 0, 0.0
-        for h in hidden:
-            logits = head(inner.norm(h))[:, :-1].float()
-            q = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
-            acc += float(_kld_rows(ref, slice(row, row + q.shape[0]), q).sum())
-            row += q.shape[0]
-        return acc / total
-
-    saved = []  # the quantized model's input to every layer (kept on the CPU between uses)
-    final = None
-    for i, layer, li in iterate_layers(model, capture_layer0_inputs(model, batches)):
-        saved.append(([h.cpu() for h in li.hidden], li.kwargs))
-    last = layers[-1]
-    final = [layer_output(last, h.to(model.device), kw) for h, kw in zip(*saved[-1])]
-    base = kld_from(final)
-    out: Dict[int, float] = {}
-    for i in tqdm(range(len(layers)), desc="sensitivity (prefix exact)", unit="layer", disable=not progress,
-                  leave=False):
-        p = prefixes[i]
-        fp = {f"{n[len(p) + 1:]}.weight": w for n, w in float_weights.items() if n.startswith(p + ".")}
-        if not fp:
-            continue
-        fl = copy.deepcopy(layers[i])
-        for pname, w in fp.items():
-            fl.get_parameter(pname).copy_(w.to(model.device))
-        hidden, kwargs = saved[i]
-        cur = [layer_output(fl, h.to(model.device), kw) for h, kw in zip(hidden, kwargs)]
-        del fl
-        for j in range(i + 1, len(layers)):
-            cur = [layer_output(layers[j], h, kw) for h, kw in zip(cur, kwargs)]
-        out[i] = base - kld_from(cur)
-    return out
-
-
 def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
          quantized: Dict[str, torch.Tensor], options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
          batch_size: int = 4, label_samples: int = 2, seed: int = 0, progress: bool = True,
