@@ -38,9 +38,9 @@ class Sensitivity:
     modules: Dict[str, float] = field(default_factory=dict)  # single module -> same
     options: Dict[str, Dict[str, float]] = field(default_factory=dict)  # module -> option label -> KLD estimate
     seconds: float = 0.0
+    n_tokens: int = 0
     # the per-module KLD the options are measured against (same estimator as `options`)
     option_base: Dict[str, float] = field(default_factory=dict)
-    n_tokens: int = 0
 
     def to_dict(self) -> dict:
         return {"method": self.method, "seconds": round(self.seconds, 2), "n_tokens": self.n_tokens,
@@ -49,8 +49,9 @@ class Sensitivity:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sensitivity":
-        return cls(d["method"], {int(k): v for k, v in d["layers"].items()}, d["types"], d.get("modules", {}),
-                   d.get("options", {}), d.get("seconds", 0.0), d.get("n_tokens", 0), d.get("option_base", {}))
+        return cls(method=d["method"], layers={int(k): v for k, v in d["layers"].items()}, types=d["types"],
+                   modules=d.get("modules", {}), options=d.get("options", {}), seconds=d.get("seconds", 0.0),
+                   n_tokens=d.get("n_tokens", 0), option_base=d.get("option_base", {}))
 
     def ranked_layers(self) -> List[int]:
         return sorted(self.layers, key=lambda i: -self.layers[i])
@@ -317,4 +318,5 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
         f = fisher(model, windows if fisher_windows is None else fisher_windows, quantized, options, batch_size,
                    label_samples, seed, progress)
         opts, base = f.options, f.modules
-    return Sensitivity("fast", t.layers, t.types, t.modules, opts, time.perf_counter() - t0, t.n_tokens, base)
+    return Sensitivity(method="fast", layers=t.layers, types=t.types, modules=t.modules, options=opts,
+                       seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base)
