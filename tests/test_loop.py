@@ -119,3 +119,17 @@ def test_cli_sweep_writes_one_run_dir_per_job(tmp_path, tiny_dir):
         combos.add((q["algorithm"], q["group_size"]))
         assert (d / "checkpoint" / "config.json").exists()
     assert combos == {("rtn", 16), ("rtn", 32), ("gptq", 16), ("gptq", 32)}
+
+
+@pytest.mark.parametrize("quant,label", [("llm_int8", "LLM.int8x14"), ("nf4", "NF4g64x14")])
+def test_bitsandbytes_plans_export_and_match_the_simulation(compose, tiny_dir, tmp_path, quant, label):
+    pytest.importorskip("bitsandbytes")
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quant": quant, "thresholds.max_ppl_increase_pct": 1000, "loop.max_iters": 1}))
+    report = run(cfg, tmp_path / "run")
+    it = report["iterations"][0]
+    assert it["plan_summary"] == label and report["final"]["passed"]
+    qc = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes"
+    sim, real = it["metrics"], report["final"]["verified_metrics"]
+    assert real["kld_mean"] == pytest.approx(sim["kld_mean"], rel=0.25, abs=2e-4)
