@@ -348,6 +348,9 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
         raise QuantfixError(f"cannot write the output directory {out_dir} ({e.strerror}): "
                             "pick a writable hydra.run.dir or output_dir") from e
     s = Session(cfg, out_dir)
+    if cfg.quant.algorithm == "awq" and cfg.export.enabled and cfg.mode == "repair" and s.device.type != "cuda":
+        raise QuantfixError("quant=awq exports through llm-compressor's AWQ, which needs a CUDA device (it fails on "
+                            "the CPU): run with device=cuda, pick quant=gptq, or set export.enabled=false")
     ref = s.reference()
     base = ev.baseline_metrics(ref)
     log.info("float baseline: PPL %.3f on %d tokens of %s", base.ppl, base.n_tokens, cfg.eval.source)

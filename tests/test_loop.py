@@ -133,3 +133,14 @@ def test_bitsandbytes_plans_export_and_match_the_simulation(compose, tiny_dir, t
     assert qc["quant_method"] == "bitsandbytes"
     sim, real = it["metrics"], report["final"]["verified_metrics"]
     assert real["kld_mean"] == pytest.approx(sim["kld_mean"], rel=0.25, abs=2e-4)
+
+
+def test_awq_export_on_cpu_is_refused_up_front(compose, tiny_dir, tmp_path):
+    from quantfix.errors import QuantfixError
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{"quant": "awq"}))
+    with pytest.raises(QuantfixError, match="needs a CUDA device"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint").exists()
