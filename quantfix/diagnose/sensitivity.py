@@ -62,6 +62,32 @@ def _layer_prefix(model) -> Dict[int, str]:
     return {ids[id(m)]: n for n, m in model.named_modules() if id(m) in ids}
 
 
+def _layer_delta_hook(weights: Dict[str, torch.Tensor], state: Dict[str, object], on_delta):
+    """A forward hook (with kwargs) for one decoder layer: reruns the layer on the same input with
+    ``weights`` swapped in, on a throw-away copy (swapping the live layer's parameters would bump
+    their versions under autograd's feet), and hands (output tensor, other - live output) to
+    ``on_delta``. ``state["busy"]`` keeps the copy's own hooks quiet."""
+    def fwd(layer, args, kwargs, out):
+        if state.get("busy"):
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        h_out = out[0] if isinstance(out, (tuple, list)) else out
+        state["busy"] = True
+        try:
+            with torch.no_grad():
+                other = copy.deepcopy(layer)
+                for pname, w in weights.items():
+                    other.get_parameter(pname).copy_(w.to(hidden.device))
+                o_out = other(hidden.detach(), **kw)
+                del other
+        finally:
+            state["busy"] = False
+        o_out = o_out[0] if isinstance(o_out, (tuple, list)) else o_out
+        on_delta(h_out, (o_out - h_out.detach()).float())
+    return fwd
+
+
 @torch.enable_grad()
 def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
            options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
@@ -113,28 +139,8 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
                 acc_opt[name][label] += val
 
     def layer_hook(i):
-        def fwd(layer, args, kwargs, out):
-            if state.get("busy"):
-                return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            h_out = out[0] if isinstance(out, (tuple, list)) else out
-            state["busy"] = True
-            try:
-                # a throw-away copy of this one layer with quantized weights: swapping the live
-                # layer's parameters would bump their versions under autograd's feet
-                with torch.no_grad():
-                    qlayer = copy.deepcopy(layer)
-                    for pname, w in layer_q[i].items():
-                        qlayer.get_parameter(pname).copy_(w.to(hidden.device))
-                    q_out = qlayer(hidden.detach(), **kw)
-                    del qlayer
-            finally:
-                state["busy"] = False
-            q_out = q_out[0] if isinstance(q_out, (tuple, list)) else q_out
-            delta = (q_out - h_out.detach()).float()
-            h_out.register_hook(lambda g, d=delta, i=i: _acc_layer(i, g, d))
-        return fwd
+        return _layer_delta_hook(layer_q[i], state, lambda h_out, d, i=i: h_out.register_hook(
+            lambda g: _acc_layer(i, g, d)))
 
     def _acc_layer(i, g, d):
         dots = (g.float() * d).sum(dim=(1, 2))
@@ -244,26 +250,8 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
                 acc_opt[name][label] += gain
 
     def layer_hook(i):
-        def fwd(layer, args, kwargs, out):
-            if state.get("busy"):
-                return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            h_out = out[0] if isinstance(out, (tuple, list)) else out
-            state["busy"] = True
-            try:
-                with torch.no_grad():
-                    fl = copy.deepcopy(layer)
-                    for pname, w in layer_fp[i].items():
-                        fl.get_parameter(pname).copy_(w.to(hidden.device))
-                    f_out = fl(hidden.detach(), **kw)
-                    del fl
-            finally:
-                state["busy"] = False
-            f_out = f_out[0] if isinstance(f_out, (tuple, list)) else f_out
-            delta = (f_out - h_out.detach()).float()
-            h_out.register_hook(lambda g, d=delta, i=i: _acc_layer(i, g, d))
-        return fwd
+        return _layer_delta_hook(layer_fp[i], state, lambda h_out, d, i=i: h_out.register_hook(
+            lambda g: _acc_layer(i, g, d)))
 
     def _acc_layer(i, g, d):
         acc_layer[i] += -float((g.float() * d).sum())
