@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from quantfix.cache import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -34,9 +36,7 @@ class Reference:
         return self.nll.numel()
 
     def save(self, path: Path) -> None:
-        tmp = Path(str(path) + ".part")
-        torch.save(asdict(self), tmp)
-        tmp.rename(path)
+        atomic_write(path, lambda tmp: torch.save(asdict(self), tmp))
 
     @classmethod
     def load(cls, path: Path) -> "Reference":

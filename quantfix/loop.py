@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
+from quantfix.cache import atomic_write
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
 from quantfix import export as exp
@@ -160,8 +161,7 @@ class Session:
                 fresh = tasks_mod.score_tasks(self.model, self.tokenizer, [t for t, _ in todo], self.data_dir,
                                               e.task_limit, e.task_seed, e.task_batch_size, dict(e.task_paths))
             for t, path in todo:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(fresh[t].to_dict(per_doc=True)))
+                atomic_write(path, lambda tmp, r=fresh[t]: tmp.write_text(json.dumps(r.to_dict(per_doc=True))))
                 out[t] = fresh[t]
         return out
 
@@ -426,9 +426,7 @@ def _diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report
     else:
         with s.timer("diagnose"):
             diag = diag_mod.run(s, bank, plan, ref, base, metrics, stats, options)
-        tmp = saved.with_suffix(".part")
-        tmp.write_text(json.dumps(diag, default=str))
-        tmp.rename(saved)
+        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(diag, default=str)))
     (s.out_dir / "diagnosis.json").write_text(json.dumps(_strip_options(diag), indent=2, default=str))
     report["diagnosis"] = {"file": "diagnosis.json", "findings": diag["findings"],
                            "top_layers": sorted(diag["sensitivity"]["layers"],

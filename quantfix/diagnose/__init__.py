@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from quantfix.cache import atomic_write
 from quantfix import data as data_mod
 from quantfix.diagnose import activations, probes, sensitivity
 from quantfix.plan import Plan, Precision, layer_index, module_type
@@ -74,8 +75,7 @@ def measure_sensitivity(s, bank, plan: Plan, ref, options: Optional[Dict[str, Di
         result = sensitivity.fisher(s.model, s.windows[: dcfg.sensitivity.windows], qw, opt_w,
                                     batch_size=min(2, s.cfg.eval.batch_size),
                                     label_samples=dcfg.sensitivity.label_samples, seed=s.cfg.seed, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_dict()))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result.to_dict())))
     return result
 
 

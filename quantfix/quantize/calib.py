@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from quantfix.cache import atomic_write
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
 from quantfix.model import decoder_layers
 
@@ -45,9 +46,8 @@ class CalibStats:
         return out
 
     def save(self, path: Path) -> None:
-        tmp = Path(str(path) + ".part")
-        torch.save({"inputs": {k: vars(v) for k, v in self.inputs.items()}, "module_input": self.module_input}, tmp)
-        tmp.rename(path)
+        atomic_write(path, lambda tmp: torch.save(
+            {"inputs": {k: vars(v) for k, v in self.inputs.items()}, "module_input": self.module_input}, tmp))
 
     @classmethod
     def load(cls, path: Path) -> "CalibStats":
