@@ -46,14 +46,17 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model = tiny_llama()
+def save_model_dir(model, tokenizer, path: Path) -> Path:
+    """Save a model and tokenizer as an HF directory that quantfix can load by path."""
     model.config._name_or_path = str(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer) -> Path:
+    return save_model_dir(tiny_llama(), tokenizer, tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture

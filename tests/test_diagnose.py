@@ -11,7 +11,7 @@ from quantfix.diagnose.sensitivity import fisher
 from quantfix.loop import run
 from quantfix.plan import Plan
 from quantfix.quantize import fake
-from tests.conftest import tiny_llama, tiny_overrides
+from tests.conftest import save_model_dir, tiny_llama, tiny_overrides
 
 LAYER, CHANNEL, ALPHA, FEATURE = 2, 7, 100.0, 8.0
 
@@ -42,12 +42,7 @@ def planted(seed=0):
 
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("planted")
-    model = planted()
-    model.config._name_or_path = str(path)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model_dir(planted(), tokenizer, tmp_path_factory.mktemp("planted"))
 
 
 def test_rescale_preserves_the_float_function():

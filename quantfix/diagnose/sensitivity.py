@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -88,6 +89,23 @@ def _layer_delta_hook(weights: Dict[str, torch.Tensor], state: Dict[str, object]
     return fwd
 
 
+@contextmanager
+def _gradient_hooks(model, module_names, module_hook, layer_ids, layer_hook):
+    """Make the embeddings' output a leaf that needs a gradient (the weights stay frozen), hook the
+    named modules and decoder layers for the duration, and remove every hook afterwards."""
+    mods = dict(model.named_modules())
+    layers = decoder_layers(model)
+    emb = model.get_input_embeddings()
+    handles = [emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))]
+    handles += [mods[n].register_forward_hook(module_hook(n)) for n in module_names]
+    handles += [layers[i].register_forward_hook(layer_hook(i), with_kwargs=True) for i in layer_ids]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.enable_grad()
 def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
            options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
@@ -107,7 +125,6 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
     acc_mod: Dict[str, float] = {n: 0.0 for n in quantized}
     acc_opt: Dict[str, Dict[str, float]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
     acc_layer: Dict[int, float] = {i: 0.0 for i, q in layer_q.items() if q}
-    handles = []
     state: Dict[str, object] = {}
 
     def module_hook(name):
@@ -146,15 +163,8 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
         dots = (g.float() * d).sum(dim=(1, 2))
         acc_layer[i] += 0.5 * float((dots ** 2).sum())
 
-    emb = model.get_input_embeddings()
-    handles.append(emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
-    for n in quantized:
-        handles.append(mods[n].register_forward_hook(module_hook(n)))
-    layers = decoder_layers(model)
-    for i in acc_layer:
-        handles.append(layers[i].register_forward_hook(layer_hook(i), with_kwargs=True))
     n_tokens = 0
-    try:
+    with _gradient_hooks(model, quantized, module_hook, list(acc_layer), layer_hook):
         for ids in tqdm(list(windows.split(batch_size)), desc="sensitivity (fisher)", unit="batch",
                         disable=not progress, leave=False):
             ids = ids.to(dev)
@@ -168,9 +178,6 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
                 loss.backward(retain_graph=k < label_samples - 1)
             for k in [k for k in state if k != "busy"]:
                 del state[k]
-    finally:
-        for h in handles:
-            h.remove()
     norm = 1.0 / (label_samples * max(1, n_tokens))
     modules = {n: v * norm for n, v in acc_mod.items()}
     types: Dict[str, float] = {}
@@ -226,7 +233,6 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     acc_opt: Dict[str, Dict[str, float]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
     acc_layer: Dict[int, float] = {i: 0.0 for i, q in layer_fp.items() if q}
     state: Dict[str, object] = {}
-    handles = []
 
     def module_hook(name):
         def fwd(_m, args, out):
@@ -256,16 +262,9 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     def _acc_layer(i, g, d):
         acc_layer[i] += -float((g.float() * d).sum())
 
-    emb = model.get_input_embeddings()
-    handles.append(emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
-    for n in float_weights:
-        handles.append(mods[n].register_forward_hook(module_hook(n)))
-    layers = decoder_layers(model)
-    for i in acc_layer:
-        handles.append(layers[i].register_forward_hook(layer_hook(i), with_kwargs=True))
     n_tokens, row = 0, 0
     total = windows.shape[0] * (windows.shape[1] - 1)
-    try:
+    with _gradient_hooks(model, float_weights, module_hook, list(acc_layer), layer_hook):
         for ids in tqdm(list(windows.split(batch_size)), desc="sensitivity (taylor)", unit="batch",
                         disable=not progress, leave=False):
             logits = model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1].float()
@@ -274,9 +273,6 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
             row += q_logp.shape[0]
             n_tokens += q_logp.shape[0]
             (_kld_rows(ref, sl, q_logp).sum() / total).backward()  # the mean KLD over all windows
-    finally:
-        for h in handles:
-            h.remove()
     modules = dict(acc_mod)
     types: Dict[str, float] = {}
     for n, v in modules.items():
