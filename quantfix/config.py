@@ -7,6 +7,7 @@ collects every semantic problem (bits out of range, impossible thresholds...) in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -32,7 +33,10 @@ class ModelConfig:
     # layers over every visible GPU (models larger than one card) and offloads the rest to the CPU
     # as the last resort; max_memory caps each device, e.g. {0: "70GiB", 1: "70GiB", cpu: "200GiB"}
     device_map: Optional[str] = None
-    max_memory: Optional[Dict[str, str]] = None
+    max_memory: Any = None
+    # where layers that fit neither the GPUs nor max_memory's cpu share go (disk offload);
+    # null = a temporary folder, removed at exit
+    offload_folder: Optional[str] = None
 
 
 @dataclass
@@ -240,6 +244,13 @@ def validate(cfg: Any) -> None:
         p.append(f"quant.group_size={q.group_size}: use 0 (per channel) or a positive size such as 32, 64, 128")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         p.append(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    dm, mm = cfg.model.device_map, cfg.model.max_memory
+    if dm is not None and dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        p.append(f"model.device_map={dm!r}: use auto, balanced, balanced_low_0 or sequential (or null: all on device)")
+    if mm is not None and (not isinstance(mm, Mapping) or not all(isinstance(v, (str, int)) for v in mm.values())):
+        p.append(f"model.max_memory={mm!r}: give a mapping of device to size, e.g. model.max_memory={{0:70GiB,cpu:200GiB}}")
+    elif mm and dm is None:
+        p.append("model.max_memory is set but model.device_map is null: add model.device_map=auto")
     if cfg.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
         p.append(f"model.dtype={cfg.model.dtype!r}: use auto, float32, float16 or bfloat16")
     if cfg.export.dtype not in ("auto", "float32", "float16", "bfloat16"):

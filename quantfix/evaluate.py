@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantfix.cache import atomic_write
+from quantfix.model import input_device
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def _batches(windows: torch.Tensor, batch_size: int):
 @torch.no_grad()
 def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """log-softmax of the next-token logits at positions 0..L-2, flattened to [B*(L-1), V], float32."""
-    logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1].float()
+    logits = model(input_ids=ids.to(input_device(model)), use_cache=False).logits[:, :-1].float()
     return F.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
 
 
@@ -131,43 +133,95 @@ def evaluate(model, windows: torch.Tensor, ref: Reference, batch_size: int, prog
     row = 0
     for ids in tqdm(_batches(windows, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         if ref.full_logp is None:  # top-k reference: never materialize the full log-softmax
-            n, k, a, rows = _topk_batch(model, ids, ref, row)
+            n, k, a = _topk_batch(model, ids, ref, row)
             nll.append(n)
             kld.append(k)
             agree.append(a)
-            row += rows
+            row += n.numel()
             continue
         logp = _logprobs(model, ids)
         sl = slice(row, row + logp.shape[0])
         row += logp.shape[0]
         tgt = ids[:, 1:].reshape(-1).to(logp.device)
-        nll.append(-logp.gather(1, tgt[:, None]).squeeze(1).cpu())
-        kld.append(_kld_rows(ref, sl, logp).cpu())
-        agree.append((logp.argmax(-1).cpu() == _ref_top1(ref, sl)).float())
+        nll.append(-logp.gather(1, tgt[:, None]).squeeze(1))
+        kld.append(_kld_rows(ref, sl, logp))
+        agree.append(logp.argmax(-1).cpu() == _ref_top1(ref, sl))
     if row > ref.n_tokens:  # fewer is fine: a prefix of the eval windows
         raise ValueError(f"eval windows give {row} tokens but the reference has {ref.n_tokens}")
-    return summarize(torch.cat(nll), torch.cat(kld), torch.cat(agree))
+    # one device-to-host copy at the end: no synchronization inside the loop
+    return summarize(torch.cat(nll).cpu(), torch.cat(kld).cpu(), torch.cat([a.cpu() for a in agree]).float())
+
+
+# the reference's top-k rows, kept on the accelerator between evaluations (one upload per run)
+_DEVICE_REF: Dict[str, Any] = {}
+_DEVICE_REF_MAX_BYTES = 2 * 2 ** 30
+
+
+def _ref_rows(ref: Reference, sl: slice, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "cpu":
+        return ref.top_idx[sl], ref.top_logp[sl]
+    if ref.top_idx.numel() * 12 > _DEVICE_REF_MAX_BYTES:
+        return ref.top_idx[sl].to(device, non_blocking=True), ref.top_logp[sl].to(device, non_blocking=True)
+    if _DEVICE_REF.get("ref") is not ref or _DEVICE_REF.get("device") != device:
+        _DEVICE_REF.clear()  # one reference at a time
+        _DEVICE_REF.update(ref=ref, device=device, idx=ref.top_idx.to(device), logp=ref.top_logp.to(device))
+    return _DEVICE_REF["idx"][sl], _DEVICE_REF["logp"][sl]
+
+
+def token_stats(logits: torch.Tensor, tgt: torch.Tensor, idx: torch.Tensor, p_top: torch.Tensor):
+    """Per-token NLL, KL(P_float || Q) over the top-k plus the tail bucket, and the argmax, from the
+    logits [..., V] in any float dtype. Math in float32; the only full-vocabulary passes are one
+    logsumexp and one argmax (fused into one kernel when compiled)."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    q_top = lf.gather(-1, idx) - lse
+    p_exp = p_top.exp()
+    kl = (p_exp * (p_top - q_top)).sum(-1)
+    p_tail = (1 - p_exp.sum(-1)).clamp(min=1e-10)
+    q_tail = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
+    kld = (kl + p_tail * (p_tail.log() - q_tail.log())).clamp(min=0)
+    nll = (lse - lf.gather(-1, tgt.unsqueeze(-1))).squeeze(-1)
+    return nll, kld, lf.argmax(-1)
+
+
+_compiled: Dict[str, Any] = {}
+
+
+def _stats_fn(device: torch.device):
+    """token_stats, compiled on CUDA (one fused pass over the bf16 logits instead of a float32 copy
+    and several full-vocabulary passes); eager elsewhere, or with QUANTFIX_COMPILE=0."""
+    if device.type != "cuda" or os.environ.get("QUANTFIX_COMPILE", "1") == "0":
+        return None
+    if "fn" not in _compiled:
+        try:
+            _compiled["fn"] = torch.compile(token_stats, dynamic=True)
+        except Exception as e:  # noqa: BLE001 - no compiler: eager, said once
+            log.warning("torch.compile unavailable (%s); evaluating in eager mode", str(e).splitlines()[0][:120])
+            _compiled["fn"] = None
+    return _compiled["fn"]
 
 
 @torch.no_grad()
 def _topk_batch(model, ids: torch.Tensor, ref: Reference, row: int):
-    """NLL, KLD (top-k + tail) and top-1 agreement of one batch from the logits, with one float
-    copy and a logsumexp instead of a full log-softmax: fewer passes over [tokens x vocab]."""
-    logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1]
-    lf = logits.reshape(-1, logits.shape[-1]).float()
-    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
-    tgt = ids[:, 1:].reshape(-1, 1).to(lf.device)
-    sl = slice(row, row + lf.shape[0])
-    idx = ref.top_idx[sl].to(lf.device)
-    p_top = ref.top_logp[sl].to(lf.device)
-    q_top = lf.gather(1, idx) - lse
-    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
-    p_tail = (1 - p_top.exp().sum(-1)).clamp(min=1e-10)
-    q_tail = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
-    kld = (kl + p_tail * (p_tail.log() - q_tail.log())).clamp(min=0)
-    nll = (lse - lf.gather(1, tgt)).squeeze(1)
-    agree = (lf.argmax(-1).cpu() == ref.top_idx[sl, 0]).float()
-    return nll.cpu(), kld.cpu(), agree, lf.shape[0]
+    """NLL, KLD (top-k + tail) and top-1 agreement of one batch, left on the model's device."""
+    logits = model(input_ids=ids.to(input_device(model)), use_cache=False).logits[:, :-1]
+    b, t, _ = logits.shape
+    dev = logits.device
+    tgt = ids[:, 1:].to(dev)
+    idx, p_top = _ref_rows(ref, slice(row, row + b * t), dev)
+    idx, p_top = idx.reshape(b, t, -1), p_top.reshape(b, t, -1)
+    fn = _stats_fn(dev)
+    if fn is not None:
+        try:
+            nll, kld, top1 = fn(logits, tgt, idx, p_top)
+        except Exception as e:  # noqa: BLE001 - a compiler failure at run time: eager from now on
+            log.warning("compiled evaluation failed (%s); evaluating in eager mode", str(e).splitlines()[0][:120])
+            _compiled["fn"] = fn = None
+    if fn is None:  # one sequence at a time: the float32 temporaries stay one sequence big
+        outs = [token_stats(logits[i], tgt[i], idx[i], p_top[i]) for i in range(b)]
+        nll, kld, top1 = (torch.stack(x) for x in zip(*outs))
+    agree = top1 == idx[..., 0]
+    return nll.reshape(-1), kld.reshape(-1), agree.reshape(-1)
 
 
 def summarize(nll: torch.Tensor, kld: torch.Tensor, agree: torch.Tensor) -> Metrics:

@@ -122,12 +122,20 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def reload(path: Path, dtype: torch.dtype, device: torch.device):
-    """Load a checkpoint back with plain transformers (what a user's deployment does)."""
+def reload(path: Path, dtype: torch.dtype, device: torch.device, device_map: Optional[str] = None,
+           max_memory: Optional[dict] = None):
+    """Load a checkpoint back with plain transformers (what a user's deployment does), with the
+    run's device map when it has one (a model larger than one card stays spread out)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    if getattr(model, "hf_quantizer", None) is None or "bitsandbytes" not in type(model.hf_quantizer).__name__.lower():
+    extra = {}
+    if device_map:
+        extra["device_map"] = device_map
+        if max_memory:
+            extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
+    bnb = getattr(model, "hf_quantizer", None) is not None and "bitsandbytes" in type(model.hf_quantizer).__name__.lower()
+    if not device_map and not bnb:
         model.to(device)
     model.eval()
     return model

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
-from quantfix.model import decoder_layers
+from quantfix.model import decoder_layers, input_device
 
 
 class _Captured(Exception):
@@ -39,7 +39,7 @@ def capture_layer0_inputs(model, batches: List[torch.Tensor]) -> LayerInputs:
     try:
         for ids in batches:
             try:
-                model(input_ids=ids.to(model.device), use_cache=False)
+                model(input_ids=ids.to(input_device(model)), use_cache=False)
             except _Captured:
                 pass
     finally:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -117,7 +118,8 @@ class Session:
             self.resolved = model_mod.resolve(cfg.model.name_or_path, self.cache)
             self.model, self.tokenizer = model_mod.load(
                 self.resolved, self.dtype, self.device, cfg.model.revision, cfg.model.trust_remote_code,
-                cfg.model.device_map, dict(cfg.model.max_memory) if cfg.model.max_memory else None)
+                cfg.model.device_map, dict(cfg.model.max_memory) if cfg.model.max_memory else None,
+                cfg.model.offload_folder)
         with self.timer("data"):
             self.windows = data_mod.eval_windows(cfg.eval.source, self.data_dir, self.tokenizer,
                                                  cfg.eval.n_windows, cfg.eval.seq_len)
@@ -359,6 +361,10 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True), "baseline": base.to_dict(), "iterations": [],
         "warnings": [],
     }
+    placement = getattr(s.model, "hf_device_map", None)
+    if placement and len(set(map(str, placement.values()))) > 1:  # spread by accelerate: say where
+        report["placement"] = dict(Counter(str(v) for v in placement.values()))
+        log.info("device map: %s", ", ".join(f"{n} modules on {d}" for d, n in report["placement"].items()))
     if cfg.mode == "baseline":
         report["final"] = None
         return _finish(s, report, t_start)
@@ -467,7 +473,8 @@ def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metri
         fin["passed"] = fin["search_passed"]
         return
     with s.timer("verify (reload + evaluate)"):
-        model = exp.reload(ckpt, s.dtype, s.device)
+        model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
+                           dict(cfg.model.max_memory) if cfg.model.max_memory else None)
         m = ev.evaluate(model, s.windows, ref, cfg.eval.batch_size, desc="verify checkpoint")
         task_fails = []
         if getattr(s, "task_base", None):

@@ -5,6 +5,7 @@ cache, so later runs (and the llm-compressor export, which needs a local directo
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -155,7 +156,8 @@ def resolve(name_or_path: str, cache: Path) -> ResolvedModel:
 
 
 def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revision: Optional[str] = None,
-         trust_remote_code: bool = False, device_map: Optional[str] = None, max_memory: Optional[dict] = None):
+         trust_remote_code: bool = False, device_map: Optional[str] = None, max_memory: Optional[dict] = None,
+         offload_folder: Optional[str] = None):
     """Load the FP model and tokenizer; one clear line if it is not there or not a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -179,6 +181,10 @@ def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revi
             extra["device_map"] = device_map
             if max_memory:
                 extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+            if offload_folder is None:
+                offload_folder = tempfile.mkdtemp(prefix="quantfix-offload-")
+                atexit.register(shutil.rmtree, offload_folder, True)
+            extra["offload_folder"] = offload_folder
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
@@ -209,3 +215,71 @@ def decoder_layers(model):
     if layers is None:
         raise QuantfixError(f"{type(model).__name__}: no model.layers decoder list; this architecture is not supported")
     return layers
+
+
+# Weights that accelerate offloaded (device_map with "cpu"/"disk" entries beside accelerators) sit
+# on the meta device between forward passes; their values live in the hook's weights_map. These
+# helpers read and write a module's weight wherever it lives.
+
+def _offload_map(module):
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not getattr(hook, "offload", False) or module.weight.device.type != "meta":
+        return None
+    return getattr(hook, "weights_map", None)
+
+
+def weight_of(module) -> torch.Tensor:
+    """The module's weight (detached), also when accelerate offloaded it to the CPU or disk."""
+    wm = _offload_map(module)
+    return module.weight.detach() if wm is None else wm["weight"]
+
+
+def weight_device(module) -> torch.device:
+    """Where the module computes: its weight's device, or the execution device of an offloaded one."""
+    if _offload_map(module) is None:
+        return module.weight.device
+    dev = module._hf_hook.execution_device
+    return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+
+
+@torch.no_grad()
+def set_weight(module, w: torch.Tensor) -> None:
+    """Overwrite the module's weight values in place (or the offloaded copy that its hook loads)."""
+    wm = _offload_map(module)
+    if wm is None:
+        module.weight.copy_(w.to(module.weight.device, module.weight.dtype))
+        return
+    store = getattr(wm.dataset, "state_dict", wm.dataset)
+    key = wm.prefix + "weight"
+    store[key] = w.to("cpu", wm["weight"].dtype).contiguous()
+
+
+def input_device(model) -> torch.device:
+    """The device the input ids go to: that of the input embeddings."""
+    return weight_device(model.get_input_embeddings())
+
+
+@torch.no_grad()
+def detached_copy(module, device: torch.device, weights: Optional[dict] = None):
+    """A deep copy of ``module`` without accelerate hooks, every parameter on ``device`` (offloaded
+    ones loaded from their weights_map), with ``weights`` ({param name: tensor}) swapped in: a
+    throw-away module to rerun one layer with other weights, whatever the device map."""
+    import copy
+
+    other = copy.deepcopy(module)
+    src = dict(module.named_modules())
+    if getattr(module, "_hf_hook", None) is not None or any(hasattr(m, "_hf_hook") for m in src.values()):
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(other, recurse=True)
+    for mname, m in other.named_modules():
+        for pname, p in list(m.named_parameters(recurse=False)):
+            full = f"{mname}.{pname}" if mname else pname
+            if weights is not None and full in weights:
+                value = weights[full]
+            elif p.device.type == "meta":
+                value = src[mname]._hf_hook.weights_map[pname]
+            else:
+                value = p
+            m._parameters[pname] = torch.nn.Parameter(value.to(device, p.dtype), requires_grad=False)
+    return other

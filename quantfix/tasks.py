@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantfix.errors import QuantfixError
+from quantfix.model import input_device
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[Tuple[str, str]], batch_
         encoded.append(((ctx_enc + cont_enc)[-(max_len + 1):], cont_enc))  # lm-eval's left truncation
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     out: List[Optional[Tuple[float, bool]]] = [None] * len(encoded)
-    device = model.device
+    device = input_device(model)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         idx = order[start:start + batch_size]
         inps = [encoded[i][0][:-1] for i in idx]

@@ -45,3 +45,28 @@ def test_hessians_and_channel_stats(tmp_path):
         assert torch.allclose(st.absmean, X.abs().mean(0), atol=1e-6)
     again = CalibStats.load(path)
     assert torch.equal(again.of(names[0]).hessian, stats.of(names[0]).hessian)
+
+
+def test_weight_bank_gptq_groups_shared_inputs_like_separate_runs(monkeypatch):
+    """q/k/v (and gate/up) read one input: the bank runs GPTQ once over their stacked rows, which
+    must give each module the weights a separate GPTQ run on its own would."""
+    from quantfix.plan import Plan, Precision
+    from quantfix.quantize import WeightBank, fake
+
+    model = tiny_llama(seed=4)
+    x = torch.randint(0, 384, (4, 32))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    stats = collect(model, x, names, batch_size=2, progress=False)
+    p = Precision(4, 32, True, "gptq")
+    bank = WeightBank(model, names, stats)
+    mods = dict(model.named_modules())
+    calls = []
+    real = fake.gptq
+    monkeypatch.setattr(fake, "gptq", lambda W, *a, **k: calls.append(W.shape) or real(W, *a, **k))
+    got = bank.quantized_weights(Plan({n: p for n in names}, {n: tuple(mods[n].weight.shape) for n in names}))
+    assert len(calls) == len(stats.inputs) == 8  # one sweep per distinct input, not one per module
+    monkeypatch.undo()
+    for n in names:
+        alone = fake.gptq(mods[n].weight.detach().float(), stats.of(n).hessian, 4, 32, True)
+        assert torch.allclose(got[n], alone, atol=1e-6), n
+        assert not torch.equal(got[n], fake.rtn(mods[n].weight.detach(), 4, 32, True)), n

@@ -1,4 +1,4 @@
-"""Cluster sweeps through a Hydra launcher, and resuming an interrupted run."""
+"""Cluster sweeps through a Hydra launcher, resuming an interrupted run, offloaded models."""
 import json
 import os
 import signal
@@ -70,3 +70,41 @@ def test_resume_after_kill_gives_the_same_result(tmp_path, tiny_dir):
     assert [it["plan_summary"] for it in resumed["iterations"]] == [it["plan_summary"] for it in expected["iterations"]]
     assert sum(bool(it.get("resumed")) for it in resumed["iterations"]) == done_before
     assert (run_dir / "checkpoint" / "config.json").exists()
+
+
+def test_offloaded_model_gives_the_same_run(compose, tiny_dir, tmp_path):
+    """accelerate offload (the last resort for a model larger than the GPUs): with max_memory too
+    small for the whole model, layers go to disk and sit on the meta device between forwards. The
+    loop must read, swap and restore their weights through the offload map and reach exactly the
+    result of the run with the model in memory, down to the exported checkpoint."""
+    from quantfix.loop import run
+
+    common = {"quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
+              "thresholds.max_kld_mean": 0.002, "loop.ladder": "[3/0,8/0,16/0]", "loop.bits_step": 2.0,
+              "loop.max_iters": 6}
+    plain = run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **common)), tmp_path / "plain")
+    off = run(compose(tiny_overrides(tiny_dir, tmp_path / "c2", **common, **{
+        "model.device_map": "auto", "model.max_memory": "{cpu:300KB}",
+        "model.offload_folder": str(tmp_path / "offload")})), tmp_path / "off")
+    assert "placement" not in plain and off["placement"].get("disk", 0) >= 1, off.get("placement")
+    assert any((tmp_path / "offload").iterdir())  # weights really went to disk
+    for a, b in zip(plain["iterations"], off["iterations"], strict=True):
+        assert a["avg_bits"] == b["avg_bits"]
+        assert a["metrics"]["kld_mean"] == pytest.approx(b["metrics"]["kld_mean"], rel=1e-4, abs=1e-7)
+    assert off["final"]["passed"] and off["final"]["verified_metrics"]["ppl"] == pytest.approx(
+        plain["final"]["verified_metrics"]["ppl"], rel=1e-5)
+    dp, do = plain["diagnosis"], off["diagnosis"]
+    assert dp["top_layers"] == do["top_layers"]
+    assert [f["kind"] for f in dp["findings"]] == [f["kind"] for f in do["findings"]]
+
+
+def test_bad_device_map_or_max_memory_is_one_line(compose, tiny_dir, tmp_path):
+    from quantfix.config import validate
+    from quantfix.errors import QuantfixError
+
+    with pytest.raises(QuantfixError, match="model.device_map='everywhere'"):
+        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"model.device_map": "everywhere"})))
+    with pytest.raises(QuantfixError, match="add model.device_map=auto"):
+        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"model.max_memory": "{0:10GiB}"})))
+    with pytest.raises(QuantfixError, match="mapping of device to size"):
+        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"model.device_map": "auto", "model.max_memory": 3})))

@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-from torch.func import functional_call
 from tqdm.auto import tqdm
+from accelerate.utils import send_to_device
 
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
-from quantfix.model import decoder_layers
+from quantfix.model import decoder_layers, detached_copy, input_device
 
 
 def outlier_summary(absmax: torch.Tensor, k: float = 6.0, top: int = 5) -> dict:
@@ -42,7 +42,7 @@ def input_absmax(model, samples: torch.Tensor, names: List[str], batch_size: int
     try:
         for ids in tqdm(list(samples.split(batch_size)), desc="activation absmax", unit="batch",
                         disable=not progress, leave=False):
-            model(input_ids=ids.to(model.device), use_cache=False)
+            model(input_ids=ids.to(input_device(model)), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -60,15 +60,16 @@ def channel_errors(model, windows: torch.Tensor, quantized: Dict[str, torch.Tens
     for i, layer, li in tqdm(iterate_layers(model, inputs), total=len(decoder_layers(model)),
                              desc="per-channel error", unit="layer", disable=not progress, leave=False):
         p = prefix[id(layer)] + "."
-        dt = next(layer.parameters()).dtype
-        q = {f"{n[len(p):]}.weight": w.to(model.device, dt) for n, w in quantized.items() if n.startswith(p)}
+        q = {f"{n[len(p):]}.weight": w for n, w in quantized.items() if n.startswith(p)}
         if not q:
             continue
-        params = {**dict(layer.named_parameters()), **q}
+        qlayer = None
         err_sum, ref_sum = None, None
         for h, kw in zip(li.hidden, li.kwargs):
             upd = layer_output(layer, h, kw) - h
-            qo = functional_call(layer, params, (h,), kw)
+            if qlayer is None:
+                qlayer = detached_copy(layer, upd.device, q)
+            qo = qlayer(h.to(upd.device), **send_to_device(kw, upd.device))
             qo = qo[0] if isinstance(qo, (tuple, list)) else qo
             d = (qo - h - upd).abs().float().reshape(-1, upd.shape[-1]).sum(0).cpu()
             r = upd.abs().float().reshape(-1, upd.shape[-1]).sum(0).cpu()

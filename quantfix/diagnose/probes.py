@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from quantfix.model import input_device
 
 REFUSAL_PHRASES = ("i can't", "i cannot", "i'm sorry", "i am sorry", "i'm not able", "i am not able",
                    "as an ai", "i won't", "i will not", "unable to help", "cannot assist", "can't assist",
@@ -79,7 +80,7 @@ def domain_logprobs(model, windows: torch.Tensor, batch_size: int) -> torch.Tens
     """Per-token log-probs of the next token, [N, V] float32 on CPU."""
     outs = []
     for ids in windows.split(batch_size):
-        logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=ids.to(input_device(model)), use_cache=False).logits[:, :-1].float()
         outs.append(F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu())
     return torch.cat(outs)
 

@@ -14,7 +14,6 @@ predict what a plan will cost before trying it.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from contextlib import contextmanager
 import time
@@ -24,8 +23,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from accelerate.utils import send_to_device
 
-from quantfix.model import decoder_layers
+from quantfix.model import decoder_layers, detached_copy, input_device, set_weight, weight_of
 from quantfix.plan import layer_index, module_type
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,9 @@ def _layer_delta_hook(weights: Dict[str, torch.Tensor], state: Dict[str, object]
         state["busy"] = True
         try:
             with torch.no_grad():
-                other = copy.deepcopy(layer)
-                for pname, w in weights.items():
-                    other.get_parameter(pname).copy_(w.to(hidden.device))
-                o_out = other(hidden.detach(), **kw)
+                dev = h_out.device  # the layer's execution device (its inputs may come from another)
+                other = detached_copy(layer, dev, weights)
+                o_out = other(hidden.detach().to(dev), **send_to_device(kw, dev))
                 del other
         finally:
             state["busy"] = False
@@ -119,7 +118,7 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
     prefixes = _layer_prefix(model)
     layer_q = {i: {f"{n[len(p) + 1:]}.weight": w for n, w in quantized.items() if n.startswith(p + ".")}
                for i, p in prefixes.items()}
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     acc_mod: Dict[str, float] = {n: 0.0 for n in quantized}
@@ -136,10 +135,10 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
                 return
             x = args[0].detach()
             if dW is None or dW.device != x.device:
-                dW = (mods[name].weight.detach().float() - quantized[name].to(x.device).float())
+                dW = (weight_of(mods[name]).to(x.device).float() - quantized[name].to(x.device).float())
             deltas = {"__plan__": F.linear(x.float(), dW)}
             for label, w in options.get(name, {}).items():
-                deltas[label] = F.linear(x.float(), mods[name].weight.detach().float() - w.to(x.device).float())
+                deltas[label] = F.linear(x.float(), weight_of(mods[name]).to(x.device).float() - w.to(x.device).float())
             state[name] = deltas
             out.register_hook(lambda g, n=name: _acc_module(n, g))
         return fwd
@@ -228,7 +227,7 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     prefixes = _layer_prefix(model)
     layer_fp = {i: {f"{n[len(p) + 1:]}.weight": w for n, w in float_weights.items() if n.startswith(p + ".")}
                 for i, p in prefixes.items()}
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     acc_mod: Dict[str, float] = {n: 0.0 for n in float_weights}
     acc_opt: Dict[str, Dict[str, float]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
     acc_layer: Dict[int, float] = {i: 0.0 for i, q in layer_fp.items() if q}
@@ -239,7 +238,7 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
             if state.get("busy") or not out.requires_grad:
                 return
             x = args[0].detach().float()
-            wq = mods[name].weight.detach().float()
+            wq = weight_of(mods[name]).to(x.device).float()
             deltas = {"__fp__": F.linear(x, float_weights[name].to(x.device).float() - wq)}
             for label, w in options.get(name, {}).items():
                 deltas[label] = F.linear(x, w.to(x.device).float() - wq)
@@ -296,7 +295,7 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
     mods = dict(model.named_modules())
     with torch.no_grad():
         for n, w in float_weights.items():
-            mods[n].weight.copy_(w.to(mods[n].weight.device, mods[n].weight.dtype))
+            set_weight(mods[n], w)
     opts, base = {}, {}
     if options:
         f = fisher(model, windows if fisher_windows is None else fisher_windows, quantized, options, batch_size,

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import fake
 from quantfix.quantize.calib import CalibStats
+from quantfix.model import set_weight, weight_device, weight_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class WeightBank:
         self.model = model
         mods = dict(model.named_modules())
         self.modules = {n: mods[n] for n in names}
-        self.originals = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
+        self.originals = {n: weight_of(m).to("cpu", copy=True) for n, m in self.modules.items()}
         self.stats = stats
         self.current: Dict[str, Precision] = {}
         self.gptq_damp, self.gptq_block, self.awq_grid, self.int8_threshold = gptq_damp, gptq_block, awq_grid, int8_threshold
@@ -57,7 +58,7 @@ class WeightBank:
 
     def original(self, name: str, device=None) -> torch.Tensor:
         w = self.originals[name]
-        return w.to(device or self.modules[name].weight.device, torch.float32)
+        return w.to(device or weight_device(self.modules[name]), torch.float32)
 
     def _awq_scales(self, name: str, p: Precision) -> Optional[torch.Tensor]:
         if self.stats is None or name not in self.stats.module_input:
@@ -66,7 +67,7 @@ class WeightBank:
         ck = (key, p.bits, p.group_size, p.symmetric)
         if ck not in self._awq:
             members = [m for m in self.stats.groups()[key] if m in self.modules]
-            dev = self.modules[name].weight.device
+            dev = weight_device(self.modules[name])
             st = self.stats.inputs[key]
             _, s = fake.awq_search([self.original(m, dev) for m in members], st.hessian.to(dev), st.absmean,
                                    p.bits, p.group_size, p.symmetric, self.awq_grid)
@@ -76,13 +77,32 @@ class WeightBank:
     def simulate(self, name: str, p: Precision) -> torch.Tensor:
         key = (name, p)
         if key in self._sim:
-            return self._sim[key].to(self.modules[name].weight.device, torch.float32)
+            return self._sim[key].to(weight_device(self.modules[name]), torch.float32)
         W = self.original(name)
         awq_s = self._awq_scales(name, p) if p.algorithm == "awq" and not p.is_float else None
         out = quantize_weight(W, p, self.stats, name, awq_s, self.gptq_damp, self.gptq_block, self.int8_threshold)
         if p.algorithm in ("gptq", "awq"):  # expensive to recompute: keep a CPU copy
             self._sim[key] = out.to("cpu", self.originals[name].dtype)
         return out
+
+    def _prepare(self, items) -> None:
+        """Run GPTQ once for all modules that read the same input at the same precision (q/k/v,
+        gate/up): GPTQ treats weight rows independently given the input's Hessian, so stacking
+        the rows gives the same result in one column sweep instead of one sweep per module."""
+        if self.stats is None:
+            return
+        groups: Dict[Tuple[str, Precision], list] = {}
+        for n, p in items:
+            if p.algorithm == "gptq" and not p.is_float and (n, p) not in self._sim and n in self.stats.module_input:
+                groups.setdefault((self.stats.module_input[n], p), []).append(n)
+        for (_, p), names in groups.items():
+            if len(names) < 2:
+                continue
+            W = torch.cat([self.original(n) for n in names])
+            Q = fake.gptq(W, self.stats.of(names[0]).hessian.to(W.device), p.bits, p.group_size, p.symmetric,
+                          self.gptq_damp, self.gptq_block)
+            for n, q in zip(names, Q.split([self.originals[n].shape[0] for n in names])):
+                self._sim[(n, p)] = q.to("cpu", self.originals[n].dtype)
 
     def use_external(self, plan: Plan, weights: Dict[str, torch.Tensor]) -> None:
         """Serve the given (already quantized) weights for the plan's precisions instead of simulating."""
@@ -91,6 +111,7 @@ class WeightBank:
 
     def quantized_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
         """The simulated weight of every quantized module of the plan (CPU), without applying it."""
+        self._prepare([(n, p) for n, p in plan.modules.items() if n in self.modules])
         return {n: self.simulate(n, p).to("cpu") for n, p in plan.modules.items()
                 if n in self.modules and not p.is_float}
 
@@ -98,10 +119,10 @@ class WeightBank:
     def apply(self, plan: Plan, progress: bool = True) -> int:
         """Make the live model compute with the plan's (simulated) weights; returns modules rewritten."""
         todo = [n for n in self.modules if plan.modules.get(n, Precision()) != self.current.get(n, Precision())]
+        self._prepare([(n, plan.modules.get(n, Precision())) for n in todo])
         for n in tqdm(todo, desc="apply plan", unit="module", disable=not progress or len(todo) < 20, leave=False):
             p = plan.modules.get(n, Precision())
-            w = self.modules[n].weight
-            w.copy_(self.simulate(n, p).to(w.dtype))
+            set_weight(self.modules[n], self.simulate(n, p))
             self.current[n] = p
         return len(todo)
 
@@ -109,7 +130,7 @@ class WeightBank:
     def restore(self) -> None:
         for n, m in self.modules.items():
             if not self.current.get(n, Precision()).is_float:
-                m.weight.copy_(self.originals[n].to(m.weight.device, m.weight.dtype))
+                set_weight(m, self.originals[n])
         self.current.clear()
 
     def output_error(self, name: str, p: Precision) -> float:
