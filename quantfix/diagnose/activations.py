@@ -66,10 +66,12 @@ def channel_errors(model, windows: torch.Tensor, quantized: Dict[str, torch.Tens
         qlayer = None
         err_sum, ref_sum = None, None
         for h, kw in zip(li.hidden, li.kwargs):
-            upd = layer_output(layer, h, kw) - h
+            out = layer_output(layer, h, kw)
+            h = h.to(out.device)  # spread over GPUs: the layer may compute on another device
+            upd = out - h
             if qlayer is None:
                 qlayer = detached_copy(layer, upd.device, q)
-            qo = qlayer(h.to(upd.device), **send_to_device(kw, upd.device))
+            qo = qlayer(h, **send_to_device(kw, upd.device))
             qo = qo[0] if isinstance(qo, (tuple, list)) else qo
             d = (qo - h - upd).abs().float().reshape(-1, upd.shape[-1]).sum(0).cpu()
             r = upd.abs().float().reshape(-1, upd.shape[-1]).sum(0).cpu()
