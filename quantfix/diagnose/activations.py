@@ -66,9 +66,9 @@ def channel_errors(model, windows: torch.Tensor, quantized: Dict[str, torch.Tens
         qlayer = None
         err_sum, ref_sum = None, None
         for h, kw in zip(li.hidden, li.kwargs):
-            out = layer_output(layer, h, kw)
-            h = h.to(out.device)  # spread over GPUs: the layer may compute on another device
-            upd = out - h
+            y = layer_output(layer, h, kw)
+            h = h.to(y.device)  # spread over GPUs: the layer may compute on another device
+            upd = y - h
             if qlayer is None:
                 qlayer = detached_copy(layer, upd.device, q)
             qo = qlayer(h, **send_to_device(kw, upd.device))
