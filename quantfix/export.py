@@ -123,19 +123,31 @@ def dir_size(path: Path) -> int:
 
 
 def reload(path: Path, dtype: torch.dtype, device: torch.device, device_map: Optional[str] = None,
-           max_memory: Optional[dict] = None):
-    """Load a checkpoint back with plain transformers (what a user's deployment does), with the
-    run's device map when it has one (a model larger than one card stays spread out)."""
+           max_memory: Optional[dict] = None, offload_folder: Optional[str] = None):
+    """Load a checkpoint back with plain transformers (what a user's deployment does). With the
+    run's device map, the checkpoint is loaded on the host and then spread with accelerate's
+    dispatch_model (loading a compressed-tensors checkpoint with from_pretrained(device_map=...)
+    converts accelerate's hooks to compressed-tensors offloading and, across two GPUs, left the
+    top-level forward pointing at a removed hook: measured with transformers 5.17 and
+    compressed-tensors 0.19)."""
     from transformers import AutoModelForCausalLM
 
-    extra = {}
-    if device_map:
-        extra["device_map"] = device_map
-        if max_memory:
-            extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     bnb = getattr(model, "hf_quantizer", None) is not None and "bitsandbytes" in type(model.hf_quantizer).__name__.lower()
-    if not device_map and not bnb:
+    if device_map and not bnb:
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+
+        mm = {(int(k) if str(k).isdigit() else k): v for k, v in (max_memory or {}).items()} or None
+        no_split = getattr(model, "_no_split_modules", None) or []
+        if device_map in ("auto", "balanced", "balanced_low_0"):
+            mm = get_balanced_memory(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype,
+                                     low_zero=device_map == "balanced_low_0")
+        dmap = infer_auto_device_map(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype)
+        if offload_folder is None and "disk" in dmap.values():
+            offload_folder = tempfile.mkdtemp(prefix="quantfix-offload-")
+        model = dispatch_model(model, dmap, offload_dir=offload_folder)
+    elif not bnb:
         model.to(device)
     model.eval()
     return model

@@ -474,7 +474,7 @@ def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metri
         return
     with s.timer("verify (reload + evaluate)"):
         model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
-                           dict(cfg.model.max_memory) if cfg.model.max_memory else None)
+                           dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder)
         m = ev.evaluate(model, s.windows, ref, cfg.eval.batch_size, desc="verify checkpoint")
         task_fails = []
         if getattr(s, "task_base", None):
