@@ -103,7 +103,7 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
         raise QuantfixError(f"cannot write to {out_dir} ({e.strerror}): pick a writable hydra.run.dir") from e
     try:
         if export_dtype is not None and export_dtype != next(model.parameters()).dtype:
-            model.to(export_dtype)
+            _cast(model, export_dtype)
         family = {p.algorithm in BNB_ALGORITHMS for p in plan.modules.values() if not p.is_float}
         if True in family:
             _export_bnb(fp_path, plan, tmp, export_dtype or next(model.parameters()).dtype, q)
@@ -118,36 +118,67 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
     return target
 
 
+@torch.no_grad()
+def _cast(model, dtype: torch.dtype) -> None:
+    """model.to(dtype) that also works when accelerate spread or offloaded the model (where .to()
+    is refused): cast every floating tensor in place, offloaded copies included."""
+    if not getattr(model, "hf_device_map", None):
+        model.to(dtype)
+        return
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and t.is_floating_point() and t.device.type != "meta":
+                t.data = t.data.to(dtype)
+        hook = getattr(m, "_hf_hook", None)
+        wm = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
+        if wm is not None:
+            store = getattr(wm.dataset, "state_dict", wm.dataset)
+            for key in list(store):
+                if key.startswith(wm.prefix) and store[key].is_floating_point():
+                    store[key] = store[key].to(dtype)
+            for name, t in list(m._parameters.items()):  # the meta placeholders carry the dtype too
+                if t is not None and t.device.type == "meta" and t.is_floating_point():
+                    m._parameters[name] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
+    model.config.dtype = dtype
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def reload(path: Path, dtype: torch.dtype, device: torch.device, device_map: Optional[str] = None,
            max_memory: Optional[dict] = None, offload_folder: Optional[str] = None):
-    """Load a checkpoint back with plain transformers (what a user's deployment does). With the
-    run's device map, the checkpoint is loaded on the host and then spread with accelerate's
-    dispatch_model (loading a compressed-tensors checkpoint with from_pretrained(device_map=...)
-    converts accelerate's hooks to compressed-tensors offloading and, across two GPUs, left the
-    top-level forward pointing at a removed hook: measured with transformers 5.17 and
-    compressed-tensors 0.19)."""
+    """Load a checkpoint back with plain transformers (what a user's deployment does), with the
+    run's device map when it has one (a model larger than one card stays spread out)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    extra = {}
+    if device_map:
+        extra["device_map"] = device_map
+        if max_memory:
+            extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+        extra["offload_folder"] = offload_folder or tempfile.mkdtemp(prefix="quantfix-offload-")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
     bnb = getattr(model, "hf_quantizer", None) is not None and "bitsandbytes" in type(model.hf_quantizer).__name__.lower()
-    if device_map and not bnb:
-        from accelerate import dispatch_model, infer_auto_device_map
-        from accelerate.utils import get_balanced_memory
-
-        mm = {(int(k) if str(k).isdigit() else k): v for k, v in (max_memory or {}).items()} or None
-        no_split = getattr(model, "_no_split_modules", None) or []
-        if device_map in ("auto", "balanced", "balanced_low_0"):
-            mm = get_balanced_memory(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype,
-                                     low_zero=device_map == "balanced_low_0")
-        dmap = infer_auto_device_map(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype)
-        if offload_folder is None and "disk" in dmap.values():
-            offload_folder = tempfile.mkdtemp(prefix="quantfix-offload-")
-        model = dispatch_model(model, dmap, offload_dir=offload_folder)
-    elif not bnb:
+    if not device_map and not bnb:
         model.to(device)
+    _decompress_now(model)
     model.eval()
     return model
+
+
+def _decompress_now(model) -> None:
+    """compressed-tensors decompresses a loaded checkpoint in a forward pre-hook on the first call,
+    and that hook swaps accelerate's hooks for its own offloading. On a model spread over several
+    GPUs the swap happens after the top-level call already picked accelerate's forward, which then
+    fails ("no attribute '_hf_hook'"; measured on 2 H200s, transformers 5.17, compressed-tensors
+    0.19). Running that pre-hook once, outside any forward, leaves the model ready."""
+    handle = getattr(model, "ct_decompress_hook", None)
+    if handle is None:
+        return
+    hook = model._forward_pre_hooks.get(handle.id)
+    if hook is not None:
+        hook(model, ())
+    if getattr(model, "ct_decompress_hook", None) is not None:  # the hook removes itself; make sure
+        model.ct_decompress_hook.remove()
+        delattr(model, "ct_decompress_hook")

@@ -81,7 +81,7 @@ def test_offloaded_model_gives_the_same_run(compose, tiny_dir, tmp_path):
 
     common = {"quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
               "thresholds.max_kld_mean": 0.002, "loop.ladder": "[3/0,8/0,16/0]", "loop.bits_step": 2.0,
-              "loop.max_iters": 6}
+              "loop.max_iters": 6, "export.dtype": "float16"}
     plain = run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **common)), tmp_path / "plain")
     off = run(compose(tiny_overrides(tiny_dir, tmp_path / "c2", **common, **{
         "model.device_map": "auto", "model.max_memory": "{cpu:300KB}",
