@@ -127,6 +127,18 @@ def test_diagnose_an_existing_checkpoint(compose, planted_dir, tmp_path):
     assert report["diagnosis"]["top_layers"][0] == str(LAYER)
 
 
+def test_batched_probes_generate_what_one_at_a_time_does(tokenizer):
+    """All probes in one left-padded generate call: the same greedy tokens as one call per prompt,
+    cut after the first EOS."""
+    model = tiny_llama(seed=5, layers=2)
+    prompts = [{"domain": "a", "prompt": "def f(x):\n    return"}, {"domain": "b", "prompt": "The"},
+               {"domain": "c", "prompt": "import os\nimport sys\n\nclass Config:\n    name ="}]
+    one = probes.generate(model, tokenizer, prompts, 12, progress=False, batched=False)
+    many = probes.generate(model, tokenizer, prompts, 12, progress=False, batched=True)
+    assert many == one
+    assert all(0 < len(r) <= 12 for r in many)
+
+
 def test_probe_helpers():
     assert probes.repetition([1, 2, 3, 4] * 6)["loop"]
     assert not probes.repetition(list(range(24)))["loop"]

@@ -24,15 +24,30 @@ def _encode(tok, prompt: str, chat: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, tok, probes: List[dict], max_new_tokens: int, progress: bool = True) -> List[List[int]]:
-    """Greedy continuations (token ids) of every probe, one at a time (no padding effects)."""
-    outs = []
+def generate(model, tok, probes: List[dict], max_new_tokens: int, progress: bool = True,
+             batched: bool = True) -> List[List[int]]:
+    """Greedy continuations (token ids) of every probe, up to and including the first EOS. Batched:
+    all prompts in one left-padded generate call (one decoding step serves every prompt: ~10x
+    fewer steps for the default 10 probes); batched=False runs them one at a time."""
     eos = tok.eos_token_id
-    for p in tqdm(probes, desc="probes", unit="prompt", disable=not progress, leave=False):
-        ids = _encode(tok, p["prompt"], bool(p.get("chat"))).to(model.device)
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=eos if eos is not None else 0)
-        outs.append(gen[0, ids.shape[1]:].tolist())
+    pad = eos if eos is not None else (tok.pad_token_id or 0)
+    encoded = [_encode(tok, p["prompt"], bool(p.get("chat")))[0] for p in probes]
+    groups = [encoded] if batched else [[e] for e in encoded]
+    outs = []
+    dev = input_device(model)
+    for group in tqdm(groups, desc="probes", unit="batch", disable=not progress or batched, leave=False):
+        width = max(len(e) for e in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(group):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(e):] = e
+            mask[row, width - len(e):] = 1
+        gen = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+        for row in gen[:, width:].tolist():
+            if eos is not None and eos in row:
+                row = row[:row.index(eos) + 1]
+            outs.append(row)
     return outs
 
 
