@@ -68,6 +68,8 @@ class EvalConfig:
     task_seed: int = 0
     task_batch_size: int = 8
     task_paths: Dict[str, str] = field(default_factory=dict)
+    # torch.compile the per-token statistics on CUDA: ~7 s once per process, 2-4% faster evaluation
+    compile: bool = False
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -184,13 +183,20 @@ def token_stats(logits: torch.Tensor, tgt: torch.Tensor, idx: torch.Tensor, p_to
     return nll, kld, lf.argmax(-1)
 
 
-_compiled: Dict[str, Any] = {}
+_compiled: Dict[str, Any] = {"enabled": False}
+
+
+def use_compile(enabled: bool) -> None:
+    """eval.compile: torch.compile the per-token statistics on CUDA (one fused pass over the bf16
+    logits). Off by default: it costs ~7 s once per process and saves 2-4% of the evaluation time
+    (benchmarks/README.md), so it pays off only for long runs with large eval sets."""
+    if enabled != _compiled["enabled"]:
+        _compiled.clear()
+        _compiled["enabled"] = enabled
 
 
 def _stats_fn(device: torch.device):
-    """token_stats, compiled on CUDA (one fused pass over the bf16 logits instead of a float32 copy
-    and several full-vocabulary passes); eager elsewhere, or with QUANTFIX_COMPILE=0."""
-    if device.type != "cuda" or os.environ.get("QUANTFIX_COMPILE", "1") == "0":
+    if device.type != "cuda" or not _compiled["enabled"]:
         return None
     if "fn" not in _compiled:
         try:

@@ -109,6 +109,7 @@ class Session:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.device = model_mod.resolve_device(cfg.device)
+        ev.use_compile(cfg.eval.compile)
         self.dtype = model_mod.resolve_dtype(cfg.model.dtype, self.device)
         self.cache = model_mod.cache_dir(cfg.cache_dir)
         self.data_dir = str(data_mod.default_data_dir(cfg.data_dir))

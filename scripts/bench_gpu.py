@@ -4,7 +4,7 @@ llm-compressor, sensitivity wall time, on the demo model and a larger random-wei
     python scripts/bench_gpu.py [--big-layers 24 --big-hidden 3072] [--split 4GiB] [--out benchmarks/gpu.json]
 
 Overhead = quantfix's evaluation of a W4 model (NLL, top-k KLD, top-1 per token) over the bare forward
-pass of the same batches; eager and compiled (the default on CUDA). With --split, the random model
+pass of the same batches; eager (the default) and compiled (eval.compile=true). With --split, the random model
 is also loaded with device_map=auto and a per-GPU cap, so that it spreads over every GPU; its W4 KLD
 must equal the one-GPU run's.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -50,7 +49,7 @@ def sync(device):
 
 
 def eval_variants(model, windows, ref, bs, device, res):
-    """quantfix's evaluation in eager mode and compiled (the default on CUDA), against the bare
+    """quantfix's evaluation in eager mode (the default) and compiled (eval.compile), against the bare
     forward pass of the same batches; the first compiled call's extra time is the compile cost."""
     @torch.no_grad()
     def bare():
@@ -60,12 +59,11 @@ def eval_variants(model, windows, ref, bs, device, res):
     n_tok = windows.numel()
     t_bare = timed(bare, device)
     res.update(bare_forward_tok_s=round(n_tok / t_bare))
-    os.environ["QUANTFIX_COMPILE"] = "0"
+    ev.use_compile(False)
     m_eager = ev.evaluate(model, windows, ref, bs, progress=False)
     t_eager = timed(lambda: ev.evaluate(model, windows, ref, bs, progress=False), device)
     res.update(eager_eval_tok_s=round(n_tok / t_eager), eager_overhead_pct=round(100 * (t_eager / t_bare - 1), 1))
-    os.environ["QUANTFIX_COMPILE"] = "1"
-    ev._compiled.clear()
+    ev.use_compile(True)
     sync(device)
     t = time.perf_counter()
     m_comp = ev.evaluate(model, windows, ref, bs, progress=False)
