@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def _sens_cache_key(model_key: str, plan: Plan, windows: torch.Tensor, dcfg, option_labels: List[str]) -> str:
-    h = hashlib.sha256(f"sens-v5|{model_key}|{dcfg.sensitivity.method}|{dcfg.sensitivity.windows}|"
+    h = hashlib.sha256(f"sens-v6|{model_key}|{dcfg.sensitivity.method}|{dcfg.sensitivity.windows}|"
                        f"{dcfg.sensitivity.label_samples}|{dcfg.sensitivity.fisher_windows}|{option_labels}".encode())
     h.update(json.dumps(plan.to_dict()["modules"], sort_keys=True).encode())
     h.update(windows.numpy().tobytes())

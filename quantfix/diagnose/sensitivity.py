@@ -105,6 +105,37 @@ def _gradient_hooks(model, module_names, module_hook, layer_ids, layer_hook):
             h.remove()
 
 
+def _to_floats(d: Dict) -> Dict:
+    """{key: 0-d tensor or float} -> {key: float}, with one device-to-host copy."""
+    keys = list(d)
+    tensors = [d[k] for k in keys]
+    if not any(isinstance(t, torch.Tensor) for t in tensors):
+        return {k: float(v) for k, v in d.items()}
+    dev = next(t.device for t in tensors if isinstance(t, torch.Tensor))
+    vals = torch.stack([t.to(dev).double() if isinstance(t, torch.Tensor) else torch.tensor(float(t), device=dev,
+                                                                                             dtype=torch.float64)
+                        for t in tensors]).cpu().tolist()
+    return dict(zip(keys, vals))
+
+
+class _DeltaCache:
+    """Weight differences kept on the accelerator for the whole pass, up to a memory budget (on the
+    CPU there is nothing to save: they are recomputed)."""
+
+    def __init__(self, budget_bytes: int = 4 * 2 ** 30):
+        self.budget, self.used, self.store = budget_bytes, 0, {}
+
+    def get(self, key, device: torch.device, make):
+        hit = self.store.get(key)
+        if hit is not None and hit.device == device:
+            return hit
+        value = make()
+        if device.type != "cpu" and self.used + value.numel() * 4 <= self.budget:
+            self.store[key] = value
+            self.used += value.numel() * 4
+        return value
+
+
 @torch.enable_grad()
 def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
            options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
@@ -121,24 +152,24 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
     dev = input_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    acc_mod: Dict[str, float] = {n: 0.0 for n in quantized}
-    acc_opt: Dict[str, Dict[str, float]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
-    acc_layer: Dict[int, float] = {i: 0.0 for i, q in layer_q.items() if q}
+    # sums stay on the device (one host copy at the end, no sync per module and option)
+    acc_mod: Dict[str, object] = {n: 0.0 for n in quantized}
+    acc_opt: Dict[str, Dict[str, object]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
+    acc_layer: Dict[int, object] = {i: 0.0 for i, q in layer_q.items() if q}
     state: Dict[str, object] = {}
+    weight_deltas = _DeltaCache()
 
     def module_hook(name):
-        dW = None
-
         def fwd(_m, args, out):
-            nonlocal dW
             if state.get("busy") or not out.requires_grad:
                 return
-            x = args[0].detach()
-            if dW is None or dW.device != x.device:
-                dW = (weight_of(mods[name]).to(x.device).float() - quantized[name].to(x.device).float())
-            deltas = {"__plan__": F.linear(x.float(), dW)}
-            for label, w in options.get(name, {}).items():
-                deltas[label] = F.linear(x.float(), weight_of(mods[name]).to(x.device).float() - w.to(x.device).float())
+            x = args[0].detach().float()
+            w = lambda: weight_of(mods[name]).to(x.device).float()  # noqa: E731
+            deltas = {"__plan__": F.linear(x, weight_deltas.get((name, "__plan__"), x.device,
+                                                                lambda: w() - quantized[name].to(x.device).float()))}
+            for label, wo in options.get(name, {}).items():
+                deltas[label] = F.linear(x, weight_deltas.get((name, label), x.device,
+                                                              lambda wo=wo: w() - wo.to(x.device).float()))
             state[name] = deltas
             out.register_hook(lambda g, n=name: _acc_module(n, g))
         return fwd
@@ -148,11 +179,11 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
         g = g.float()
         for label, d in deltas.items():
             dots = (g * d).sum(dim=(1, 2))  # per sequence
-            val = 0.5 * float((dots ** 2).sum())
+            val = 0.5 * (dots ** 2).sum()
             if label == "__plan__":
-                acc_mod[name] += val
+                acc_mod[name] = acc_mod[name] + val
             else:
-                acc_opt[name][label] += val
+                acc_opt[name][label] = acc_opt[name][label] + val
 
     def layer_hook(i):
         return _layer_delta_hook(layer_q[i], state, lambda h_out, d, i=i: h_out.register_hook(
@@ -160,7 +191,7 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
 
     def _acc_layer(i, g, d):
         dots = (g.float() * d).sum(dim=(1, 2))
-        acc_layer[i] += 0.5 * float((dots ** 2).sum())
+        acc_layer[i] = acc_layer[i] + 0.5 * (dots ** 2).sum()
 
     n_tokens = 0
     with _gradient_hooks(model, quantized, module_hook, list(acc_layer), layer_hook):
@@ -170,13 +201,17 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             logp = F.log_softmax(logits, dim=-1)
             n_tokens += logp.shape[0] * logp.shape[1]
-            probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
+            probs = logp.detach().exp().reshape(-1, logp.shape[-1])
+            if gen.device != probs.device:  # sample where the model runs (a device generator on CUDA)
+                gen = torch.Generator(device=probs.device).manual_seed(seed)
             for k in range(label_samples):
-                y = torch.multinomial(probs, 1, generator=gen).to(dev).view(logp.shape[0], logp.shape[1], 1)
+                y = torch.multinomial(probs, 1, generator=gen).view(logp.shape[0], logp.shape[1], 1)
                 loss = logp.gather(-1, y).sum()
                 loss.backward(retain_graph=k < label_samples - 1)
             for k in [k for k in state if k != "busy"]:
                 del state[k]
+    acc_mod, acc_opt, acc_layer = _to_floats(acc_mod), {n: _to_floats(o) for n, o in acc_opt.items()}, \
+        _to_floats(acc_layer)
     norm = 1.0 / (label_samples * max(1, n_tokens))
     modules = {n: v * norm for n, v in acc_mod.items()}
     types: Dict[str, float] = {}
@@ -228,9 +263,9 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     layer_fp = {i: {f"{n[len(p) + 1:]}.weight": w for n, w in float_weights.items() if n.startswith(p + ".")}
                 for i, p in prefixes.items()}
     dev = input_device(model)
-    acc_mod: Dict[str, float] = {n: 0.0 for n in float_weights}
-    acc_opt: Dict[str, Dict[str, float]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
-    acc_layer: Dict[int, float] = {i: 0.0 for i, q in layer_fp.items() if q}
+    acc_mod: Dict[str, object] = {n: 0.0 for n in float_weights}
+    acc_opt: Dict[str, Dict[str, object]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
+    acc_layer: Dict[int, object] = {i: 0.0 for i, q in layer_fp.items() if q}
     state: Dict[str, object] = {}
 
     def module_hook(name):
@@ -248,18 +283,18 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     def _acc_module(name, g, deltas):
         g = g.float()
         for label, d in deltas.items():
-            gain = -float((g * d).sum())  # KLD removed by moving this module to `label`
+            gain = -(g * d).sum()  # KLD removed by moving this module to `label`
             if label == "__fp__":
-                acc_mod[name] += gain
+                acc_mod[name] = acc_mod[name] + gain
             else:
-                acc_opt[name][label] += gain
+                acc_opt[name][label] = acc_opt[name][label] + gain
 
     def layer_hook(i):
         return _layer_delta_hook(layer_fp[i], state, lambda h_out, d, i=i: h_out.register_hook(
             lambda g: _acc_layer(i, g, d)))
 
     def _acc_layer(i, g, d):
-        acc_layer[i] += -float((g.float() * d).sum())
+        acc_layer[i] = acc_layer[i] - (g.float() * d).sum()
 
     n_tokens, row = 0, 0
     total = windows.shape[0] * (windows.shape[1] - 1)
@@ -272,7 +307,8 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
             row += q_logp.shape[0]
             n_tokens += q_logp.shape[0]
             (_kld_rows(ref, sl, q_logp).sum() / total).backward()  # the mean KLD over all windows
-    modules = dict(acc_mod)
+    acc_layer, acc_opt = _to_floats(acc_layer), {n: _to_floats(o) for n, o in acc_opt.items()}
+    modules = _to_floats(acc_mod)
     types: Dict[str, float] = {}
     for n, v in modules.items():
         types[module_type(n)] = types.get(module_type(n), 0.0) + v
