@@ -1,7 +1,7 @@
 """Fisher pass (the planner's per-module option scores) timing on a random-weight Llama, against a
 baseline copy of the sensitivity module (side by side, in one process):
 
-    git show 733e202:quantfix/diagnose/sensitivity.py > /tmp/sens_old.py
+    git show f3e1aeb:quantfix/diagnose/sensitivity.py > /tmp/sens_old.py
     OUT=benchmarks python scripts/bench_fisher.py /tmp/sens_old.py
 
 Writes $OUT/fisher_gpu.json. Measured: benchmarks/fisher_h100.json.
