@@ -163,22 +163,22 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
         def fwd(_m, args, out):
             if state.get("busy") or not out.requires_grad:
                 return
-            x = args[0].detach().float()
-            w = lambda: weight_of(mods[name]).to(x.device).float()  # noqa: E731
-            deltas = {"__plan__": F.linear(x, weight_deltas.get((name, "__plan__"), x.device,
-                                                                lambda: w() - quantized[name].to(x.device).float()))}
-            for label, wo in options.get(name, {}).items():
-                deltas[label] = F.linear(x, weight_deltas.get((name, label), x.device,
-                                                              lambda wo=wo: w() - wo.to(x.device).float()))
-            state[name] = deltas
-            out.register_hook(lambda g, n=name: _acc_module(n, g))
+            x = args[0].detach()  # kept once per module (not one output per option)
+            out.register_hook(lambda g, n=name, x=x: _acc_module(n, g, x))
         return fwd
 
-    def _acc_module(name, g):
-        deltas = state[name]
-        g = g.float()
-        for label, d in deltas.items():
-            dots = (g * d).sum(dim=(1, 2))  # per sequence
+    def _acc_module(name, g, x):
+        # per sequence b, g_b . (x_b dW^T) = <dW, G_b^T X_b>: one [out, in] product per sequence
+        # serves the plan and every option
+        M = torch.einsum("blo,bli->boi", g.float(), x.float())
+        dev = M.device
+        w = lambda: weight_of(mods[name]).to(dev).float()  # noqa: E731
+        deltas = {"__plan__": lambda: w() - quantized[name].to(dev).float()}
+        for label, wo in options.get(name, {}).items():
+            deltas[label] = lambda wo=wo: w() - wo.to(dev).float()
+        for label, make in deltas.items():
+            dW = weight_deltas.get((name, label), dev, make)
+            dots = M.reshape(M.shape[0], -1) @ dW.reshape(-1)  # per sequence
             val = 0.5 * (dots ** 2).sum()
             if label == "__plan__":
                 acc_mod[name] = acc_mod[name] + val
@@ -272,18 +272,19 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
         def fwd(_m, args, out):
             if state.get("busy") or not out.requires_grad:
                 return
-            x = args[0].detach().float()
-            wq = weight_of(mods[name]).to(x.device).float()
-            deltas = {"__fp__": F.linear(x, float_weights[name].to(x.device).float() - wq)}
-            for label, w in options.get(name, {}).items():
-                deltas[label] = F.linear(x, w.to(x.device).float() - wq)
-            out.register_hook(lambda g, d=deltas, n=name: _acc_module(n, g, d))
+            x = args[0].detach()
+            out.register_hook(lambda g, n=name, x=x: _acc_module(n, g, x))
         return fwd
 
-    def _acc_module(name, g, deltas):
-        g = g.float()
-        for label, d in deltas.items():
-            gain = -(g * d).sum()  # KLD removed by moving this module to `label`
+    def _acc_module(name, g, x):
+        # sum over tokens of g . (x dW^T) = <dW, G^T X>: one [out, in] product serves every option
+        M = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+        dev = M.device
+        wq = weight_of(mods[name]).to(dev).float()
+        deltas = {"__fp__": float_weights[name]}
+        deltas.update(options.get(name, {}))
+        for label, w in deltas.items():
+            gain = -(M * (w.to(dev).float() - wq)).sum()  # KLD removed by moving this module to `label`
             if label == "__fp__":
                 acc_mod[name] = acc_mod[name] + gain
             else:
