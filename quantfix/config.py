@@ -139,6 +139,7 @@ class SensitivityConfig:
 class DiagnoseConfig:
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     outlier_k: float = 6.0
+    max_outlier_findings: int = 8  # one per residual channel / input, the rest merged into the last
     histograms: int = 4  # PNGs for the inputs with the largest outliers
     absmax_samples: int = 8  # calibration samples used for float-vs-quantized activation absmax
     channel_windows: int = 2
@@ -246,6 +247,8 @@ def validate(cfg: Any) -> None:
         p.append(f"quant.group_size={q.group_size}: use 0 (per channel) or a positive size such as 32, 64, 128")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         p.append(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    if cfg.diagnose.max_outlier_findings < 1:
+        p.append(f"diagnose.max_outlier_findings={cfg.diagnose.max_outlier_findings}: use at least 1")
     dm, mm = cfg.model.device_map, cfg.model.max_memory
     if dm is not None and dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
         p.append(f"model.device_map={dm!r}: use auto, balanced, balanced_low_0 or sequential (or null: all on device)")

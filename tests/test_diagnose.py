@@ -157,3 +157,34 @@ def test_root_causes_domain_gap_and_ppl_hides_damage():
     f = {x["kind"]: x for x in root_causes(diag, None, DiagnoseConfig())}
     assert "calibrate on code" in f["domain_gap"]["fix"] and "humaneval" in f["domain_gap"]["fix"]
     assert "ppl_hides_damage" in f and "spread_evenly" in f
+
+
+def test_outlier_findings_group_residual_channels_and_merge_the_tail():
+    """A residual-stream channel that is an outlier in the q/k/v inputs of many layers is one cause:
+    one finding; beyond max_outlier_findings the rest merge into one. No module is dropped."""
+    from quantfix.config import DiagnoseConfig
+
+    mods = {}
+    outliers = []
+    for i in range(8):
+        qkv = [f"model.layers.{i}.self_attn.{t}_proj" for t in "qkv"]
+        down = f"model.layers.{i}.mlp.down_proj"
+        for m in qkv + [down]:
+            mods[m] = 1.0
+        outliers.append({"input_of": qkv, "float": {"n_outliers": 1, "top": [[7, 90.0 + i]], "median": 1.0,
+                                                     "ratio": 90.0 + i}})
+        outliers.append({"input_of": [down], "float": {"n_outliers": 1, "top": [[100 + i, 10.0 * (i + 1)]],
+                                                        "median": 1.0, "ratio": 10.0 * (i + 1)}})
+    mods.update({f"model.layers.{i}.mlp.up_proj": 0.0 for i in range(300)})  # top 10% = the 32 above
+    diag = {"sensitivity": {"layers": {str(i): 1.0 for i in range(8)}, "modules": mods},
+            "metrics": {"ppl_increase_pct": 10.0, "quantized": {"kld_mean": 0.1, "top1": 0.8}},
+            "outliers": outliers, "generations": [], "calibration_domains": ["c4"], "domains": {}}
+    found = [f for f in root_causes(diag, None, DiagnoseConfig(max_outlier_findings=4))
+             if f["kind"] == "outlier_channels"]
+    assert len(found) == 4
+    assert "residual-stream channel 7" in found[0]["finding"] and "8 layers (0-7" in found[0]["finding"]
+    assert len(found[0]["modules"]) == 24
+    assert [f["evidence"]["ratio"] for f in found[1:3]] == [80.0, 70.0]  # the two largest down_proj
+    assert found[3]["finding"].startswith("6 more inputs")
+    covered = sorted(m for f in found for m in f["modules"])
+    assert covered == sorted(m for o in outliers for m in o["input_of"])

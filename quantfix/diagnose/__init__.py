@@ -161,6 +161,66 @@ def _share_of_top(values: Dict[Any, float], frac: float = 0.1):
     return [key for key, _ in items[:k]], sum(max(v, 0.0) for _, v in items[:k]) / total
 
 
+RESIDUAL_INPUTS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # read the (normed) residual stream
+
+
+def _ranges(xs: List[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> '1-3, 7, 9-10'"""
+    parts, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            parts.append(f"{start}-{x}" if x != start else f"{x}")
+            start = None
+    return ", ".join(parts)
+
+
+def _group_outliers(raw: List[Dict[str, Any]], keep: int) -> List[Dict[str, Any]]:
+    """One finding per residual-stream channel (the same channel index feeds q/k/v and gate/up of
+    many layers: one cause, not one finding per layer), the rest per input; beyond ``keep`` findings
+    (by outlier ratio) the tail is merged into one, so the report stays readable. The planner
+    reads only kind and modules, which the merged findings keep in full."""
+    by_channel: Dict[int, List[Dict[str, Any]]] = {}
+    rest = []
+    for f in raw:
+        if {module_type(m) for m in f["modules"]} <= RESIDUAL_INPUTS:
+            by_channel.setdefault(f["evidence"]["channel"], []).append(f)
+        else:
+            rest.append(f)
+    grouped = list(rest)
+    for ch, fs in by_channel.items():
+        if len(fs) == 1:
+            grouped.append(fs[0])
+            continue
+        mods = [m for f in fs for m in f["modules"]]
+        layers = sorted({layer_index(m) for m in mods if layer_index(m) is not None})
+        ratios = [f["evidence"]["ratio"] for f in fs]
+        types = sorted({module_type(m) for m in mods})
+        grouped.append({
+            "kind": "outlier_channels", "modules": mods,
+            "finding": f"residual-stream channel {ch} is an outlier ({min(ratios):g}-{max(ratios):g}x the median "
+                       f"channel) in the inputs of {len(layers)} layers ({_ranges(layers)}; {', '.join(types)})",
+            "evidence": {"channel": ch, "ratio": max(ratios), "layers": layers,
+                         "sensitivity_share": round(sum(f["evidence"]["sensitivity_share"] for f in fs), 4),
+                         "per_input": [{"modules": f["modules"], **f["evidence"]} for f in fs]},
+            "fix": f"AWQ (scales channel {ch} before rounding), LLM.int8, or INT8 for the {len(mods)} modules that "
+                   "read it"})
+    grouped.sort(key=lambda f: -f["evidence"]["ratio"])
+    if len(grouped) <= keep:
+        return grouped
+    head, tail = grouped[: keep - 1], grouped[keep - 1:]
+    mods = [m for f in tail for m in f["modules"]]
+    ratios = [f["evidence"]["ratio"] for f in tail]
+    head.append({
+        "kind": "outlier_channels", "modules": mods,
+        "finding": f"{len(tail)} more inputs with outlier channels ({min(ratios):g}-{max(ratios):g}x the median) "
+                   f"feed {len(mods)} sensitive modules",
+        "evidence": {"ratio": max(ratios), "findings": [f["finding"] for f in tail]},
+        "fix": "AWQ, LLM.int8, or INT8 for those modules (listed in diagnosis.json)"})
+    return head
+
+
 def root_causes(diag: Dict[str, Any], plan: Plan, dcfg) -> List[Dict[str, Any]]:
     """Findings: each has kind, finding (what), evidence (numbers), fix (what to change), and the
     modules/layers the fix applies to. The planner reads kind/modules/layers."""
@@ -189,18 +249,20 @@ def root_causes(diag: Dict[str, Any], plan: Plan, dcfg) -> List[Dict[str, Any]]:
     # 2. outlier channels feeding sensitive modules
     sens_rank = sorted(modules, key=lambda n: -modules[n])
     sensitive = set(sens_rank[: max(1, len(sens_rank) // 10)])
+    raw = []
     for r in diag["outliers"]:
         fo = r["float"]
         fed = [x for x in r["input_of"] if x in sensitive]
         if fo["n_outliers"] and fed:
             share = sum(modules.get(x, 0) for x in r["input_of"]) / total_mod
             ch, val = fo["top"][0]
-            out.append({"kind": "outlier_channels", "modules": fed,
+            raw.append({"kind": "outlier_channels", "modules": fed,
                         "finding": f"outlier activation channel {ch} ({val:g} vs median {fo['median']:g}, "
                                    f"{fo['ratio']:g}x) feeds {', '.join(fed)}",
                         "evidence": {"channel": ch, "value": val, "median": fo["median"], "ratio": fo["ratio"],
                                      "n_outliers": fo["n_outliers"], "sensitivity_share": round(share, 4)},
                         "fix": f"AWQ (scales the outlier channel before rounding), LLM.int8, or INT8 for {', '.join(fed)}"})
+    out += _group_outliers(raw, dcfg.max_outlier_findings)
     # 3. domain gap
     if diag["domains"]:
         worst = max(diag["domains"], key=lambda k: diag["domains"][k]["ppl_increase_pct"])
