@@ -19,6 +19,7 @@ import torch
 
 from quantfix.config import BNB_ALGORITHMS
 from quantfix.errors import QuantfixError
+from quantfix.model import placement_kwargs
 from quantfix.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -152,13 +153,8 @@ def reload(path: Path, dtype: torch.dtype, device: torch.device, device_map: Opt
     run's device map when it has one (a model larger than one card stays spread out)."""
     from transformers import AutoModelForCausalLM
 
-    extra = {}
-    if device_map:
-        extra["device_map"] = device_map
-        if max_memory:
-            extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
-        extra["offload_folder"] = offload_folder or tempfile.mkdtemp(prefix="quantfix-offload-")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                 **placement_kwargs(device_map, max_memory, offload_folder))
     bnb = getattr(model, "hf_quantizer", None) is not None and "bitsandbytes" in type(model.hf_quantizer).__name__.lower()
     if not device_map and not bnb:
         model.to(device)

@@ -155,6 +155,23 @@ def resolve(name_or_path: str, cache: Path) -> ResolvedModel:
     return ResolvedModel(name_or_path, name_or_path)  # a hub id
 
 
+def placement_kwargs(device_map: Optional[str], max_memory: Optional[dict] = None,
+                     offload_folder: Optional[str] = None) -> dict:
+    """from_pretrained's device_map / max_memory / offload_folder for accelerate (empty without a
+    device map). GPU indices may come in as strings from YAML; disk offload goes to a temporary
+    folder, removed at exit, unless one is given."""
+    if not device_map:
+        return {}
+    extra = {"device_map": device_map}
+    if max_memory:
+        extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+    if offload_folder is None:
+        offload_folder = tempfile.mkdtemp(prefix="quantfix-offload-")
+        atexit.register(shutil.rmtree, offload_folder, True)
+    extra["offload_folder"] = offload_folder
+    return extra
+
+
 def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revision: Optional[str] = None,
          trust_remote_code: bool = False, device_map: Optional[str] = None, max_memory: Optional[dict] = None,
          offload_folder: Optional[str] = None):
@@ -176,15 +193,7 @@ def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revi
             "model (pass the quantized one as quantized.name_or_path)"
         )
     try:
-        extra = {}
-        if device_map:
-            extra["device_map"] = device_map
-            if max_memory:
-                extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
-            if offload_folder is None:
-                offload_folder = tempfile.mkdtemp(prefix="quantfix-offload-")
-                atexit.register(shutil.rmtree, offload_folder, True)
-            extra["offload_folder"] = offload_folder
+        extra = placement_kwargs(device_map, max_memory, offload_folder)
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
