@@ -57,7 +57,7 @@ class EvalConfig:
     source: str = "wikitext2"
     n_windows: int = 16
     seq_len: int = 512
-    batch_size: int = 4
+    batch_size: int = 0  # windows per forward pass; 0 = auto (4 on the CPU, up to 32 on CUDA, halved on OOM)
     # reference log-probs: full when they fit in full_max_mb, else top-k plus the tail mass
     topk: int = 256
     full_max_mb: int = 256
@@ -267,8 +267,10 @@ def validate(cfg: Any) -> None:
         p.append(f"data.n_samples={cfg.data.n_samples}: use at least 1")
     if not cfg.data.domains:
         p.append("data.domains is empty: name at least one calibration domain (e.g. [c4])")
-    if cfg.eval.n_windows < 1 or cfg.eval.batch_size < 1:
-        p.append("eval.n_windows and eval.batch_size must be at least 1")
+    if cfg.eval.n_windows < 1:
+        p.append(f"eval.n_windows={cfg.eval.n_windows}: use at least 1")
+    if cfg.eval.batch_size < 0:
+        p.append(f"eval.batch_size={cfg.eval.batch_size}: use a positive size, or 0 for auto")
     t = cfg.thresholds
     task_limits = [k for k, v in t.tasks.items() if v.max_drop is not None]
     for k in task_limits:

@@ -127,13 +127,30 @@ class Session:
             self.samples = data_mod.calibration_samples(list(cfg.data.domains), self.data_dir, self.tokenizer,
                                                         cfg.data.n_samples, cfg.data.seq_len, cfg.data.seed)
         self.model_key = f"{self.resolved.path}@{cfg.model.revision or ''}"
+        # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
+        self.batch_size = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)
+
+    def batched(self, fn):
+        """fn(batch_size), halving the batch size on a CUDA out-of-memory error (said once in the log
+        and kept for the rest of the run); at batch size 1 the error names the fix."""
+        while True:
+            try:
+                return fn(self.batch_size)
+            except torch.cuda.OutOfMemoryError as e:
+                gc.collect()
+                torch.cuda.empty_cache()
+                if self.batch_size == 1:
+                    raise QuantfixError("out of GPU memory at eval.batch_size=1: lower eval.seq_len, or spread the "
+                                        "model over more GPUs / the CPU with model.device_map=auto") from e
+                self.batch_size //= 2
+                log.warning("out of GPU memory: evaluation batch size lowered to %d", self.batch_size)
 
     def reference(self) -> ev.Reference:
         e = self.cfg.eval
         key = ev.cache_key(self.model_key, self.windows, e.topk, e.full_max_mb, self.dtype)
         with self.timer("float reference"):
-            return ev.reference(self.model, self.windows, e.batch_size, e.topk, e.full_max_mb,
-                                cache_path=self.cache / "reference" / f"{key}.pt")
+            return self.batched(lambda bs: ev.reference(self.model, self.windows, bs, e.topk, e.full_max_mb,
+                                                        cache_path=self.cache / "reference" / f"{key}.pt"))
 
     def task_results(self) -> Dict[str, Any]:
         """Task metrics of the model as it is now (eval.tasks), with a progress bar per task."""
@@ -171,8 +188,8 @@ class Session:
     def calib_stats(self, names: List[str]) -> calib_mod.CalibStats:
         key = calib_mod.cache_key(self.model_key + str(self.dtype), self.samples, names)
         with self.timer("calibration stats"):
-            return calib_mod.collect(self.model, self.samples, names, self.cfg.eval.batch_size,
-                                     cache_path=self.cache / "calib" / f"{key}.pt")
+            return self.batched(lambda bs: calib_mod.collect(self.model, self.samples, names, bs,
+                                                             cache_path=self.cache / "calib" / f"{key}.pt"))
 
 
 def _iteration_record(i: int, plan: Plan, m: ev.Metrics, fails: List[str], seconds: float,
@@ -223,8 +240,8 @@ class Trials:
             with s.timer("quantize (simulated)"):
                 self.bank.apply(plan)
             with s.timer("evaluate trials"):
-                m = ev.evaluate(s.model, s.windows, self.ref, s.cfg.eval.batch_size,
-                                desc=f"trial {len(self.iterations)}")
+                m = s.batched(lambda bs: ev.evaluate(s.model, s.windows, self.ref, bs,
+                                                     desc=f"trial {len(self.iterations)}"))
             if self.task_base:
                 task_rows, task_fails = task_checks(self.task_base, s.task_results(),
                                                     s.cfg.thresholds)
@@ -476,7 +493,7 @@ def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metri
     with s.timer("verify (reload + evaluate)"):
         model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
                            dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder)
-        m = ev.evaluate(model, s.windows, ref, cfg.eval.batch_size, desc="verify checkpoint")
+        m = s.batched(lambda bs: ev.evaluate(model, s.windows, ref, bs, desc="verify checkpoint"))
         task_fails = []
         if getattr(s, "task_base", None):
             s.model = model
@@ -494,6 +511,7 @@ def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metri
 def _finish(s: Session, report: Dict[str, Any], t_start: float) -> Dict[str, Any]:
     report["timings_s"] = dict(s.timer.stages, total=round(time.perf_counter() - t_start, 2))
     report["memory"] = ev.peak_memory_mb(s.device)
+    report["eval_batch_size"] = s.batch_size
     rep.write_json(report, s.out_dir)
     if report["iterations"]:
         rep.plot_iterations(report, s.out_dir)

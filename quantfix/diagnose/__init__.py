@@ -49,7 +49,7 @@ def measure_sensitivity(s, bank, plan: Plan, ref, options: Optional[Dict[str, Di
     if dcfg.sensitivity.method == "exact":
         def kld(restored):
             bank.apply(plan.with_changes({n: Precision() for n in restored}), progress=False)
-            return ev.evaluate(s.model, s.windows, ref, s.cfg.eval.batch_size, progress=False).kld_mean
+            return s.batched(lambda bs: ev.evaluate(s.model, s.windows, ref, bs, progress=False)).kld_mean
 
         quantized = [n for n, p in plan.modules.items() if not p.is_float]
         result = sensitivity.exact(kld, quantized, dcfg.sensitivity.per_module_exact, progress)
@@ -59,7 +59,7 @@ def measure_sensitivity(s, bank, plan: Plan, ref, options: Optional[Dict[str, Di
         bank.apply(plan, progress=False)
         fw = {n: bank.originals[n] for n, p in plan.modules.items() if not p.is_float}
         sub = s.windows[: dcfg.sensitivity.windows]
-        bs = min(2, s.cfg.eval.batch_size)
+        bs = min(2, s.batch_size)
         if dcfg.sensitivity.method == "fast":
             result = sensitivity.fast(s.model, sub, ref, fw, bank.quantized_weights(plan), opt_w, bs,
                                       dcfg.sensitivity.label_samples, s.cfg.seed, progress=progress,
@@ -73,7 +73,7 @@ def measure_sensitivity(s, bank, plan: Plan, ref, options: Optional[Dict[str, Di
         opt_w = {n: {lab: bank.simulate(n, p).cpu() for lab, p in o.items()} for n, o in (options or {}).items()}
         bank.restore()
         result = sensitivity.fisher(s.model, s.windows[: dcfg.sensitivity.windows], qw, opt_w,
-                                    batch_size=min(2, s.cfg.eval.batch_size),
+                                    batch_size=min(2, s.batch_size),
                                     label_samples=dcfg.sensitivity.label_samples, seed=s.cfg.seed, progress=progress)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result.to_dict())))
     return result
@@ -95,7 +95,7 @@ def run(s, bank, plan: Plan, ref, base, qmetrics, stats, options=None, progress:
     qw = bank.quantized_weights(plan)
     names = [n for n, p in plan.modules.items() if not p.is_float]
     absmax_samples = s.samples[: dcfg.absmax_samples]
-    bs = cfg.eval.batch_size
+    bs = s.batch_size
 
     # float side (bank restored: float weights live)
     t = time.perf_counter()
