@@ -88,6 +88,19 @@ def _layer_delta_hook(weights: Dict[str, torch.Tensor], state: Dict[str, object]
     return fwd
 
 
+def _input_grad_hook(state: Dict[str, object], on_grad):
+    """Forward hook factory for the named linear modules: keep the module's input (once, not one
+    output per option) and call on_grad(name, grad of the output, input) in the backward pass."""
+    def make(name):
+        def fwd(_m, args, out):
+            if state.get("busy") or not out.requires_grad:
+                return
+            x = args[0].detach()
+            out.register_hook(lambda g: on_grad(name, g, x))
+        return fwd
+    return make
+
+
 @contextmanager
 def _gradient_hooks(model, module_names, module_hook, layer_ids, layer_hook):
     """Make the embeddings' output a leaf that needs a gradient (the weights stay frozen), hook the
@@ -159,14 +172,6 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
     state: Dict[str, object] = {}
     weight_deltas = _DeltaCache()
 
-    def module_hook(name):
-        def fwd(_m, args, out):
-            if state.get("busy") or not out.requires_grad:
-                return
-            x = args[0].detach()  # kept once per module (not one output per option)
-            out.register_hook(lambda g, n=name, x=x: _acc_module(n, g, x))
-        return fwd
-
     def _acc_module(name, g, x):
         # per sequence b, g_b . (x_b dW^T) = <dW, G_b^T X_b>: one [out, in] product per sequence
         # serves the plan and every option
@@ -194,7 +199,7 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
         acc_layer[i] = acc_layer[i] + 0.5 * (dots ** 2).sum()
 
     n_tokens = 0
-    with _gradient_hooks(model, quantized, module_hook, list(acc_layer), layer_hook):
+    with _gradient_hooks(model, quantized, _input_grad_hook(state, _acc_module), list(acc_layer), layer_hook):
         for ids in tqdm(list(windows.split(batch_size)), desc="sensitivity (fisher)", unit="batch",
                         disable=not progress, leave=False):
             ids = ids.to(dev)
@@ -208,8 +213,6 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
                 y = torch.multinomial(probs, 1, generator=gen).view(logp.shape[0], logp.shape[1], 1)
                 loss = logp.gather(-1, y).sum()
                 loss.backward(retain_graph=k < label_samples - 1)
-            for k in [k for k in state if k != "busy"]:
-                del state[k]
     acc_mod, acc_opt, acc_layer = _to_floats(acc_mod), {n: _to_floats(o) for n, o in acc_opt.items()}, \
         _to_floats(acc_layer)
     norm = 1.0 / (label_samples * max(1, n_tokens))
@@ -268,14 +271,6 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     acc_layer: Dict[int, object] = {i: 0.0 for i, q in layer_fp.items() if q}
     state: Dict[str, object] = {}
 
-    def module_hook(name):
-        def fwd(_m, args, out):
-            if state.get("busy") or not out.requires_grad:
-                return
-            x = args[0].detach()
-            out.register_hook(lambda g, n=name, x=x: _acc_module(n, g, x))
-        return fwd
-
     def _acc_module(name, g, x):
         # sum over tokens of g . (x dW^T) = <dW, G^T X>: one [out, in] product serves every option
         M = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
@@ -299,7 +294,7 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
 
     n_tokens, row = 0, 0
     total = windows.shape[0] * (windows.shape[1] - 1)
-    with _gradient_hooks(model, float_weights, module_hook, list(acc_layer), layer_hook):
+    with _gradient_hooks(model, float_weights, _input_grad_hook(state, _acc_module), list(acc_layer), layer_hook):
         for ids in tqdm(list(windows.split(batch_size)), desc="sensitivity (taylor)", unit="batch",
                         disable=not progress, leave=False):
             logits = model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1].float()
