@@ -220,6 +220,8 @@ def _topk_batch(model, ids: torch.Tensor, ref: Reference, row: int):
     if fn is not None:
         try:
             nll, kld, top1 = fn(logits, tgt, idx, p_top)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the caller lowers the batch size
         except Exception as e:  # noqa: BLE001 - a compiler failure at run time: eager from now on
             log.warning("compiled evaluation failed (%s); evaluating in eager mode", str(e).splitlines()[0][:120])
             _compiled["fn"] = fn = None
