@@ -1,11 +1,14 @@
-"""Experiment: re-linearize the planner at each plan. Start from a uniform RTN plan, score every
-ladder rung of every module (up and down) with the first-order Taylor pass in the current plan's
-context, pick the plan within the budget by a Lagrangian multiple-choice knapsack, apply, repeat.
+"""Experiment: re-linearize the planner at each plan. Start from a uniform RTN plan; each round,
+score every ladder rung of every module (up and down) in the current plan's context, pick the
+plan within the budget by a Lagrangian multiple-choice knapsack, apply it, measure it, repeat.
 
-    python scripts/bench_relinearize.py 3 64 4.5      # start W3g64, budget 4.5 bits
+    python scripts/bench_relinearize.py 3 64 4.5 [self|first]
 
-Measured (benchmarks/README.md): it oscillates, because first-order gains miss each module's own
-second-order term; not used by the loop.
+- first: the signed first-order Taylor change only;
+- self (default): that plus each module's own second-order term, 1/2 d^T F d for
+  d = W_option - W_current (a Fisher pass at float).
+
+Results: benchmarks/README.md. Not used by the loop.
 """
 import sys, time, json
 import torch
@@ -16,7 +19,7 @@ from quantfix.planner import initial_plan, parse_rung
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import WeightBank
 from quantfix.quantize.calib import collect
-from quantfix.diagnose.sensitivity import taylor
+from quantfix.diagnose.sensitivity import taylor, fisher
 r = M.resolve("demo", M.cache_dir()); model, tok = M.load(r, torch.float32, torch.device("cpu"))
 dd = str(D.default_data_dir())
 windows = D.eval_windows("wikitext2", dd, tok, 16, 512)
@@ -24,6 +27,7 @@ samples = D.calibration_samples(["c4"], dd, tok, 32, 512, 0)
 ref = ev.reference(model, windows, 4, 256, 0, progress=False)
 start_bits, start_g = int(sys.argv[1]), int(sys.argv[2])
 budget = float(sys.argv[3])
+mode = sys.argv[4] if len(sys.argv) > 4 else "self"
 plan0, _ = initial_plan(model, QuantConfig(algorithm="rtn", bits=start_bits, group_size=start_g), {})
 names = list(plan0.modules)
 bank = WeightBank(model, names, None)
@@ -53,6 +57,9 @@ def lagrange(cur, est, budget):
         else: hi = mid
     return pick(hi)
 
+def sim_cur(n, p):
+    return fw[n] if p.is_float else sim[(n, p)]
+
 plan = plan0
 hist = []
 for rnd in range(4):
@@ -66,13 +73,27 @@ for rnd in range(4):
     t = time.perf_counter()
     T = taylor(model, windows[:8], ref, fw, opts, batch_size=4, progress=False)
     est = {}
-    for n in names:
-        base = T.modules[n]   # signed first-order contribution at current
-        e = {cur[n]: max(base, 0.0), Precision(16, 0, True, "rtn"): 0.0}
-        for p in rungs:
-            if p != cur[n]:
-                e[p] = max(T.options[n][p.label], 0.0)
-        est[n] = e
+    if mode == "first":  # signed first order only: the remaining contribution at each rung
+        for n in names:
+            e = {cur[n]: max(T.modules[n], 0.0), Precision(16, 0, True, "rtn"): 0.0}
+            for p in rungs:
+                if p != cur[n]:
+                    e[p] = max(T.options[n][p.label], 0.0)
+            est[n] = e
+    else:  # first order (current context) + self term 1/2 d^T F d, d = W_o - W_cur (Fisher at float)
+        bank.restore()
+        fake = {n: {p.label: fw[n] - (sim_cur(n, p) - sim_cur(n, cur[n]))
+                    for p in rungs + [Precision(16, 0, True, "rtn")] if p != cur[n]} for n in names}
+        Fs = fisher(model, windows[:4], {n: sim_cur(n, cur[n]) for n in names}, fake, batch_size=2, progress=False)
+        for n in names:
+            e = {cur[n]: 0.0}
+            for p in rungs + [Precision(16, 0, True, "rtn")]:
+                if p == cur[n]:
+                    continue
+                gain = T.modules[n] if p.is_float or T.options[n].get(p.label, 0) <= 0 else \
+                    T.modules[n] - T.options[n][p.label]
+                e[p] = -gain + Fs.options[n][p.label]
+            est[n] = e
     plan, tot = lagrange(cur, est, budget)
     print(f"  taylor {time.perf_counter()-t:.1f}s predicted {tot:.4f}", flush=True)
 print(json.dumps(hist))
