@@ -270,16 +270,17 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     acc_opt: Dict[str, Dict[str, object]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
     acc_layer: Dict[int, object] = {i: 0.0 for i, q in layer_fp.items() if q}
     state: Dict[str, object] = {}
+    weight_deltas = _DeltaCache()  # the live (quantized) weights do not change during the pass
 
     def _acc_module(name, g, x):
         # sum over tokens of g . (x dW^T) = <dW, G^T X>: one [out, in] product serves every option
         M = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
         dev = M.device
-        wq = weight_of(mods[name]).to(dev).float()
-        deltas = {"__fp__": float_weights[name]}
-        deltas.update(options.get(name, {}))
-        for label, w in deltas.items():
-            gain = -(M * (w.to(dev).float() - wq)).sum()  # KLD removed by moving this module to `label`
+        targets = {"__fp__": float_weights[name], **options.get(name, {})}
+        for label, w in targets.items():
+            dW = weight_deltas.get((name, label), dev,
+                                   lambda w=w: w.to(dev).float() - weight_of(mods[name]).to(dev).float())
+            gain = -(M * dW).sum()  # KLD removed by moving this module to `label`
             if label == "__fp__":
                 acc_mod[name] = acc_mod[name] + gain
             else:
