@@ -14,9 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from quantfix.errors import QuantfixError
+from quantfix.quantize import algorithms
 
-ALGORITHMS = ("rtn", "gptq", "awq", "llm_int8", "nf4")
-BNB_ALGORITHMS = ("llm_int8", "nf4")
 MODES = ("repair", "diagnose", "baseline")
 
 
@@ -234,21 +233,30 @@ def validate(cfg: Any) -> None:
     p: List[str] = []
     if cfg.mode not in MODES:
         p.append(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
-    q = cfg.quant
-    if q.algorithm not in ALGORITHMS:
-        p.append(f"quant.algorithm={q.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
-    if not 2 <= q.bits <= 8:
-        p.append(f"quant.bits={q.bits} is out of range: use 2..8 (keep a module in float via quant.ignore)")
-    if q.algorithm == "llm_int8" and q.bits != 8:
-        p.append(f"quant.algorithm=llm_int8 needs quant.bits=8 (got {q.bits})")
-    if q.algorithm == "nf4" and q.bits != 4:
-        p.append(f"quant.algorithm=nf4 needs quant.bits=4 (got {q.bits})")
-    if q.group_size < 0:
-        p.append(f"quant.group_size={q.group_size}: use 0 (per channel) or a positive size such as 32, 64, 128")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         p.append(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
-    if cfg.diagnose.max_outlier_findings < 1:
-        p.append(f"diagnose.max_outlier_findings={cfg.diagnose.max_outlier_findings}: use at least 1")
+    for check in (_check_quant, _check_model, _check_data, _check_thresholds, _check_search):
+        p += check(cfg)
+    if p:
+        raise QuantfixError("invalid config: " + "; ".join(p))
+
+
+def _check_quant(cfg) -> List[str]:
+    p, q = [], cfg.quant
+    if q.algorithm not in algorithms.REGISTRY:
+        p.append(f"quant.algorithm={q.algorithm!r}: choose one of {', '.join(algorithms.NAMES)}")
+    elif algorithms.bits_problem(q.bits):
+        p.append(f"quant.{algorithms.bits_problem(q.bits)} (keep a module in float via quant.ignore)")
+    elif algorithms.get(q.algorithm).check_bits(q.bits):
+        p.append(f"quant.algorithm={q.algorithm} needs quant.bits={'/'.join(map(str, algorithms.get(q.algorithm).bits))} "
+                 f"(got {q.bits})")
+    if q.group_size < 0:
+        p.append(f"quant.group_size={q.group_size}: use 0 (per channel) or a positive size such as 32, 64, 128")
+    return p
+
+
+def _check_model(cfg) -> List[str]:
+    p = []
     dm, mm = cfg.model.device_map, cfg.model.max_memory
     if dm is not None and dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
         p.append(f"model.device_map={dm!r}: use auto, balanced, balanced_low_0 or sequential (or null: all on device)")
@@ -260,6 +268,11 @@ def validate(cfg: Any) -> None:
         p.append(f"model.dtype={cfg.model.dtype!r}: use auto, float32, float16 or bfloat16")
     if cfg.export.dtype not in ("auto", "float32", "float16", "bfloat16"):
         p.append(f"export.dtype={cfg.export.dtype!r}: use auto, float32, float16 or bfloat16")
+    return p
+
+
+def _check_data(cfg) -> List[str]:
+    p = []
     for name, section in (("data", cfg.data), ("eval", cfg.eval)):
         if section.seq_len < 8:
             p.append(f"{name}.seq_len={section.seq_len}: use at least 8 tokens")
@@ -271,7 +284,20 @@ def validate(cfg: Any) -> None:
         p.append(f"eval.n_windows={cfg.eval.n_windows}: use at least 1")
     if cfg.eval.batch_size < 0:
         p.append(f"eval.batch_size={cfg.eval.batch_size}: use a positive size, or 0 for auto")
-    t = cfg.thresholds
+    d = cfg.diagnose
+    if d.max_outlier_findings < 1:
+        p.append(f"diagnose.max_outlier_findings={d.max_outlier_findings}: use at least 1")
+    if d.sensitivity.method not in ("fast", "exact", "taylor", "fisher"):
+        p.append(f"diagnose.sensitivity.method={d.sensitivity.method!r}: use fast, exact, taylor or fisher")
+    if d.sensitivity.windows < 1 or d.sensitivity.label_samples < 1:
+        p.append("diagnose.sensitivity.windows and label_samples must be at least 1")
+    if cfg.quantized.name_or_path and cfg.mode != "diagnose":
+        p.append("quantized.name_or_path is only used by mode=diagnose: add mode=diagnose")
+    return p
+
+
+def _check_thresholds(cfg) -> List[str]:
+    p, t = [], cfg.thresholds
     task_limits = [k for k, v in t.tasks.items() if v.max_drop is not None]
     for k in task_limits:
         if k not in cfg.eval.tasks:
@@ -289,12 +315,11 @@ def validate(cfg: Any) -> None:
         p.append(f"thresholds.max_kld_mean={t.max_kld_mean} is impossible: KL divergence is >= 0")
     if t.min_top1 is not None and not 0 <= t.min_top1 <= 1:
         p.append(f"thresholds.min_top1={t.min_top1} is impossible: use a fraction in [0, 1]")
-    if cfg.diagnose.sensitivity.method not in ("fast", "exact", "taylor", "fisher"):
-        p.append(f"diagnose.sensitivity.method={cfg.diagnose.sensitivity.method!r}: use fast, exact, taylor or fisher")
-    if cfg.diagnose.sensitivity.windows < 1 or cfg.diagnose.sensitivity.label_samples < 1:
-        p.append("diagnose.sensitivity.windows and label_samples must be at least 1")
-    if cfg.quantized.name_or_path and cfg.mode != "diagnose":
-        p.append("quantized.name_or_path is only used by mode=diagnose: add mode=diagnose")
+    return p
+
+
+def _check_search(cfg) -> List[str]:
+    p = []
     if cfg.loop.max_iters < 1:
         p.append(f"loop.max_iters={cfg.loop.max_iters}: use at least 1")
     b = cfg.plan.budget.avg_bits
@@ -309,9 +334,9 @@ def validate(cfg: Any) -> None:
     for rung in cfg.loop.ladder:
         try:
             bits, group = parse_rung(rung)
-            if not (2 <= bits <= 8 or bits == 16) or group < 0:
-                p.append(f"loop.ladder entry {rung!r}: bits must be 2..8 or 16, group >= 0")
+            problem = algorithms.bits_problem(bits, allow_float=True)
+            if problem or group < 0:
+                p.append(f"loop.ladder entry {rung!r}: {problem or 'group must be >= 0'}")
         except QuantfixError as e:
             p.append(str(e))
-    if p:
-        raise QuantfixError("invalid config: " + "; ".join(p))
+    return p

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import math
 import resource
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -31,13 +31,29 @@ class Reference:
     top_idx: torch.Tensor  # [N, k] int64 (or [N, 0] when full is set)
     top_logp: torch.Tensor  # [N, k] float32
     full_logp: Optional[torch.Tensor] = None  # [N, V] float32, when it fits
+    # the top-k rows kept on an accelerator between evaluations (one upload per run), by device
+    _on_device: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_tokens(self) -> int:
         return self.nll.numel()
 
+    def rows(self, sl: slice, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-k indices and log-probs of rows ``sl``, on ``device`` (kept there when they fit)."""
+        if device.type == "cpu":
+            return self.top_idx[sl], self.top_logp[sl]
+        if self.top_idx.numel() * 12 > _DEVICE_REF_MAX_BYTES:
+            return self.top_idx[sl].to(device, non_blocking=True), self.top_logp[sl].to(device, non_blocking=True)
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device.clear()  # one device copy at a time
+            self._on_device[key] = (self.top_idx.to(device), self.top_logp.to(device))
+        idx, logp = self._on_device[key]
+        return idx[sl], logp[sl]
+
     def save(self, path: Path) -> None:
-        atomic_write(path, lambda tmp: torch.save(asdict(self), tmp))
+        tensors = {"nll": self.nll, "top_idx": self.top_idx, "top_logp": self.top_logp, "full_logp": self.full_logp}
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
     @classmethod
     def load(cls, path: Path) -> "Reference":
@@ -105,18 +121,23 @@ def reference(model, windows: torch.Tensor, batch_size: int, topk: int, full_max
     return ref
 
 
+def topk_tail_kl(p_top: torch.Tensor, q_top: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) over the reference's top-k tokens plus one bucket for the rest of the vocabulary
+    (llama.cpp's saved-logits KLD), per token, from top-k log-probs of both distributions."""
+    p_exp = p_top.exp()
+    kl = (p_exp * (p_top - q_top)).sum(-1)
+    p_tail = (1 - p_exp.sum(-1)).clamp(min=1e-10)
+    q_tail = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
+    return (kl + p_tail * (p_tail.log() - q_tail.log())).clamp(min=0)
+
+
 def _kld_rows(ref: Reference, sl: slice, q_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL(P_float || Q) for rows sl of the reference."""
     if ref.full_logp is not None:
         p_logp = ref.full_logp[sl].to(q_logp.device)
         return (p_logp.exp() * (p_logp - q_logp)).sum(-1).clamp(min=0)
     idx = ref.top_idx[sl].to(q_logp.device)
-    p_top = ref.top_logp[sl].to(q_logp.device)
-    q_top = q_logp.gather(1, idx)
-    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
-    p_tail = (1 - p_top.exp().sum(-1)).clamp(min=1e-10)
-    q_tail = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
-    return (kl + p_tail * (p_tail.log() - q_tail.log())).clamp(min=0)
+    return topk_tail_kl(ref.top_logp[sl].to(q_logp.device), q_logp.gather(1, idx))
 
 
 def _ref_top1(ref: Reference, sl: slice) -> torch.Tensor:
@@ -125,46 +146,86 @@ def _ref_top1(ref: Reference, sl: slice) -> torch.Tensor:
     return ref.top_idx[sl, 0]
 
 
-@torch.no_grad()
-def evaluate(model, windows: torch.Tensor, ref: Reference, batch_size: int, progress: bool = True,
-             desc: str = "evaluate") -> Metrics:
-    nll, kld, agree = [], [], []
-    row = 0
-    for ids in tqdm(_batches(windows, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        if ref.full_logp is None:  # top-k reference: never materialize the full log-softmax
-            n, k, a = _topk_batch(model, ids, ref, row)
+class Evaluator:
+    """Scores a model against one float reference: NLL/PPL, KL divergence, top-1 agreement.
+    ``compile`` (eval.compile) runs the per-token statistics through torch.compile on CUDA: one
+    fused pass over the bf16 logits for ~7 s of compiling once per evaluator (2-4% faster
+    evaluation, benchmarks/README.md), so it pays off only for long runs with large eval sets."""
+
+    def __init__(self, ref: Reference, compile: bool = False):
+        self.ref = ref
+        self.compile = compile
+        self._fn: Any = None  # the compiled statistics, built on first CUDA use
+        self._eager = False  # compiling failed: eager from then on
+
+    @torch.no_grad()
+    def __call__(self, model, windows: torch.Tensor, batch_size: int, progress: bool = True,
+                 desc: str = "evaluate") -> Metrics:
+        ref = self.ref
+        nll, kld, agree = [], [], []
+        row = 0
+        for ids in tqdm(_batches(windows, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            if ref.full_logp is None:  # top-k reference: never materialize the full log-softmax
+                n, k, a = self._topk_batch(model, ids, row)
+                row += n.numel()
+            else:
+                logp = _logprobs(model, ids)
+                sl = slice(row, row + logp.shape[0])
+                row += logp.shape[0]
+                tgt = ids[:, 1:].reshape(-1).to(logp.device)
+                n, k = -logp.gather(1, tgt[:, None]).squeeze(1), _kld_rows(ref, sl, logp)
+                a = logp.argmax(-1).cpu() == _ref_top1(ref, sl)
             nll.append(n)
             kld.append(k)
             agree.append(a)
-            row += n.numel()
-            continue
-        logp = _logprobs(model, ids)
-        sl = slice(row, row + logp.shape[0])
-        row += logp.shape[0]
-        tgt = ids[:, 1:].reshape(-1).to(logp.device)
-        nll.append(-logp.gather(1, tgt[:, None]).squeeze(1))
-        kld.append(_kld_rows(ref, sl, logp))
-        agree.append(logp.argmax(-1).cpu() == _ref_top1(ref, sl))
-    if row > ref.n_tokens:  # fewer is fine: a prefix of the eval windows
-        raise ValueError(f"eval windows give {row} tokens but the reference has {ref.n_tokens}")
-    # one device-to-host copy at the end: no synchronization inside the loop
-    return summarize(torch.cat(nll).cpu(), torch.cat(kld).cpu(), torch.cat([a.cpu() for a in agree]).float())
+        if row > ref.n_tokens:  # fewer is fine: a prefix of the eval windows
+            raise ValueError(f"eval windows give {row} tokens but the reference has {ref.n_tokens}")
+        # one device-to-host copy at the end: no synchronization inside the loop
+        return summarize(torch.cat(nll).cpu(), torch.cat(kld).cpu(), torch.cat([a.cpu() for a in agree]).float())
+
+    def _stats_fn(self, device: torch.device):
+        if device.type != "cuda" or not self.compile or self._eager:
+            return None
+        if self._fn is None:
+            try:
+                self._fn = torch.compile(token_stats, dynamic=True)
+            except Exception as e:  # noqa: BLE001 - no compiler: eager, said once
+                log.warning("torch.compile unavailable (%s); evaluating in eager mode", str(e).splitlines()[0][:120])
+                self._eager = True
+        return self._fn
+
+    @torch.no_grad()
+    def _topk_batch(self, model, ids: torch.Tensor, row: int):
+        """NLL, KLD (top-k + tail) and top-1 agreement of one batch, left on the model's device."""
+        logits = model(input_ids=ids.to(input_device(model)), use_cache=False).logits[:, :-1]
+        b, t, _ = logits.shape
+        dev = logits.device
+        tgt = ids[:, 1:].to(dev)
+        idx, p_top = self.ref.rows(slice(row, row + b * t), dev)
+        idx, p_top = idx.reshape(b, t, -1), p_top.reshape(b, t, -1)
+        fn = self._stats_fn(dev)
+        if fn is not None:
+            try:
+                nll, kld, top1 = fn(logits, tgt, idx, p_top)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the caller lowers the batch size
+            except Exception as e:  # noqa: BLE001 - a compiler failure at run time: eager from now on
+                log.warning("compiled evaluation failed (%s); evaluating in eager mode", str(e).splitlines()[0][:120])
+                self._eager, fn = True, None
+        if fn is None:  # one sequence at a time: the float32 temporaries stay one sequence big
+            outs = [token_stats(logits[i], tgt[i], idx[i], p_top[i]) for i in range(b)]
+            nll, kld, top1 = (torch.stack(x) for x in zip(*outs))
+        agree = top1 == idx[..., 0]
+        return nll.reshape(-1), kld.reshape(-1), agree.reshape(-1)
 
 
-# the reference's top-k rows, kept on the accelerator between evaluations (one upload per run)
-_DEVICE_REF: Dict[str, Any] = {}
-_DEVICE_REF_MAX_BYTES = 2 * 2 ** 30
+def evaluate(model, windows: torch.Tensor, ref: Reference, batch_size: int, progress: bool = True,
+             desc: str = "evaluate") -> Metrics:
+    """One evaluation, eager (the loop keeps one ``Evaluator`` for the whole run)."""
+    return Evaluator(ref)(model, windows, batch_size, progress, desc)
 
 
-def _ref_rows(ref: Reference, sl: slice, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    if device.type == "cpu":
-        return ref.top_idx[sl], ref.top_logp[sl]
-    if ref.top_idx.numel() * 12 > _DEVICE_REF_MAX_BYTES:
-        return ref.top_idx[sl].to(device, non_blocking=True), ref.top_logp[sl].to(device, non_blocking=True)
-    if _DEVICE_REF.get("ref") is not ref or _DEVICE_REF.get("device") != device:
-        _DEVICE_REF.clear()  # one reference at a time
-        _DEVICE_REF.update(ref=ref, device=device, idx=ref.top_idx.to(device), logp=ref.top_logp.to(device))
-    return _DEVICE_REF["idx"][sl], _DEVICE_REF["logp"][sl]
+_DEVICE_REF_MAX_BYTES = 2 * 2 ** 30  # larger top-k references are streamed batch by batch
 
 
 def token_stats(logits: torch.Tensor, tgt: torch.Tensor, idx: torch.Tensor, p_top: torch.Tensor):
@@ -173,63 +234,9 @@ def token_stats(logits: torch.Tensor, tgt: torch.Tensor, idx: torch.Tensor, p_to
     logsumexp and one argmax (fused into one kernel when compiled)."""
     lf = logits.float()
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)
-    q_top = lf.gather(-1, idx) - lse
-    p_exp = p_top.exp()
-    kl = (p_exp * (p_top - q_top)).sum(-1)
-    p_tail = (1 - p_exp.sum(-1)).clamp(min=1e-10)
-    q_tail = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
-    kld = (kl + p_tail * (p_tail.log() - q_tail.log())).clamp(min=0)
+    kld = topk_tail_kl(p_top, lf.gather(-1, idx) - lse)
     nll = (lse - lf.gather(-1, tgt.unsqueeze(-1))).squeeze(-1)
     return nll, kld, lf.argmax(-1)
-
-
-_compiled: Dict[str, Any] = {"enabled": False}
-
-
-def use_compile(enabled: bool) -> None:
-    """eval.compile: torch.compile the per-token statistics on CUDA (one fused pass over the bf16
-    logits). Off by default: it costs ~7 s once per process and saves 2-4% of the evaluation time
-    (benchmarks/README.md), so it pays off only for long runs with large eval sets."""
-    if enabled != _compiled["enabled"]:
-        _compiled.clear()
-        _compiled["enabled"] = enabled
-
-
-def _stats_fn(device: torch.device):
-    if device.type != "cuda" or not _compiled["enabled"]:
-        return None
-    if "fn" not in _compiled:
-        try:
-            _compiled["fn"] = torch.compile(token_stats, dynamic=True)
-        except Exception as e:  # noqa: BLE001 - no compiler: eager, said once
-            log.warning("torch.compile unavailable (%s); evaluating in eager mode", str(e).splitlines()[0][:120])
-            _compiled["fn"] = None
-    return _compiled["fn"]
-
-
-@torch.no_grad()
-def _topk_batch(model, ids: torch.Tensor, ref: Reference, row: int):
-    """NLL, KLD (top-k + tail) and top-1 agreement of one batch, left on the model's device."""
-    logits = model(input_ids=ids.to(input_device(model)), use_cache=False).logits[:, :-1]
-    b, t, _ = logits.shape
-    dev = logits.device
-    tgt = ids[:, 1:].to(dev)
-    idx, p_top = _ref_rows(ref, slice(row, row + b * t), dev)
-    idx, p_top = idx.reshape(b, t, -1), p_top.reshape(b, t, -1)
-    fn = _stats_fn(dev)
-    if fn is not None:
-        try:
-            nll, kld, top1 = fn(logits, tgt, idx, p_top)
-        except torch.cuda.OutOfMemoryError:
-            raise  # the caller lowers the batch size
-        except Exception as e:  # noqa: BLE001 - a compiler failure at run time: eager from now on
-            log.warning("compiled evaluation failed (%s); evaluating in eager mode", str(e).splitlines()[0][:120])
-            _compiled["fn"] = fn = None
-    if fn is None:  # one sequence at a time: the float32 temporaries stay one sequence big
-        outs = [token_stats(logits[i], tgt[i], idx[i], p_top[i]) for i in range(b)]
-        nll, kld, top1 = (torch.stack(x) for x in zip(*outs))
-    agree = top1 == idx[..., 0]
-    return nll.reshape(-1), kld.reshape(-1), agree.reshape(-1)
 
 
 def summarize(nll: torch.Tensor, kld: torch.Tensor, agree: torch.Tensor) -> Metrics:

@@ -17,18 +17,18 @@ from typing import Dict, List, Optional
 
 import torch
 
-from quantfix.config import BNB_ALGORITHMS
 from quantfix.errors import QuantfixError
 from quantfix.model import placement_kwargs
 from quantfix.plan import Plan
+from quantfix.quantize import algorithms
 
 log = logging.getLogger(__name__)
 
 
-def llmcompressor_recipe(plan: Plan, dampening: float = 0.01, block_size: int = 128) -> list:
-    """The llm-compressor modifiers that reproduce a compressed-tensors plan."""
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-
+def llmcompressor_recipe(plan: Plan, q) -> list:
+    """The llm-compressor modifiers that reproduce a compressed-tensors plan: one config group per
+    distinct (bits, group, symmetry), the float modules and lm_head in ``ignore``, and the
+    modifiers of the plan's algorithm (its registry entry)."""
     groups: Dict[tuple, List[str]] = defaultdict(list)
     ignore = ["lm_head"]
     for name, p in plan.modules.items():
@@ -45,15 +45,7 @@ def llmcompressor_recipe(plan: Plan, dampening: float = 0.01, block_size: int = 
         config_groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights}
     if not config_groups:
         return []
-    alg = plan.algorithm()
-    if alg == "gptq":
-        return [GPTQModifier(config_groups=config_groups, ignore=ignore, dampening_frac=dampening, block_size=block_size)]
-    quant = QuantizationModifier(config_groups=config_groups, ignore=ignore)
-    if alg == "awq":
-        from llmcompressor.modifiers.transform import AWQModifier
-
-        return [AWQModifier(), quant]
-    return [quant]
+    return algorithms.get(plan.algorithm()).modifiers(config_groups, ignore, q)
 
 
 def _calibration_dataset(samples: torch.Tensor):
@@ -66,10 +58,10 @@ def _calibration_dataset(samples: torch.Tensor):
 def _export_llmcompressor(model, tokenizer, plan: Plan, samples: torch.Tensor, tmp: Path, q) -> None:
     from llmcompressor import oneshot
 
-    recipe = llmcompressor_recipe(plan, q.gptq_dampening, q.gptq_block_size)
+    recipe = llmcompressor_recipe(plan, q)
     if recipe:
         kwargs = {}
-        if plan.algorithm() in ("gptq", "awq"):
+        if algorithms.get(plan.algorithm()).calibrated:
             kwargs = dict(dataset=_calibration_dataset(samples), num_calibration_samples=samples.shape[0],
                           max_seq_length=samples.shape[1], processor=tokenizer, shuffle_calibration_samples=False)
         oneshot(model=model, recipe=recipe, **kwargs)
@@ -77,14 +69,10 @@ def _export_llmcompressor(model, tokenizer, plan: Plan, samples: torch.Tensor, t
 
 
 def _export_bnb(fp_path: str, plan: Plan, tmp: Path, dtype: torch.dtype, q) -> None:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     skip = ["lm_head"] + [n for n, p in plan.modules.items() if p.is_float]
-    if plan.algorithm() == "llm_int8":
-        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.llm_int8_threshold, llm_int8_skip_modules=skip)
-    else:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                                 llm_int8_skip_modules=skip)
+    bnb = algorithms.get(plan.algorithm()).bnb_config(skip, dtype, q)
     model = AutoModelForCausalLM.from_pretrained(fp_path, quantization_config=bnb, dtype=dtype)
     model.save_pretrained(tmp)
     del model
@@ -105,8 +93,7 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
     try:
         if export_dtype is not None and export_dtype != next(model.parameters()).dtype:
             _cast(model, export_dtype)
-        family = {p.algorithm in BNB_ALGORITHMS for p in plan.modules.values() if not p.is_float}
-        if True in family:
+        if algorithms.BITSANDBYTES in plan.families():
             _export_bnb(fp_path, plan, tmp, export_dtype or next(model.parameters()).dtype, q)
         else:
             _export_llmcompressor(model, tokenizer, plan, samples, tmp, q)

@@ -6,14 +6,13 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import yaml
 
-from quantfix.config import ALGORITHMS, BNB_ALGORITHMS
 from quantfix.errors import QuantfixError
-
-FLOAT_BITS = 16
+from quantfix.quantize import algorithms
+from quantfix.quantize.algorithms import FLOAT_BITS
 
 
 @dataclass(frozen=True)
@@ -26,10 +25,11 @@ class Precision:
     algorithm: str = "rtn"
 
     def __post_init__(self):
-        if not (2 <= self.bits <= 8 or self.bits == FLOAT_BITS):
-            raise QuantfixError(f"bits={self.bits} is out of range: use 2..8, or 16 to keep the module in float")
-        if self.algorithm not in ALGORITHMS:
-            raise QuantfixError(f"algorithm={self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        problem = algorithms.bits_problem(self.bits, allow_float=True)
+        if problem:
+            raise QuantfixError(problem)
+        if self.algorithm not in algorithms.REGISTRY:
+            raise QuantfixError(f"algorithm={self.algorithm!r}: choose one of {', '.join(algorithms.NAMES)}")
         if self.group_size < 0:
             raise QuantfixError(f"group_size={self.group_size}: use 0 (per channel) or a positive size")
 
@@ -39,26 +39,17 @@ class Precision:
 
     @property
     def label(self) -> str:
-        if self.is_float:
-            return "FP16"
-        if self.algorithm == "llm_int8":
-            return "LLM.int8"
-        if self.algorithm == "nf4":
-            return f"NF4g{self.group_size or 64}"
-        g = f"g{self.group_size}" if self.group_size else "ch"
-        return f"W{self.bits}{g}{'' if self.symmetric else 'a'}"
+        return "FP16" if self.is_float else algorithms.get(self.algorithm).label(self)
 
     def bits_per_weight(self, in_features: int) -> float:
         """Storage bits per weight, scales (16 bit) and zero points included."""
         if self.is_float:
             return float(FLOAT_BITS)
-        if self.algorithm == "llm_int8":
-            return 8 + 32 / in_features  # int8 weight, one fp32 row scale
-        if self.algorithm == "nf4":
-            return 4 + 32 / (self.group_size or 64)  # blockwise absmax
-        group = self.group_size or in_features
-        per_group = 16 + (0 if self.symmetric else self.bits)
-        return self.bits + per_group / group
+        return algorithms.get(self.algorithm).bits_per_weight(self, in_features)
+
+    @property
+    def family(self) -> str:
+        return algorithms.get(self.algorithm).family
 
 
 def valid_group_size(requested: int, in_features: int, strict: bool, name: str) -> Tuple[int, Optional[str]]:
@@ -92,8 +83,7 @@ class Plan:
         missing = set(self.modules) - set(self.shapes)
         if missing:
             raise QuantfixError(f"plan names modules with no shape: {sorted(missing)[:3]}")
-        bnb = {p.algorithm in BNB_ALGORITHMS for p in self.modules.values() if not p.is_float}
-        if len(bnb) > 1:
+        if len(self.families()) > 1:
             raise QuantfixError("a plan cannot mix bitsandbytes (llm_int8, nf4) and compressed-tensors (rtn, gptq, "
                                 "awq) modules in one checkpoint: pick one family")
 
@@ -126,6 +116,10 @@ class Plan:
 
     def summary_str(self) -> str:
         return ", ".join(f"{k}x{v}" for k, v in self.summary().items())
+
+    def families(self) -> set:
+        """The checkpoint formats the quantized modules need (a plan must fit in one)."""
+        return {p.family for p in self.modules.values() if not p.is_float}
 
     def algorithm(self) -> str:
         algs = Counter(p.algorithm for p in self.modules.values() if not p.is_float)

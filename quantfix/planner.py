@@ -9,16 +9,19 @@ bit, ``loop.bits_step`` average bits per iteration.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from quantfix.config import parse_rung
 from quantfix.errors import QuantfixError
-from quantfix.plan import Plan, Precision, valid_group_size
+from quantfix.plan import Plan, Precision, layer_index, valid_group_size
+from quantfix.quantize import algorithms
+
+if TYPE_CHECKING:
+    from quantfix.diagnose.findings import Finding
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +57,14 @@ def initial_plan(model, q, calibration: Dict[str, object]) -> Tuple[Plan, List[s
     adjusted: Dict[str, int] = {}
     for n in names:
         out_f, in_f = mods[n].weight.shape
-        group = q.group_size
-        if q.algorithm in ("llm_int8",):
-            group = 0
-        elif q.algorithm == "nf4":
-            group = q.group_size or 64
+        fixed = algorithms.get(q.algorithm).fixed_group
+        if fixed is not None:
+            group = fixed(q.group_size)
         else:
             group, warn = valid_group_size(q.group_size, in_f, q.strict, n)
             if warn:
-                adjusted[f"{q.group_size}->{group} (in_features={in_f})"] = adjusted.get(
-                    f"{q.group_size}->{group} (in_features={in_f})", 0) + 1
+                key = f"{q.group_size}->{group} (in_features={in_f})"
+                adjusted[key] = adjusted.get(key, 0) + 1
         modules[n] = Precision(q.bits, group, q.symmetric, q.algorithm)
         shapes[n] = (int(out_f), int(in_f))
     for change, count in adjusted.items():
@@ -93,7 +94,9 @@ class Ladder:
                 cand = Precision(16, 0, True, p.algorithm)
             else:
                 g, _ = valid_group_size(group, in_f, False, "")
-                cand = Precision(bits, g, p.symmetric, p.algorithm if p.algorithm != "nf4" else "rtn")
+                # formats with a fixed layout (bitsandbytes) climb the integer rungs as RTN
+                alg = p.algorithm if algorithms.get(p.algorithm).fixed_group is None else "rtn"
+                cand = Precision(bits, g, p.symmetric, alg)
             if cand.bits_per_weight(in_f) > cur_bits + 1e-9 and cand.bits >= p.bits:
                 return cand
         return None
@@ -180,7 +183,7 @@ class PredictivePlanner:
     the additive prediction to the measured KLD."""
 
     def __init__(self, plan0: Plan, module_kld: Dict[str, float], option_kld: Dict[str, Dict[str, float]],
-                 options: Dict[str, Dict[str, Precision]], findings: List[dict]):
+                 options: Dict[str, Dict[str, Precision]], findings: List["Finding"]):
         self.plan0 = plan0
         self.module_kld = module_kld
         self.reasons = self._reasons(findings)
@@ -196,16 +199,17 @@ class PredictivePlanner:
         self.steps.sort(key=lambda st: -st.gain / max(st.cost, 1e-9))
         self.correction = 1.0
 
-    def _reasons(self, findings: List[dict]) -> Dict[str, str]:
+    def _reasons(self, findings: List["Finding"]) -> Dict[str, str]:
+        """module -> the kind of the first finding that names it (or its layer)."""
         r: Dict[str, str] = {}
         for f in findings:
-            for m in f.get("modules", []) or []:
-                r.setdefault(m, f["kind"])
-            for layer in f.get("layers", []) or []:
+            for m in f.modules:
+                r.setdefault(m, f.kind)
+            for layer in f.layers:
                 for n in self.plan0.modules:
-                    if re.search(rf"\.layers\.{layer}\.", n):
-                        r.setdefault(n, f["kind"])
-        self.spread = any(f["kind"] == "spread_evenly" for f in findings)
+                    if layer_index(n) == layer:
+                        r.setdefault(n, f.kind)
+        self.spread = any(f.kind == "spread_evenly" for f in findings)
         return r
 
     def _hull_steps(self, name: str, pts) -> List[Step]:
@@ -226,7 +230,7 @@ class PredictivePlanner:
         for (b1, k1, p1), (b2, k2, p2) in zip(hull, hull[1:]):
             reason = self.reasons.get(name, "sensitivity")
             if p2.bits == p1.bits and p2.group_size != p1.group_size:
-                reason = "spread_evenly" if getattr(self, "spread", False) else "sensitivity (smaller group)"
+                reason = "spread_evenly" if self.spread else "sensitivity (smaller group)"
             steps.append(Step(name, p2, k1 - k2, b2 - b1, reason))
         return steps
 
@@ -287,17 +291,3 @@ class PredictivePlanner:
         for st in self.steps[:k]:
             out.setdefault(st.reason, []).append(f"{st.module} -> {st.precision.label}")
         return out
-
-
-def kld_target(thresholds, base_ppl: float, nll_per_kld: float) -> float:
-    """The mean KLD a plan may reach: the KLD threshold, and the PPL thresholds mapped to KLD
-    through the measured ratio of NLL increase to KLD (about 1 when the eval text looks like
-    what the model would generate)."""
-    targets = []
-    if thresholds.max_kld_mean is not None:
-        targets.append(thresholds.max_kld_mean)
-    if thresholds.max_ppl_increase_pct is not None:
-        targets.append(math.log1p(thresholds.max_ppl_increase_pct / 100) / nll_per_kld)
-    if thresholds.max_ppl_increase_abs is not None:
-        targets.append(math.log1p(thresholds.max_ppl_increase_abs / base_ppl) / nll_per_kld)
-    return min(targets) if targets else float("inf")

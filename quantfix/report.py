@@ -39,8 +39,7 @@ def table(report: Dict[str, Any]) -> str:
 
 def write_json(report: Dict[str, Any], out_dir: Path) -> Path:
     path = out_dir / "report.json"
-    public = {k: v for k, v in report.items() if not k.startswith("_")}
-    path.write_text(json.dumps(public, indent=2, default=str))
+    path.write_text(json.dumps(report, indent=2, default=str))
     return path
 
 
@@ -103,115 +102,134 @@ def plot_iterations(report: Dict[str, Any], out_dir: Path) -> Path | None:
 
 # ---- human-readable report: the same blocks rendered as Markdown and as HTML ------------------
 
-def _blocks(report: Dict[str, Any], out_dir: Path) -> List[tuple]:
+def _blocks(report: Dict[str, Any], out_dir: Path, diag=None) -> List[tuple]:
     """("h", text) | ("p", text) | ("ul", [items]) | ("table", header, rows) | ("img", path, caption)."""
-    b: List[tuple] = []
-    base = report["baseline"]
-    fin = report.get("final") or {}
-    diag = report.get("_diag")
-    its = report["iterations"]
-    b.append(("h1", f"quantfix report: {report['model']}"))
-    # verdict
+    b: List[tuple] = [("h1", f"quantfix report: {report['model']}")]
+    b += _verdict(report)
+    if diag is not None:
+        b += _symptoms(diag) + _causes(diag)
+    if report["iterations"]:
+        b += _iterations(report, out_dir)
+    if report.get("final"):
+        b += _final(report)
+    return b
+
+
+def _verdict(report: Dict[str, Any]) -> List[tuple]:
+    base, fin, its = report["baseline"], report.get("final") or {}, report["iterations"]
     if fin:
         vm = fin.get("verified_metrics") or {}
-        ok = fin.get("passed")
-        verdict = (f"**{'PASSED' if ok else 'FAILED'}**: {fin['stop_reason']}. Final plan {fin['plan_summary']} "
-                   f"({fin['avg_bits']:.2f} average bits, {fin['size_bytes'] / 1e6:.1f} MB) after {fin['trials']} trials.")
+        verdict = (f"**{'PASSED' if fin.get('passed') else 'FAILED'}**: {fin['stop_reason']}. Final plan "
+                   f"{fin['plan_summary']} ({fin['avg_bits']:.2f} average bits, {fin['size_bytes'] / 1e6:.1f} MB) after "
+                   f"{fin['trials']} trials.")
         if vm:
             verdict += (f" The checkpoint reloaded from disk measures PPL {vm['ppl']:.3f} "
                         f"(float {base['ppl']:.3f}, {100 * (vm['ppl'] / base['ppl'] - 1):+.2f}%), "
                         f"mean KLD {vm['kld_mean']:.4f}, top-1 agreement {vm['top1']:.3f}.")
-        b.append(("h2", "Verdict"))
-        b.append(("p", verdict))
-    elif its:
-        m = its[0]["metrics"]
-        b.append(("h2", "Verdict"))
-        b.append(("p", f"Diagnosis of plan {its[0]['plan_summary']}: PPL {m['ppl']:.3f} vs float {base['ppl']:.3f} "
-                       f"({100 * (m['ppl'] / base['ppl'] - 1):+.2f}%), mean KLD {m['kld_mean']:.4f}, "
-                       f"top-1 {m['top1']:.3f}; {'passes' if its[0]['passed'] else 'fails: ' + '; '.join(its[0]['failed'])}."))
-    if diag:
-        sym = []
-        q = diag["metrics"]["quantized"]
-        sym.append(f"Perplexity {diag['metrics']['ppl_increase_pct']:+.2f}%; mean KLD {q['kld_mean']:.4f} "
-                   f"(p99 {q['kld_p99']:.3f}, max {q['kld_max']:.2f}); top-1 agreement {q['top1']:.3f}.")
-        if diag["domains"]:
-            sym.append("Per-domain perplexity increase: " + ", ".join(
-                f"{k} {v['ppl_increase_pct']:+.1f}% (PPL {v['ppl_float']} -> {v['ppl_quantized']})"
-                for k, v in diag["domains"].items()) + ".")
-        gens = diag["generations"]
-        if gens:
-            loops = sum(g["new_loop"] for g in gens)
-            refus = sum(g["new_refusal"] for g in gens)
-            div = [g["first_divergence"] for g in gens if g["first_divergence"] is not None]
-            sym.append(f"Probes: {len(gens)} prompts; {len(div)} diverge from float greedy output; "
-                       f"{loops} new repetition loops; {refus} new refusals.")
-        b.append(("h2", "Symptoms found"))
-        b.append(("ul", sym))
-        b.append(("h2", "Root causes and fixes"))
-        rows = [[f["kind"], f["finding"], f["fix"], json.dumps(f.get("evidence", {}), default=str)[:160]]
-                for f in diag["findings"]]
-        b.append(("table", ["kind", "finding", "fix", "evidence"], rows))
-        sens = diag["sensitivity"]
-        layers = {int(k): v for k, v in sens["layers"].items()}
-        top = sorted(layers, key=lambda i: -layers[i])[:8]
-        b.append(("p", f"Sensitivity ({sens['method']}, {sens['seconds']:.1f} s): most sensitive layers "
-                       + ", ".join(f"{i} ({layers[i]:.4f})" for i in top) + "; by module type: "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in sorted(sens['types'].items(), key=lambda t: -t[1])) + "."))
-        for key, cap in (("sensitivity", "Estimated KLD removed by restoring each layer / module type to float"),
-                         ("channel_errors", "Output channels with >10% / >50% relative error per layer"),
-                         ("domains", "Perplexity increase per domain")):
-            if key in diag["plots"]:
-                b.append(("img", diag["plots"][key], cap))
-        outl = diag["outliers"][:6]
-        if outl:
-            b.append(("h3", "Activation outliers (largest max/median channel ratio)"))
-            b.append(("table", ["input of", "top channel", "value", "median", "ratio", "outliers", "quantized max"],
-                      [[", ".join(o["input_of"]), o["float"]["top"][0][0], o["float"]["top"][0][1], o["float"]["median"],
-                        o["float"]["ratio"], o["float"]["n_outliers"], (o["quantized"] or {}).get("max", "-")] for o in outl]))
-            for path in diag["plots"].get("histograms", [])[:4]:
-                b.append(("img", path, f"Per-channel activation absmax: {Path(path).stem[9:]}"))
-        if gens:
-            b.append(("h3", "Probe generations (float vs quantized)"))
-            b.append(("table", ["domain", "prompt", "float", "quantized", "diverges at", "loop"],
-                      [[g["domain"], g["prompt"][:50], g["float"][:90], g["quantized"][:90], g["first_divergence"],
-                        "NEW" if g["new_loop"] else ""] for g in gens]))
+        return [("h2", "Verdict"), ("p", verdict)]
     if its:
-        b.append(("h2", "Fixes applied per iteration"))
-        rows = []
-        for it in its:
-            m = it["metrics"]
-            drivers = ", ".join(f"{k} x{v}" for k, v in (it.get("drivers") or {}).items()) or it.get("note", "")
-            rows.append([it["iter"], it["plan_summary"], f"{it['avg_bits']:.2f}", f"{m['ppl']:.3f}",
-                         f"{m['kld_mean']:.4f}", f"{m['top1']:.3f}", it.get("predicted_kld", "-"),
-                         "pass" if it["passed"] else "; ".join(it["failed"]), drivers])
-        b.append(("table", ["iter", "plan", "avg bits", "PPL", "KLD", "top-1", "predicted KLD", "result", "why"], rows))
-        task_rows = []
-        for t, r in (report.get("baseline_tasks") or {}).items():
-            task_rows.append(["fp", t, ", ".join(f"{k} {100 * v:.1f}" if k != "perplexity" else f"ppl {v:.2f}"
-                                                 for k, v in r["metrics"].items()), "", "", "", f"{r['seconds']:.0f}s"])
-        for it in its:
-            for t, c in (it.get("tasks") or {}).items():
-                status = "FAIL" if c["failed"] else ("within noise" if c["within_noise"] else "ok")
-                task_rows.append([it["iter"], t, f"{c['metric']} {c['base']:.2f} -> {c['quant']:.2f}",
-                                  f"{c['delta']:+.2f}", f"{c['stderr']:.2f}",
-                                  (status + ("" if c.get("checked") else " (not gated)")), f"{c.get('seconds', 0):.0f}s"])
-        if task_rows:
-            b.append(("h3", "Task metrics per iteration (float -> quantized, points)"))
-            b.append(("table", ["iter", "task", "metric", "delta", "stderr", "verdict", "time"], task_rows))
-        if (out_dir / "plots" / "iterations.png").exists():
-            b.append(("img", str(out_dir / "plots" / "iterations.png"), "Every plan tried: average bits vs KLD and PPL"))
-    if fin:
-        b.append(("h2", "Final numbers"))
-        items = [f"Float baseline: PPL {base['ppl']:.3f} on {base['n_tokens']} tokens"]
-        if fin.get("verified_metrics"):
-            vm = fin["verified_metrics"]
-            items.append(f"Checkpoint `{fin.get('checkpoint')}` ({fin.get('checkpoint_bytes', 0) / 1e6:.1f} MB on disk), "
-                         f"reloaded with AutoModelForCausalLM: PPL {vm['ppl']:.3f}, KLD {vm['kld_mean']:.4f} "
-                         f"(p99 {vm['kld_p99']:.3f}), top-1 {vm['top1']:.3f}")
-        items.append("Wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.get("timings_s", {}).items()))
-        items.append("Peak memory: " + ", ".join(f"{k} {v}" for k, v in report.get("memory", {}).items()))
-        b.append(("ul", items))
+        m = its[0]["metrics"]
+        result = "passes" if its[0]["passed"] else "fails: " + "; ".join(its[0]["failed"])
+        return [("h2", "Verdict"),
+                ("p", f"Diagnosis of plan {its[0]['plan_summary']}: PPL {m['ppl']:.3f} vs float {base['ppl']:.3f} "
+                      f"({100 * (m['ppl'] / base['ppl'] - 1):+.2f}%), mean KLD {m['kld_mean']:.4f}, "
+                      f"top-1 {m['top1']:.3f}; {result}.")]
+    return []
+
+
+def _symptoms(diag) -> List[tuple]:
+    q = diag.metrics["quantized"]
+    sym = [f"Perplexity {diag.metrics['ppl_increase_pct']:+.2f}%; mean KLD {q['kld_mean']:.4f} "
+           f"(p99 {q['kld_p99']:.3f}, max {q['kld_max']:.2f}); top-1 agreement {q['top1']:.3f}."]
+    if diag.domains:
+        sym.append("Per-domain perplexity increase: " + ", ".join(
+            f"{k} {v['ppl_increase_pct']:+.1f}% (PPL {v['ppl_float']} -> {v['ppl_quantized']})"
+            for k, v in diag.domains.items()) + ".")
+    gens = diag.generations
+    if gens:
+        loops = sum(g["new_loop"] for g in gens)
+        refus = sum(g["new_refusal"] for g in gens)
+        div = [g["first_divergence"] for g in gens if g["first_divergence"] is not None]
+        sym.append(f"Probes: {len(gens)} prompts; {len(div)} diverge from float greedy output; "
+                   f"{loops} new repetition loops; {refus} new refusals.")
+    return [("h2", "Symptoms found"), ("ul", sym)]
+
+
+def _causes(diag) -> List[tuple]:
+    b: List[tuple] = [("h2", "Root causes and fixes")]
+    rows = [[f.kind, f.finding, f.fix, json.dumps(f.evidence, default=str)[:160]] for f in diag.findings]
+    b.append(("table", ["kind", "finding", "fix", "evidence"], rows))
+    sens = diag.sensitivity
+    top = diag.top_layers(8)
+    b.append(("p", f"Sensitivity ({sens.method}, {sens.seconds:.1f} s): most sensitive layers "
+                   + ", ".join(f"{i} ({sens.layers[i]:.4f})" for i in top) + "; by module type: "
+                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(sens.types.items(), key=lambda t: -t[1])) + "."))
+    for key, cap in (("sensitivity", "Estimated KLD removed by restoring each layer / module type to float"),
+                     ("channel_errors", "Output channels with >10% / >50% relative error per layer"),
+                     ("domains", "Perplexity increase per domain")):
+        if key in diag.plots:
+            b.append(("img", diag.plots[key], cap))
+    outl = diag.outliers[:6]
+    if outl:
+        b.append(("h3", "Activation outliers (largest max/median channel ratio)"))
+        b.append(("table", ["input of", "top channel", "value", "median", "ratio", "outliers", "quantized max"],
+                  [[", ".join(o["input_of"]), o["float"]["top"][0][0], o["float"]["top"][0][1], o["float"]["median"],
+                    o["float"]["ratio"], o["float"]["n_outliers"], (o["quantized"] or {}).get("max", "-")] for o in outl]))
+        for path in diag.plots.get("histograms", [])[:4]:
+            b.append(("img", path, f"Per-channel activation absmax: {Path(path).stem[9:]}"))
+    if diag.generations:
+        b.append(("h3", "Probe generations (float vs quantized)"))
+        b.append(("table", ["domain", "prompt", "float", "quantized", "diverges at", "loop"],
+                  [[g["domain"], g["prompt"][:50], g["float"][:90], g["quantized"][:90], g["first_divergence"],
+                    "NEW" if g["new_loop"] else ""] for g in diag.generations]))
     return b
+
+
+def _iterations(report: Dict[str, Any], out_dir: Path) -> List[tuple]:
+    rows = []
+    for it in report["iterations"]:
+        m = it["metrics"]
+        drivers = ", ".join(f"{k} x{v}" for k, v in (it.get("drivers") or {}).items()) or it.get("note", "")
+        rows.append([it["iter"], it["plan_summary"], f"{it['avg_bits']:.2f}", f"{m['ppl']:.3f}",
+                     f"{m['kld_mean']:.4f}", f"{m['top1']:.3f}", it.get("predicted_kld", "-"),
+                     "pass" if it["passed"] else "; ".join(it["failed"]), drivers])
+    b: List[tuple] = [("h2", "Fixes applied per iteration"),
+                      ("table", ["iter", "plan", "avg bits", "PPL", "KLD", "top-1", "predicted KLD", "result", "why"],
+                       rows)]
+    task_rows = _task_rows(report)
+    if task_rows:
+        b.append(("h3", "Task metrics per iteration (float -> quantized, points)"))
+        b.append(("table", ["iter", "task", "metric", "delta", "stderr", "verdict", "time"], task_rows))
+    if (out_dir / "plots" / "iterations.png").exists():
+        b.append(("img", str(out_dir / "plots" / "iterations.png"), "Every plan tried: average bits vs KLD and PPL"))
+    return b
+
+
+def _task_rows(report: Dict[str, Any]) -> List[list]:
+    rows = []
+    for t, r in (report.get("baseline_tasks") or {}).items():
+        rows.append(["fp", t, ", ".join(f"{k} {100 * v:.1f}" if k != "perplexity" else f"ppl {v:.2f}"
+                                        for k, v in r["metrics"].items()), "", "", "", f"{r['seconds']:.0f}s"])
+    for it in report["iterations"]:
+        for t, c in (it.get("tasks") or {}).items():
+            status = "FAIL" if c["failed"] else ("within noise" if c["within_noise"] else "ok")
+            rows.append([it["iter"], t, f"{c['metric']} {c['base']:.2f} -> {c['quant']:.2f}", f"{c['delta']:+.2f}",
+                         f"{c['stderr']:.2f}", status + ("" if c.get("checked") else " (not gated)"),
+                         f"{c.get('seconds', 0):.0f}s"])
+    return rows
+
+
+def _final(report: Dict[str, Any]) -> List[tuple]:
+    base, fin = report["baseline"], report["final"]
+    items = [f"Float baseline: PPL {base['ppl']:.3f} on {base['n_tokens']} tokens"]
+    if fin.get("verified_metrics"):
+        vm = fin["verified_metrics"]
+        items.append(f"Checkpoint `{fin.get('checkpoint')}` ({fin.get('checkpoint_bytes', 0) / 1e6:.1f} MB on disk), "
+                     f"reloaded with AutoModelForCausalLM: PPL {vm['ppl']:.3f}, KLD {vm['kld_mean']:.4f} "
+                     f"(p99 {vm['kld_p99']:.3f}), top-1 {vm['top1']:.3f}")
+    items.append("Wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.get("timings_s", {}).items()))
+    items.append("Peak memory: " + ", ".join(f"{k} {v}" for k, v in report.get("memory", {}).items()))
+    return [("h2", "Final numbers"), ("ul", items)]
 
 
 def _md_cell(x) -> str:
@@ -276,7 +294,8 @@ def render_html(blocks: List[tuple], out_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def write_human(report: Dict[str, Any], out_dir: Path) -> None:
-    blocks = _blocks(report, out_dir)
+def write_human(report: Dict[str, Any], out_dir: Path, diagnosis=None) -> None:
+    """report.md and report.html (plots embedded) from the report and, when there is one, the diagnosis."""
+    blocks = _blocks(report, out_dir, diagnosis)
     (out_dir / "report.md").write_text(render_markdown(blocks, out_dir))
     (out_dir / "report.html").write_text(render_html(blocks, out_dir))

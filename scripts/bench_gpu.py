@@ -26,7 +26,8 @@ from quantfix import evaluate as ev
 from quantfix import model as model_mod
 from quantfix.diagnose.sensitivity import fast
 from quantfix.plan import Plan, Precision
-from quantfix.quantize import WeightBank, fake
+from quantfix.quantize import fake
+from quantfix.quantize.bank import WeightBank
 from quantfix.quantize.calib import collect
 
 
@@ -59,19 +60,18 @@ def eval_variants(model, windows, ref, bs, device, res):
     n_tok = windows.numel()
     t_bare = timed(bare, device)
     res.update(bare_forward_tok_s=round(n_tok / t_bare))
-    ev.use_compile(False)
-    m_eager = ev.evaluate(model, windows, ref, bs, progress=False)
-    t_eager = timed(lambda: ev.evaluate(model, windows, ref, bs, progress=False), device)
+    eager, compiled = ev.Evaluator(ref), ev.Evaluator(ref, compile=True)
+    m_eager = eager(model, windows, bs, progress=False)
+    t_eager = timed(lambda: eager(model, windows, bs, progress=False), device)
     res.update(eager_eval_tok_s=round(n_tok / t_eager), eager_overhead_pct=round(100 * (t_eager / t_bare - 1), 1))
-    ev.use_compile(True)
     sync(device)
     t = time.perf_counter()
-    m_comp = ev.evaluate(model, windows, ref, bs, progress=False)
+    m_comp = compiled(model, windows, bs, progress=False)
     sync(device)
     first = time.perf_counter() - t
-    t_comp = timed(lambda: ev.evaluate(model, windows, ref, bs, progress=False), device)
+    t_comp = timed(lambda: compiled(model, windows, bs, progress=False), device)
     res.update(quantfix_eval_tok_s=round(n_tok / t_comp), eval_overhead_pct=round(100 * (t_comp / t_bare - 1), 1),
-               compiled=ev._compiled.get("fn") is not None, compile_s=round(first - t_comp, 2),
+               compiled=compiled._fn is not None and not compiled._eager, compile_s=round(first - t_comp, 2),
                w4_metrics=m_comp.to_dict(), eager_vs_compiled_max_rel_diff=max(
                    abs(a - b) / max(abs(a), 1e-12) for a, b in
                    ((m_eager.nll, m_comp.nll), (m_eager.kld_mean, m_comp.kld_mean), (m_eager.top1, m_comp.top1))))

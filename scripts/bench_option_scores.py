@@ -17,7 +17,7 @@ from quantfix import model as M, data as D, evaluate as ev
 from quantfix.config import QuantConfig
 from quantfix.planner import initial_plan
 from quantfix.planner import Ladder, ladder_options, PredictivePlanner
-from quantfix.quantize import WeightBank
+from quantfix.quantize.bank import WeightBank
 from quantfix.quantize.calib import collect
 from quantfix.diagnose.sensitivity import fisher, taylor
 r = M.resolve("demo", M.cache_dir()); model, tok = M.load(r, torch.float32, torch.device("cpu"))

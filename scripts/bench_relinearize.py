@@ -15,10 +15,9 @@ import torch
 torch.set_num_threads(2); torch.manual_seed(0)
 from quantfix import model as M, data as D, evaluate as ev
 from quantfix.config import QuantConfig
-from quantfix.planner import initial_plan, parse_rung
+from quantfix.planner import initial_plan
 from quantfix.plan import Plan, Precision
-from quantfix.quantize import WeightBank
-from quantfix.quantize.calib import collect
+from quantfix.quantize.bank import WeightBank
 from quantfix.diagnose.sensitivity import taylor, fisher
 r = M.resolve("demo", M.cache_dir()); model, tok = M.load(r, torch.float32, torch.device("cpu"))
 dd = str(D.default_data_dir())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -28,10 +27,10 @@ from quantfix import export as exp
 from quantfix import model as model_mod
 from quantfix.config import QuantConfig, ThresholdsConfig
 from quantfix.diagnose.sensitivity import fisher
-from quantfix.loop import check
+from quantfix.verdict import check, kld_target
 from quantfix.plan import Plan, Precision
-from quantfix.planner import Ladder, PredictivePlanner, initial_plan, kld_target, ladder_options
-from quantfix.quantize import WeightBank
+from quantfix.planner import Ladder, PredictivePlanner, initial_plan, ladder_options
+from quantfix.quantize.bank import WeightBank
 from quantfix.quantize.calib import collect
 
 

@@ -21,7 +21,7 @@ from quantfix import evaluate as ev
 from quantfix import model as model_mod
 from quantfix.diagnose import sensitivity as sens
 from quantfix.planner import initial_plan
-from quantfix.quantize import WeightBank
+from quantfix.quantize.bank import WeightBank
 from quantfix.config import QuantConfig
 
 

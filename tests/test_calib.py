@@ -51,7 +51,8 @@ def test_weight_bank_gptq_groups_shared_inputs_like_separate_runs(monkeypatch):
     """q/k/v (and gate/up) read one input: the bank runs GPTQ once over their stacked rows, which
     must give each module the weights a separate GPTQ run on its own would."""
     from quantfix.plan import Plan, Precision
-    from quantfix.quantize import WeightBank, fake
+    from quantfix.quantize import fake
+    from quantfix.quantize.bank import WeightBank
 
     model = tiny_llama(seed=4)
     x = torch.randint(0, 384, (4, 32))

@@ -6,7 +6,10 @@ import json
 import pytest
 import torch
 
-from quantfix.diagnose import probes, root_causes
+from quantfix.diagnose import probes
+from quantfix.diagnose.findings import Diagnosis
+from quantfix.diagnose.rules import root_causes
+from quantfix.diagnose.sensitivity import Sensitivity
 from quantfix.diagnose.sensitivity import fisher
 from quantfix.loop import run
 from quantfix.plan import Plan
@@ -66,7 +69,9 @@ def test_diagnose_finds_the_planted_layer_channel_and_fix(compose, planted_dir, 
     q_input = next(o for o in diag["outliers"] if f"model.layers.{LAYER}.self_attn.q_proj" in o["input_of"])
     assert q_input["float"]["top"][0][0] == CHANNEL and q_input["float"]["n_outliers"] >= 1
     assert q_input["float"]["ratio"] > 6
-    assert diag["outliers"][0] is not None and diag["outliers"][0]["input_of"] == q_input["input_of"]
+    assert diag["outliers"][0]["input_of"] == q_input["input_of"]  # the planted input has the largest ratio
+    full = json.loads((out / "diagnosis_full.json").read_text())
+    assert Diagnosis.from_dict(full).to_dict() == full  # the typed diagnosis round-trips
     kinds = {f["kind"] for f in diag["findings"]}
     outl = [f for f in diag["findings"] if f["kind"] == "outlier_channels"]
     assert outl and any(f"layers.{LAYER}.self_attn" in m for f in outl for m in f["modules"])
@@ -124,7 +129,7 @@ def test_diagnose_an_existing_checkpoint(compose, planted_dir, tmp_path):
     assert report["iterations"][0]["plan_summary"] == "W4g16x28"
     assert report["iterations"][0]["metrics"]["ppl"] == pytest.approx(
         exported["final"]["verified_metrics"]["ppl"], rel=1e-4)
-    assert report["diagnosis"]["top_layers"][0] == str(LAYER)
+    assert report["diagnosis"]["top_layers"][0] == LAYER
 
 
 def test_batched_probes_generate_what_one_at_a_time_does(tokenizer):
@@ -146,17 +151,26 @@ def test_probe_helpers():
     assert probes.is_refusal("I'm sorry, but I cannot help with that.") and not probes.is_refusal("Sure: 42.")
 
 
+def _diagnosis(layers, modules, metrics, outliers=(), domains=None, calibration=("c4",)) -> Diagnosis:
+    return Diagnosis(plan_summary="", avg_bits=4.0, metrics=metrics,
+                     sensitivity=Sensitivity("fast", layers, {}, modules), outliers=list(outliers), channel_errors={},
+                     domains=domains or {}, generations=[], calibration_domains=list(calibration))
+
+
 def test_root_causes_domain_gap_and_ppl_hides_damage():
     from quantfix.config import DiagnoseConfig
 
-    diag = {"sensitivity": {"layers": {str(i): 1.0 for i in range(10)}, "modules": {}},
-            "metrics": {"ppl_increase_pct": 0.8, "quantized": {"kld_mean": 0.12, "top1": 0.8}},
-            "outliers": [], "generations": [], "calibration_domains": ["c4"],
-            "domains": {"prose": {"ppl_increase_pct": 2.0}, "web": {"ppl_increase_pct": 1.5},
-                        "code": {"ppl_increase_pct": 14.0}}}
-    f = {x["kind"]: x for x in root_causes(diag, None, DiagnoseConfig())}
-    assert "calibrate on code" in f["domain_gap"]["fix"] and "humaneval" in f["domain_gap"]["fix"]
+    diag = _diagnosis({i: 1.0 for i in range(10)}, {},
+                      {"ppl_increase_pct": 0.8, "quantized": {"kld_mean": 0.12, "top1": 0.8}},
+                      domains={"prose": {"ppl_increase_pct": 2.0}, "web": {"ppl_increase_pct": 1.5},
+                               "code": {"ppl_increase_pct": 14.0}})
+    f = {x.kind: x for x in root_causes(diag, DiagnoseConfig())}
+    assert "calibrate on code" in f["domain_gap"].fix and "humaneval" in f["domain_gap"].fix
+    assert f["domain_gap"].domain == "code" and f["domain_gap"].source == "humaneval"
     assert "ppl_hides_damage" in f and "spread_evenly" in f
+    # calibrating on the code domain removes the gap finding
+    diag.calibration_domains = ["c4", "humaneval"]
+    assert "domain_gap" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
 
 
 def test_outlier_findings_group_residual_channels_and_merge_the_tail():
@@ -176,15 +190,13 @@ def test_outlier_findings_group_residual_channels_and_merge_the_tail():
         outliers.append({"input_of": [down], "float": {"n_outliers": 1, "top": [[100 + i, 10.0 * (i + 1)]],
                                                         "median": 1.0, "ratio": 10.0 * (i + 1)}})
     mods.update({f"model.layers.{i}.mlp.up_proj": 0.0 for i in range(300)})  # top 10% = the 32 above
-    diag = {"sensitivity": {"layers": {str(i): 1.0 for i in range(8)}, "modules": mods},
-            "metrics": {"ppl_increase_pct": 10.0, "quantized": {"kld_mean": 0.1, "top1": 0.8}},
-            "outliers": outliers, "generations": [], "calibration_domains": ["c4"], "domains": {}}
-    found = [f for f in root_causes(diag, None, DiagnoseConfig(max_outlier_findings=4))
-             if f["kind"] == "outlier_channels"]
+    diag = _diagnosis({i: 1.0 for i in range(8)}, mods,
+                      {"ppl_increase_pct": 10.0, "quantized": {"kld_mean": 0.1, "top1": 0.8}}, outliers)
+    found = [f for f in root_causes(diag, DiagnoseConfig(max_outlier_findings=4)) if f.kind == "outlier_channels"]
     assert len(found) == 4
-    assert "residual-stream channel 7" in found[0]["finding"] and "8 layers (0-7" in found[0]["finding"]
-    assert len(found[0]["modules"]) == 24
-    assert [f["evidence"]["ratio"] for f in found[1:3]] == [80.0, 70.0]  # the two largest down_proj
-    assert found[3]["finding"].startswith("6 more inputs")
-    covered = sorted(m for f in found for m in f["modules"])
+    assert "residual-stream channel 7" in found[0].finding and "8 layers (0-7" in found[0].finding
+    assert len(found[0].modules) == 24
+    assert [f.evidence["ratio"] for f in found[1:3]] == [80.0, 70.0]  # the two largest down_proj
+    assert found[3].finding.startswith("6 more inputs")
+    covered = sorted(m for f in found for m in f.modules)
     assert covered == sorted(m for o in outliers for m in o["input_of"])

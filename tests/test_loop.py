@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from quantfix.loop import run
 from quantfix.plan import Plan

@@ -122,14 +122,14 @@ def test_out_of_memory_halves_the_batch_size_and_keeps_the_result(compose, tiny_
     plain = run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **common, **{"eval.batch_size": 0})),
                 tmp_path / "plain")
     assert plain["eval_batch_size"] == 4
-    real = ev.evaluate
+    real = ev.Evaluator.__call__
 
-    def small_only(model, windows, ref, batch_size, *a, **k):
+    def small_only(self, model, windows, batch_size, *a, **k):
         if batch_size > 2:
             raise torch.cuda.OutOfMemoryError("simulated")
-        return real(model, windows, ref, batch_size, *a, **k)
+        return real(self, model, windows, batch_size, *a, **k)
 
-    monkeypatch.setattr(ev, "evaluate", small_only)
+    monkeypatch.setattr(ev.Evaluator, "__call__", small_only)
     oom = run(compose(tiny_overrides(tiny_dir, tmp_path / "c2", **common, **{"eval.batch_size": 0})), tmp_path / "oom")
     assert oom["eval_batch_size"] == 2
     assert oom["iterations"][0]["metrics"] == pytest.approx(plain["iterations"][0]["metrics"], rel=1e-5)
@@ -137,7 +137,7 @@ def test_out_of_memory_halves_the_batch_size_and_keeps_the_result(compose, tiny_
     def never(*a, **k):
         raise torch.cuda.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(ev, "evaluate", never)
+    monkeypatch.setattr(ev.Evaluator, "__call__", never)
     from quantfix.errors import QuantfixError
 
     with pytest.raises(QuantfixError, match="out of GPU memory at eval.batch_size=1"):

@@ -3,7 +3,7 @@ perplexity to expose a domain gap."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F

@@ -1,16 +1,18 @@
 """Sensitivity: how much the KL divergence from the float model drops when a part is restored.
 
 ``exact`` is the seed's measurement: restore one part to float, re-evaluate the whole eval set,
-one evaluation per part (L+1 for L layers). ``fisher`` (the default) estimates every part's
-contribution in one forward + backward pass of the float model: to second order,
+one evaluation per part (L+1 for L layers). ``taylor`` estimates every part's contribution in one
+forward + backward pass of the quantized model (first order in the restored part's output
+change). ``fisher`` does it in one pass of the float model, to second order:
 
     KL(P || Q) ~= 1/2 * E_y[(grad_h log p(y) . dh)^2],  y ~ P (teacher-forced, per sequence),
 
 where dh is the error the part's quantized weights inject at its output given the float input
-(dh = x (W - W_q)^T for a module; layer_q(x) - layer(x) for a decoder layer). The gradient is
-taken once for all parts, so the cost does not grow with the number of parts, and the error of
-several precision options per module costs one extra matmul each: the planner uses that to
-predict what a plan will cost before trying it.
+(dh = x (W - W_q)^T for a module; layer_q(x) - layer(x) for a decoder layer). ``fast`` (the
+default, ``diagnose.sensitivity.method``) takes layers, types and modules from Taylor and scores
+the planner's precision options with Fisher. In each pass the gradient is taken once for all
+parts, so the cost does not grow with the number of parts, and each precision option of a
+module costs one extra product.
 """
 from __future__ import annotations
 
@@ -149,6 +151,37 @@ class _DeltaCache:
         return value
 
 
+def _layer_weights(model, weights: Dict[str, torch.Tensor]) -> Dict[int, Dict[str, torch.Tensor]]:
+    """decoder layer -> {parameter name inside the layer: tensor} for the named module weights."""
+    return {i: {f"{n[len(p) + 1:]}.weight": w for n, w in weights.items() if n.startswith(p + ".")}
+            for i, p in _layer_prefix(model).items()}
+
+
+def _gradient_pass(model, windows: torch.Tensor, batch_size: int, modules, layer_w, on_module, on_layer,
+                   backward, desc: str, progress: bool) -> None:
+    """The scaffolding the one-pass estimators share: for every batch, ``backward(ids)`` runs the
+    forward pass and calls .backward(); meanwhile ``on_module(name, grad_out, input)`` fires for
+    every named module and ``on_layer(i, grad_out, delta)`` for every decoder layer with weights in
+    ``layer_w`` (delta = the layer's output with those weights minus its live output)."""
+    state: Dict[str, object] = {}
+
+    def layer_hook(i):
+        return _layer_delta_hook(layer_w[i], state, lambda h_out, d, i=i: h_out.register_hook(
+            lambda g: on_layer(i, g, d)))
+
+    layer_ids = [i for i, w in layer_w.items() if w]
+    with _gradient_hooks(model, modules, _input_grad_hook(state, on_module), layer_ids, layer_hook):
+        for ids in tqdm(list(windows.split(batch_size)), desc=desc, unit="batch", disable=not progress, leave=False):
+            backward(ids)
+
+
+def _per_type(modules: Dict[str, float]) -> Dict[str, float]:
+    types: Dict[str, float] = {}
+    for n, v in modules.items():
+        types[module_type(n)] = types.get(module_type(n), 0.0) + v
+    return types
+
+
 @torch.enable_grad()
 def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
            options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
@@ -159,20 +192,17 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
     t0 = time.perf_counter()
     options = options or {}
     mods = dict(model.named_modules())
-    prefixes = _layer_prefix(model)
-    layer_q = {i: {f"{n[len(p) + 1:]}.weight": w for n, w in quantized.items() if n.startswith(p + ".")}
-               for i, p in prefixes.items()}
+    layer_q = _layer_weights(model, quantized)
     dev = input_device(model)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
+    gen = [torch.Generator(device="cpu").manual_seed(seed)]
     # sums stay on the device (one host copy at the end, no sync per module and option)
     acc_mod: Dict[str, object] = {n: 0.0 for n in quantized}
     acc_opt: Dict[str, Dict[str, object]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
     acc_layer: Dict[int, object] = {i: 0.0 for i, q in layer_q.items() if q}
-    state: Dict[str, object] = {}
     weight_deltas = _DeltaCache()
+    n_tokens = [0]
 
-    def _acc_module(name, g, x):
+    def on_module(name, g, x):
         # per sequence b, g_b . (x_b dW^T) = <dW, G_b^T X_b>: one [out, in] product per sequence
         # serves the plan and every option
         M = torch.einsum("blo,bli->boi", g.float(), x.float())
@@ -183,46 +213,32 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
             deltas[label] = lambda wo=wo: w() - wo.to(dev).float()
         for label, make in deltas.items():
             dW = weight_deltas.get((name, label), dev, make)
-            dots = M.reshape(M.shape[0], -1) @ dW.reshape(-1)  # per sequence
-            val = 0.5 * (dots ** 2).sum()
+            val = 0.5 * ((M.reshape(M.shape[0], -1) @ dW.reshape(-1)) ** 2).sum()  # per sequence
             if label == "__plan__":
                 acc_mod[name] = acc_mod[name] + val
             else:
                 acc_opt[name][label] = acc_opt[name][label] + val
 
-    def layer_hook(i):
-        return _layer_delta_hook(layer_q[i], state, lambda h_out, d, i=i: h_out.register_hook(
-            lambda g: _acc_layer(i, g, d)))
+    def on_layer(i, g, d):
+        acc_layer[i] = acc_layer[i] + 0.5 * ((g.float() * d).sum(dim=(1, 2)) ** 2).sum()
 
-    def _acc_layer(i, g, d):
-        dots = (g.float() * d).sum(dim=(1, 2))
-        acc_layer[i] = acc_layer[i] + 0.5 * (dots ** 2).sum()
+    def backward(ids):
+        logp = F.log_softmax(model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1].float(), dim=-1)
+        n_tokens[0] += logp.shape[0] * logp.shape[1]
+        probs = logp.detach().exp().reshape(-1, logp.shape[-1])
+        if gen[0].device != probs.device:  # sample where the model runs (a device generator on CUDA)
+            gen[0] = torch.Generator(device=probs.device).manual_seed(seed)
+        for k in range(label_samples):
+            y = torch.multinomial(probs, 1, generator=gen[0]).view(logp.shape[0], logp.shape[1], 1)
+            logp.gather(-1, y).sum().backward(retain_graph=k < label_samples - 1)
 
-    n_tokens = 0
-    with _gradient_hooks(model, quantized, _input_grad_hook(state, _acc_module), list(acc_layer), layer_hook):
-        for ids in tqdm(list(windows.split(batch_size)), desc="sensitivity (fisher)", unit="batch",
-                        disable=not progress, leave=False):
-            ids = ids.to(dev)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            logp = F.log_softmax(logits, dim=-1)
-            n_tokens += logp.shape[0] * logp.shape[1]
-            probs = logp.detach().exp().reshape(-1, logp.shape[-1])
-            if gen.device != probs.device:  # sample where the model runs (a device generator on CUDA)
-                gen = torch.Generator(device=probs.device).manual_seed(seed)
-            for k in range(label_samples):
-                y = torch.multinomial(probs, 1, generator=gen).view(logp.shape[0], logp.shape[1], 1)
-                loss = logp.gather(-1, y).sum()
-                loss.backward(retain_graph=k < label_samples - 1)
-    acc_mod, acc_opt, acc_layer = _to_floats(acc_mod), {n: _to_floats(o) for n, o in acc_opt.items()}, \
-        _to_floats(acc_layer)
-    norm = 1.0 / (label_samples * max(1, n_tokens))
-    modules = {n: v * norm for n, v in acc_mod.items()}
-    types: Dict[str, float] = {}
-    for n, v in modules.items():
-        types[module_type(n)] = types.get(module_type(n), 0.0) + v
-    return Sensitivity("fisher", {i: v * norm for i, v in acc_layer.items()}, types, modules,
-                       {n: {k: v * norm for k, v in o.items()} for n, o in acc_opt.items()},
-                       time.perf_counter() - t0, n_tokens)
+    _gradient_pass(model, windows, batch_size, quantized, layer_q, on_module, on_layer, backward,
+                   "sensitivity (fisher)", progress)
+    norm = 1.0 / (label_samples * max(1, n_tokens[0]))
+    modules = {n: v * norm for n, v in _to_floats(acc_mod).items()}
+    return Sensitivity("fisher", {i: v * norm for i, v in _to_floats(acc_layer).items()}, _per_type(modules), modules,
+                       {n: {k: v * norm for k, v in _to_floats(o).items()} for n, o in acc_opt.items()},
+                       time.perf_counter() - t0, n_tokens[0])
 
 
 def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_module: bool = False,
@@ -262,22 +278,18 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
     t0 = time.perf_counter()
     options = options or {}
     mods = dict(model.named_modules())
-    prefixes = _layer_prefix(model)
-    layer_fp = {i: {f"{n[len(p) + 1:]}.weight": w for n, w in float_weights.items() if n.startswith(p + ".")}
-                for i, p in prefixes.items()}
+    layer_fp = _layer_weights(model, float_weights)
     dev = input_device(model)
     acc_mod: Dict[str, object] = {n: 0.0 for n in float_weights}
     acc_opt: Dict[str, Dict[str, object]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
     acc_layer: Dict[int, object] = {i: 0.0 for i, q in layer_fp.items() if q}
-    state: Dict[str, object] = {}
     weight_deltas = _DeltaCache()  # the live (quantized) weights do not change during the pass
 
-    def _acc_module(name, g, x):
+    def on_module(name, g, x):
         # sum over tokens of g . (x dW^T) = <dW, G^T X>: one [out, in] product serves every option
         M = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
         dev = M.device
-        targets = {"__fp__": float_weights[name], **options.get(name, {})}
-        for label, w in targets.items():
+        for label, w in {"__fp__": float_weights[name], **options.get(name, {})}.items():
             dW = weight_deltas.get((name, label), dev,
                                    lambda w=w: w.to(dev).float() - weight_of(mods[name]).to(dev).float())
             gain = -(M * dW).sum()  # KLD removed by moving this module to `label`
@@ -286,32 +298,26 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
             else:
                 acc_opt[name][label] = acc_opt[name][label] + gain
 
-    def layer_hook(i):
-        return _layer_delta_hook(layer_fp[i], state, lambda h_out, d, i=i: h_out.register_hook(
-            lambda g: _acc_layer(i, g, d)))
-
-    def _acc_layer(i, g, d):
+    def on_layer(i, g, d):
         acc_layer[i] = acc_layer[i] - (g.float() * d).sum()
 
-    n_tokens, row = 0, 0
+    rows = [0]
     total = windows.shape[0] * (windows.shape[1] - 1)
-    with _gradient_hooks(model, float_weights, _input_grad_hook(state, _acc_module), list(acc_layer), layer_hook):
-        for ids in tqdm(list(windows.split(batch_size)), desc="sensitivity (taylor)", unit="batch",
-                        disable=not progress, leave=False):
-            logits = model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1].float()
-            q_logp = F.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
-            sl = slice(row, row + q_logp.shape[0])
-            row += q_logp.shape[0]
-            n_tokens += q_logp.shape[0]
-            (_kld_rows(ref, sl, q_logp).sum() / total).backward()  # the mean KLD over all windows
-    acc_layer, acc_opt = _to_floats(acc_layer), {n: _to_floats(o) for n, o in acc_opt.items()}
+
+    def backward(ids):
+        logits = model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1].float()
+        q_logp = F.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+        sl = slice(rows[0], rows[0] + q_logp.shape[0])
+        rows[0] += q_logp.shape[0]
+        (_kld_rows(ref, sl, q_logp).sum() / total).backward()  # the mean KLD over all windows
+
+    _gradient_pass(model, windows, batch_size, float_weights, layer_fp, on_module, on_layer, backward,
+                   "sensitivity (taylor)", progress)
     modules = _to_floats(acc_mod)
-    types: Dict[str, float] = {}
-    for n, v in modules.items():
-        types[module_type(n)] = types.get(module_type(n), 0.0) + v
     # per option: the contribution that remains at that option (what the planner consumes)
-    opts = {n: {k: max(modules[n] - v, 0.0) for k, v in o.items()} for n, o in acc_opt.items()}
-    return Sensitivity("taylor", dict(acc_layer), types, modules, opts, time.perf_counter() - t0, n_tokens)
+    opts = {n: {k: max(modules[n] - v, 0.0) for k, v in _to_floats(o).items()} for n, o in acc_opt.items()}
+    return Sensitivity("taylor", dict(_to_floats(acc_layer)), _per_type(modules), modules, opts,
+                       time.perf_counter() - t0, rows[0])
 
 
 def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],

@@ -63,6 +63,28 @@ def cache_key(model_path: str, samples: torch.Tensor, names: List[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], module_input: Dict[str, str]):
+    """Forward pre-hook of one targeted module: the first module to see an input tensor in a batch
+    owns it (q/k/v share one) and accumulates its Hessian, absmax and |x| sum."""
+    def hook(_mod, args):
+        x = args[0]
+        # the tensor itself is kept in `seen` for the batch, so its address cannot be reused
+        key = (x.data_ptr(), tuple(x.shape))
+        owner = seen.setdefault(key, (full_name, x))[0]
+        module_input[full_name] = owner
+        if owner != full_name:
+            return
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        a = acc.setdefault(owner, {"h": torch.zeros(x2.shape[1], x2.shape[1], device=x2.device),
+                                   "max": torch.zeros(x2.shape[1], device=x2.device),
+                                   "sum": torch.zeros(x2.shape[1], device=x2.device), "n": 0})
+        a["h"].addmm_(x2.T, x2)
+        a["max"] = torch.maximum(a["max"], x2.abs().amax(0))
+        a["sum"] += x2.abs().sum(0)
+        a["n"] += x2.shape[0]
+    return hook
+
+
 @torch.no_grad()
 def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
             cache_path: Optional[Path] = None, progress: bool = True) -> CalibStats:
@@ -72,9 +94,8 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         return CalibStats.load(cache_path)
     wanted = set(names)
     prefix = {id(m): n for n, m in model.named_modules()}
-    batches = list(samples.split(batch_size))
     stats = CalibStats()
-    inputs = capture_layer0_inputs(model, batches)
+    inputs = capture_layer0_inputs(model, list(samples.split(batch_size)))
     n_target_layers = sum(1 for layer in decoder_layers(model)
                           if any(f"{prefix[id(layer)]}.{n}" in wanted for n, _ in layer.named_modules()))
     bar = tqdm(total=n_target_layers, desc="calibration stats", unit="layer", disable=not progress)
@@ -85,29 +106,7 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         if not targets:
             continue
         seen: Dict[tuple, tuple] = {}
-        handles = []
-
-        def make_hook(full_name):
-            def hook(_mod, args):
-                x = args[0]
-                # the tensor itself is kept in `seen` for the batch, so its address cannot be reused
-                key = (x.data_ptr(), tuple(x.shape))
-                owner = seen.setdefault(key, (full_name, x))[0]
-                stats.module_input[full_name] = owner
-                if owner != full_name:
-                    return
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                a = acc.setdefault(owner, {"h": torch.zeros(x2.shape[1], x2.shape[1], device=x2.device),
-                                           "max": torch.zeros(x2.shape[1], device=x2.device),
-                                           "sum": torch.zeros(x2.shape[1], device=x2.device), "n": 0})
-                a["h"].addmm_(x2.T, x2)
-                a["max"] = torch.maximum(a["max"], x2.abs().amax(0))
-                a["sum"] += x2.abs().sum(0)
-                a["n"] += x2.shape[0]
-            return hook
-
-        for n, m in targets:
-            handles.append(m.register_forward_pre_hook(make_hook(n)))
+        handles = [m.register_forward_pre_hook(_input_hook(n, seen, acc, stats.module_input)) for n, m in targets]
         try:
             for h, kw in zip(layer_in.hidden, layer_in.kwargs):
                 seen.clear()
@@ -125,6 +124,5 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         log.warning("no calibration statistics for %d modules outside decoder layers (e.g. %s): they use RTN",
                     len(missing), sorted(missing)[0])
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
         stats.save(cache_path)
     return stats

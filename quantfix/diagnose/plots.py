@@ -1,0 +1,62 @@
+"""The diagnosis's plots (PNG, embedded in the HTML report)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+from quantfix.diagnose.findings import Diagnosis
+
+
+def plot_diagnosis(diag: Diagnosis, plots: Path) -> Dict[str, str]:
+    """sensitivity.png, channel_errors.png and domains.png; returns {name: path}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    out = {}
+    sens = diag.sensitivity
+    layers = sens.layers
+    if layers:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+        ks = sorted(layers)
+        axes[0].bar(ks, [layers[k] for k in ks], color="#6366f1")
+        axes[0].set_xlabel("decoder layer")
+        axes[0].set_ylabel("KLD removed if restored to float")
+        axes[0].set_title(f"layer sensitivity ({sens.method})")
+        types = sens.types
+        axes[1].barh(list(types), list(types.values()), color="#10b981")
+        axes[1].set_title("by module type")
+        fig.tight_layout()
+        p = plots / "sensitivity.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        out["sensitivity"] = str(p)
+    ch = diag.channel_errors
+    if ch:
+        fig, ax = plt.subplots(figsize=(10, 3.2))
+        ks = sorted(ch, key=int)
+        ax.bar([int(k) for k in ks], [ch[k]["over_10pct"] for k in ks], color="#f59e0b", label=">10% error")
+        ax.bar([int(k) for k in ks], [ch[k]["over_50pct"] for k in ks], color="#dc2626", label=">50% error")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("output channels")
+        ax.set_title("per-channel relative error of each layer's update (float input)")
+        ax.legend()
+        fig.tight_layout()
+        p = plots / "channel_errors.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        out["channel_errors"] = str(p)
+    if diag.domains:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        d = diag.domains
+        ax.bar(list(d), [v["ppl_increase_pct"] for v in d.values()], color="#0ea5e9")
+        ax.set_ylabel("PPL increase %")
+        ax.set_title("per-domain perplexity increase")
+        fig.tight_layout()
+        p = plots / "domains.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        out["domains"] = str(p)
+    return out

@@ -1,0 +1,137 @@
+"""WeightBank: apply a Plan to the model in place (simulated), and restore the float weights.
+
+Trial weights replace the originals in the live model; the float originals of the planned
+modules are kept on the CPU, so the accelerator never holds two copies of the model. Applying
+a new plan rewrites only the modules whose precision changed. How each module's weight is
+simulated comes from its algorithm's entry in ``algorithms.REGISTRY``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from quantfix.model import set_weight, weight_device, weight_of
+from quantfix.plan import Plan, Precision
+from quantfix.quantize import algorithms, fake
+from quantfix.quantize.calib import CalibStats
+
+log = logging.getLogger(__name__)
+
+
+class WeightBank:
+    """Float originals of the planned modules (on CPU) and the plan currently applied."""
+
+    def __init__(self, model, names, stats: Optional[CalibStats] = None, gptq_damp: float = 0.01,
+                 gptq_block: int = 128, awq_grid: int = 20, int8_threshold: float = 6.0):
+        self.model = model
+        mods = dict(model.named_modules())
+        self.modules = {n: mods[n] for n in names}
+        self.originals = {n: weight_of(m).to("cpu", copy=True) for n, m in self.modules.items()}
+        self.stats = stats
+        self.current: Dict[str, Precision] = {}
+        self.gptq_damp, self.gptq_block, self.awq_grid, self.int8_threshold = gptq_damp, gptq_block, awq_grid, int8_threshold
+        self._awq: Dict[Tuple[str, int, int, bool], torch.Tensor] = {}
+        self._sim: Dict[Tuple[str, Precision], torch.Tensor] = {}
+
+    def original(self, name: str, device=None) -> torch.Tensor:
+        w = self.originals[name]
+        return w.to(device or weight_device(self.modules[name]), torch.float32)
+
+    def _awq_scales(self, name: str, p: Precision) -> Optional[torch.Tensor]:
+        if self.stats is None or name not in self.stats.module_input:
+            return None
+        key = self.stats.module_input[name]
+        ck = (key, p.bits, p.group_size, p.symmetric)
+        if ck not in self._awq:
+            members = [m for m in self.stats.groups()[key] if m in self.modules]
+            dev = weight_device(self.modules[name])
+            st = self.stats.inputs[key]
+            _, s = fake.awq_search([self.original(m, dev) for m in members], st.hessian.to(dev), st.absmean,
+                                   p.bits, p.group_size, p.symmetric, self.awq_grid)
+            self._awq[ck] = s
+        return self._awq[ck]
+
+    def _inputs(self, name: str, p: Precision) -> algorithms.SimInputs:
+        has_stats = self.stats is not None and name in self.stats.module_input
+        return algorithms.SimInputs(stats=self.stats.of(name) if has_stats else None,
+                                    awq_scales=lambda: self._awq_scales(name, p), gptq_damp=self.gptq_damp,
+                                    gptq_block=self.gptq_block, int8_threshold=self.int8_threshold)
+
+    def simulate(self, name: str, p: Precision) -> torch.Tensor:
+        key = (name, p)
+        if key in self._sim:
+            return self._sim[key].to(weight_device(self.modules[name]), torch.float32)
+        W = self.original(name)
+        if p.is_float:
+            return W
+        alg = algorithms.get(p.algorithm)
+        out = alg.simulate(W, p, self._inputs(name, p))
+        if alg.calibrated and alg.family == algorithms.COMPRESSED_TENSORS:  # expensive: keep a CPU copy
+            self._sim[key] = out.to("cpu", self.originals[name].dtype)
+        return out
+
+    def _prepare(self, items) -> None:
+        """Simulate in one call the modules that read the same input at the same precision (q/k/v,
+        gate/up) when the algorithm allows it (GPTQ treats weight rows independently given the
+        input's Hessian: stacking the rows gives the same result in one column sweep)."""
+        if self.stats is None:
+            return
+        groups: Dict[Tuple[str, Precision], List[str]] = {}
+        for n, p in items:
+            if not p.is_float and algorithms.get(p.algorithm).stack_rows and (n, p) not in self._sim \
+                    and n in self.stats.module_input:
+                groups.setdefault((self.stats.module_input[n], p), []).append(n)
+        for (_, p), names in groups.items():
+            if len(names) < 2:
+                continue
+            W = torch.cat([self.original(n) for n in names])
+            Q = algorithms.get(p.algorithm).simulate(W, p, self._inputs(names[0], p))
+            for n, q in zip(names, Q.split([self.originals[n].shape[0] for n in names])):
+                self._sim[(n, p)] = q.to("cpu", self.originals[n].dtype)
+
+    def use_external(self, plan: Plan, weights: Dict[str, torch.Tensor]) -> None:
+        """Serve the given (already quantized) weights for the plan's precisions instead of simulating."""
+        for n, w in weights.items():
+            self._sim[(n, plan.modules[n])] = w.to("cpu", self.originals[n].dtype)
+
+    def quantized_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
+        """The simulated weight of every quantized module of the plan (CPU), without applying it."""
+        self._prepare([(n, p) for n, p in plan.modules.items() if n in self.modules])
+        return {n: self.simulate(n, p).to("cpu") for n, p in plan.modules.items()
+                if n in self.modules and not p.is_float}
+
+    @torch.no_grad()
+    def apply(self, plan: Plan, progress: bool = True) -> int:
+        """Make the live model compute with the plan's (simulated) weights; returns modules rewritten."""
+        todo = [n for n in self.modules if plan.modules.get(n, Precision()) != self.current.get(n, Precision())]
+        self._prepare([(n, plan.modules.get(n, Precision())) for n in todo])
+        for n in tqdm(todo, desc="apply plan", unit="module", disable=not progress or len(todo) < 20, leave=False):
+            p = plan.modules.get(n, Precision())
+            set_weight(self.modules[n], self.simulate(n, p))
+            self.current[n] = p
+        return len(todo)
+
+    def float_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
+        """The float (CPU) weight of every module the plan quantizes."""
+        return {n: self.originals[n] for n, p in plan.modules.items() if n in self.modules and not p.is_float}
+
+    def forget_applied(self) -> None:
+        """Say that the live model holds the float weights again (someone restored them directly)."""
+        self.current.clear()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n, m in self.modules.items():
+            if not self.current.get(n, Precision()).is_float:
+                set_weight(m, self.originals[n])
+        self.current.clear()
+
+    def output_error(self, name: str, p: Precision) -> float:
+        """Calibration-set output error ||(W - Wq) X||^2 of one module under precision p (0 if no stats)."""
+        if self.stats is None or name not in self.stats.module_input or p.is_float:
+            return 0.0
+        W = self.original(name)
+        return fake.output_error(W, self.simulate(name, p), self.stats.of(name).hessian.to(W.device))

@@ -1,0 +1,48 @@
+"""What the stages that run the model receive: the live model and how to batch it (``Runtime``), and
+the token windows of the run (``RunData``). The loop builds both once; stages take them as
+arguments and never see the loop's session."""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from quantfix.errors import QuantfixError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    model: Any  # a transformers causal LM (weights may be swapped by a WeightBank)
+    tokenizer: Any
+    device: torch.device
+    batch_size: int  # windows per forward pass; lowered for the rest of the run on out-of-memory
+    seed: int = 0
+
+    def batched(self, fn: Callable[[int], T]) -> T:
+        """fn(batch_size), halving the batch size on a CUDA out-of-memory error (said once in the log
+        and kept for the rest of the run); at batch size 1 the error names the fix."""
+        while True:
+            try:
+                return fn(self.batch_size)
+            except torch.cuda.OutOfMemoryError as e:
+                gc.collect()
+                torch.cuda.empty_cache()
+                if self.batch_size == 1:
+                    raise QuantfixError("out of GPU memory at eval.batch_size=1: lower eval.seq_len, or spread the "
+                                        "model over more GPUs / the CPU with model.device_map=auto") from e
+                self.batch_size //= 2
+                log.warning("out of GPU memory: evaluation batch size lowered to %d", self.batch_size)
+
+
+@dataclass
+class RunData:
+    windows: torch.Tensor  # [n_windows, seq_len] evaluation token windows (fixed, deterministic)
+    samples: torch.Tensor  # [n_samples, seq_len] calibration samples (seeded)
+    data_dir: str  # where named domains are read from
+    calibration_domains: tuple = ()

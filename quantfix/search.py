@@ -1,0 +1,124 @@
+"""Search policies: from a failing plan 0 to the smallest plan that passes, one trial at a time.
+
+``predictive`` (the default) predicts the cheapest passing plan from the diagnosis, measures it,
+refits on a miss and bisects toward a smaller plan after a pass; ``greedy`` promotes the modules
+with the largest calibration output error per added bit, ``loop.bits_step`` bits at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from quantfix import verdict
+from quantfix.config import LoopConfig, ThresholdsConfig
+from quantfix.errors import QuantfixError
+from quantfix.plan import Plan, Precision
+from quantfix.planner import GreedyPlanner, Ladder, PredictivePlanner
+from quantfix.trials import Trials
+
+
+@dataclass
+class SearchResult:
+    best: Optional[Plan]  # the smallest passing plan (None: none passed)
+    last: Plan  # the last plan tried
+    reason: str  # why the search stopped
+    frontier: List[Tuple[float, float]] = field(default_factory=list)  # predicted (avg bits, KLD)
+
+    @property
+    def chosen(self) -> Plan:
+        return self.best or self.last
+
+
+def bisect(trial: Trials, make: Callable[[int], Plan], lo: int, hi: int, best: Plan, prev: Plan) -> Tuple[Plan, str]:
+    """Smallest passing prefix between lo (fails) and hi (passes) while trials are left."""
+    while hi - lo > 1 and trial.left > 0:
+        mid = (lo + hi) // 2
+        cand = make(mid)
+        if trial(cand, prev):
+            lo = mid
+        else:
+            hi, best = mid, cand
+    return best, ("passed; bisection converged" if hi - lo <= 1 else "passed; loop.max_iters reached while bisecting")
+
+
+def greedy(trial: Trials, plan0: Plan, loop: LoopConfig, output_error: Callable[[str, Precision], float],
+           timer) -> SearchResult:
+    planner = GreedyPlanner(Ladder.parse(list(loop.ladder)), output_error, loop.bits_step)
+    plan = plan0
+    while trial.left > 0:
+        with timer("plan"):
+            step = planner.next_plan(plan)
+        if step is None:
+            return SearchResult(None, plan, "every module is at the top of loop.ladder and the plan still fails")
+        new, changes = step
+        if trial(new, plan):
+            plan = new
+            continue
+
+        def make(k, plan=plan, changes=changes, n=len(changes)):
+            return plan.with_changes(dict(changes[:k]), note=f"bisect: first {k} of {n} promotions")
+
+        best, reason = bisect(trial, make, 0, len(changes), new, plan)
+        return SearchResult(best, best, reason)
+    return SearchResult(None, plan, f"loop.max_iters={loop.max_iters} reached without a passing plan")
+
+
+def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]],
+               thresholds: ThresholdsConfig, budget: Optional[float], timer) -> SearchResult:
+    """Predict the cheapest passing plan from the diagnosis, verify it, recalibrate on a miss.
+    With ``budget`` (plan.budget.avg_bits): the lowest predicted KLD within it, measured once."""
+    sens = diagnosis.sensitivity
+    with timer("plan"):
+        planner = PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options, diagnosis.findings)
+    planner.calibrate(0, trial.last_metrics.kld_mean)
+    if budget is not None and budget < plan0.avg_bits:
+        raise QuantfixError(f"plan.budget.avg_bits={budget} is below plan 0's {plan0.avg_bits:.2f} average bits: "
+                            "lower quant.bits or raise the budget")
+    result = _within_budget(trial, planner, plan0, budget) if budget is not None else \
+        _cheapest_passing(trial, planner, plan0, thresholds)
+    result.frontier = planner.frontier()
+    return result
+
+
+def _within_budget(trial: Trials, planner: PredictivePlanner, plan0: Plan, budget: float) -> SearchResult:
+    k = planner.largest_within(budget)
+    cand = planner.plan_at(k)
+    extra = {"predicted_kld": round(planner.predict(k), 5), "budget_avg_bits": budget,
+             "drivers": {r: len(v) for r, v in planner.drivers(k).items()}}
+    fails = trial(cand, plan0, extra)
+    reason = f"lowest predicted KLD within plan.budget.avg_bits={budget}" + ("; thresholds not met" if fails else "")
+    return SearchResult(None if fails else cand, cand, reason)
+
+
+def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
+                      thresholds: ThresholdsConfig) -> SearchResult:
+    base = trial.base
+    target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(trial.last_metrics, base))
+    lo, plan = 0, plan0
+    while trial.left > 0:
+        k = planner.first_passing(target, after=lo)
+        if k is None:
+            k = len(planner.steps)
+            if k <= lo:
+                return SearchResult(None, plan, "no plan on loop.ladder is predicted to pass, and the largest one failed")
+        cand = planner.plan_at(k)
+        predicted = planner.predict(k)
+        extra = {"predicted_kld": round(predicted, 5), "kld_target": round(target, 5),
+                 "drivers": {r: len(v) for r, v in planner.drivers(k).items()}}
+        fails = trial(cand, plan0, extra)
+        m = trial.last_metrics
+        trial.iterations[-1]["prediction_error_pct"] = round(100 * (predicted / max(m.kld_mean, 1e-12) - 1), 1)
+        if not fails:
+            best, reason = bisect(trial, planner.plan_at, lo, k, cand, plan0)
+            return SearchResult(best, best, reason)
+        # missed: refit the correction and the NLL/KLD ratio on this measurement, then replan
+        planner.calibrate(k, m.kld_mean)
+        if trial.last_task_fails and len(trial.last_task_fails) == len(fails):
+            # only a task failed: the KLD that passes PPL is not enough for the task; ask for less
+            target = min(target, m.kld_mean) * 0.7
+        else:
+            target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(m, base))
+        lo, plan = k, cand
+        if k >= len(planner.steps):
+            return SearchResult(None, cand, "every module is at the top of loop.ladder and the plan still fails")
+    return SearchResult(None, plan, f"loop.max_iters={trial.setup.max_iters} reached without a passing plan")

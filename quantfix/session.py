@@ -1,0 +1,130 @@
+"""The run's shared resources, built once by the loop: config, output dir, timers, the loaded model
+(``Runtime``), the token windows (``RunData``), the cache, and the cached float reference, task
+baseline and calibration statistics. Only the loop holds a Session; stages get its parts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from quantfix import data as data_mod
+from quantfix import evaluate as ev
+from quantfix import model as model_mod
+from quantfix.cache import atomic_write
+from quantfix.config import validate
+from quantfix.quantize import calib as calib_mod
+from quantfix.runtime import RunData, Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Timer:
+    """Wall time per stage (summed over repeated entries)."""
+
+    def __init__(self):
+        self.stages: Dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t, 2)
+
+
+class Session:
+    """Everything the stages share for one run: model, data, caches, timers."""
+
+    def __init__(self, cfg, out_dir: Path):
+        validate(cfg)
+        self.cfg, self.out_dir, self.timer = cfg, out_dir, Timer()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = model_mod.resolve_device(cfg.device)
+        self.dtype = model_mod.resolve_dtype(cfg.model.dtype, self.device)
+        self.cache = model_mod.cache_dir(cfg.cache_dir)
+        data_dir = str(data_mod.default_data_dir(cfg.data_dir))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        m = cfg.model
+        with self.timer("load model"):
+            self.resolved = model_mod.resolve(m.name_or_path, self.cache)
+            model, tokenizer = model_mod.load(self.resolved, self.dtype, self.device, m.revision, m.trust_remote_code,
+                                              m.device_map, dict(m.max_memory) if m.max_memory else None,
+                                              m.offload_folder)
+        with self.timer("data"):
+            windows = data_mod.eval_windows(cfg.eval.source, data_dir, tokenizer, cfg.eval.n_windows, cfg.eval.seq_len)
+            samples = data_mod.calibration_samples(list(cfg.data.domains), data_dir, tokenizer, cfg.data.n_samples,
+                                                   cfg.data.seq_len, cfg.data.seed)
+        self.model_key = f"{self.resolved.path}@{m.revision or ''}"
+        # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
+        bs = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)
+        self.rt = Runtime(model, tokenizer, self.device, bs, cfg.seed)
+        self.data = RunData(windows, samples, data_dir, tuple(cfg.data.domains))
+        self.evaluator: ev.Evaluator = None  # set by reference()
+
+    def reference(self) -> ev.Reference:
+        """The float model's log-probs on the eval windows (cached on disk); sets ``evaluator``."""
+        e = self.cfg.eval
+        key = ev.cache_key(self.model_key, self.data.windows, e.topk, e.full_max_mb, self.dtype)
+        with self.timer("float reference"):
+            ref = self.rt.batched(lambda bs: ev.reference(self.rt.model, self.data.windows, bs, e.topk, e.full_max_mb,
+                                                          cache_path=self.cache / "reference" / f"{key}.pt"))
+        self.evaluator = ev.Evaluator(ref, compile=e.compile)
+        return ref
+
+    def evaluate(self, model=None, desc: str = "evaluate", progress: bool = True) -> ev.Metrics:
+        """The metrics of ``model`` (default: the live one) against the float reference."""
+        model = self.rt.model if model is None else model
+        return self.rt.batched(lambda bs: self.evaluator(model, self.data.windows, bs, progress, desc))
+
+    def task_results(self, model=None) -> Dict[str, Any]:
+        """Task metrics of ``model`` (default: the live one) on eval.tasks, a progress bar per task."""
+        from quantfix import tasks as tasks_mod
+
+        e = self.cfg.eval
+        with self.timer("tasks"):
+            return tasks_mod.score_tasks(self.rt.model if model is None else model, self.rt.tokenizer, list(e.tasks),
+                                         self.data.data_dir, e.task_limit, e.task_seed, e.task_batch_size,
+                                         dict(e.task_paths))
+
+    def task_baseline(self) -> Dict[str, Any]:
+        """Float task metrics, cached on disk per (model, tasks, subset)."""
+        from quantfix import tasks as tasks_mod
+
+        e = self.cfg.eval
+        out, todo = {}, []
+        for t in e.tasks:
+            key = hashlib.sha256(f"tasks-v1|{self.model_key}|{self.dtype}|{t}|{e.task_limit}|{e.task_seed}|"
+                                 f"{dict(e.task_paths).get(t)}".encode()).hexdigest()[:16]
+            path = self.cache / "tasks" / f"{key}.json"
+            if path.exists():
+                out[t] = tasks_mod.TaskResult.from_dict(json.loads(path.read_text()))
+            else:
+                todo.append((t, path))
+        if todo:
+            with self.timer("tasks"):
+                fresh = tasks_mod.score_tasks(self.rt.model, self.rt.tokenizer, [t for t, _ in todo],
+                                              self.data.data_dir, e.task_limit, e.task_seed, e.task_batch_size,
+                                              dict(e.task_paths))
+            for t, path in todo:
+                atomic_write(path, lambda tmp, r=fresh[t]: tmp.write_text(json.dumps(r.to_dict(per_doc=True))))
+                out[t] = fresh[t]
+        return out
+
+    def calib_stats(self, names: List[str]) -> calib_mod.CalibStats:
+        key = calib_mod.cache_key(self.model_key + str(self.dtype), self.data.samples, names)
+        with self.timer("calibration stats"):
+            return self.rt.batched(lambda bs: calib_mod.collect(self.rt.model, self.data.samples, names, bs,
+                                                                cache_path=self.cache / "calib" / f"{key}.pt"))
+
+    def sensitivity_cache(self, key: str) -> Path:
+        return self.cache / "sensitivity" / f"{key}.json"

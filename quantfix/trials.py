@@ -1,0 +1,110 @@
+"""Trials: apply a plan in place (simulated), measure it, check the thresholds, record it.
+
+Every trial's metrics are appended to ``trials.jsonl``; with ``resume`` a rerun in the same run dir
+replays them instead of evaluating again (the search is deterministic).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from quantfix import verdict
+from quantfix.config import ThresholdsConfig
+from quantfix.evaluate import Metrics
+from quantfix.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+def plan_key(plan: Plan) -> str:
+    body = json.dumps({n: asdict(p) for n, p in sorted(plan.modules.items())}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:20]
+
+
+def iteration_record(i: int, plan: Plan, m: Metrics, fails: List[str], seconds: float,
+                     changes: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict[str, Any]:
+    """One row of report.json's ``iterations``."""
+    return {"iter": i, "plan_summary": plan.summary_str(), "note": plan.note, "avg_bits": round(plan.avg_bits, 4),
+            "avg_bits_model": round(plan.avg_bits_model, 4), "size_bytes": plan.size_bytes,
+            "metrics": m.to_dict(), "passed": not fails, "failed": fails, "seconds": round(seconds, 2),
+            "changes": {n: f"{a} -> {b}" for n, (a, b) in (changes or {}).items()}}
+
+
+@dataclass
+class TrialSetup:
+    """What a trial needs besides the plan: how to apply it, measure it and judge it."""
+
+    bank: Any  # quantize.bank.WeightBank over the live model
+    measure: Callable[[str], Metrics]  # metrics of the live model (argument: progress label)
+    base: Metrics  # the float model's
+    thresholds: ThresholdsConfig
+    max_iters: int
+    journal: Path
+    resume: bool = False
+    timer: Any = None  # session.Timer
+    task_base: Optional[Dict[str, Any]] = None  # float task results (eval.tasks), or None
+    score_tasks: Optional[Callable[[], Dict[str, Any]]] = None  # task results of the live model
+
+
+class Trials:
+    """Runs and records trials; ``iterations`` is the list of records (report.json)."""
+
+    def __init__(self, setup: TrialSetup, iterations: List[Dict[str, Any]]):
+        self.setup, self.bank, self.base, self.iterations = setup, setup.bank, setup.base, iterations
+        self.last_metrics: Optional[Metrics] = None
+        self.last_task_fails: List[str] = []
+        self.memo: Dict[str, Dict[str, Any]] = {}
+        if setup.resume and setup.journal.exists():
+            for line in setup.journal.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self.memo[rec["plan_key"]] = rec
+            log.info("resume: %d trials journaled in %s", len(self.memo), setup.journal)
+        elif setup.journal.exists():
+            setup.journal.unlink()
+
+    @property
+    def left(self) -> int:
+        return self.setup.max_iters - len(self.iterations)
+
+    def __call__(self, plan: Plan, prev: Optional[Plan] = None, extra: Optional[Dict[str, Any]] = None) -> List[str]:
+        """Measure ``plan``; returns the thresholds it fails (empty: passed)."""
+        t = time.perf_counter()
+        key = plan_key(plan)
+        if key in self.memo:
+            rec = self.memo[key]
+            m, task_rows, task_fails = Metrics(**rec["metrics"]), rec.get("tasks", {}), rec.get("task_fails", [])
+            extra = dict(extra or {}, resumed=True)
+        else:
+            m, task_rows, task_fails = self._measure(plan)
+            with open(self.setup.journal, "a") as f:
+                f.write(json.dumps({"plan_key": key, "metrics": asdict(m), "tasks": task_rows,
+                                    "task_fails": task_fails}) + "\n")
+        self.last_metrics, self.last_task_fails = m, task_fails
+        fails = verdict.check(m, self.base, self.setup.thresholds) + task_fails
+        rec = iteration_record(len(self.iterations), plan, m, fails, time.perf_counter() - t,
+                               prev.diff(plan) if prev is not None else None)
+        rec.update(extra or {})
+        if task_rows:
+            rec["tasks"] = task_rows
+        self.iterations.append(rec)
+        log.info("trial %d: %s | avg bits %.2f | PPL %.3f | KLD %.4f | %s", len(self.iterations) - 1,
+                 plan.summary_str(), plan.avg_bits, m.ppl, m.kld_mean, "PASS" if not fails else "; ".join(fails))
+        return fails
+
+    def _measure(self, plan: Plan):
+        s = self.setup
+        with s.timer("quantize (simulated)"):
+            self.bank.apply(plan)
+        with s.timer("evaluate trials"):
+            m = s.measure(f"trial {len(self.iterations)}")
+        task_rows: Dict[str, dict] = {}
+        task_fails: List[str] = []
+        if s.task_base:
+            task_rows, task_fails = verdict.task_checks(s.task_base, s.score_tasks(), s.thresholds)
+        return m, task_rows, task_fails

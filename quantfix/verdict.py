@@ -1,0 +1,72 @@
+"""Verdicts: which thresholds a measured plan fails, and the KLD a plan may reach to pass them."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+from quantfix.config import ThresholdsConfig
+from quantfix.evaluate import Metrics
+
+
+def check(m: Metrics, base: Metrics, t: ThresholdsConfig) -> List[str]:
+    """The thresholds a metric set fails (empty = passed)."""
+    fails = []
+    inc_pct = 100 * (m.ppl / base.ppl - 1)
+    if t.max_ppl_increase_pct is not None and inc_pct > t.max_ppl_increase_pct:
+        fails.append(f"PPL +{inc_pct:.2f}% > {t.max_ppl_increase_pct}%")
+    if t.max_ppl_increase_abs is not None and m.ppl - base.ppl > t.max_ppl_increase_abs:
+        fails.append(f"PPL +{m.ppl - base.ppl:.3f} > {t.max_ppl_increase_abs}")
+    if t.max_kld_mean is not None and m.kld_mean > t.max_kld_mean:
+        fails.append(f"KLD {m.kld_mean:.4f} > {t.max_kld_mean}")
+    if t.min_top1 is not None and m.top1 < t.min_top1:
+        fails.append(f"top-1 {m.top1:.3f} < {t.min_top1}")
+    return fails
+
+
+def task_checks(base: Dict[str, Any], quant: Dict[str, Any], t: ThresholdsConfig) -> Tuple[Dict[str, dict], List[str]]:
+    """Compare every task's metrics with the float baseline; failures name the task and metric."""
+    from quantfix import tasks as tasks_mod
+
+    rows, fails = {}, []
+    for name, q in quant.items():
+        th = t.tasks.get(name) if name in t.tasks else None
+        metric = (th.metric if th is not None and th.metric else None) or tasks_mod.PRIMARY_METRIC.get(name) \
+            or next(iter(q.metrics))
+        max_drop = th.max_drop if th is not None and th.max_drop is not None else float("inf")
+        z = th.z if th is not None else 1.96
+        c = tasks_mod.compare(base[name], q, metric, max_drop, z)
+        c["checked"] = max_drop != float("inf")
+        c["seconds"] = round(q.seconds, 1)
+        rows[name] = c
+        if c["failed"]:
+            fails.append(f"{name} {c['reason']}")
+    return rows, fails
+
+
+def ppl_limit(base: Metrics, t: ThresholdsConfig) -> Optional[float]:
+    """The largest perplexity the thresholds allow (None when no PPL threshold is set)."""
+    lims = []
+    if t.max_ppl_increase_pct is not None:
+        lims.append(base.ppl * (1 + t.max_ppl_increase_pct / 100))
+    if t.max_ppl_increase_abs is not None:
+        lims.append(base.ppl + t.max_ppl_increase_abs)
+    return min(lims) if lims else None
+
+
+def nll_per_kld(m: Metrics, base: Metrics) -> float:
+    """The measured ratio of NLL increase to mean KLD (floored at 0.2)."""
+    return max((m.nll - base.nll) / max(m.kld_mean, 1e-9), 0.2)
+
+
+def kld_target(t: ThresholdsConfig, base_ppl: float, nll_per_kld: float) -> float:
+    """The mean KLD a plan may reach: the KLD threshold, and the PPL thresholds mapped to KLD
+    through the measured ratio of NLL increase to KLD (about 1 when the eval text looks like
+    what the model would generate)."""
+    targets = []
+    if t.max_kld_mean is not None:
+        targets.append(t.max_kld_mean)
+    if t.max_ppl_increase_pct is not None:
+        targets.append(math.log1p(t.max_ppl_increase_pct / 100) / nll_per_kld)
+    if t.max_ppl_increase_abs is not None:
+        targets.append(math.log1p(t.max_ppl_increase_abs / base_ppl) / nll_per_kld)
+    return min(targets) if targets else float("inf")

@@ -1,0 +1,113 @@
+"""The planner's pieces on hand-made numbers: the ladder, the convex hull of each module's options,
+budgets, the KLD target, the correction refit, and the greedy ranking."""
+import math
+
+import pytest
+
+from quantfix.config import ThresholdsConfig
+from quantfix.diagnose.findings import Finding
+from quantfix.plan import Plan, Precision
+from quantfix.planner import GreedyPlanner, Ladder, PredictivePlanner, ladder_options
+from quantfix.verdict import kld_target
+
+W4G64, W4G32, W8, FP = Precision(4, 64), Precision(4, 32), Precision(8, 0), Precision(16)
+
+
+def _plan(n=3, shape=(64, 128), p=W4G64):
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(n)]
+    return Plan({m: p for m in names}, {m: shape for m in names})
+
+
+def test_ladder_climbs_one_rung_at_a_time_and_stops_at_the_top():
+    lad = Ladder.parse(["4/64", "4/32", "8/0", "16/0"])
+    assert lad.next(W4G64, 128) == W4G32
+    assert lad.next(W4G32, 128) == W8
+    assert lad.next(W8, 128) == FP
+    assert lad.next(FP, 128) is None
+    # a group that does not divide in_features becomes the nearest valid divisor (multiple of 8)
+    assert lad.next(Precision(4, 96), 96) == Precision(4, 48)
+    assert Ladder.parse(["4/64", "4/32"]).next(Precision(4, 48), 96) == Precision(4, 32)
+
+
+def test_ladder_options_list_every_rung_above_but_not_float():
+    plan = _plan(1)
+    opts = ladder_options(plan, Ladder.parse(["4/64", "4/32", "8/0", "16/0"]))
+    assert list(next(iter(opts.values()))) == ["W4g32", "W8ch"]
+
+
+def _planner(module_kld, option_kld, findings=()):
+    plan = _plan(len(module_kld))
+    names = list(plan.modules)
+    options = {n: {"W4g32": W4G32, "W8ch": W8} for n in names}
+    return plan, names, PredictivePlanner(plan, dict(zip(names, module_kld)),
+                                          {n: o for n, o in zip(names, option_kld)}, options, list(findings))
+
+
+def test_hull_skips_dominated_and_non_convex_options():
+    # module 0: W4g32 removes nothing (dominated): the hull goes straight to W8
+    # module 1: W4g32 removes little for its cost relative to W8 (below the chord): popped
+    plan, names, pl = _planner([1.0, 1.0], [{"W4g32": 1.0, "W8ch": 0.1}, {"W4g32": 0.99, "W8ch": 0.0}])
+    by_mod = {}
+    for st in pl.steps:
+        by_mod.setdefault(st.module, []).append(st.precision.label)
+    assert by_mod[names[0]] == ["W8ch", "FP16"]
+    assert by_mod[names[1]] == ["W8ch"]  # FP16 removes nothing W8 has not (KLD already 0)
+    # efficiency falls along the sorted steps
+    eff = [st.gain / st.cost for st in pl.steps]
+    assert eff == sorted(eff, reverse=True)
+
+
+def test_convex_options_are_kept_in_order():
+    plan, names, pl = _planner([1.0], [{"W4g32": 0.5, "W8ch": 0.3}])
+    assert [st.precision.label for st in pl.steps] == ["W4g32", "W8ch", "FP16"]
+    assert pl.steps[0].gain == pytest.approx(0.5) and pl.steps[1].gain == pytest.approx(0.2)
+
+
+def test_prediction_prefixes_budget_and_correction():
+    plan, names, pl = _planner([1.0, 0.5], [{"W4g32": 0.5, "W8ch": 0.1}, {"W4g32": 0.4, "W8ch": 0.05}])
+    assert pl.predict(0) == pytest.approx(1.5)
+    assert pl.predict(len(pl.steps)) == pytest.approx(0.0)
+    # every prefix's plan costs what its steps add
+    for k in range(len(pl.steps) + 1):
+        added = sum(st.cost for st in pl.steps[:k])
+        assert pl.plan_at(k).avg_bits == pytest.approx(plan.avg_bits + added / plan.n_params)
+    # the longest prefix within a budget, and not one step more
+    budget = 4.6
+    k = pl.largest_within(budget)
+    assert pl.plan_at(k).avg_bits <= budget + 1e-9
+    assert k == len(pl.steps) or pl.plan_at(k + 1).avg_bits > budget
+    # the refit maps the raw prediction onto a measurement
+    pl.calibrate(0, 3.0)
+    assert pl.correction == pytest.approx(2.0) and pl.predict(0) == pytest.approx(3.0)
+    k = pl.first_passing(1.0)
+    assert pl.predict(k) <= 0.9 and (k == 0 or pl.predict(k - 1) > 0.9)
+
+
+def test_findings_name_the_reason_of_each_step():
+    findings = [Finding("outlier_channels", "x", "y", modules=["model.layers.0.mlp.down_proj"]),
+                Finding("concentrated_layers", "x", "y", layers=[1])]
+    plan, names, pl = _planner([1.0, 1.0, 1.0], [{"W4g32": 0.9, "W8ch": 0.1}] * 3, findings)
+    reasons = {st.module: st.reason for st in pl.steps if st.precision == W8}
+    assert reasons[names[0]] == "outlier_channels" and reasons[names[1]] == "concentrated_layers"
+    assert reasons[names[2]] == "sensitivity"
+
+
+def test_kld_target_maps_ppl_thresholds_through_the_nll_ratio():
+    t = ThresholdsConfig(max_ppl_increase_pct=5.0)
+    assert kld_target(t, 30.0, 1.0) == pytest.approx(math.log(1.05))
+    assert kld_target(t, 30.0, 2.0) == pytest.approx(math.log(1.05) / 2)
+    t = ThresholdsConfig(max_ppl_increase_pct=None, max_ppl_increase_abs=3.0, max_kld_mean=0.2)
+    assert kld_target(t, 30.0, 1.0) == pytest.approx(min(0.2, math.log1p(0.1)))
+    assert kld_target(ThresholdsConfig(max_ppl_increase_pct=None), 30.0, 1.0) == float("inf")
+
+
+def test_greedy_promotes_the_largest_error_per_bit_first():
+    plan = _plan(3)
+    names = list(plan.modules)
+    err = {names[0]: 5.0, names[1]: 1.0, names[2]: 3.0}
+    g = GreedyPlanner(Ladder.parse(["4/64", "4/32", "8/0", "16/0"]),
+                      lambda n, p: err[n] if p == W4G64 else 0.0, bits_step=0.0001)
+    ranked = [n for n, _, _ in g.ranked_promotions(plan)]
+    assert ranked == [names[0], names[2], names[1]]
+    new, changes = g.next_plan(plan)
+    assert [n for n, _ in changes] == [names[0]] and new.modules[names[0]] == W4G32
