@@ -1,0 +1,255 @@
+"""Weight scale search: bit-exact replicas of llm-compressor 0.14 weight observers.
+
+Findings (llm-compressor 0.14.0.1 oneshot on CPU, tiny Llama with x10 columns, 8x32 tokens, int4 g32, 2304 groups;
+minmax scales would match only 40-60% of them): (a) QuantizationModifier with "observer": "imatrix_mse" works
+in oneshot (it infers the sequential pipeline); saved weight_scale == search_qparams(W, "imatrix", importance=
+E[x^2] measured here in fp32) in 2304/2304 groups (fp32, sym) and 2303/2304 (bf16, asym; zero points 2304/2304).
+(b) GPTQModifier observes the ORIGINAL weights: "mse" 2304/2304 (fp32 and bf16); "imatrix_mse" 2304/2304 with the
+observer's own E[x^2] but 2275/2304 with the fp model's (layer 1 sees GPTQ-quantized layer-0 outputs, propagate_error).
+
+`search_qparams(W, bits, group_size, symmetric, method)` returns (scale, zero), both shaped
+[out, n_groups] (group_size 0 = per output channel, n_groups 1) in W's dtype, like
+`fake.qparams`; `zero.to(torch.int8)` is the stored `weight_zero_point`.
+  * "minmax"  = `fake.qparams` (llm-compressor's default `memoryless_minmax`).
+  * "mse"     = `memoryless_mse` (what `"observer": "mse"` becomes for weights): shrink
+                min/max by p = 1 - i/grid, i < int(maxshrink*grid), keep per-group best of
+                sum |QDQ(w) - w|^norm (strict <), stop after `patience` consecutive steps in
+                which NO group improved. Everything in the weight dtype (bf16 error sums too).
+  * "imatrix" = `imatrix_mse`: the same search with i <= max(1, int(maxshrink*grid)),
+                defaults maxshrink 0.95, grid 20, norm 3.0, patience 5 (p = 1.00 .. 0.05);
+                QDQ in the weight dtype, error |QDQ(w) - w|^norm * imp in float32, where
+                imp = E[x^2] / (mean(E[x^2]) + tiny) per input column. Without usable
+                importance (None, non-finite, negative, all zero, wrong length) the library
+                falls back to the unweighted error with the same imatrix defaults; so do we.
+The math follows compressed-tensors 0.19 `calculate_qparams` / `fake_quantize` (INT only):
+sym scale = absmax / (bit_range / 2), asym scale = (max - min) / bit_range and
+zp = round(clamp(qmin - min / scale)), zero scales -> finfo(dtype).eps; QDQ =
+(round(clamp(x / s + zp)) - zp) * s. The CPU eager path is replicated (the CUDA Triton MSE
+kernel uses per-group patience and is NOT what this reproduces).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from quantfix.quantize import fake
+
+Tensor = torch.Tensor
+
+__all__ = ["METHODS", "importance_from_activations", "quantize_with", "search_qparams"]
+
+METHODS = ("minmax", "mse", "imatrix")
+
+_MSE_DEFAULTS = {"maxshrink": 0.20, "patience": 5, "grid": 100.0, "norm": 2.4, "expand": 1.0}
+_IMATRIX_DEFAULTS = {"maxshrink": 0.95, "patience": 5, "grid": 20, "norm": 3.0, "expand": 1.0}
+
+
+def _observed(W: Tensor, group_size: int) -> Tensor:
+    """The observer's view of a weight: (1, rows, n_groups, group) or (1, rows, 1, cols)."""
+    if not group_size:
+        return W.unsqueeze(-2).unsqueeze(0)
+    if W.shape[-1] % group_size:
+        raise ValueError(f"in_features {W.shape[-1]} is not divisible by group_size {group_size}")
+    return W.unflatten(-1, (-1, group_size)).unsqueeze(0)
+
+
+def _range(bits: int) -> tuple[Tensor, Tensor]:
+    """compressed-tensors `calculate_range` for INT: float32 0-dim q_min, q_max."""
+    bit_range = 2.0 ** bits
+    return torch.tensor(-bit_range / 2), torch.tensor(bit_range / 2 - 1)
+
+
+def _calc_qparams(mn: Tensor, mx: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """compressed-tensors `calculate_qparams` for INT weights (no global scale, no scale_dtype).
+    Returns the scale in mn's dtype and the int8 zero point."""
+    mn = torch.min(mn, torch.zeros_like(mn))
+    mx = torch.max(mx, torch.zeros_like(mx))
+    bit_min, bit_max = _range(bits)
+    bit_range = bit_max - bit_min
+    if symmetric:
+        max_val_pos = torch.max(torch.abs(mn), torch.abs(mx))
+        scales = max_val_pos / (bit_range.to(max_val_pos.dtype) / 2)
+        zps = torch.zeros(scales.shape, dtype=mn.dtype)
+    else:
+        scales = (mx - mn) / bit_range.to(mx.dtype)
+        zps = bit_min - (mn / scales)
+        zps = torch.clamp(zps, bit_min, bit_max)
+    eps = torch.finfo(scales.dtype).eps
+    scales = torch.where(scales == 0, torch.tensor(eps, dtype=scales.dtype), scales)
+    zp_dtype = torch.int8 if bits <= 8 else (torch.int16 if bits <= 16 else torch.int32)
+    ii = torch.iinfo(zp_dtype)
+    zps = torch.round(torch.clamp(zps, ii.min, ii.max)).to(zp_dtype)
+    return scales, zps
+
+
+def _qdq(x: Tensor, scale: Tensor, zp: Tensor, q_min: Tensor, q_max: Tensor) -> Tensor:
+    """compressed-tensors `_quantize_dequantize` (INT): clamp, round half-to-even, rescale."""
+    scaled = x / scale
+    scaled += zp.to(x.dtype)
+    if scaled.dtype != scale.dtype:  # never in the searches (scale has the weight's dtype)
+        quantized = torch.round(torch.clamp(scaled, q_min, q_max))
+        return (quantized.to(scale.dtype) - zp.to(scale.dtype)) * scale
+    # the same ops as compressed-tensors, done in place (same kernels, same bits, less memory)
+    return scaled.clamp_(q_min, q_max).round_().sub_(zp.to(scale.dtype)).mul_(scale)
+
+
+def _prepare_importance(importance: Tensor | None, W: Tensor, group_size: int) -> Tensor | None:
+    """IMatrixMSEObserver._prepare_importance: validate, normalize by the mean, broadcast."""
+    if importance is None:
+        return None
+    imp = importance.detach().reshape(-1)
+    if (not torch.isfinite(imp).all()) or (imp < 0).any() or torch.all(imp == 0):
+        return None
+    if imp.numel() != W.shape[-1]:
+        return None
+    imp = imp.to(device=W.device, dtype=torch.float32)
+    imp = imp / (imp.mean() + torch.finfo(torch.float32).tiny)
+    imp_2d = imp.unsqueeze(0).expand(W.shape[0], -1)
+    return _observed(imp_2d, group_size)
+
+
+def _kwargs(defaults: dict, observer_kwargs: dict) -> dict:
+    unknown = set(observer_kwargs) - set(defaults) - {"strict", "triton_error_buffer"}
+    if unknown:
+        raise TypeError(f"unknown observer kwargs: {sorted(unknown)}")
+    kw = dict(defaults)
+    kw.update({k: v for k, v in observer_kwargs.items() if k in defaults})
+    return kw
+
+
+@torch.no_grad()
+def _search_mse(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, patience: int,
+                grid: float, norm: float, expand: float) -> tuple[Tensor, Tensor]:
+    """llmcompressor.observers.mse_quant._grid_search_mse (CPU eager path)."""
+    if expand < 1.0:
+        raise ValueError(f"expand value must be at least 1.0, got {expand}")
+    q_min, q_max = _range(bits)
+    min_val = torch.amin(obs, dim=(0, -1)) * expand
+    max_val = torch.amax(obs, dim=(0, -1)) * expand
+    best_error = torch.full_like(min_val, torch.finfo(min_val.dtype).max)
+    best_min, best_max = min_val.clone(), max_val.clone()
+    no_improve = 0
+    for i in range(int(maxshrink * grid)):
+        p = 1 - i / grid
+        smin, smax = min_val * p, max_val * p
+        s, z = _calc_qparams(smin, smax, bits, symmetric)
+        q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).to(obs.dtype)
+        err = torch.sum(q.sub_(obs).abs_().pow_(norm), dim=(0, -1))
+        improved = err < best_error
+        if torch.any(improved):
+            best_error[improved] = err[improved]
+            best_min[improved] = smin[improved]
+            best_max[improved] = smax[improved]
+            no_improve = 0
+        else:
+            no_improve += 1
+            if no_improve >= patience:
+                break
+    return best_min, best_max
+
+
+@torch.no_grad()
+def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, patience: int,
+                    grid: float, norm: float, expand: float,
+                    imp: Tensor | None) -> tuple[Tensor, Tensor]:
+    """llmcompressor.observers.imatrix._grid_search."""
+    if grid <= 0 or patience < 0 or not (0 <= maxshrink <= 1) or not (
+            isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0):
+        raise ValueError(f"bad imatrix observer kwargs: maxshrink={maxshrink} grid={grid} "
+                         f"patience={patience} norm={norm}")
+    q_min, q_max = _range(bits)
+    min_val = torch.amin(obs, dim=(0, -1)) * expand
+    max_val = torch.amax(obs, dim=(0, -1)) * expand
+    best_error = torch.full(min_val.shape, torch.finfo(torch.float32).max, dtype=torch.float32,
+                            device=min_val.device)
+    best_min, best_max = min_val.clone(), max_val.clone()
+    no_improve = 0
+    obs_f = obs.float()
+    for i in range(max(1, int(maxshrink * grid)) + 1):
+        p = 1 - i / grid
+        smin, smax = p * min_val, p * max_val
+        s, z = _calc_qparams(smin, smax, bits, symmetric)
+        q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).float()
+        q.sub_(obs_f).abs_().pow_(norm)
+        if imp is not None:
+            q.mul_(imp)
+        err = q.sum(dim=(0, -1))
+        improved = err < best_error
+        if torch.any(improved):
+            best_error[improved] = err[improved]
+            best_min[improved] = smin[improved]
+            best_max[improved] = smax[improved]
+            no_improve = 0
+        else:
+            no_improve += 1
+            if patience > 0 and no_improve >= patience:
+                break
+    return best_min, best_max
+
+
+@torch.no_grad()
+def search_qparams(W: Tensor, bits: int, group_size: int, symmetric: bool, method: str = "minmax",
+                   importance: Tensor | None = None, **observer_kwargs) -> tuple[Tensor, Tensor]:
+    """Per-(row, group) scale and zero point as llm-compressor's weight observer would store them.
+
+    W: [out, in] weight, searched in its own dtype (bf16 stays bf16). group_size 0 = per channel.
+    method: "minmax" | "mse" (memoryless_mse) | "imatrix" (imatrix_mse).
+    importance: for "imatrix", the per-input-channel E[x^2] (length in_features), i.e. the
+        observer's `_imatrix_sum / _imatrix_count` in float32 (see `importance_from_activations`).
+    observer_kwargs: maxshrink, patience, grid, norm, expand (the observers' `observer_kwargs`).
+    Returns (scale, zero) shaped [out, n_groups] in W's dtype; zero is integer-valued
+    (`zero.to(torch.int8)` equals the stored weight_zero_point).
+    """
+    if W.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise TypeError(f"expected a floating-point weight, got {W.dtype}")
+    W = W.detach()
+    obs = _observed(W, group_size)  # also checks that group_size divides in_features
+    if method == "minmax":
+        if importance is not None or observer_kwargs:
+            raise ValueError("minmax takes no importance or observer kwargs")
+        return fake.qparams(W, bits, group_size, symmetric)
+    if method == "mse":
+        if importance is not None:
+            raise ValueError("importance is only used by method='imatrix'")
+        mn, mx = _search_mse(obs, bits, symmetric, **_kwargs(_MSE_DEFAULTS, observer_kwargs))
+    elif method == "imatrix":
+        imp = _prepare_importance(importance, W, group_size)
+        mn, mx = _search_imatrix(obs, bits, symmetric, imp=imp,
+                                 **_kwargs(_IMATRIX_DEFAULTS, observer_kwargs))
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    scale, zp = _calc_qparams(mn, mx, bits, symmetric)
+    return scale, zp.to(scale.dtype)
+
+
+@torch.no_grad()
+def quantize_with(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -> Tensor:
+    """Fake-quantize W with given [out, n_groups] qparams, in W's dtype, exactly as
+    compressed-tensors `fake_quantize` does with the stored scale / zero point."""
+    out_f, in_f = W.shape
+    g = group_size or in_f
+    Wg = W.reshape(out_f, in_f // g, g)
+    s = scale.to(W.dtype).reshape(out_f, -1)[..., None]
+    z = zero.to(W.dtype).reshape(out_f, -1)[..., None]
+    return fake.quant_dequant(Wg, s, z, bits).reshape(out_f, in_f).to(W.dtype)
+
+
+@torch.no_grad()
+def importance_from_activations(xs: Iterable[Tensor]) -> Tensor:
+    """Per-input-channel E[x^2] accumulated like the imatrix_mse forward-pre hook: a float32
+    running sum of per-batch sums of x^2 over all leading dims, divided by the token count."""
+    total: Tensor | None = None
+    count = 0
+    for x in xs:
+        x_f = x.detach().to(torch.float32)
+        token_sum = x_f.pow(2).sum(dim=list(range(x_f.dim() - 1)))
+        total = torch.zeros_like(token_sum) if total is None else total
+        total.add_(token_sum)
+        count += math.prod(x_f.shape[:-1])
+    if total is None or count == 0:
+        raise ValueError("no activations")
+    return total / torch.tensor(count, dtype=torch.int64).float()
