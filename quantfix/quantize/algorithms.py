@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from quantfix.quantize import fake
+from quantfix.quantize import fake, scales
 
 if TYPE_CHECKING:  # only for type hints: plan.py imports this module
     from quantfix.plan import Precision
@@ -80,6 +80,11 @@ def _sim_rtn(W, p, _inputs: SimInputs):
     return fake.rtn(W, p.bits, p.group_size, p.symmetric)
 
 
+def _sim_mse(W, p, _inputs: SimInputs):
+    scale, zero = scales.search_qparams(W, p.bits, p.group_size, p.symmetric, "mse")
+    return scales.quantize_with(W, scale, zero, p.bits, p.group_size)
+
+
 def _sim_gptq(W, p, inputs: SimInputs):
     if inputs.stats is None:
         return _sim_rtn(W, p, inputs)
@@ -113,6 +118,12 @@ def _rtn_modifiers(config_groups: dict, ignore: List[str], _q) -> list:
     return [QuantizationModifier(config_groups=config_groups, ignore=ignore)]
 
 
+def _mse_modifiers(config_groups: dict, ignore: List[str], q) -> list:
+    for g in config_groups.values():
+        g["weights"]["observer"] = "mse"  # the engine runs the same search: bit-exact with _sim_mse
+    return _rtn_modifiers(config_groups, ignore, q)
+
+
 def _gptq_modifiers(config_groups: dict, ignore: List[str], q) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier
 
@@ -144,6 +155,8 @@ INT_BITS = tuple(range(2, 9))
 REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("rtn", COMPRESSED_TENSORS, "round to nearest, min/max scales", INT_BITS, _sim_rtn, _int_bits,
               _int_label, _rtn_modifiers),
+    Algorithm("mse", COMPRESSED_TENSORS, "round to nearest, clipping searched for the least weight error (llm-compressor "
+              "'mse' observer)", INT_BITS, _sim_mse, _int_bits, lambda p: _int_label(p) + "-mse", _mse_modifiers),
     Algorithm("gptq", COMPRESSED_TENSORS, "GPTQ: error-compensating rounding on the calibration Hessian",
               INT_BITS, _sim_gptq, _int_bits, _int_label, _gptq_modifiers, calibrated=True, stack_rows=True),
     Algorithm("awq", COMPRESSED_TENSORS, "AWQ: activation-aware per-channel scales, then RTN", INT_BITS,
