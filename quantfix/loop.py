@@ -113,19 +113,25 @@ class Session:
         self.dtype = model_mod.resolve_dtype(cfg.model.dtype, self.device)
         self.cache = model_mod.cache_dir(cfg.cache_dir)
         self.data_dir = str(data_mod.default_data_dir(cfg.data_dir))
+        self.offline = model_mod.is_offline(cfg.offline)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with self.timer("load model"):
-            self.resolved = model_mod.resolve(cfg.model.name_or_path, self.cache)
+            self.resolved = model_mod.resolve(cfg.model.name_or_path, self.cache, offline=self.offline,
+                                              revision=cfg.model.revision)
             self.model, self.tokenizer = model_mod.load(
                 self.resolved, self.dtype, self.device, cfg.model.revision, cfg.model.trust_remote_code,
                 cfg.model.device_map, dict(cfg.model.max_memory) if cfg.model.max_memory else None,
-                cfg.model.offload_folder)
+                cfg.model.offload_folder, allow_pickle=cfg.model.allow_pickle, offline=self.offline)
+        model_mod.check_positions(self.model.config, {  # the diagnosis (not in mode=baseline) has its own length
+            "eval.seq_len": cfg.eval.seq_len, "data.seq_len": cfg.data.seq_len,
+            **({} if cfg.mode == "baseline" else {"diagnose.domain_seq_len": cfg.diagnose.domain_seq_len})})
         with self.timer("data"):
             self.windows = data_mod.eval_windows(cfg.eval.source, self.data_dir, self.tokenizer,
-                                                 cfg.eval.n_windows, cfg.eval.seq_len)
+                                                 cfg.eval.n_windows, cfg.eval.seq_len, offline=self.offline)
             self.samples = data_mod.calibration_samples(list(cfg.data.domains), self.data_dir, self.tokenizer,
-                                                        cfg.data.n_samples, cfg.data.seq_len, cfg.data.seed)
+                                                        cfg.data.n_samples, cfg.data.seq_len, cfg.data.seed,
+                                                        offline=self.offline)
         self.model_key = f"{self.resolved.path}@{cfg.model.revision or ''}"
         # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
         self.batch_size = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)

@@ -1,0 +1,250 @@
+"""Reliability matrix (issue 12, model/data/export/CLI part): every bad input, hostile file or fault
+ends in one clear line with exit code 2, or in a correct result; the exit code tells passed (0),
+thresholds not met (1), bad input (2) and interrupted (130) apart. Tiny random models only."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantfix import data as data_mod
+from quantfix import export as exp
+from quantfix import model as model_mod
+from quantfix.errors import QuantfixError
+from tests.conftest import ROOT, SHARED_DATA, save_model_dir, tiny_llama, tiny_overrides
+
+CPU = torch.device("cpu")
+
+
+def _load(path, **kw):
+    return model_mod.load(model_mod.resolve(str(path), path.parent / "cache"), torch.float32, CPU, **kw)
+
+
+def _one_line_error(path, match, **kw) -> str:
+    with pytest.raises(QuantfixError, match=match) as info:
+        _load(path, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _cli(*args, env=None, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "quantfix", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def _errors(r) -> list:
+    return [line for line in r.stderr.splitlines() if line.startswith("quantfix: error:")]
+
+
+def _tiny_bert(path: Path, tokenizer, cls_name="BertForMaskedLM", **cfg_kw) -> Path:
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=128, **cfg_kw)
+    torch.manual_seed(0)
+    return save_model_dir(getattr(transformers, cls_name)(cfg), tokenizer, path)
+
+
+# --- 1. model checks up front ---------------------------------------------------------------------
+
+def test_cli_bert_checkpoint_is_refused_with_exit_2(tmp_path, tokenizer):
+    bert = _tiny_bert(tmp_path / "bert", tokenizer)
+    r = _cli(*tiny_overrides(bert, tmp_path / "cache"), "mode=baseline", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 2, r.stderr[-1500:]
+    errs = _errors(r)
+    assert len(errs) == 1 and "(bert) is an encoder" in errs[0], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_bidirectional_attention_is_refused_without_the_family_list(tmp_path, tokenizer, monkeypatch):
+    # the attention modules' own is_causal flags catch encoders the list does not name
+    monkeypatch.setattr(model_mod, "ENCODER_TYPES", frozenset())
+    bert = _tiny_bert(tmp_path / "bert", tokenizer)
+    _one_line_error(bert, "has bidirectional attention")
+
+
+def test_random_lm_head_is_refused(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    d = save_model_dir(tiny_llama(), tokenizer, tmp_path / "nohead")  # untied embeddings
+    weights = load_file(d / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    _one_line_error(d, r"its LM head \(lm_head.weight\) is not in the checkpoint")
+
+
+def test_decoder_bert_without_its_head_is_refused(tmp_path, tokenizer):
+    # is_decoder=True makes BERT causal; a backbone-only save still has no trained head
+    bert = _tiny_bert(tmp_path / "bert", tokenizer, cls_name="BertModel", is_decoder=True)
+    _one_line_error(bert, "no weights for cls.predictions")
+
+
+def test_check_positions_names_the_key_and_the_fix():
+    from transformers import GPT2Config, LlamaConfig
+
+    with pytest.raises(QuantfixError, match=r"eval.seq_len=128 is longer than the model's 64 positions "
+                                            r"\(config.json n_positions\): set eval.seq_len=64 or less"):
+        model_mod.check_positions(GPT2Config(n_positions=64), {"eval.seq_len": 128, "data.seq_len": 64})
+    model_mod.check_positions(GPT2Config(n_positions=64), {"eval.seq_len": 64, "data.seq_len": None})
+    with pytest.raises(QuantfixError, match="data.seq_len=600.*max_position_embeddings"):
+        model_mod.check_positions(LlamaConfig(max_position_embeddings=512), {"data.seq_len": 600})
+
+
+def test_seq_len_beyond_positions_fails_before_any_data(compose, tiny_dir, tmp_path):
+    from quantfix.loop import run
+
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{"eval.seq_len": 1024, "mode": "baseline"}))
+    with pytest.raises(QuantfixError, match="eval.seq_len=1024 is longer than the model's 512 positions"):
+        run(cfg, tmp_path / "run")
+
+
+# --- 2. load errors: one line each, safetensors preferred, pickles opt-in --------------------------
+
+def test_pickle_only_weights_need_allow_pickle(tmp_path, tokenizer):
+    model = tiny_llama()
+    d = save_model_dir(model, tokenizer, tmp_path / "bin")
+    os.remove(d / "model.safetensors")
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    _one_line_error(d, r"only pickle weights \(pytorch_model.bin\).*model.allow_pickle=true")
+    loaded, _ = _load(d, allow_pickle=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_safetensors_preferred_over_a_pickle_beside_them(tmp_path, tokenizer, tiny_dir):
+    d = tmp_path / "both"
+    shutil.copytree(tiny_dir, d)
+    (d / "pytorch_model.bin").write_bytes(b"not a pickle at all")  # never read
+    loaded, _ = _load(d)
+    assert loaded.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_is_one_line(tmp_path, tiny_dir, damage):
+    d = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, d)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2] if damage == "truncate" else b"\x00" * 64)
+    _one_line_error(d, r"the weights file is corrupt or truncated \(SafetensorError")
+
+
+def test_corrupt_pickle_is_one_line_when_allowed(tmp_path, tiny_dir):
+    import pickle
+
+    d = tmp_path / "badpickle"
+    shutil.copytree(tiny_dir, d)
+    os.remove(d / "model.safetensors")
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"not": "weights"}))
+    _one_line_error(d, r"the weights file is corrupt or truncated \(UnpicklingError", allow_pickle=True)
+
+
+def test_corrupt_config_json_is_one_line(tmp_path, tiny_dir):
+    d = tmp_path / "badjson"
+    shutil.copytree(tiny_dir, d)
+    (d / "config.json").write_text('{"model_type": "llama", ')
+    _one_line_error(d, "a JSON file of the model is corrupt")
+
+
+def _custom_code_dir(path: Path, tokenizer, with_code: bool = True) -> Path:
+    save_model_dir(tiny_llama(), tokenizer, path)
+    if with_code:
+        (path / "configuration_tiny.py").write_text(
+            "from transformers import LlamaConfig\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tiny_custom'\n")
+        (path / "modeling_tiny.py").write_text(
+            "from transformers import LlamaForCausalLM\nfrom .configuration_tiny import TinyConfig\n\n"
+            "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "tiny_custom"
+    cfg["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig",
+                       "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_custom_code_needs_trust_remote_code(tmp_path, tokenizer):
+    d = _custom_code_dir(tmp_path / "custom", tokenizer, with_code=False)
+    _one_line_error(d, r"needs the custom code .*set model.trust_remote_code=true")
+    # trusted, but the module it names is not there: still one line
+    _one_line_error(d, r"could not read the config .*configuration_tiny.py", trust_remote_code=True)
+
+
+# --- 3. offline ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["someorg/no-such-model", "models/foo", "gpt2-typo"])
+def test_offline_bare_name_is_a_missing_path_without_hub_call(tmp_path, monkeypatch, name):
+    import socket
+
+    attempts = []
+
+    def no_network(*a, **k):
+        attempts.append(a)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(QuantfixError, match=rf"model path not found: {name} \(offline: no hub lookup"):
+        model_mod.resolve(name, tmp_path, offline=True)
+    assert attempts == []
+
+
+def test_offline_hub_id_in_the_hf_cache_loads_from_it(tmp_path, tiny_dir, monkeypatch):
+    import huggingface_hub
+
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    shutil.copytree(tiny_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    r = model_mod.resolve("someorg/tiny", tmp_path, offline=True)
+    assert Path(r.path) == repo / "snapshots" / "abc123"
+    m, _ = model_mod.load(r, torch.float32, CPU, offline=True)
+    assert m.config.num_hidden_layers == 2
+
+
+def test_offline_follows_hf_hub_offline_unless_set(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_mod.is_offline(None) and not model_mod.is_offline(False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert not model_mod.is_offline(None) and model_mod.is_offline(True)
+
+
+def test_cli_offline_hub_id_exits_2_before_loading(tmp_path):
+    r = _cli("model.name_or_path=someorg/some-model", "offline=true", f"hydra.run.dir={tmp_path}/run",
+             f"cache_dir={tmp_path}/cache")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errs = _errors(r)
+    assert len(errs) == 1 and "model path not found: someorg/some-model (offline: no hub lookup" in errs[0]
+
+
+@pytest.mark.parametrize("source", ["wikitext2", "c4"])
+def test_offline_data_never_falls_back_to_the_hub(tmp_path, tokenizer, monkeypatch, source):
+    import datasets
+
+    def no_hub(*a, **k):
+        raise AssertionError("datasets.load_dataset was called")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(QuantfixError, match=rf"not found at {empty}/.*offline is on .*data_dir is {empty}"):
+        data_mod.eval_windows(source, str(empty), tokenizer, 2, 16, offline=True)
+
+
+# --- 4. binary data files -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["calib.txt", "calib.jsonl", "calib.jsonl.gz"])
+def test_binary_calibration_file_is_one_line_naming_it(tmp_path, tokenizer, name):
+    f = tmp_path / name
+    f.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(QuantfixError, match=rf"data file {f} is not UTF-8 text") as info:
+        data_mod.calibration_samples(["pydoc", str(f)], str(SHARED_DATA), tokenizer, 4, 16, seed=0)
+    assert "\n" not in str(info.value)
