@@ -373,6 +373,7 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
     except OSError as e:
         raise QuantfixError(f"cannot write the output directory {out_dir} ({e.strerror}): "
                             "pick a writable hydra.run.dir or output_dir") from e
+    exp.clean_stale_temp(out_dir)
     s = Session(cfg, out_dir)
     if cfg.quant.algorithm == "awq" and cfg.export.enabled and cfg.mode == "repair" and s.device.type != "cuda":
         raise QuantfixError("quant=awq exports through llm-compressor's AWQ, which needs a CUDA device (it fails on "
@@ -484,7 +485,7 @@ def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metri
     else:
         with s.timer("export"):
             ckpt = exp.export(s.model, s.tokenizer, plan, s.samples, s.out_dir, s.resolved.path, cfg.quant,
-                              export_dtype)
+                              export_dtype, trust_remote_code=cfg.model.trust_remote_code)
     # free the working model before loading the checkpoint: never two models on the device
     s.model = None
     gc.collect()
@@ -498,7 +499,8 @@ def _export_and_verify(s: Session, plan: Plan, ref: ev.Reference, base: ev.Metri
         return
     with s.timer("verify (reload + evaluate)"):
         model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
-                           dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder)
+                           dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder,
+                           trust_remote_code=cfg.model.trust_remote_code)
         m = s.batched(lambda bs: ev.evaluate(model, s.windows, ref, bs, desc="verify checkpoint"))
         task_fails = []
         if getattr(s, "task_base", None):

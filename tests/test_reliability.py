@@ -248,3 +248,87 @@ def test_binary_calibration_file_is_one_line_naming_it(tmp_path, tokenizer, name
     with pytest.raises(QuantfixError, match=rf"data file {f} is not UTF-8 text") as info:
         data_mod.calibration_samples(["pydoc", str(f)], str(SHARED_DATA), tokenizer, 4, 16, seed=0)
     assert "\n" not in str(info.value)
+
+
+# --- 5. export: trust_remote_code, full disk, stale temp dirs, permissions ------------------------
+
+def test_custom_code_model_exports_and_reloads(compose, tmp_path, tokenizer):
+    from quantfix.loop import run
+
+    d = _custom_code_dir(tmp_path / "custom", tokenizer)
+    cfg = compose(tiny_overrides(d, tmp_path / "cache", **{
+        "model.trust_remote_code": "true", "thresholds.max_ppl_increase_pct": 1000, "loop.max_iters": 1}))
+    report = run(cfg, tmp_path / "run")
+    fin = report["final"]
+    assert fin["passed"] and fin["verified_metrics"]["ppl"] > 0
+    assert (tmp_path / "run" / "checkpoint" / "modeling_tiny.py").exists()
+
+
+def _export_setup(compose, tiny_dir, tmp_path):
+    from quantfix.planner import initial_plan
+
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache"))
+    model, tok = _load(tiny_dir)
+    plan, _ = initial_plan(model, cfg.quant, {})
+    out = tmp_path / "run"
+    out.mkdir()
+    return model, tok, plan, out, cfg
+
+
+def _partial_then(error):
+    def fake_export(model, tokenizer, plan, samples, tmp, q, trust_remote_code=False):
+        (tmp / "model.safetensors").write_bytes(b"\0" * 4096)  # a partial shard
+        raise error
+    return fake_export
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on "
+                 "device\" })"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2432 vs 2304"),
+], ids=["enospc", "safetensors", "torch-zip"])
+def test_disk_full_during_export_is_one_line_and_leaves_nothing(compose, tiny_dir, tmp_path, monkeypatch, error):
+    model, tok, plan, out, cfg = _export_setup(compose, tiny_dir, tmp_path)
+    monkeypatch.setattr(exp, "_export_llmcompressor", _partial_then(error))
+    with pytest.raises(QuantfixError, match=rf"no space left on device while writing the checkpoint to {out}: "
+                                            "free space or pick another hydra.run.dir"):
+        exp.export(model, tok, plan, torch.zeros(1, 8, dtype=torch.long), out, str(tiny_dir), cfg.quant)
+    assert not (out / "checkpoint").exists() and not list(out.glob(".checkpoint-*"))
+
+
+def test_other_export_errors_are_not_called_disk_full(compose, tiny_dir, tmp_path, monkeypatch):
+    model, tok, plan, out, cfg = _export_setup(compose, tiny_dir, tmp_path)
+    monkeypatch.setattr(exp, "_export_llmcompressor", _partial_then(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        exp.export(model, tok, plan, torch.zeros(1, 8, dtype=torch.long), out, str(tiny_dir), cfg.quant)
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_checkpoint_dir_is_world_readable(compose, tiny_dir, tmp_path, monkeypatch):
+    model, tok, plan, out, cfg = _export_setup(compose, tiny_dir, tmp_path)
+
+    def fake_export(model, tokenizer, plan, samples, tmp, q, trust_remote_code=False):
+        model.save_pretrained(tmp)
+
+    monkeypatch.setattr(exp, "_export_llmcompressor", fake_export)
+    old = os.umask(0o022)
+    try:
+        ckpt = exp.export(model, tok, plan, torch.zeros(1, 8, dtype=torch.long), out, str(tiny_dir), cfg.quant)
+    finally:
+        os.umask(old)
+    assert ckpt.stat().st_mode & 0o777 == 0o755
+
+
+def test_stale_checkpoint_temp_dirs_are_removed_at_start(compose, tiny_dir, tmp_path):
+    from quantfix.loop import run
+
+    out = tmp_path / "run"
+    stale = out / ".checkpoint-k1ll3d"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    keep = out / "checkpoint-notes"  # not a temp dir
+    keep.mkdir()
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", mode="baseline"))
+    run(cfg, out)
+    assert not stale.exists() and keep.exists()
