@@ -63,6 +63,7 @@ def test_cli_bert_checkpoint_is_refused_with_exit_2(tmp_path, tokenizer):
     errs = _errors(r)
     assert len(errs) == 1 and "(bert) is an encoder" in errs[0], r.stderr[-1500:]
     assert "Traceback" not in r.stderr
+    assert f"run dir: {tmp_path}/run" in r.stdout  # said on failure too
     assert not (tmp_path / "run" / "report.json").exists()
 
 
@@ -332,3 +333,73 @@ def test_stale_checkpoint_temp_dirs_are_removed_at_start(compose, tiny_dir, tmp_
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", mode="baseline"))
     run(cfg, out)
     assert not stale.exists() and keep.exists()
+
+
+# --- 6. exit codes ---------------------------------------------------------------------------------
+
+def test_cli_exit_1_when_thresholds_are_not_met(tmp_path, tiny_dir):
+    r = _cli(*tiny_overrides(tiny_dir, tmp_path / "cache"), "thresholds.max_kld_mean=1e-9", "loop.max_iters=1",
+             "loop.policy=greedy", "export.enabled=false", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 1, r.stderr[-1500:]
+    assert not json.loads((tmp_path / "run" / "report.json").read_text())["final"]["passed"]
+    assert "result: FAILED" in r.stdout and not _errors(r)
+
+
+@pytest.mark.parametrize("extra", [["mode=baseline"], ["thresholds.max_ppl_increase_pct=1000", "loop.max_iters=1",
+                                                       "export.enabled=false"]], ids=["baseline", "passed"])
+def test_cli_exit_0_when_passed_or_no_verdict(tmp_path, tiny_dir, extra):
+    r = _cli(*tiny_overrides(tiny_dir, tmp_path / "cache"), *extra, f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert (tmp_path / "run" / "report.json").exists() and f"run dir: {tmp_path}/run" in r.stdout
+
+
+def _cli_with_run_raising(tmp_path, exc: str):
+    """The CLI with loop.run replaced by one that raises ``exc`` (interrupt / bug, deterministically)."""
+    code = ("import runpy, sys, quantfix.loop\n"
+            f"def run(cfg, out_dir):\n    raise {exc}\n"
+            "quantfix.loop.run = run\n"
+            f"sys.argv = ['quantfix', 'hydra.run.dir={tmp_path}/run']\n"
+            "runpy.run_module('quantfix', run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_cli_interrupt_is_one_line_exit_130(tmp_path):
+    r = _cli_with_run_raising(tmp_path, "KeyboardInterrupt")
+    assert r.returncode == 130, r.stderr[-1500:]
+    assert r.stderr.strip().splitlines()[-1] == "quantfix: interrupted" and "Traceback" not in r.stderr
+    assert f"run dir: {tmp_path}/run" in r.stdout
+
+
+def test_cli_internal_error_is_not_exit_1(tmp_path):
+    r = _cli_with_run_raising(tmp_path, "ZeroDivisionError('oops')")
+    assert r.returncode == 3
+    assert "Traceback" in r.stderr and "quantfix: internal error: ZeroDivisionError: oops" in r.stderr
+    assert f"run dir: {tmp_path}/run" in r.stdout
+
+
+def test_cli_sweep_goes_on_after_a_bad_job(tmp_path, tiny_dir):
+    sweep = tmp_path / "sweep"
+    r = _cli("-m", "quant.bits=12,4", *tiny_overrides(tiny_dir, tmp_path / "cache"), "mode=baseline",
+             f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-1500:]
+    errs = _errors(r)
+    assert len(errs) == 1 and "quant.bits=12 is out of range" in errs[0]
+    assert len(list(sweep.glob("*/report.json"))) == 1  # the second job ran
+
+
+# --- 7. engine log lines go to the run's engine.log unless verbose ---------------------------------
+
+def test_cli_engine_logs_go_to_engine_log_unless_verbose(tmp_path, tiny_dir):
+    sweep = tmp_path / "sweep"
+    # one process, two jobs: the routing follows each job's setting
+    r = _cli("-m", "verbose=false,true", *tiny_overrides(tiny_dir, tmp_path / "cache"),
+             "thresholds.max_ppl_increase_pct=1000", "loop.max_iters=1", "export.verify=false",
+             "hydra.sweep.subdir=${hydra.job.num}", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.count("#1 : verbose=True") == 1, r.stdout[-1500:]
+    quiet, verbose = r.stdout.split("#1 : verbose=True")
+    assert "Compression lifecycle" not in quiet and "Compression lifecycle" not in r.stderr
+    assert "Compression lifecycle" in (sweep / "0" / "engine.log").read_text()
+    assert "Compression lifecycle" in verbose  # job 1 (verbose) shows them on the console
+    assert not (sweep / "1" / "engine.log").exists()
