@@ -1,35 +1,67 @@
-"""``python -m quantfix``: the Hydra entry point."""
+"""``python -m quantfix``: the Hydra entry point.
+
+Exit codes of a single run: 0 = passed (or mode=baseline / diagnose, which give no verdict),
+1 = thresholds not met (report written), 2 = bad input (one ``quantfix: error:`` line),
+3 = an internal error (a bug: traceback printed), 130 = interrupted. In a sweep (``-m``) a failed
+or refused job does not end the process: it returns inf to the sweeper and the next job runs (an
+internal error or an interrupt still ends the sweep with 3 / 130).
+"""
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from quantfix.config import register
 from quantfix.errors import QuantfixError
+from quantfix.logs import route_engine_logs
 
 log = logging.getLogger("quantfix")
 register()
+
+EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _main(cfg: DictConfig) -> float:
     from quantfix.loop import run
 
-    out_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    out_dir = Path(cfg.output_dir or hc.runtime.output_dir)
+    single = hc.mode == RunMode.RUN  # a sweep job must not end the sweep
+    route_engine_logs(out_dir, cfg.verbose)
     try:
         report = run(cfg, out_dir)
     except QuantfixError as e:
         print(f"quantfix: error: {e}", file=sys.stderr)
         log.error("%s", e)
-        sys.exit(2)
+        print(f"run dir: {out_dir}")
+        if single:
+            sys.exit(EXIT_BAD_INPUT)
+        return float("inf")
+    except KeyboardInterrupt:
+        print("quantfix: interrupted", file=sys.stderr)
+        print(f"run dir: {out_dir}")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # a bug (also ends a sweep, as before): keep the traceback, say where the files are
+        traceback.print_exc()
+        print(f"quantfix: internal error: {type(e).__name__}: {str(e).strip()[:300]} (a bug: please report it with "
+              "the traceback above)", file=sys.stderr)
+        print(f"run dir: {out_dir}")
+        sys.exit(EXIT_INTERNAL)
+    # the run printed its run dir at the end of its summary
     fin = report.get("final") or {}
+    passed = fin.get("passed", True)  # no verdict (mode=baseline / diagnose): nothing failed
+    if single and not passed:
+        sys.exit(EXIT_FAILED)
     # the return value is what a Hydra sweeper optimizes: the final average bits (inf if failed)
-    return float(fin.get("avg_bits", 0.0)) if fin.get("passed", True) else float("inf")
+    return float(fin.get("avg_bits", 0.0)) if passed else float("inf")
 
 
 def main() -> None:

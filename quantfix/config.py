@@ -28,6 +28,9 @@ class ModelConfig:
     # auto = float32 on CPU, bfloat16 on CUDA
     dtype: str = "auto"
     trust_remote_code: bool = False
+    # weights stored only as pickle files (pytorch_model.bin) are refused: unpickling can run code
+    # and hides truncation; true = load them anyway (safetensors are always preferred when present)
+    allow_pickle: bool = False
     # null: the whole model on `device`. "auto" / "balanced" / "sequential": accelerate spreads the
     # layers over every visible GPU (models larger than one card) and offloads the rest to the CPU
     # as the last resort; max_memory caps each device, e.g. {0: "70GiB", 1: "70GiB", cpu: "200GiB"}
@@ -202,6 +205,12 @@ class Config:
     cache_dir: Optional[str] = None  # default: $QUANTFIX_CACHE or ~/.cache/quantfix
     data_dir: Optional[str] = None  # default: $QUANTFIX_DATA or ../shared/data beside the repo
     output_dir: Optional[str] = None  # default: Hydra's run dir
+    # no Hugging Face hub requests: models resolve to local paths or the hub cache, data to data_dir;
+    # null = on when the environment sets HF_HUB_OFFLINE=1
+    offline: Optional[bool] = None
+    # show third-party engine log lines (llm-compressor's INFO/WARNING) on the console; by default
+    # they go to <run dir>/engine.log
+    verbose: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

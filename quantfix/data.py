@@ -5,7 +5,8 @@ own docs, always present), ``stdlib`` (Python stdlib source: a code domain), ``h
 ``mbpp`` (code: prompts + reference solutions), or a path to a ``.txt`` / ``.jsonl`` file
 (``path.jsonl:field`` picks the text field; default ``text``). Local copies are read from
 ``data_dir`` (``$QUANTFIX_DATA`` or ``../shared/data`` beside the repo); ``wikitext2`` and ``c4`` fall
-back to the hub through ``datasets`` for users who have it.
+back to the hub through ``datasets`` for users who have it, unless offline (the ``offline`` config,
+or ``HF_HUB_OFFLINE=1``).
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ import gzip
 import json
 import os
 import sysconfig
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from quantfix.errors import QuantfixError
+from quantfix.model import is_offline
 
 DOMAINS = ("wikitext2", "c4", "pydoc", "stdlib", "humaneval", "mbpp")
 # which broad domain each source belongs to (per-domain perplexity, calibration advice)
@@ -34,14 +38,46 @@ def default_data_dir(configured: Optional[str] = None) -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
+# what reading a binary, truncated or mislabelled (.gz that is not gzip) file as text raises
+_NOT_TEXT = (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error)
+
+
+@contextmanager
+def _reading(path: Path):
+    """Turn a decode or read error inside the block into one line that names the file."""
+    try:
+        yield
+    except _NOT_TEXT as e:
+        raise QuantfixError(f"data file {path} is not UTF-8 text ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100]}): pass a UTF-8 .txt or .jsonl file") from e
+    except OSError as e:
+        raise QuantfixError(f"cannot read data file {path} ({e.strerror or e})") from e
+
+
+def _read_text(path: Path) -> str:
+    with _reading(path):
+        return path.read_text(encoding="utf-8")
+
+
 def _read_jsonl(path: Path, field: str, limit: Optional[int] = None) -> List[str]:
+    with _reading(path):
+        return _read_jsonl_rows(path, field, limit)
+
+
+def _read_jsonl_rows(path: Path, field: str, limit: Optional[int]) -> List[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     out = []
     with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QuantfixError(f"{path}: line {n} is not JSON ({e.msg}); a .jsonl file holds one JSON object "
+                                    "per line") from e
+            if not isinstance(row, dict):
+                raise QuantfixError(f"{path}: line {n} is not a JSON object; a .jsonl file holds one object per line")
             if field not in row:
                 raise QuantfixError(f"{path}: a line has no field {field!r} (fields: {', '.join(row)}); "
                                     f"name the field as {path}:<field>")
@@ -51,10 +87,17 @@ def _read_jsonl(path: Path, field: str, limit: Optional[int] = None) -> List[str
     return out
 
 
-def _wikitext2(data_dir: Path) -> str:
+def _no_hub(name: str, local: Path, data_dir: Path) -> QuantfixError:
+    return QuantfixError(f"{name} not found at {local} and offline is on (no hub download): set data_dir=<folder "
+                         f"with {local.relative_to(data_dir)}> (data_dir is {data_dir})")
+
+
+def _wikitext2(data_dir: Path, offline: bool = False) -> str:
     local = data_dir / "wikitext2" / "wiki.test.raw"
     if local.exists():
-        return local.read_text(encoding="utf-8")
+        return _read_text(local)
+    if offline:
+        raise _no_hub("WikiText-2", local, data_dir)
     try:
         import datasets
 
@@ -65,10 +108,12 @@ def _wikitext2(data_dir: Path) -> str:
                             "set data_dir=<folder with wikitext2/wiki.test.raw>") from e
 
 
-def _c4(data_dir: Path) -> str:
+def _c4(data_dir: Path, offline: bool = False) -> str:
     local = data_dir / "c4" / "c4-train.00000-of-01024.head1000.jsonl"
     if local.exists():
         return "\n\n".join(_read_jsonl(local, "text"))
+    if offline:
+        raise _no_hub("C4 sample", local, data_dir)
     try:
         import datasets
 
@@ -104,8 +149,7 @@ def _humaneval(data_dir: Path) -> str:
     path = data_dir / "humaneval" / "HumanEval.jsonl.gz"
     if not path.exists():
         raise QuantfixError(f"HumanEval not found at {path}: set data_dir=<folder with humaneval/HumanEval.jsonl.gz>")
-    opener = gzip.open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with _reading(path), gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return "\n\n".join(r["prompt"] + r["canonical_solution"] for r in rows)
 
@@ -114,18 +158,26 @@ def _mbpp(data_dir: Path) -> str:
     path = data_dir / "mbpp" / "mbpp.jsonl"
     if not path.exists():
         raise QuantfixError(f"MBPP not found at {path}: set data_dir=<folder with mbpp/mbpp.jsonl>")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
     return "\n\n".join(f'"""{r["text"]}"""\n{r["code"]}' for r in rows)
 
 
 _SOURCES: Dict[str, Callable[[Path], str]] = {
     "wikitext2": _wikitext2, "c4": _c4, "pydoc": _pydoc, "stdlib": _stdlib, "humaneval": _humaneval, "mbpp": _mbpp,
 }
+_HUB_SOURCES = ("wikitext2", "c4")  # the ones that may fall back to the hub
+
+
+def load_text(source: str, data_dir: str, offline: Optional[bool] = None) -> str:
+    """The raw text of a named domain or of a .txt/.jsonl path (``file.jsonl:field``); offline
+    (None: HF_HUB_OFFLINE), a missing local copy is an error instead of a hub download."""
+    return _load_text(source, str(data_dir), is_offline(offline))
 
 
 @functools.lru_cache(maxsize=16)
-def load_text(source: str, data_dir: str) -> str:
-    """The raw text of a named domain or of a .txt/.jsonl path (``file.jsonl:field``)."""
+def _load_text(source: str, data_dir: str, offline: bool) -> str:
+    if source in _HUB_SOURCES:
+        return _SOURCES[source](Path(data_dir), offline)
     if source in _SOURCES:
         return _SOURCES[source](Path(data_dir))
     path_str, _, field = source.partition(":") if source.count(":") == 1 and not source.endswith(":") else (source, "", "")
@@ -135,24 +187,25 @@ def load_text(source: str, data_dir: str) -> str:
             raise QuantfixError(f"text file not found: {path}")
         if path.suffix in (".jsonl", ".gz"):
             return "\n\n".join(_read_jsonl(path, field or "text"))
-        return path.read_text(encoding="utf-8")
+        return _read_text(path)
     raise QuantfixError(f"unknown data source {source!r}: use one of {', '.join(DOMAINS)} or a .txt/.jsonl path")
 
 
 @functools.lru_cache(maxsize=16)
-def _tokens(source: str, data_dir: str, tokenizer) -> torch.Tensor:
-    text = load_text(source, data_dir)
+def _tokens(source: str, data_dir: str, tokenizer, offline: bool) -> torch.Tensor:
+    text = load_text(source, data_dir, offline)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True, verbose=False).input_ids[0]
     return ids
 
 
-def tokens(source: str, data_dir: str, tokenizer) -> torch.Tensor:
-    return _tokens(source, str(data_dir), tokenizer)
+def tokens(source: str, data_dir: str, tokenizer, offline: Optional[bool] = None) -> torch.Tensor:
+    return _tokens(source, str(data_dir), tokenizer, is_offline(offline))
 
 
-def eval_windows(source: str, data_dir: str, tokenizer, n_windows: int, seq_len: int) -> torch.Tensor:
+def eval_windows(source: str, data_dir: str, tokenizer, n_windows: int, seq_len: int,
+                 offline: Optional[bool] = None) -> torch.Tensor:
     """The first n_windows consecutive, non-overlapping windows of seq_len tokens: [n_windows, seq_len]."""
-    ids = tokens(source, data_dir, tokenizer)
+    ids = tokens(source, data_dir, tokenizer, offline)
     need = n_windows * seq_len
     if ids.numel() < need:
         raise QuantfixError(
@@ -162,10 +215,11 @@ def eval_windows(source: str, data_dir: str, tokenizer, n_windows: int, seq_len:
     return ids[:need].view(n_windows, seq_len).clone()
 
 
-def calibration_samples(domains: List[str], data_dir: str, tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_samples(domains: List[str], data_dir: str, tokenizer, n_samples: int, seq_len: int, seed: int,
+                        offline: Optional[bool] = None) -> torch.Tensor:
     """n_samples windows of seq_len tokens, drawn round-robin from the domains at seeded random offsets."""
     g = torch.Generator().manual_seed(seed)
-    per_domain = [tokens(d, data_dir, tokenizer) for d in domains]
+    per_domain = [tokens(d, data_dir, tokenizer, offline) for d in domains]
     for d, ids in zip(domains, per_domain):
         if ids.numel() <= seq_len:
             raise QuantfixError(f"calibration domain {d!r} has only {ids.numel()} tokens; data.seq_len={seq_len} "

@@ -3,12 +3,15 @@
 compressed-tensors plans (rtn, gptq, awq) go through llm-compressor's ``oneshot`` with one config
 group per distinct precision (mixed precision via ``config_groups`` + ``ignore``); bitsandbytes
 plans (llm_int8, nf4) through transformers' ``BitsAndBytesConfig``. The checkpoint is written to a
-temporary folder beside the target and renamed into place only when complete.
+temporary folder beside the target (``.checkpoint-*``) and renamed into place only when complete; a
+full disk is one clear error, and temporary folders left by a killed run are removed by the next.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -55,7 +58,8 @@ def _calibration_dataset(samples: torch.Tensor):
     return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
 
 
-def _export_llmcompressor(model, tokenizer, plan: Plan, samples: torch.Tensor, tmp: Path, q) -> None:
+def _export_llmcompressor(model, tokenizer, plan: Plan, samples: torch.Tensor, tmp: Path, q,
+                          trust_remote_code: bool = False) -> None:
     from llmcompressor import oneshot
 
     recipe = llmcompressor_recipe(plan, q)
@@ -64,22 +68,62 @@ def _export_llmcompressor(model, tokenizer, plan: Plan, samples: torch.Tensor, t
         if algorithms.get(plan.algorithm()).calibrated:
             kwargs = dict(dataset=_calibration_dataset(samples), num_calibration_samples=samples.shape[0],
                           max_seq_length=samples.shape[1], processor=tokenizer, shuffle_calibration_samples=False)
-        oneshot(model=model, recipe=recipe, **kwargs)
+        oneshot(model=model, recipe=recipe, trust_remote_code_model=trust_remote_code, **kwargs)
     model.save_pretrained(tmp, save_compressed=True)
 
 
-def _export_bnb(fp_path: str, plan: Plan, tmp: Path, dtype: torch.dtype, q) -> None:
+def _export_bnb(fp_path: str, plan: Plan, tmp: Path, dtype: torch.dtype, q, trust_remote_code: bool = False) -> None:
     from transformers import AutoModelForCausalLM
 
     skip = ["lm_head"] + [n for n, p in plan.modules.items() if p.is_float]
     bnb = algorithms.get(plan.algorithm()).bnb_config(skip, dtype, q)
-    model = AutoModelForCausalLM.from_pretrained(fp_path, quantization_config=bnb, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(fp_path, quantization_config=bnb, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
     model.save_pretrained(tmp)
     del model
 
 
+TEMP_PREFIX = ".checkpoint-"
+# how a full disk (or quota) shows when the writer is not a plain OSError: safetensors' Rust IoError
+# ("No space left on device (os error 28)", "StorageFull") and torch's zip writer ("unexpected pos
+# 2432 vs 2304": a short write)
+_DISK_FULL = re.compile(r"no space left|storagefull|os error 28|disk quota|unexpected pos \d+ vs \d+", re.I)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) is a full disk or an exceeded quota."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if not isinstance(e, OSError) and _DISK_FULL.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def clean_stale_temp(out_dir: Path) -> List[Path]:
+    """Remove the ``.checkpoint-*`` temporary folders that a killed export left in the run dir
+    (a finished export renames its folder to ``checkpoint``, a failed one removes it)."""
+    removed = []
+    for tmp in sorted(Path(out_dir).glob(TEMP_PREFIX + "*")):
+        if tmp.is_dir() and not tmp.is_symlink():
+            size = dir_size(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("removed %s (%.1f MB) left by an interrupted export", tmp, size / 1e6)
+            removed.append(tmp)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, fp_path: str, q,
-           export_dtype: Optional[torch.dtype] = None) -> Path:
+           export_dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False) -> Path:
     """Write ``out_dir/checkpoint`` (weights, config, tokenizer, quantfix_plan.yaml) atomically.
 
     The model passed in must hold the float weights; it is modified in place (quantized)."""
@@ -87,21 +131,25 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
     if target.exists():
         raise QuantfixError(f"{target} already exists: pick a new output dir (hydra.run.dir=...) or remove it")
     try:
-        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-"))
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=TEMP_PREFIX))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a checkpoint is shared like any saved model
     except OSError as e:
         raise QuantfixError(f"cannot write to {out_dir} ({e.strerror}): pick a writable hydra.run.dir") from e
     try:
         if export_dtype is not None and export_dtype != next(model.parameters()).dtype:
             _cast(model, export_dtype)
         if algorithms.BITSANDBYTES in plan.families():
-            _export_bnb(fp_path, plan, tmp, export_dtype or next(model.parameters()).dtype, q)
+            _export_bnb(fp_path, plan, tmp, export_dtype or next(model.parameters()).dtype, q, trust_remote_code)
         else:
-            _export_llmcompressor(model, tokenizer, plan, samples, tmp, q)
+            _export_llmcompressor(model, tokenizer, plan, samples, tmp, q, trust_remote_code)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "quantfix_plan.yaml")
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise QuantfixError(f"no space left on device while writing the checkpoint to {out_dir}: free space or "
+                                "pick another hydra.run.dir (the partial checkpoint was removed)") from e
         raise
     return target
 
@@ -135,12 +183,12 @@ def dir_size(path: Path) -> int:
 
 
 def reload(path: Path, dtype: torch.dtype, device: torch.device, device_map: Optional[str] = None,
-           max_memory: Optional[dict] = None, offload_folder: Optional[str] = None):
+           max_memory: Optional[dict] = None, offload_folder: Optional[str] = None, trust_remote_code: bool = False):
     """Load a checkpoint back with plain transformers (what a user's deployment does), with the
     run's device map when it has one (a model larger than one card stays spread out)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                                  **placement_kwargs(device_map, max_memory, offload_folder))
     bnb = getattr(model, "hf_quantizer", None) is not None and "bitsandbytes" in type(model.hf_quantizer).__name__.lower()
     if not device_map and not bnb:

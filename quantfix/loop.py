@@ -38,6 +38,7 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
     """Run ``cfg.mode`` and write the run dir; returns report.json's content."""
     t_start = time.perf_counter()
     _check_writable(out_dir)
+    exp.clean_stale_temp(out_dir)
     s = Session(cfg, out_dir)
     alg = algorithms.get(cfg.quant.algorithm)
     if alg.export_needs_cuda and cfg.export.enabled and cfg.mode == "repair" and s.device.type != "cuda":
@@ -176,7 +177,7 @@ def _export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str
     else:
         with s.timer("export"):
             ckpt = exp.export(s.rt.model, s.rt.tokenizer, plan, s.data.samples, s.out_dir, s.resolved.path, cfg.quant,
-                              export_dtype)
+                              export_dtype, trust_remote_code=cfg.model.trust_remote_code)
     s.rt.model = None  # free the working model before loading the checkpoint: never two models on the device
     gc.collect()
     if s.device.type == "cuda":
@@ -187,7 +188,8 @@ def _export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str
         return
     with s.timer("verify (reload + evaluate)"):
         model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
-                           dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder)
+                           dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder,
+                           trust_remote_code=cfg.model.trust_remote_code)
         m = s.evaluate(model, desc="verify checkpoint")
         task_fails = []
         if task_base:

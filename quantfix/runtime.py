@@ -46,3 +46,4 @@ class RunData:
     samples: torch.Tensor  # [n_samples, seq_len] calibration samples (seeded)
     data_dir: str  # where named domains are read from
     calibration_domains: tuple = ()
+    offline: bool = False  # never fall back to the hub for a named data set

@@ -52,23 +52,28 @@ class Session:
         self.dtype = model_mod.resolve_dtype(cfg.model.dtype, self.device)
         self.cache = model_mod.cache_dir(cfg.cache_dir)
         data_dir = str(data_mod.default_data_dir(cfg.data_dir))
+        self.offline = model_mod.is_offline(cfg.offline)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         m = cfg.model
         with self.timer("load model"):
-            self.resolved = model_mod.resolve(m.name_or_path, self.cache)
+            self.resolved = model_mod.resolve(m.name_or_path, self.cache, offline=self.offline, revision=m.revision)
             model, tokenizer = model_mod.load(self.resolved, self.dtype, self.device, m.revision, m.trust_remote_code,
                                               m.device_map, dict(m.max_memory) if m.max_memory else None,
-                                              m.offload_folder)
+                                              m.offload_folder, allow_pickle=m.allow_pickle, offline=self.offline)
+        model_mod.check_positions(model.config, {  # the diagnosis (not in mode=baseline) has its own length
+            "eval.seq_len": cfg.eval.seq_len, "data.seq_len": cfg.data.seq_len,
+            **({} if cfg.mode == "baseline" else {"diagnose.domain_seq_len": cfg.diagnose.domain_seq_len})})
         with self.timer("data"):
-            windows = data_mod.eval_windows(cfg.eval.source, data_dir, tokenizer, cfg.eval.n_windows, cfg.eval.seq_len)
+            windows = data_mod.eval_windows(cfg.eval.source, data_dir, tokenizer, cfg.eval.n_windows, cfg.eval.seq_len,
+                                            offline=self.offline)
             samples = data_mod.calibration_samples(list(cfg.data.domains), data_dir, tokenizer, cfg.data.n_samples,
-                                                   cfg.data.seq_len, cfg.data.seed)
+                                                   cfg.data.seq_len, cfg.data.seed, offline=self.offline)
         self.model_key = f"{self.resolved.path}@{m.revision or ''}"
         # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
         bs = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)
         self.rt = Runtime(model, tokenizer, self.device, bs, cfg.seed)
-        self.data = RunData(windows, samples, data_dir, tuple(cfg.data.domains))
+        self.data = RunData(windows, samples, data_dir, tuple(cfg.data.domains), self.offline)
         self.evaluator: ev.Evaluator = None  # set by reference()
 
     def reference(self) -> ev.Reference:

@@ -136,7 +136,8 @@ def _domain_windows(rt: Runtime, data: RunData, cfg: DiagnoseConfig) -> Dict[str
     out = {}
     for label, src in cfg.domains.items():
         try:
-            out[label] = data_mod.eval_windows(src, data.data_dir, rt.tokenizer, cfg.domain_windows, cfg.domain_seq_len)
+            out[label] = data_mod.eval_windows(src, data.data_dir, rt.tokenizer, cfg.domain_windows, cfg.domain_seq_len,
+                                               offline=data.offline)
         except Exception as e:  # a missing optional corpus should not stop the diagnosis
             log.warning("domain %s (%s) skipped: %s", label, src, e)
     return out
