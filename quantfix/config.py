@@ -120,8 +120,16 @@ class LoopConfig:
     policy: str = "predictive"
     # average bits (over the targeted modules) added per iteration when the plan fails
     bits_step: float = 0.75
-    # the ladder a module climbs when promoted: "bits/group" entries, 16 = keep in float
-    ladder: List[str] = field(default_factory=lambda: ["4/64", "4/32", "8/0", "16/0"])
+    # the ladder a module climbs when promoted: "bits/group" entries, 16 = keep in float. 5- and
+    # 6-bit rungs load everywhere transformers does (compressed-tensors); vLLM's fast kernels take
+    # 4 and 8 bits: drop them (e.g. loop.ladder=[4/64,4/32,8/0,16/0]) for such a deployment
+    ladder: List[str] = field(default_factory=lambda: ["4/64", "4/32", "5/64", "6/64", "8/0", "16/0"])
+    # predictive: the algorithms a module may move to at each rung, the planner picking per module
+    # (empty: plan 0's own); imatrix and gptq_imatrix search the clipping on the calibration data
+    algorithms: List[str] = field(default_factory=lambda: ["imatrix", "gptq_imatrix"])
+    # predictive: when the diagnosis finds a domain missing from the calibration data, add it and
+    # recalibrate before planning (what GPTQ / imatrix learn from the data depends on it)
+    recalibrate: bool = True
     resume: bool = False
 
 
@@ -340,6 +348,11 @@ def _check_search(cfg) -> List[str]:
         p.append(f"loop.policy={cfg.loop.policy!r}: use predictive or greedy")
     if cfg.loop.bits_step <= 0:
         p.append(f"loop.bits_step={cfg.loop.bits_step}: use a positive number of bits")
+    for a in cfg.loop.algorithms:
+        if a not in algorithms.REGISTRY:
+            p.append(f"loop.algorithms entry {a!r}: choose from {', '.join(algorithms.NAMES)}")
+        elif not algorithms.get(a).mixable:
+            p.append(f"loop.algorithms entry {a!r} applies to a whole plan: use it as quant={a} instead")
     for rung in cfg.loop.ladder:
         try:
             bits, group = parse_rung(rung)

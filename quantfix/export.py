@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.model import placement_kwargs
+from quantfix.model import placement_kwargs, set_weight, weight_device, weight_of
 from quantfix.plan import Plan
 from quantfix.quantize import algorithms
 
@@ -29,26 +29,38 @@ log = logging.getLogger(__name__)
 
 
 def llmcompressor_recipe(plan: Plan, q) -> list:
-    """The llm-compressor modifiers that reproduce a compressed-tensors plan: one config group per
-    distinct (bits, group, symmetry), the float modules and lm_head in ``ignore``, and the
-    modifiers of the plan's algorithm (its registry entry)."""
+    """The llm-compressor modifiers that write a compressed-tensors plan: plan-wide transforms
+    (AWQ smoothing) first, then one QuantizationModifier with one config group per distinct (bits,
+    group, symmetry, observer). The observer comes from each module's registry entry: the engine's
+    own min/max or mse search where it reproduces the simulation bit for bit, ``quantfix_static``
+    (the simulation's own scales, weights already rounded) for GPTQ and imatrix. Float modules and
+    lm_head are ignored."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
     groups: Dict[tuple, List[str]] = defaultdict(list)
-    ignore = ["lm_head"]
+    ignore, transforms = ["lm_head"], {}
     for name, p in plan.modules.items():
         if p.is_float:
             ignore.append(name)
-        else:
-            groups[(p.bits, p.group_size, p.symmetric)].append(name)
-    config_groups = {}
-    for i, ((bits, group, sym), names) in enumerate(sorted(groups.items())):
-        weights = {"num_bits": bits, "type": "int", "symmetric": sym,
-                   "strategy": "group" if group else "channel", "observer": "memoryless_minmax"}
-        if group:
-            weights["group_size"] = group
-        config_groups[f"group_{i}"] = {"targets": sorted(names), "weights": weights}
-    if not config_groups:
+            continue
+        alg = algorithms.get(p.algorithm)
+        groups[(p.bits, p.group_size, p.symmetric, alg.export_observer)].append(name)
+        if alg.transforms is not None:
+            transforms[alg.name] = alg.transforms
+    if not groups:
         return []
-    return algorithms.get(plan.algorithm()).modifiers(config_groups, ignore, q)
+    config_groups = {f"group_{i}": {"targets": sorted(names), "weights": _weights(bits, group, sym, observer)}
+                     for i, ((bits, group, sym, observer), names) in enumerate(sorted(groups.items()))}
+    return [m for make in transforms.values() for m in make(q)] + \
+        [QuantizationModifier(config_groups=config_groups, ignore=ignore)]
+
+
+def _weights(bits: int, group: int, symmetric: bool, observer: str) -> dict:
+    w = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group" if group else "channel",
+         "observer": algorithms.OBSERVERS[observer]}
+    if group:
+        w["group_size"] = group
+    return w
 
 
 def _calibration_dataset(samples: torch.Tensor):
@@ -65,11 +77,63 @@ def _export_llmcompressor(model, tokenizer, plan: Plan, samples: torch.Tensor, t
     recipe = llmcompressor_recipe(plan, q)
     if recipe:
         kwargs = {}
-        if algorithms.get(plan.algorithm()).calibrated:
+        _register_static_observer()
+        if any(algorithms.get(p.algorithm).calibrated and not algorithms.get(p.algorithm).static_export
+               for p in plan.modules.values() if not p.is_float):
+            _cpu_safe_llmcompressor()
             kwargs = dict(dataset=_calibration_dataset(samples), num_calibration_samples=samples.shape[0],
                           max_seq_length=samples.shape[1], processor=tokenizer, shuffle_calibration_samples=False)
         oneshot(model=model, recipe=recipe, trust_remote_code_model=trust_remote_code, **kwargs)
     model.save_pretrained(tmp, save_compressed=True)
+
+
+STATIC_ATTR = "_quantfix_qparams"
+
+
+def _register_static_observer() -> None:
+    """Register llm-compressor weight observer ``quantfix_static``: it hands the engine the scale
+    and zero point quantfix's simulation rounded with (set on each module as ``STATIC_ATTR``), so
+    the engine packs exactly the weights the trials measured (GPTQ, imatrix) without a second
+    calibration pass of its own."""
+    from llmcompressor.observers import Observer
+    from llmcompressor.observers.min_max import MemorylessMinMaxObserver
+
+    registered = {n.replace("-", "_") for n in Observer.registered_names()}  # the registry normalizes names
+    if algorithms.OBSERVERS["static"] in registered:
+        return
+
+    @Observer.register(algorithms.OBSERVERS["static"])
+    class QuantfixStaticObserver(MemorylessMinMaxObserver):
+        def attach(self, module) -> None:
+            self._qparams = getattr(module, STATIC_ATTR, None)
+
+        @torch.no_grad()
+        def get_qparams(self):
+            if getattr(self, "_qparams", None) is None:
+                raise RuntimeError("quantfix_static observer: no scales were handed over for this module")
+            scale, zero = self._qparams
+            self.delete_statistics(check_fused=False)
+            return {"scale": scale, "zero_point": zero.to(torch.int8), "global_scale": None}
+
+
+@torch.no_grad()
+def _install_static(model, static: Dict[str, tuple]) -> None:
+    """Put the simulated weights in the model and attach their scales for the static observer."""
+    mods = dict(model.named_modules())
+    for name, (w, scale, zero) in static.items():
+        set_weight(mods[name], w)
+        dev, dtype = weight_device(mods[name]), weight_of(mods[name]).dtype
+        setattr(mods[name], STATIC_ATTR, (scale.to(dev, dtype), zero.to(dev, dtype)))
+
+
+def _cpu_safe_llmcompressor() -> None:
+    """llm-compressor 0.14 pins host memory in its activation cache (AWQ), which raises "Cannot access
+    accelerator device" on a machine without one; pinning is only an optimization, so skip it there."""
+    if torch.cuda.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None
 
 
 def _export_bnb(fp_path: str, plan: Plan, tmp: Path, dtype: torch.dtype, q, trust_remote_code: bool = False) -> None:
@@ -123,10 +187,17 @@ def _umask() -> int:
 
 
 def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, fp_path: str, q,
-           export_dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False) -> Path:
+           export_dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
+           static: Optional[Dict[str, tuple]] = None) -> Path:
     """Write ``out_dir/checkpoint`` (weights, config, tokenizer, quantfix_plan.yaml) atomically.
 
-    The model passed in must hold the float weights; it is modified in place (quantized)."""
+    The model passed in must hold the float weights; it is modified in place (quantized).
+    ``static``: module -> (simulated weight, scale, zero point) for the modules whose algorithm
+    exports statically (``WeightBank.export_tensors``); required when the plan has such modules."""
+    needed = [n for n, p in plan.modules.items() if not p.is_float and algorithms.get(p.algorithm).static_export]
+    missing = [n for n in needed if n not in (static or {})]
+    if missing:
+        raise ValueError(f"export: no simulated weights for {len(missing)} statically exported modules, e.g. {missing[0]}")
     target = out_dir / "checkpoint"
     if target.exists():
         raise QuantfixError(f"{target} already exists: pick a new output dir (hydra.run.dir=...) or remove it")
@@ -141,6 +212,7 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
         if algorithms.BITSANDBYTES in plan.families():
             _export_bnb(fp_path, plan, tmp, export_dtype or next(model.parameters()).dtype, q, trust_remote_code)
         else:
+            _install_static(model, {n: static[n] for n in needed})
             _export_llmcompressor(model, tokenizer, plan, samples, tmp, q, trust_remote_code)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "quantfix_plan.yaml")

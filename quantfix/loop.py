@@ -6,25 +6,19 @@ export the chosen plan with the real engine -> reload it from disk -> verify -> 
 """
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-import torch
 from omegaconf import OmegaConf
 
-from quantfix import diagnose as diag_mod
 from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import report as rep
-from quantfix import search, verdict
-from quantfix.cache import atomic_write
+from quantfix import search, steps, verdict
 from quantfix.errors import QuantfixError
-from quantfix.plan import Plan
 from quantfix.planner import Ladder, initial_plan, ladder_options
 from quantfix.quantize import algorithms
 from quantfix.quantize.bank import WeightBank
@@ -106,7 +100,7 @@ def _diagnose_only(s: Session, ref, base, report):
         bank.use_external(plan0, qweights)
         report["quantized"] = s.cfg.quantized.name_or_path
     trial(plan0)
-    diagnosis = _diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, None, report)
+    diagnosis = steps.diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, None, report)
     bank.restore()
     report["final"] = None
     return diagnosis
@@ -121,8 +115,9 @@ def _repair(s: Session, ref, base, report):
     elif cfg.loop.policy == "greedy":
         result = search.greedy(trial, plan0, cfg.loop, bank.output_error, s.timer)
     else:
-        options = ladder_options(plan0, Ladder.parse(list(cfg.loop.ladder)))
-        diagnosis = _diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report)
+        options = ladder_options(plan0, Ladder.parse(list(cfg.loop.ladder)), list(cfg.loop.algorithms))
+        diagnosis = steps.diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report)
+        diagnosis = steps.recalibrate_on_domain_gap(s, bank, trial, plan0, options, diagnosis, ref, base, report)
         result = search.predictive(trial, plan0, diagnosis, options, cfg.thresholds, cfg.plan.budget.avg_bits, s.timer)
     chosen = result.chosen
     if result.best is None and report["iterations"]:
@@ -132,74 +127,20 @@ def _repair(s: Session, ref, base, report):
                                      for it in report["iterations"]]}
     if result.frontier:
         report["pareto"]["predicted"] = [[round(b, 4), round(k, 6)] for b, k in result.frontier]
+    static = bank.export_tensors(chosen) if cfg.export.enabled else {}  # what the trials measured, to ship
     bank.restore()
     del bank
     report["final"] = {"plan": "plan.yaml", "plan_summary": chosen.summary_str(), "avg_bits": round(chosen.avg_bits, 4),
                        "size_bytes": chosen.size_bytes, "search_passed": result.best is not None,
                        "stop_reason": result.reason, "trials": len(report["iterations"])}
     if cfg.export.enabled:
-        _export_and_verify(s, chosen, base, trial.setup.task_base, report)
+        steps.export_and_verify(s, chosen, base, trial.setup.task_base, report, static)
     else:
         report["final"]["passed"] = result.best is not None
     return diagnosis
 
 
 MODES: Dict[str, Callable] = {"baseline": _baseline, "diagnose": _diagnose_only, "repair": _repair}
-
-
-def _diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report) -> diag_mod.Diagnosis:
-    """The diagnosis of ``plan`` (replayed from diagnosis_full.json on resume); summary into the report."""
-    saved = s.out_dir / "diagnosis_full.json"
-    if s.cfg.loop.resume and saved.exists():
-        diag = diag_mod.Diagnosis.from_dict(json.loads(saved.read_text()))
-        log.info("resume: diagnosis loaded from %s", saved)
-    else:
-        key = diag_mod.sensitivity_cache_key(s.model_key, plan, s.data.windows, s.cfg.diagnose.sensitivity, options)
-        with s.timer("diagnose"):
-            diag = diag_mod.run(s.rt, s.data, bank, plan, ref, base, metrics, stats, s.cfg.diagnose, s.cfg.probes,
-                                s.out_dir, options, s.sensitivity_cache(key))
-        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(diag.to_dict(), default=str)))
-    (s.out_dir / "diagnosis.json").write_text(json.dumps(diag.to_dict(with_options=False), indent=2, default=str))
-    report["diagnosis"] = {"file": "diagnosis.json", "findings": [f.to_dict() for f in diag.findings],
-                           "top_layers": diag.top_layers(5), "sensitivity_method": diag.sensitivity.method,
-                           "sensitivity_seconds": diag.sensitivity.seconds, "domains": diag.domains,
-                           "plots": diag.plots}
-    return diag
-
-
-def _export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str, Any]) -> None:
-    cfg, fin = s.cfg, report["final"]
-    export_dtype = None if cfg.export.dtype == "auto" else getattr(torch, cfg.export.dtype)
-    existing = s.out_dir / "checkpoint"
-    if cfg.loop.resume and (existing / "quantfix_plan.yaml").exists() and \
-            Plan.load(existing / "quantfix_plan.yaml").modules == plan.modules:
-        ckpt = existing  # exported before the interruption: verify it again
-    else:
-        with s.timer("export"):
-            ckpt = exp.export(s.rt.model, s.rt.tokenizer, plan, s.data.samples, s.out_dir, s.resolved.path, cfg.quant,
-                              export_dtype, trust_remote_code=cfg.model.trust_remote_code)
-    s.rt.model = None  # free the working model before loading the checkpoint: never two models on the device
-    gc.collect()
-    if s.device.type == "cuda":
-        torch.cuda.empty_cache()
-    fin["checkpoint"], fin["checkpoint_bytes"] = str(ckpt), exp.dir_size(ckpt)
-    if not cfg.export.verify:
-        fin["passed"] = fin["search_passed"]
-        return
-    with s.timer("verify (reload + evaluate)"):
-        model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
-                           dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder,
-                           trust_remote_code=cfg.model.trust_remote_code)
-        m = s.evaluate(model, desc="verify checkpoint")
-        task_fails = []
-        if task_base:
-            fin["verified_tasks"], task_fails = verdict.task_checks(task_base, s.task_results(model), cfg.thresholds)
-        del model
-    fails = verdict.check(m, base, cfg.thresholds) + task_fails
-    fin["verified_metrics"], fin["verified_failed"] = m.to_dict(), fails
-    fin["passed"] = fin["search_passed"] and not fails
-    if fin["search_passed"] and fails:
-        fin["stop_reason"] += "; but the reloaded checkpoint fails: " + "; ".join(fails)
 
 
 def _finish(s: Session, report: Dict[str, Any], t_start: float, diagnosis=None) -> Dict[str, Any]:

@@ -85,7 +85,12 @@ class Plan:
             raise QuantfixError(f"plan names modules with no shape: {sorted(missing)[:3]}")
         if len(self.families()) > 1:
             raise QuantfixError("a plan cannot mix bitsandbytes (llm_int8, nf4) and compressed-tensors (rtn, gptq, "
-                                "awq) modules in one checkpoint: pick one family")
+                                "awq, ...) modules in one checkpoint: pick one family")
+        algs = {p.algorithm for p in self.modules.values() if not p.is_float}
+        fixed = [a for a in algs if not algorithms.get(a).mixable]
+        if fixed and len(algs) > 1:
+            raise QuantfixError(f"{fixed[0]} applies to the whole plan and cannot be mixed with {sorted(algs - {fixed[0]})}"
+                                " in one checkpoint")
 
     # ---- size -------------------------------------------------------------------------------
     def module_bits(self, name: str) -> float:
@@ -115,7 +120,18 @@ class Plan:
         return dict(sorted(Counter(p.label for p in self.modules.values()).items()))
 
     def summary_str(self) -> str:
-        return ", ".join(f"{k}x{v}" for k, v in self.summary().items())
+        """Every precision with its module count: "W4g64-gptq-imx x67, W8ch x12, FP16 x1"."""
+        return ", ".join(f"{k} x{v}" for k, v in self.summary().items())
+
+    def widths_str(self) -> str:
+        """The storage widths alone (the algorithm left out): "W4g32 x45, W5g64 x79"."""
+        c = Counter("FP16" if p.is_float else p.label.split("-")[0] for p in self.modules.values())
+        return ", ".join(f"{k} x{v}" for k, v in sorted(c.items()))
+
+    def rounding_str(self) -> str:
+        """The algorithms of the quantized modules: "gptq_imatrix 160, imatrix 40"."""
+        c = Counter(p.algorithm for p in self.modules.values() if not p.is_float)
+        return ", ".join(f"{k} {v}" for k, v in c.most_common())
 
     def families(self) -> set:
         """The checkpoint formats the quantized modules need (a plan must fit in one)."""

@@ -9,9 +9,10 @@ bit, ``loop.bits_step`` average bits per iteration.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -149,21 +150,36 @@ class GreedyPlanner:
         return new, changes
 
 
-def ladder_options(plan: Plan, ladder: Ladder) -> Dict[str, Dict[str, Precision]]:
-    """Every precision up the ladder from each module's current one (FP16 excluded: it costs nothing
-    to score, its KLD contribution is 0)."""
+def ladder_options(plan: Plan, ladder: Ladder, algorithms_: Sequence[str] = ()) -> Dict[str, Dict[str, Precision]]:
+    """Each module's options: every rung of the ladder that costs at least what it has now, in each
+    of ``algorithms_`` (default: the module's own), including the same width in another algorithm
+    (a free swap when it rounds better). FP16 is left out: it costs nothing to score, its KLD
+    contribution is 0. Algorithms that must own the whole plan (AWQ, bitsandbytes) keep their own."""
     out: Dict[str, Dict[str, Precision]] = {}
     for n, p in plan.modules.items():
         _, in_f = plan.shapes[n]
-        opts, cur = {}, p
-        while True:
-            cur = ladder.next(cur, in_f)
-            if cur is None or cur.is_float:
-                break
-            opts[cur.label] = cur
+        own = algorithms.get(p.algorithm)
+        algs = [p.algorithm] if not algorithms_ or not own.mixable else list(algorithms_)
+        if own.fixed_group is not None:  # bitsandbytes formats climb the integer rungs as RTN
+            algs = ["rtn"]
+        opts: Dict[str, Precision] = {}
+        for bits, group in ladder.rungs:
+            if bits >= 16:
+                continue
+            g, _ = valid_group_size(group, in_f, False, "")
+            for a in algs:
+                cand = Precision(bits, g, p.symmetric, a)
+                if cand != p and cand.bits >= p.bits and cand.bits_per_weight(in_f) >= p.bits_per_weight(in_f) - 1e-9 \
+                        and algorithms.get(a).check_bits(bits) is None:
+                    opts[cand.label] = cand
         if opts:
             out[n] = opts
     return out
+
+
+# measured KLD ~ raw ** power: what the demo's trials fit (0.63 from W4g64 RTN to its first
+# predicted plan); used until a second trial lets the power be fit on the model at hand
+PRIOR_POWER = 0.65
 
 
 @dataclass
@@ -171,16 +187,17 @@ class Step:
     module: str
     precision: Precision
     gain: float  # predicted KLD removed
-    cost: float  # bits added
-    reason: str
+    cost: float  # bits added (0: a swap to a better-rounding algorithm at the same width)
+    reason: str  # the finding kind that drove it (or "sensitivity")
+    action: str = ""  # what changes, e.g. "W4g64 -> W4g64-gptq-imx"
 
 
 class PredictivePlanner:
     """Predict, then verify. Each module's KLD contribution at each option on the ladder comes from
     the diagnosis (one Fisher pass); the cheapest assignment predicted to pass is a prefix of the
     upgrades sorted by predicted KLD removed per added bit (multiple-choice knapsack, greedy over
-    each module's convex hull). A multiplicative correction, refit on every measured trial, maps
-    the additive prediction to the measured KLD."""
+    each module's convex hull), with free swaps to a better-rounding algorithm at the same width first.
+    A power law, refit on every measured trial, maps the additive prediction to the measured KLD."""
 
     def __init__(self, plan0: Plan, module_kld: Dict[str, float], option_kld: Dict[str, Dict[str, float]],
                  options: Dict[str, Dict[str, Precision]], findings: List["Finding"]):
@@ -191,13 +208,14 @@ class PredictivePlanner:
         for n, p in plan0.modules.items():
             out_f, in_f = plan0.shapes[n]
             numel = out_f * in_f
-            pts = [(p.bits_per_weight(in_f) * numel, max(module_kld.get(n, 0.0), 0.0), p)]
-            for label, q in options.get(n, {}).items():
-                pts.append((q.bits_per_weight(in_f) * numel, max(option_kld.get(n, {}).get(label, 0.0), 0.0), q))
+            cur = (p.bits_per_weight(in_f) * numel, max(module_kld.get(n, 0.0), 0.0), p)
+            pts = [(q.bits_per_weight(in_f) * numel, max(option_kld.get(n, {}).get(label, 0.0), 0.0), q)
+                   for label, q in options.get(n, {}).items()]
             pts.append((Precision(16).bits_per_weight(in_f) * numel, 0.0, Precision(16, 0, True, p.algorithm)))
-            self.steps += self._hull_steps(n, pts)
+            self.steps += self._hull_steps(n, cur, pts)
         self.steps.sort(key=lambda st: -st.gain / max(st.cost, 1e-9))
-        self.correction = 1.0
+        self.measured: List[Tuple[float, float]] = []  # (raw prediction, measured KLD) of every trial
+        self.scale, self.power = 1.0, PRIOR_POWER
 
     def _reasons(self, findings: List["Finding"]) -> Dict[str, str]:
         """module -> the kind of the first finding that names it (or its layer)."""
@@ -212,11 +230,18 @@ class PredictivePlanner:
         self.spread = any(f.kind == "spread_evenly" for f in findings)
         return r
 
-    def _hull_steps(self, name: str, pts) -> List[Step]:
-        """Lower convex hull of (bits, kld) from the current option: upgrades with falling efficiency."""
-        pts = sorted(pts, key=lambda t: (t[0], t[1]))
-        hull = [pts[0]]
-        for pt in pts[1:]:
+    def _hull_steps(self, name: str, cur, pts) -> List[Step]:
+        """From the current (bits, kld, precision): first the best option at the same cost if it
+        removes KLD (a free algorithm swap), then the lower convex hull of the costlier options:
+        upgrades with falling efficiency."""
+        eps = 1e-6
+        start, steps = cur, []
+        same = [pt for pt in pts if abs(pt[0] - cur[0]) <= eps and pt[1] < cur[1]]
+        if same:
+            start = min(same, key=lambda t: t[1])
+            steps.append(self._step(name, cur, start))
+        hull = [start]
+        for pt in sorted((pt for pt in pts if pt[0] > cur[0] + eps), key=lambda t: (t[0], t[1])):
             if pt[1] >= hull[-1][1]:
                 continue  # costs more, removes nothing
             while len(hull) >= 2:
@@ -226,13 +251,16 @@ class PredictivePlanner:
                 else:
                     break
             hull.append(pt)
-        steps = []
-        for (b1, k1, p1), (b2, k2, p2) in zip(hull, hull[1:]):
-            reason = self.reasons.get(name, "sensitivity")
-            if p2.bits == p1.bits and p2.group_size != p1.group_size:
-                reason = "spread_evenly" if self.spread else "sensitivity (smaller group)"
-            steps.append(Step(name, p2, k1 - k2, b2 - b1, reason))
-        return steps
+        return steps + [self._step(name, a, b) for a, b in zip(hull, hull[1:])]
+
+    def _step(self, name: str, a, b) -> Step:
+        (b1, k1, p1), (b2, k2, p2) = a, b
+        reason = self.reasons.get(name, "sensitivity")
+        if p2.bits == p1.bits and p2.group_size != p1.group_size:
+            reason = "spread_evenly" if self.spread else "sensitivity (smaller group)"
+        elif p2.bits == p1.bits and p2.algorithm != p1.algorithm and name not in self.reasons:
+            reason = f"rounding ({p2.algorithm})"
+        return Step(name, p2, k1 - k2, max(b2 - b1, 0.0), reason, f"{p1.label} -> {p2.label}")
 
     def plan_at(self, k: int) -> Plan:
         changes: Dict[str, Precision] = {}
@@ -245,16 +273,40 @@ class PredictivePlanner:
                ", ".join(f"{r} x{c}" for r, c in sorted(reasons.items(), key=lambda t: -t[1]))
         return self.plan0.with_changes(changes, note=note)
 
+    def bits_at(self, k: int) -> float:
+        """Average bits per weight of plan_at(k)."""
+        return (sum(self.plan0.module_bits(n) for n in self.plan0.modules) + sum(st.cost for st in self.steps[:k])) \
+            / self.plan0.n_params
+
     def raw_prediction(self, k: int) -> float:
         return max(sum(max(v, 0.0) for v in self.module_kld.values()) - sum(st.gain for st in self.steps[:k]), 0.0)
 
     def predict(self, k: int) -> float:
-        return self.correction * self.raw_prediction(k)
+        """The measured KLD expected for plan_at(k): scale * raw^power, refit on every trial."""
+        raw = self.raw_prediction(k)
+        return self.scale * raw ** self.power if raw > 0 else 0.0
 
     def calibrate(self, k: int, measured_kld: float) -> None:
+        """Refit the map from the additive (raw) prediction to the measured KLD on every trial so
+        far: through the one point with the prior power after one trial, a power law (log-log least
+        squares, power in [0.5, 2]) once two trials differ. The raw estimates sum per-module
+        contributions measured one at a time; the power absorbs how errors compound when many
+        modules are quantized together."""
         raw = self.raw_prediction(k)
-        if raw > 1e-9:
-            self.correction = measured_kld / raw
+        if raw <= 1e-12 or measured_kld <= 0:
+            return
+        self.measured.append((raw, measured_kld))
+        pts = {(round(math.log(r), 9), math.log(m)) for r, m in self.measured}
+        if len({x for x, _ in pts}) < 2:
+            self.power = PRIOR_POWER
+            self.scale = measured_kld / raw ** self.power
+            return
+        xs, ys = zip(*sorted(pts))
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        power = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        self.power = min(max(power, 0.5), 2.0)
+        # anchored on the latest measurement: the next plans are closest to it
+        self.scale = measured_kld / raw ** self.power
 
     def first_passing(self, target_kld: float, margin: float = 0.9, after: int = -1) -> Optional[int]:
         """The smallest prefix predicted to reach margin x target (and longer than ``after``)."""
@@ -285,6 +337,25 @@ class PredictivePlanner:
             if k < len(self.steps):
                 used += self.steps[k].cost
         return out
+
+    def actions(self, k: int) -> Dict[str, int]:
+        """The changes of plan_at(k) by kind: algorithm swaps, more bits, smaller groups, float."""
+        out: Dict[str, int] = {}
+        final = {st.module: st.precision for st in self.steps[:k]}
+        for n, p in final.items():
+            p0 = self.plan0.modules[n]
+            if p.is_float:
+                kind = "keep in FP16"
+            elif p.bits != p0.bits:
+                kind = f"{p0.bits} -> {p.bits} bits"
+            elif p.group_size != p0.group_size:
+                kind = f"group {p0.group_size or 'ch'} -> {p.group_size or 'ch'}"
+            else:
+                kind = "same width"
+            if not p.is_float and p.algorithm != p0.algorithm:
+                kind += f", {p0.algorithm} -> {p.algorithm}"
+            out[kind] = out.get(kind, 0) + 1
+        return dict(sorted(out.items(), key=lambda t: -t[1]))
 
     def drivers(self, k: int) -> Dict[str, List[str]]:
         out: Dict[str, List[str]] = {}

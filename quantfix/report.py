@@ -15,19 +15,22 @@ def _fmt(v, spec=".3f"):
 
 def table(report: Dict[str, Any]) -> str:
     base = report["baseline"]
-    rows = [("iter", "plan", "avg bits", "size MB", "PPL", "dPPL %", "KLD mean", "KLD p99", "top-1", "pass")]
-    rows.append(("fp", "float baseline", "16.00", _fmt(report.get("baseline_size_bytes", 0) / 1e6, ".1f"),
+    rows = [("iter", "widths", "rounding", "avg bits", "size MB", "PPL", "dPPL %", "KLD mean", "KLD p99", "top-1",
+             "pass")]
+    rows.append(("fp", "float baseline", "", "16.00", _fmt(report.get("baseline_size_bytes", 0) / 1e6, ".1f"),
                  _fmt(base["ppl"]), "0.0", "0", "0", "1.000", ""))
     for it in report["iterations"]:
         m = it["metrics"]
-        rows.append((str(it["iter"]), it["plan_summary"][:46], _fmt(it["avg_bits"], ".2f"),
+        widths = it.get("widths", it["plan_summary"])
+        rows.append((str(it["iter"]), widths if len(widths) <= 48 else widths[:45] + "...",
+                     (it.get("rounding") or "")[:36], _fmt(it["avg_bits"], ".2f"),
                      _fmt(it["size_bytes"] / 1e6, ".1f"), _fmt(m["ppl"]),
                      _fmt(100 * (m["ppl"] / base["ppl"] - 1), ".1f"), _fmt(m["kld_mean"], ".4f"),
                      _fmt(m["kld_p99"], ".3f"), _fmt(m["top1"]), "yes" if it["passed"] else "no"))
     fin = report.get("final") or {}
     vm = fin.get("verified_metrics")
     if vm:
-        rows.append(("ckpt", "reloaded from disk", _fmt(fin.get("avg_bits"), ".2f"),
+        rows.append(("ckpt", "reloaded from disk", "", _fmt(fin.get("avg_bits"), ".2f"),
                      _fmt(fin.get("checkpoint_bytes", 0) / 1e6, ".1f"), _fmt(vm["ppl"]),
                      _fmt(100 * (vm["ppl"] / base["ppl"] - 1), ".1f"), _fmt(vm["kld_mean"], ".4f"),
                      _fmt(vm["kld_p99"], ".3f"), _fmt(vm["top1"]), "yes" if fin.get("passed") else "no"))
@@ -186,16 +189,34 @@ def _causes(diag) -> List[tuple]:
 
 
 def _iterations(report: Dict[str, Any], out_dir: Path) -> List[tuple]:
+    its = report["iterations"]
+    k0, b0 = its[0]["metrics"]["kld_mean"], its[0]["avg_bits"]
     rows = []
-    for it in report["iterations"]:
+    for it in its:
         m = it["metrics"]
         drivers = ", ".join(f"{k} x{v}" for k, v in (it.get("drivers") or {}).items()) or it.get("note", "")
+        action = it.get("action") or "; ".join(f"{k} x{v}" for k, v in (it.get("actions") or {}).items()) or "-"
+        added = it["avg_bits"] - b0
+        bought = f"{(k0 - m['kld_mean']) / added:.3f}" if added > 1e-6 else "-"
+        err = it.get("prediction_error_pct")
         rows.append([it["iter"], it["plan_summary"], f"{it['avg_bits']:.2f}", f"{m['ppl']:.3f}",
                      f"{m['kld_mean']:.4f}", f"{m['top1']:.3f}", it.get("predicted_kld", "-"),
+                     "-" if err is None else f"{err:+.0f}%", action, bought,
                      "pass" if it["passed"] else "; ".join(it["failed"]), drivers])
     b: List[tuple] = [("h2", "Fixes applied per iteration"),
-                      ("table", ["iter", "plan", "avg bits", "PPL", "KLD", "top-1", "predicted KLD", "result", "why"],
-                       rows)]
+                      ("table", ["iter", "plan", "avg bits", "PPL", "KLD", "top-1", "predicted KLD", "prediction error",
+                                 "action", "KLD removed per added bit (vs plan 0)", "result", "why (findings)"], rows)]
+    errs = sorted(abs(it["prediction_error_pct"]) for it in its if it.get("prediction_error_pct") is not None)
+    if errs:
+        b.append(("p", f"Prediction error (predicted vs measured KLD) over {len(errs)} predicted trials: median "
+                       f"{errs[len(errs) // 2]:.0f}%, largest {errs[-1]:.0f}%."))
+    rec = report.get("recalibration")
+    if rec:
+        before, after = rec.get("domains_before_ppl") or {}, rec.get("domains_after_ppl") or {}
+        b.append(("p", f"Recalibration ({rec['finding']}): calibration domains {rec['domains_before']} -> "
+                       f"{rec['domains_after']}; plan 0 per-domain PPL increase before -> after: " + ", ".join(
+                           f"{d} {before[d]['ppl_increase_pct']:+.1f}% -> {after[d]['ppl_increase_pct']:+.1f}%"
+                           for d in before if d in after) + "."))
     task_rows = _task_rows(report)
     if task_rows:
         b.append(("h3", "Task metrics per iteration (float -> quantized, points)"))

@@ -29,12 +29,22 @@ class SearchResult:
         return self.best or self.last
 
 
-def bisect(trial: Trials, make: Callable[[int], Plan], lo: int, hi: int, best: Plan, prev: Plan) -> Tuple[Plan, str]:
-    """Smallest passing prefix between lo (fails) and hi (passes) while trials are left."""
+def bisect(trial: Trials, make, lo: int, hi: int, best: Plan, prev: Plan) -> Tuple[Plan, str]:
+    """Smallest passing prefix between lo (fails) and hi (passes) while trials are left. ``make`` is
+    a PredictivePlanner (each trial records its prediction and refits it) or a function k -> Plan."""
+    planner = make if isinstance(make, PredictivePlanner) else None
     while hi - lo > 1 and trial.left > 0:
         mid = (lo + hi) // 2
-        cand = make(mid)
-        if trial(cand, prev):
+        if planner is not None:
+            cand = planner.plan_at(mid)
+            predicted = planner.predict(mid)
+            fails = trial(cand, prev, _extra(planner, mid))
+            _record_error(trial, predicted)
+            planner.calibrate(mid, trial.last_metrics.kld_mean)
+        else:
+            cand = make(mid)
+            fails = trial(cand, prev)
+        if fails:
             lo = mid
         else:
             hi, best = mid, cand
@@ -80,14 +90,55 @@ def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[st
     return result
 
 
+def _extra(planner: PredictivePlanner, k: int, **more) -> dict:
+    """What the report says of a predicted plan: the prediction, the findings that drove its
+    changes, and the changes themselves (counted by kind)."""
+    return {"predicted_kld": round(planner.predict(k), 5), **more,
+            "drivers": {r: len(v) for r, v in planner.drivers(k).items()}, "actions": planner.actions(k)}
+
+
+def _record_error(trial: Trials, predicted: float) -> None:
+    m = trial.last_metrics
+    trial.iterations[-1]["prediction_error_pct"] = round(100 * (predicted / max(m.kld_mean, 1e-12) - 1), 1)
+
+
 def _within_budget(trial: Trials, planner: PredictivePlanner, plan0: Plan, budget: float) -> SearchResult:
     k = planner.largest_within(budget)
     cand = planner.plan_at(k)
-    extra = {"predicted_kld": round(planner.predict(k), 5), "budget_avg_bits": budget,
-             "drivers": {r: len(v) for r, v in planner.drivers(k).items()}}
-    fails = trial(cand, plan0, extra)
+    fails = trial(cand, plan0, _extra(planner, k, budget_avg_bits=budget))
+    _record_error(trial, planner.predict(k))
     reason = f"lowest predicted KLD within plan.budget.avg_bits={budget}" + ("; thresholds not met" if fails else "")
     return SearchResult(None if fails else cand, cand, reason)
+
+
+def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: ThresholdsConfig, target: float,
+            lo: int, hi: int, best: Plan) -> Tuple[Plan, str]:
+    """After a pass at step ``hi`` (``lo`` failed or is plan 0): the predictor, refit on every
+    trial, proposes the smallest plan it expects to pass in between; it is measured; repeat. Where
+    the prediction would not move, the midpoint is tried instead. Stops when the failing and the
+    passing plan are within 0.05 average bits, or no trial is left."""
+    base = trial.base
+    planner.calibrate(hi, trial.last_metrics.kld_mean)
+    while hi - lo > 1 and trial.left > 0:
+        if planner.bits_at(hi) - planner.bits_at(lo) < 0.05:
+            return best, "passed; converged (the smallest passing plan is within 0.05 bits of a failing one)"
+        k = planner.first_passing(target, margin=0.97, after=lo)
+        if k is None or k >= hi:
+            k = (lo + hi) // 2
+        cand, predicted = planner.plan_at(k), planner.predict(k)
+        fails = trial(cand, plan0, _extra(planner, k, kld_target=round(target, 5)))
+        m = trial.last_metrics
+        _record_error(trial, predicted)
+        planner.calibrate(k, m.kld_mean)
+        if not (trial.last_task_fails and len(trial.last_task_fails) == len(fails)):
+            target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(m, base))
+        if fails:
+            lo = k
+        else:
+            hi, best = k, cand
+    if hi - lo <= 1:
+        return best, "passed; converged (one upgrade step from a failing plan)"
+    return best, "passed; loop.max_iters reached while refining"
 
 
 def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
@@ -103,15 +154,13 @@ def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
                 return SearchResult(None, plan, "no plan on loop.ladder is predicted to pass, and the largest one failed")
         cand = planner.plan_at(k)
         predicted = planner.predict(k)
-        extra = {"predicted_kld": round(predicted, 5), "kld_target": round(target, 5),
-                 "drivers": {r: len(v) for r, v in planner.drivers(k).items()}}
-        fails = trial(cand, plan0, extra)
+        fails = trial(cand, plan0, _extra(planner, k, kld_target=round(target, 5)))
         m = trial.last_metrics
-        trial.iterations[-1]["prediction_error_pct"] = round(100 * (predicted / max(m.kld_mean, 1e-12) - 1), 1)
+        _record_error(trial, predicted)
         if not fails:
-            best, reason = bisect(trial, planner.plan_at, lo, k, cand, plan0)
+            best, reason = _refine(trial, planner, plan0, thresholds, target, lo, k, cand)
             return SearchResult(best, best, reason)
-        # missed: refit the correction and the NLL/KLD ratio on this measurement, then replan
+        # missed: refit the prediction and the NLL/KLD ratio on this measurement, then replan
         planner.calibrate(k, m.kld_mean)
         if trial.last_task_fails and len(trial.last_task_fails) == len(fails):
             # only a task failed: the KLD that passes PPL is not enough for the task; ask for less

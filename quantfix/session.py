@@ -125,7 +125,19 @@ class Session:
                 out[t] = fresh[t]
         return out
 
+    def recalibrate(self, add_domain: str) -> calib_mod.CalibStats:
+        """A repair action: add ``add_domain`` to the calibration domains (same number of samples,
+        drawn round-robin), then recompute the calibration statistics for the same modules."""
+        cfg = self.cfg.data
+        domains = list(self.data.calibration_domains) + [add_domain]
+        with self.timer("data"):
+            self.data.samples = data_mod.calibration_samples(domains, self.data.data_dir, self.rt.tokenizer,
+                                                             cfg.n_samples, cfg.seq_len, cfg.seed, offline=self.offline)
+        self.data.calibration_domains = tuple(domains)
+        return self.calib_stats(self._calib_names)
+
     def calib_stats(self, names: List[str]) -> calib_mod.CalibStats:
+        self._calib_names = list(names)
         key = calib_mod.cache_key(self.model_key + str(self.dtype), self.data.samples, names)
         with self.timer("calibration stats"):
             return self.rt.batched(lambda bs: calib_mod.collect(self.rt.model, self.data.samples, names, bs,

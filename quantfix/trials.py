@@ -29,7 +29,8 @@ def plan_key(plan: Plan) -> str:
 def iteration_record(i: int, plan: Plan, m: Metrics, fails: List[str], seconds: float,
                      changes: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict[str, Any]:
     """One row of report.json's ``iterations``."""
-    return {"iter": i, "plan_summary": plan.summary_str(), "note": plan.note, "avg_bits": round(plan.avg_bits, 4),
+    return {"iter": i, "plan_summary": plan.summary_str(), "widths": plan.widths_str(), "rounding": plan.rounding_str(),
+            "note": plan.note, "avg_bits": round(plan.avg_bits, 4),
             "avg_bits_model": round(plan.avg_bits_model, 4), "size_bytes": plan.size_bytes,
             "metrics": m.to_dict(), "passed": not fails, "failed": fails, "seconds": round(seconds, 2),
             "changes": {n: f"{a} -> {b}" for n, (a, b) in (changes or {}).items()}}

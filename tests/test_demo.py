@@ -23,7 +23,7 @@ def test_demo_loop_repairs_int4(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     its = rep["iterations"]
     assert rep["baseline"]["ppl"] > 10  # a real model, not a random one
-    assert not its[0]["passed"] and its[0]["plan_summary"] == "W4g64x210"
+    assert not its[0]["passed"] and its[0]["plan_summary"] == "W4g64 x210"
     assert rep["final"]["passed"] and rep["final"]["avg_bits"] > its[0]["avg_bits"]
     vm = rep["final"]["verified_metrics"]
     assert vm["ppl"] <= rep["baseline"]["ppl"] * 1.20

@@ -39,8 +39,10 @@ def test_gptq_and_awq_recipes_use_their_modifiers():
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
 
-    (g,) = llmcompressor_recipe(_plan("gptq"), QuantConfig(gptq_dampening=0.05, gptq_block_size=64))
-    assert isinstance(g, GPTQModifier) and g.dampening_frac == pytest.approx(0.05) and g.block_size == 64
+    # GPTQ modules are rounded by the simulation; the engine packs them with the simulation's scales
+    (g,) = llmcompressor_recipe(_plan("gptq"), QuantConfig())
+    assert type(g) is QuantizationModifier and not isinstance(g, GPTQModifier)
+    assert {grp.weights.observer for grp in g.config_groups.values()} == {"quantfix_static"}
     awq, quant = llmcompressor_recipe(_plan("awq"), QuantConfig())
     assert isinstance(awq, AWQModifier) and isinstance(quant, QuantizationModifier)
 
@@ -49,3 +51,26 @@ def test_all_float_plan_has_no_recipe():
     plan = _plan()
     plan = plan.with_changes({n: Precision(16) for n in plan.modules})
     assert llmcompressor_recipe(plan, QuantConfig()) == []
+
+
+def test_mixed_plan_gives_each_module_its_observer():
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    plan = _plan("rtn")
+    names = list(plan.modules)
+    plan = plan.with_changes({names[0]: Precision(4, 64, True, "gptq_imatrix"), names[1]: Precision(4, 64, True, "mse"),
+                              names[2]: Precision(8, 0, True, "imatrix")})
+    (quant,) = llmcompressor_recipe(plan, QuantConfig())
+    assert type(quant) is QuantizationModifier
+    groups = {tuple(g.targets): (g.weights.observer, g.weights.num_bits) for g in quant.config_groups.values()}
+    assert groups == {(names[0],): ("quantfix_static", 4), (names[1],): ("mse", 4),
+                      (names[2],): ("quantfix_static", 8), (names[3],): ("memoryless_minmax", 4)}
+    assert names[4] in quant.ignore
+
+
+def test_whole_plan_algorithms_do_not_mix():
+    from quantfix.errors import QuantfixError
+
+    plan = _plan("rtn")
+    with pytest.raises(QuantfixError, match="awq applies to the whole plan"):
+        plan.with_changes({next(iter(plan.modules)): Precision(4, 64, True, "awq")})

@@ -16,7 +16,7 @@ def test_avg_bits_and_size_by_hand():
     d_bits = 128 * 256 * 16
     assert p.avg_bits == pytest.approx((q_bits + d_bits) / (64 * 128 + 128 * 256))
     assert p.size_bytes == int((q_bits + d_bits + 16 * 1000) / 8)
-    assert p.summary() == {"FP16": 1, "W4g32": 1}
+    assert p.summary() == {"FP16": 1, "W4g32-gptq": 1}
 
 
 def test_yaml_round_trip(tmp_path):

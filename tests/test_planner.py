@@ -7,7 +7,7 @@ import pytest
 from quantfix.config import ThresholdsConfig
 from quantfix.diagnose.findings import Finding
 from quantfix.plan import Plan, Precision
-from quantfix.planner import GreedyPlanner, Ladder, PredictivePlanner, ladder_options
+from quantfix.planner import PRIOR_POWER, GreedyPlanner, Ladder, PredictivePlanner, ladder_options
 from quantfix.verdict import kld_target
 
 W4G64, W4G32, W8, FP = Precision(4, 64), Precision(4, 32), Precision(8, 0), Precision(16)
@@ -65,8 +65,8 @@ def test_convex_options_are_kept_in_order():
 
 def test_prediction_prefixes_budget_and_correction():
     plan, names, pl = _planner([1.0, 0.5], [{"W4g32": 0.5, "W8ch": 0.1}, {"W4g32": 0.4, "W8ch": 0.05}])
-    assert pl.predict(0) == pytest.approx(1.5)
-    assert pl.predict(len(pl.steps)) == pytest.approx(0.0)
+    assert pl.raw_prediction(0) == pytest.approx(1.5)
+    assert pl.predict(len(pl.steps)) == pytest.approx(0.0) and pl.raw_prediction(len(pl.steps)) == pytest.approx(0.0)
     # every prefix's plan costs what its steps add
     for k in range(len(pl.steps) + 1):
         added = sum(st.cost for st in pl.steps[:k])
@@ -78,7 +78,7 @@ def test_prediction_prefixes_budget_and_correction():
     assert k == len(pl.steps) or pl.plan_at(k + 1).avg_bits > budget
     # the refit maps the raw prediction onto a measurement
     pl.calibrate(0, 3.0)
-    assert pl.correction == pytest.approx(2.0) and pl.predict(0) == pytest.approx(3.0)
+    assert pl.power == PRIOR_POWER and pl.predict(0) == pytest.approx(3.0)
     k = pl.first_passing(1.0)
     assert pl.predict(k) <= 0.9 and (k == 0 or pl.predict(k - 1) > 0.9)
 
@@ -111,3 +111,42 @@ def test_greedy_promotes_the_largest_error_per_bit_first():
     assert ranked == [names[0], names[2], names[1]]
     new, changes = g.next_plan(plan)
     assert [n for n, _ in changes] == [names[0]] and new.modules[names[0]] == W4G32
+
+
+def test_power_law_refit_from_two_trials():
+    plan, names, pl = _planner([1.0, 0.5], [{"W4g32": 0.5, "W8ch": 0.1}, {"W4g32": 0.4, "W8ch": 0.05}])
+    k = 2
+    raw0, rawk = pl.raw_prediction(0), pl.raw_prediction(k)
+    # the truth: measured = 0.3 * raw^0.7
+    pl.calibrate(0, 0.3 * raw0 ** 0.7)
+    pl.calibrate(k, 0.3 * rawk ** 0.7)
+    assert pl.power == pytest.approx(0.7, abs=1e-6) and pl.scale == pytest.approx(0.3, rel=1e-6)
+    k2 = len(pl.steps) - 1
+    assert pl.predict(k2) == pytest.approx(0.3 * pl.raw_prediction(k2) ** 0.7, rel=1e-6)
+
+
+def test_free_swap_to_a_better_algorithm_comes_first():
+    plan = _plan(2)
+    names = list(plan.modules)
+    options = {n: {"W4g64-imx": Precision(4, 64, True, "imatrix"), "W8ch": W8} for n in names}
+    pl = PredictivePlanner(plan, {names[0]: 1.0, names[1]: 1.0},
+                           {names[0]: {"W4g64-imx": 0.6, "W8ch": 0.1}, names[1]: {"W4g64-imx": 1.2, "W8ch": 0.1}},
+                           options, [])
+    first = pl.steps[0]
+    assert first.cost == 0 and first.module == names[0] and first.precision.algorithm == "imatrix"
+    assert first.action == "W4g64 -> W4g64-imx" and first.reason == "rounding (imatrix)"
+    assert pl.plan_at(1).avg_bits == plan.avg_bits  # free
+    # the swap that rounds worse is not offered
+    assert not any(st.module == names[1] and st.precision.algorithm == "imatrix" for st in pl.steps)
+
+
+def test_ladder_options_offer_each_algorithm_at_each_rung():
+    from quantfix.planner import ladder_options
+
+    plan = _plan(1)
+    opts = ladder_options(plan, Ladder.parse(["4/64", "4/32", "8/0", "16/0"]), ["imatrix", "gptq_imatrix"])
+    assert sorted(next(iter(opts.values()))) == sorted(["W4g64-imx", "W4g64-gptq-imx", "W4g32-imx", "W4g32-gptq-imx",
+                                                        "W8ch-imx", "W8ch-gptq-imx"])
+    awq = Plan({n: Precision(4, 64, True, "awq") for n in plan.modules}, plan.shapes)
+    assert {p.algorithm for o in ladder_options(awq, Ladder.parse(["4/32"]), ["imatrix"]).values()
+            for p in o.values()} == {"awq"}  # AWQ owns the whole plan

@@ -35,6 +35,7 @@ class WeightBank:
         self.gptq_damp, self.gptq_block, self.awq_grid, self.int8_threshold = gptq_damp, gptq_block, awq_grid, int8_threshold
         self._awq: Dict[Tuple[str, int, int, bool], torch.Tensor] = {}
         self._sim: Dict[Tuple[str, Precision], torch.Tensor] = {}
+        self._qp: Dict[str, dict] = {}  # module -> searched scales (algorithms.SimInputs.qparams_cache)
 
     def original(self, name: str, device=None) -> torch.Tensor:
         w = self.originals[name]
@@ -58,7 +59,8 @@ class WeightBank:
         has_stats = self.stats is not None and name in self.stats.module_input
         return algorithms.SimInputs(stats=self.stats.of(name) if has_stats else None,
                                     awq_scales=lambda: self._awq_scales(name, p), gptq_damp=self.gptq_damp,
-                                    gptq_block=self.gptq_block, int8_threshold=self.int8_threshold)
+                                    gptq_block=self.gptq_block, int8_threshold=self.int8_threshold,
+                                    dtype=self.originals[name].dtype, qparams_cache=self._qp.setdefault(name, {}))
 
     def simulate(self, name: str, p: Precision) -> torch.Tensor:
         key = (name, p)
@@ -69,7 +71,7 @@ class WeightBank:
             return W
         alg = algorithms.get(p.algorithm)
         out = alg.simulate(W, p, self._inputs(name, p))
-        if alg.calibrated and alg.family == algorithms.COMPRESSED_TENSORS:  # expensive: keep a CPU copy
+        if alg.observer != "minmax" or alg.calibrated:  # a search or a sweep: keep a CPU copy for later trials
             self._sim[key] = out.to("cpu", self.originals[name].dtype)
         return out
 
@@ -81,15 +83,15 @@ class WeightBank:
             return
         groups: Dict[Tuple[str, Precision], List[str]] = {}
         for n, p in items:
-            if not p.is_float and algorithms.get(p.algorithm).stack_rows and (n, p) not in self._sim \
+            if not p.is_float and algorithms.get(p.algorithm).simulate_many is not None and (n, p) not in self._sim \
                     and n in self.stats.module_input:
                 groups.setdefault((self.stats.module_input[n], p), []).append(n)
         for (_, p), names in groups.items():
             if len(names) < 2:
                 continue
-            W = torch.cat([self.original(n) for n in names])
-            Q = algorithms.get(p.algorithm).simulate(W, p, self._inputs(names[0], p))
-            for n, q in zip(names, Q.split([self.originals[n].shape[0] for n in names])):
+            outs = algorithms.get(p.algorithm).simulate_many([self.original(n) for n in names], p,
+                                                             [self._inputs(n, p) for n in names])
+            for n, q in zip(names, outs):
                 self._sim[(n, p)] = q.to("cpu", self.originals[n].dtype)
 
     def use_external(self, plan: Plan, weights: Dict[str, torch.Tensor]) -> None:
@@ -117,6 +119,32 @@ class WeightBank:
     def float_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
         """The float (CPU) weight of every module the plan quantizes."""
         return {n: self.originals[n] for n, p in plan.modules.items() if n in self.modules and not p.is_float}
+
+    def export_tensors(self, plan: Plan) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For every module whose algorithm exports statically: (simulated weight, scale, zero point)
+        on the CPU, exactly what the trials measured, for the engine to pack."""
+        todo = [(n, p) for n, p in plan.modules.items()
+                if n in self.modules and not p.is_float and algorithms.get(p.algorithm).static_export]
+        self._prepare(todo)
+        out = {}
+        for n, p in todo:
+            scale, zero = algorithms.get(p.algorithm).qparams(self.original(n), p, self._inputs(n, p))
+            out[n] = (self.simulate(n, p).to("cpu"), scale.cpu(), zero.cpu())
+        return out
+
+    def use_stats(self, stats: Optional[CalibStats]) -> None:
+        """New calibration statistics (recalibration): the float weights go back in and every cached
+        simulation is dropped."""
+        self.restore()
+        self.stats = stats
+        self._awq.clear()
+        self._sim.clear()
+        self._qp.clear()
+
+    def forget_simulations(self) -> None:
+        """Drop the cached simulated weights (host memory), e.g. between unrelated plans."""
+        self._sim.clear()
+        self._qp.clear()
 
     def forget_applied(self) -> None:
         """Say that the live model holds the float weights again (someone restored them directly)."""

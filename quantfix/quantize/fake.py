@@ -70,14 +70,24 @@ def _hinv_upper(H: Tensor, W: Tensor, damp: float) -> Tuple[Tensor, Tensor]:
 
 
 def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = 0, symmetric: bool = True,
-         damp: float = 0.01, block_size: int = 128) -> Tensor:
-    """GPTQ (Frantar et al. 2022) with per-group scales fixed from the original weights."""
+         damp: float = 0.01, block_size: int = 128, actorder: bool = True,
+         scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
+    """GPTQ (Frantar et al. 2022) as llm-compressor 0.14 runs it: per-group scales fixed before the
+    sweep (``scale``/``zero`` [out, n_groups], default min/max of the original weights), columns
+    visited in descending diag(H) order (``actorder``, the engine's default "static"), each
+    column keeping its original group's scale."""
     out_f, in_f = W.shape
     g = group_size or in_f
     W0 = W.float()
-    scale, zero = qparams(W0, bits, group_size, symmetric)  # [out, n_groups]
-    Hinv, Wd = _hinv_upper(H.float().to(W.device), W0, damp)
-    Wd = Wd.clone()
+    if scale is None:
+        scale, zero = qparams(W0, bits, group_size, symmetric)  # [out, n_groups]
+    scale, zero = scale.float().to(W0.device), zero.float().to(W0.device)
+    H = H.float().to(W.device)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if actorder else None
+    if perm is not None:
+        W0, H = W0[:, perm], H[perm][:, perm]
+    g_idx = (perm if perm is not None else torch.arange(in_f, device=W0.device)) // g
+    Hinv, Wd = _hinv_upper(H, W0, damp)
     Q = torch.zeros_like(Wd)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -86,7 +96,7 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = 0, symmetric: bool =
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            s, z = scale[:, col // g], zero[:, col // g]
+            s, z = scale[:, g_idx[col]], zero[:, g_idx[col]]
             w = W1[:, i]
             q = quant_dequant(w, s, z, bits)
             Q[:, col] = q
@@ -94,6 +104,8 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = 0, symmetric: bool =
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         Wd[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
     return Q.to(W.dtype)
 
 

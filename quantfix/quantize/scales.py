@@ -55,10 +55,10 @@ def _observed(W: Tensor, group_size: int) -> Tensor:
     return W.unflatten(-1, (-1, group_size)).unsqueeze(0)
 
 
-def _range(bits: int) -> tuple[Tensor, Tensor]:
+def _range(bits: int, device=None) -> tuple[Tensor, Tensor]:
     """compressed-tensors `calculate_range` for INT: float32 0-dim q_min, q_max."""
     bit_range = 2.0 ** bits
-    return torch.tensor(-bit_range / 2), torch.tensor(bit_range / 2 - 1)
+    return torch.tensor(-bit_range / 2, device=device), torch.tensor(bit_range / 2 - 1, device=device)
 
 
 def _calc_qparams(mn: Tensor, mx: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
@@ -66,18 +66,18 @@ def _calc_qparams(mn: Tensor, mx: Tensor, bits: int, symmetric: bool) -> tuple[T
     Returns the scale in mn's dtype and the int8 zero point."""
     mn = torch.min(mn, torch.zeros_like(mn))
     mx = torch.max(mx, torch.zeros_like(mx))
-    bit_min, bit_max = _range(bits)
+    bit_min, bit_max = _range(bits, mn.device)
     bit_range = bit_max - bit_min
     if symmetric:
         max_val_pos = torch.max(torch.abs(mn), torch.abs(mx))
         scales = max_val_pos / (bit_range.to(max_val_pos.dtype) / 2)
-        zps = torch.zeros(scales.shape, dtype=mn.dtype)
+        zps = torch.zeros(scales.shape, dtype=mn.dtype, device=mn.device)
     else:
         scales = (mx - mn) / bit_range.to(mx.dtype)
         zps = bit_min - (mn / scales)
         zps = torch.clamp(zps, bit_min, bit_max)
     eps = torch.finfo(scales.dtype).eps
-    scales = torch.where(scales == 0, torch.tensor(eps, dtype=scales.dtype), scales)
+    scales = torch.where(scales == 0, torch.tensor(eps, dtype=scales.dtype, device=scales.device), scales)
     zp_dtype = torch.int8 if bits <= 8 else (torch.int16 if bits <= 16 else torch.int32)
     ii = torch.iinfo(zp_dtype)
     zps = torch.round(torch.clamp(zps, ii.min, ii.max)).to(zp_dtype)
@@ -125,7 +125,7 @@ def _search_mse(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, patie
     """llmcompressor.observers.mse_quant._grid_search_mse (CPU eager path)."""
     if expand < 1.0:
         raise ValueError(f"expand value must be at least 1.0, got {expand}")
-    q_min, q_max = _range(bits)
+    q_min, q_max = _range(bits, obs.device)
     min_val = torch.amin(obs, dim=(0, -1)) * expand
     max_val = torch.amax(obs, dim=(0, -1)) * expand
     best_error = torch.full_like(min_val, torch.finfo(min_val.dtype).max)
@@ -159,7 +159,7 @@ def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, p
             isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0):
         raise ValueError(f"bad imatrix observer kwargs: maxshrink={maxshrink} grid={grid} "
                          f"patience={patience} norm={norm}")
-    q_min, q_max = _range(bits)
+    q_min, q_max = _range(bits, obs.device)
     min_val = torch.amin(obs, dim=(0, -1)) * expand
     max_val = torch.amax(obs, dim=(0, -1)) * expand
     best_error = torch.full(min_val.shape, torch.finfo(torch.float32).max, dtype=torch.float32,

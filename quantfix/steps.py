@@ -1,0 +1,99 @@
+"""The repair recipe's larger steps, each given the run's Session by the loop: diagnose a plan and
+record it for the report, recalibrate on a domain the calibration data lacks (a repair action),
+export the chosen plan with the real engine, reload it from disk and verify it."""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from typing import Any, Dict
+
+import torch
+
+from quantfix import diagnose as diag_mod
+from quantfix import export as exp
+from quantfix import verdict
+from quantfix.cache import atomic_write
+from quantfix.plan import Plan
+from quantfix.quantize import algorithms
+from quantfix.session import Session
+
+log = logging.getLogger(__name__)
+
+
+def diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report) -> diag_mod.Diagnosis:
+    """The diagnosis of ``plan`` (replayed from diagnosis_full.json on resume); summary into the report."""
+    saved = s.out_dir / "diagnosis_full.json"
+    if s.cfg.loop.resume and saved.exists():
+        diag = diag_mod.Diagnosis.from_dict(json.loads(saved.read_text()))
+        log.info("resume: diagnosis loaded from %s", saved)
+    else:
+        key = diag_mod.sensitivity_cache_key(s.model_key, plan, s.data.windows, s.cfg.diagnose.sensitivity, options)
+        with s.timer("diagnose"):
+            diag = diag_mod.run(s.rt, s.data, bank, plan, ref, base, metrics, stats, s.cfg.diagnose, s.cfg.probes,
+                                s.out_dir, options, s.sensitivity_cache(key))
+        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(diag.to_dict(), default=str)))
+    (s.out_dir / "diagnosis.json").write_text(json.dumps(diag.to_dict(with_options=False), indent=2, default=str))
+    report["diagnosis"] = {"file": "diagnosis.json", "findings": [f.to_dict() for f in diag.findings],
+                           "top_layers": diag.top_layers(5), "sensitivity_method": diag.sensitivity.method,
+                           "sensitivity_seconds": diag.sensitivity.seconds, "domains": diag.domains,
+                           "plots": diag.plots}
+    return diag
+
+
+def recalibrate_on_domain_gap(s: Session, bank, trial, plan0, options, diagnosis, ref, base, report):
+    """The action for a domain_gap finding: calibrate on the missing domain too, re-measure plan 0
+    when its algorithm learns from the calibration data, and diagnose again (the options' scores
+    depend on the statistics). Returns the diagnosis to plan from."""
+    gap = next((f for f in diagnosis.findings if f.kind == "domain_gap"), None)
+    calibrated = any(algorithms.get(p.algorithm).calibrated for o in [plan0.modules] + list(options.values())
+                     for p in o.values() if not p.is_float)
+    if gap is None or not s.cfg.loop.recalibrate or not calibrated or gap.source in s.data.calibration_domains:
+        return diagnosis
+    before = list(s.data.calibration_domains)
+    log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)
+    stats = s.recalibrate(gap.source)
+    bank.use_stats(stats)
+    action = f"recalibrate: data.domains {before} + {gap.source}"
+    report["recalibration"] = {"finding": gap.finding, "domains_before": before,
+                               "domains_after": list(s.data.calibration_domains), "domains_before_ppl": diagnosis.domains}
+    if any(algorithms.get(p.algorithm).calibrated for p in plan0.modules.values() if not p.is_float):
+        trial(plan0.with_changes({}, note=action), extra={"action": action, "drivers": {"domain_gap": 1}})
+    diagnosis = diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report)
+    report["recalibration"]["domains_after_ppl"] = diagnosis.domains
+    return diagnosis
+
+
+def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str, Any], static=None) -> None:
+    cfg, fin = s.cfg, report["final"]
+    export_dtype = None if cfg.export.dtype == "auto" else getattr(torch, cfg.export.dtype)
+    existing = s.out_dir / "checkpoint"
+    if cfg.loop.resume and (existing / "quantfix_plan.yaml").exists() and \
+            Plan.load(existing / "quantfix_plan.yaml").modules == plan.modules:
+        ckpt = existing  # exported before the interruption: verify it again
+    else:
+        with s.timer("export"):
+            ckpt = exp.export(s.rt.model, s.rt.tokenizer, plan, s.data.samples, s.out_dir, s.resolved.path, cfg.quant,
+                              export_dtype, trust_remote_code=cfg.model.trust_remote_code, static=static)
+    s.rt.model = None  # free the working model before loading the checkpoint: never two models on the device
+    gc.collect()
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+    fin["checkpoint"], fin["checkpoint_bytes"] = str(ckpt), exp.dir_size(ckpt)
+    if not cfg.export.verify:
+        fin["passed"] = fin["search_passed"]
+        return
+    with s.timer("verify (reload + evaluate)"):
+        model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
+                           dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder,
+                           trust_remote_code=cfg.model.trust_remote_code)
+        m = s.evaluate(model, desc="verify checkpoint")
+        task_fails = []
+        if task_base:
+            fin["verified_tasks"], task_fails = verdict.task_checks(task_base, s.task_results(model), cfg.thresholds)
+        del model
+    fails = verdict.check(m, base, cfg.thresholds) + task_fails
+    fin["verified_metrics"], fin["verified_failed"] = m.to_dict(), fails
+    fin["passed"] = fin["search_passed"] and not fails
+    if fin["search_passed"] and fails:
+        fin["stop_reason"] += "; but the reloaded checkpoint fails: " + "; ".join(fails)
