@@ -216,14 +216,16 @@ def eval_windows(source: str, data_dir: str, tokenizer, n_windows: int, seq_len:
 
 
 def calibration_samples(domains: List[str], data_dir: str, tokenizer, n_samples: int, seq_len: int, seed: int,
-                        offline: Optional[bool] = None) -> torch.Tensor:
-    """n_samples windows of seq_len tokens, drawn round-robin from the domains at seeded random offsets."""
+                        offline: Optional[bool] = None, holdout: Optional[Dict[str, int]] = None) -> torch.Tensor:
+    """n_samples windows of seq_len tokens, drawn round-robin from the domains at seeded random offsets.
+    ``holdout``: source -> tokens at its start that calibration must not see (the eval windows, when
+    a calibration domain is the eval source)."""
     g = torch.Generator().manual_seed(seed)
-    per_domain = [tokens(d, data_dir, tokenizer, offline) for d in domains]
+    per_domain = [tokens(d, data_dir, tokenizer, offline)[(holdout or {}).get(d, 0):] for d in domains]
     for d, ids in zip(domains, per_domain):
         if ids.numel() <= seq_len:
-            raise QuantfixError(f"calibration domain {d!r} has only {ids.numel()} tokens; data.seq_len={seq_len} "
-                                "needs more: lower data.seq_len or pick another domain")
+            raise QuantfixError(f"calibration domain {d!r} has only {ids.numel()} tokens (beyond the eval windows); "
+                                f"data.seq_len={seq_len} needs more: lower data.seq_len or pick another domain")
     out = []
     for i in range(n_samples):
         ids = per_domain[i % len(domains)]

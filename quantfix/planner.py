@@ -168,6 +168,8 @@ def ladder_options(plan: Plan, ladder: Ladder, algorithms_: Sequence[str] = ()) 
                 continue
             g, _ = valid_group_size(group, in_f, False, "")
             for a in algs:
+                if bits >= 8 and len(algs) > 1 and algorithms.get(a).simulate_many is not None:
+                    continue  # GPTQ at 8 bits removes < 0.002 KLD over imatrix on the demo: not worth a sweep
                 cand = Precision(bits, g, p.symmetric, a)
                 if cand != p and cand.bits >= p.bits and cand.bits_per_weight(in_f) >= p.bits_per_weight(in_f) - 1e-9 \
                         and algorithms.get(a).check_bits(bits) is None:

@@ -47,3 +47,4 @@ class RunData:
     data_dir: str  # where named domains are read from
     calibration_domains: tuple = ()
     offline: bool = False  # never fall back to the hub for a named data set
+    eval_source: str = ""  # the deployment text the eval windows come from

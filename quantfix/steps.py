@@ -42,10 +42,12 @@ def diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report)
 
 
 def recalibrate_on_domain_gap(s: Session, bank, trial, plan0, options, diagnosis, ref, base, report):
-    """The action for a domain_gap finding: calibrate on the missing domain too, re-measure plan 0
-    when its algorithm learns from the calibration data, and diagnose again (the options' scores
-    depend on the statistics). Returns the diagnosis to plan from."""
-    gap = next((f for f in diagnosis.findings if f.kind == "domain_gap"), None)
+    """The action for a calibration_mismatch or domain_gap finding: calibrate on the deployment text
+    (held out from the eval windows) or the missing domain too, re-measure plan 0 when its
+    algorithm learns from the calibration data, and diagnose again (the options' scores depend on
+    the statistics). Returns the diagnosis to plan from."""
+    gap = next((f for f in diagnosis.findings if f.kind == "calibration_mismatch"), None) or \
+        next((f for f in diagnosis.findings if f.kind == "domain_gap"), None)
     calibrated = any(algorithms.get(p.algorithm).calibrated for o in [plan0.modules] + list(options.values())
                      for p in o.values() if not p.is_float)
     if gap is None or not s.cfg.loop.recalibrate or not calibrated or gap.source in s.data.calibration_domains:

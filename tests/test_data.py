@@ -50,3 +50,16 @@ def test_shared_corpora_load():
     assert "def " in data.load_text("humaneval", str(SHARED_DATA))
     assert len(data.load_text("c4", str(SHARED_DATA))) > 1_000_000
     assert "import" in data.load_text("stdlib", str(SHARED_DATA))
+
+
+def test_calibration_never_sees_the_eval_windows(tokenizer):
+    from quantfix import data as data_mod
+
+    ids = data_mod.tokens("pydoc", ".", tokenizer)
+    held = 64 * 8
+    samples = data_mod.calibration_samples(["pydoc"], ".", tokenizer, 64, 32, 0, holdout={"pydoc": held})
+    head = ids[:held + 31]
+    windows = {tuple(head[i:i + 32].tolist()) for i in range(held)}
+    assert not any(tuple(s.tolist()) in windows for s in samples)
+    free = data_mod.calibration_samples(["pydoc"], ".", tokenizer, 64, 32, 0)
+    assert not torch.equal(free, samples)

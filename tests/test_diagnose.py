@@ -200,3 +200,19 @@ def test_outlier_findings_group_residual_channels_and_merge_the_tail():
     assert found[3].finding.startswith("6 more inputs")
     covered = sorted(m for f in found for m in f.modules)
     assert covered == sorted(m for o in outliers for m in o["input_of"])
+
+
+def test_calibration_mismatch_when_calibrated_rounding_is_no_better_than_rtn():
+    from quantfix.config import DiagnoseConfig
+
+    metrics = {"ppl_increase_pct": 30.0, "quantized": {"kld_mean": 0.5, "top1": 0.7}}
+    diag = _diagnosis({i: 1.0 for i in range(10)}, {}, metrics, calibration=("pydoc",))
+    diag.eval_source = "wikitext2"
+    diag.calibration_check = {"kld": 0.50, "rtn_kld": 0.45, "algorithms": ["gptq"]}
+    (f,) = [x for x in root_causes(diag, DiagnoseConfig()) if x.kind == "calibration_mismatch"]
+    assert f.source == "wikitext2" and "data.domains=[pydoc, wikitext2]" in f.fix and "0.5000 vs 0.4500" in f.finding
+    diag.calibration_check = {"kld": 0.30, "rtn_kld": 0.45, "algorithms": ["gptq"]}  # calibration helps: no finding
+    assert "calibration_mismatch" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
+    diag.calibration_check = {"kld": 0.50, "rtn_kld": 0.45, "algorithms": ["gptq"]}
+    diag.calibration_domains = ["pydoc", "wikitext2"]  # already calibrated on the deployment text
+    assert "calibration_mismatch" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}

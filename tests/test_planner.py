@@ -146,7 +146,7 @@ def test_ladder_options_offer_each_algorithm_at_each_rung():
     plan = _plan(1)
     opts = ladder_options(plan, Ladder.parse(["4/64", "4/32", "8/0", "16/0"]), ["imatrix", "gptq_imatrix"])
     assert sorted(next(iter(opts.values()))) == sorted(["W4g64-imx", "W4g64-gptq-imx", "W4g32-imx", "W4g32-gptq-imx",
-                                                        "W8ch-imx", "W8ch-gptq-imx"])
+                                                        "W8ch-imx"])  # no GPTQ sweep at 8 bits
     awq = Plan({n: Precision(4, 64, True, "awq") for n in plan.modules}, plan.shapes)
     assert {p.algorithm for o in ladder_options(awq, Ladder.parse(["4/32"]), ["imatrix"]).values()
             for p in o.values()} == {"awq"}  # AWQ owns the whole plan

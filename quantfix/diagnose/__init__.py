@@ -49,8 +49,7 @@ def measure_sensitivity(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tenso
         log.info("sensitivity: cached (%s)", cache_path.name)
         bank.restore()
         return sensitivity.Sensitivity.from_dict(json.loads(cache_path.read_text()))
-    opt_w = lambda: {n: {lab: bank.simulate(n, p).cpu() for lab, p in o.items()}  # noqa: E731
-                     for n, o in (options or {}).items()}
+    opt_w = lambda: bank.simulate_options(options or {})  # noqa: E731
     bs = min(2, rt.batch_size)
     if scfg.method == "exact":
         result = _exact(rt, bank, plan, ref, windows, scfg, progress)
@@ -114,6 +113,7 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
     bank.apply(plan, progress=False)
     q = _measure_side(rt, data, cfg, names, domain_sets, prompts, probes_cfg.max_new_tokens, progress)
     lap("quantized side (activations, probes, domains)", t)
+    check = _calibration_check(rt, data, bank, plan, ref, qmetrics)
     outliers = _outlier_rows(fp["absmax"], q["absmax"], stats, names, sens, cfg.outlier_k)
     hist_names = [r["input_of"][0] for r in outliers[: cfg.histograms]]
     plots = out_dir / "plots"
@@ -125,11 +125,31 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
         sensitivity=sens, outliers=outliers, channel_errors={str(k): v for k, v in fp["channels"].items()},
         domains={k: probes.domain_metrics(domain_sets[k], fp["domains"][k], q["domains"][k]) for k in domain_sets},
         generations=probes.compare_generations(rt.tokenizer, prompts, fp["gen"], q["gen"]) if prompts else [],
-        calibration_domains=list(data.calibration_domains), plots={"histograms": hist_paths})
+        calibration_domains=list(data.calibration_domains), plots={"histograms": hist_paths},
+        eval_source=data.eval_source, calibration_check=check)
     diag.findings = root_causes(diag, cfg)
     diag.plots.update(plot_diagnosis(diag, plots))
     diag.timings_s = dict(timings, total=round(time.perf_counter() - t0, 2))
     return diag
+
+
+def _calibration_check(rt: Runtime, data: RunData, bank, plan: Plan, ref, qmetrics) -> Dict[str, Any]:
+    """When the plan's algorithms learn from the calibration data: the same widths in plain RTN,
+    measured on the eval windows (one evaluation). Calibration that does no better than none is the
+    signature of calibration data unlike the deployment text. Leaves the plan applied."""
+    from quantfix import evaluate as ev
+    from quantfix.quantize import algorithms
+
+    calibrated = {n: p for n, p in plan.modules.items() if not p.is_float and algorithms.get(p.algorithm).calibrated
+                  and algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS}
+    if not calibrated:
+        return {}
+    rtn = plan.with_changes({n: Precision(p.bits, p.group_size, p.symmetric, "rtn") for n, p in calibrated.items()})
+    bank.apply(rtn, progress=False)
+    m = rt.batched(lambda bs: ev.evaluate(rt.model, data.windows, ref, bs, progress=False))
+    bank.apply(plan, progress=False)
+    return {"kld": round(qmetrics.kld_mean, 6), "rtn_kld": round(m.kld_mean, 6),
+            "algorithms": sorted({p.algorithm for p in calibrated.values()})}
 
 
 def _domain_windows(rt: Runtime, data: RunData, cfg: DiagnoseConfig) -> Dict[str, torch.Tensor]:

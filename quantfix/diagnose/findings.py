@@ -48,6 +48,9 @@ class Diagnosis:
     plots: Dict[str, Any] = field(default_factory=dict)
     findings: List[Finding] = field(default_factory=list)
     timings_s: Dict[str, float] = field(default_factory=dict)
+    eval_source: str = ""  # the deployment text of the eval windows
+    # a calibrated plan measured against the same widths in plain RTN: {"kld": .., "rtn_kld": .., "algorithms": [..]}
+    calibration_check: Dict[str, Any] = field(default_factory=dict)
 
     def kinds(self) -> List[str]:
         return [f.kind for f in self.findings]
@@ -63,7 +66,8 @@ class Diagnosis:
                 "sensitivity": sens, "outliers": self.outliers, "channel_errors": self.channel_errors,
                 "domains": self.domains, "generations": self.generations,
                 "calibration_domains": self.calibration_domains, "plots": self.plots,
-                "findings": [f.to_dict() for f in self.findings], "timings_s": self.timings_s}
+                "findings": [f.to_dict() for f in self.findings], "timings_s": self.timings_s,
+                "eval_source": self.eval_source, "calibration_check": self.calibration_check}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Diagnosis":
@@ -72,4 +76,5 @@ class Diagnosis:
                    channel_errors=d["channel_errors"], domains=d["domains"], generations=d["generations"],
                    calibration_domains=d["calibration_domains"], plots=d.get("plots") or {},
                    findings=[Finding.from_dict(f) for f in d.get("findings") or []],
-                   timings_s=d.get("timings_s") or {})
+                   timings_s=d.get("timings_s") or {}, eval_source=d.get("eval_source", ""),
+                   calibration_check=d.get("calibration_check") or {})

@@ -81,7 +81,7 @@ def root_causes(diag: Diagnosis, dcfg) -> List[Finding]:
     """Every rule's findings, in a fixed order. ``dcfg`` is the DiagnoseConfig (verdict thresholds)."""
     modules = diag.sensitivity.modules or {}
     return (_concentration(diag.sensitivity.layers, dcfg) + _outliers(diag, modules, dcfg) +
-            _domain_gap(diag, dcfg) + _embeddings(modules) + _ppl_hides_damage(diag, dcfg) +
+            _calibration_mismatch(diag) + _domain_gap(diag, dcfg) + _embeddings(modules) + _ppl_hides_damage(diag, dcfg) +
             _generation_symptoms(diag, modules))
 
 
@@ -122,6 +122,22 @@ def _outliers(diag: Diagnosis, modules: Dict[str, float], dcfg) -> List[Finding]
                           "n_outliers": fo["n_outliers"], "sensitivity_share": round(share, 4)},
                 fix=f"AWQ (scales the outlier channel before rounding), LLM.int8, or INT8 for {', '.join(fed)}"))
     return _group_outliers(raw, dcfg.max_outlier_findings)
+
+
+def _calibration_mismatch(diag: Diagnosis) -> List[Finding]:
+    """A calibrated algorithm (GPTQ, AWQ, imatrix) that does no better than plain RTN at the same
+    widths on the deployment text: what it learned from the calibration data does not transfer."""
+    c = diag.calibration_check
+    if not c or c["kld"] < 0.95 * c["rtn_kld"] or diag.eval_source in diag.calibration_domains:
+        return []
+    calib = ", ".join(diag.calibration_domains)
+    kind = data_mod.DOMAIN_KIND.get(diag.eval_source, diag.eval_source)
+    return [Finding("calibration_mismatch", domain=kind, source=diag.eval_source,
+                    finding=f"{'/'.join(c['algorithms'])} calibrated on {calib} does no better than plain RTN at the "
+                            f"same widths on the {diag.eval_source} text (KLD {c['kld']:.4f} vs {c['rtn_kld']:.4f}): "
+                            "the calibration data does not look like the deployment data",
+                    evidence={**c, "per_domain_ppl_increase": {d: v["ppl_increase_pct"] for d, v in diag.domains.items()}},
+                    fix=f"calibrate on the deployment text too: data.domains=[{calib}, {diag.eval_source}]")]
 
 
 def _domain_gap(diag: Diagnosis, dcfg) -> List[Finding]:

@@ -70,25 +70,36 @@ class WeightBank:
         if p.is_float:
             return W
         alg = algorithms.get(p.algorithm)
+        if alg.simulate_many is not None and self.stats is not None and name in self.stats.module_input:
+            self.prepare([(name, p)])
+            return self._sim[key].to(weight_device(self.modules[name]), torch.float32)
         out = alg.simulate(W, p, self._inputs(name, p))
         if alg.observer != "minmax" or alg.calibrated:  # a search or a sweep: keep a CPU copy for later trials
             self._sim[key] = out.to("cpu", self.originals[name].dtype)
         return out
 
-    def _prepare(self, items) -> None:
+    def simulate_options(self, options: Dict[str, Dict[str, Precision]]) -> Dict[str, Dict[str, torch.Tensor]]:
+        """module -> label -> simulated weight (CPU) of every option, modules that read one input
+        simulated together."""
+        self.prepare([(n, p) for n, o in options.items() for p in o.values()])
+        return {n: {lab: self.simulate(n, p).cpu() for lab, p in o.items()} for n, o in options.items()}
+
+    def prepare(self, items) -> None:
         """Simulate in one call the modules that read the same input at the same precision (q/k/v,
         gate/up) when the algorithm allows it (GPTQ treats weight rows independently given the
-        input's Hessian: stacking the rows gives the same result in one column sweep)."""
+        input's Hessian: stacking the rows gives the same result in one column sweep). The stack is
+        always every planned module that reads the input, whichever were asked for: the float
+        rounding of the sweep depends on the stack's shape, so a module's simulated weight must not
+        depend on which trials came before (a resumed run measures what the uninterrupted one did)."""
         if self.stats is None:
             return
         groups: Dict[Tuple[str, Precision], List[str]] = {}
         for n, p in items:
             if not p.is_float and algorithms.get(p.algorithm).simulate_many is not None and (n, p) not in self._sim \
                     and n in self.stats.module_input:
-                groups.setdefault((self.stats.module_input[n], p), []).append(n)
+                key = self.stats.module_input[n]
+                groups.setdefault((key, p), [m for m in self.stats.groups()[key] if m in self.modules])
         for (_, p), names in groups.items():
-            if len(names) < 2:
-                continue
             outs = algorithms.get(p.algorithm).simulate_many([self.original(n) for n in names], p,
                                                              [self._inputs(n, p) for n in names])
             for n, q in zip(names, outs):
@@ -101,7 +112,7 @@ class WeightBank:
 
     def quantized_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
         """The simulated weight of every quantized module of the plan (CPU), without applying it."""
-        self._prepare([(n, p) for n, p in plan.modules.items() if n in self.modules])
+        self.prepare([(n, p) for n, p in plan.modules.items() if n in self.modules])
         return {n: self.simulate(n, p).to("cpu") for n, p in plan.modules.items()
                 if n in self.modules and not p.is_float}
 
@@ -109,7 +120,7 @@ class WeightBank:
     def apply(self, plan: Plan, progress: bool = True) -> int:
         """Make the live model compute with the plan's (simulated) weights; returns modules rewritten."""
         todo = [n for n in self.modules if plan.modules.get(n, Precision()) != self.current.get(n, Precision())]
-        self._prepare([(n, plan.modules.get(n, Precision())) for n in todo])
+        self.prepare([(n, plan.modules.get(n, Precision())) for n in todo])
         for n in tqdm(todo, desc="apply plan", unit="module", disable=not progress or len(todo) < 20, leave=False):
             p = plan.modules.get(n, Precision())
             set_weight(self.modules[n], self.simulate(n, p))
@@ -125,7 +136,7 @@ class WeightBank:
         on the CPU, exactly what the trials measured, for the engine to pack."""
         todo = [(n, p) for n, p in plan.modules.items()
                 if n in self.modules and not p.is_float and algorithms.get(p.algorithm).static_export]
-        self._prepare(todo)
+        self.prepare(todo)
         out = {}
         for n, p in todo:
             scale, zero = algorithms.get(p.algorithm).qparams(self.original(n), p, self._inputs(n, p))
