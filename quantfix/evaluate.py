@@ -8,6 +8,7 @@ of the full KL that is tight when the top-k hold almost all the mass).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import resource
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from quantfix.cache import atomic_write
+from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix.model import input_device
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class Reference:
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
     @classmethod
-    def load(cls, path: Path) -> "Reference":
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+    def load(cls, path: Path) -> Optional["Reference"]:
+        """The cached reference at ``path``; None when absent or corrupt (then removed, with a warning)."""
+        return load_entry(path, lambda b: cls(**torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)))
 
 
 @dataclass
@@ -74,8 +76,10 @@ class Metrics:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def cache_key(model_path: str, windows: torch.Tensor, topk: int, full_max_mb: int, dtype: torch.dtype) -> str:
-    h = hashlib.sha256(f"ref-v2|{model_path}|{topk}|{full_max_mb}|{dtype}".encode())
+def cache_key(model_fp: str, windows: torch.Tensor, topk: int, full_max_mb: int, dtype: torch.dtype) -> str:
+    """Key of a float reference: the model's content fingerprint (``cache.model_fingerprint``), the
+    eval windows, the reference's shape settings and the dtype."""
+    h = hashlib.sha256(f"ref-v{CACHE_VERSION}|{model_fp}|{topk}|{full_max_mb}|{dtype}".encode())
     h.update(windows.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -94,9 +98,10 @@ def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference(model, windows: torch.Tensor, batch_size: int, topk: int, full_max_mb: int,
               cache_path: Optional[Path] = None, progress: bool = True) -> Reference:
-    if cache_path is not None and cache_path.exists():
+    cached = Reference.load(cache_path) if cache_path is not None else None
+    if cached is not None:
         log.info("float reference log-probs: cached (%s)", cache_path.name)
-        return Reference.load(cache_path)
+        return cached
     vocab = model.get_output_embeddings().weight.shape[0]
     n = windows.shape[0] * (windows.shape[1] - 1)
     full = n * vocab * 4 <= full_max_mb * 2 ** 20

@@ -8,10 +8,8 @@ full disk is one clear error, and temporary folders left by a killed run are rem
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -20,6 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from quantfix.cache import is_disk_full  # noqa: F401 - also part of this module's API
 from quantfix.errors import QuantfixError
 from quantfix.model import placement_kwargs, set_weight, weight_device, weight_of
 from quantfix.plan import Plan
@@ -148,25 +147,7 @@ def _export_bnb(fp_path: str, plan: Plan, tmp: Path, dtype: torch.dtype, q, trus
 
 
 TEMP_PREFIX = ".checkpoint-"
-# how a full disk (or quota) shows when the writer is not a plain OSError: safetensors' Rust IoError
-# ("No space left on device (os error 28)", "StorageFull") and torch's zip writer ("unexpected pos
-# 2432 vs 2304": a short write)
-_DISK_FULL = re.compile(r"no space left|storagefull|os error 28|disk quota|unexpected pos \d+ vs \d+", re.I)
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """Whether an exception (or one it was raised from) is a full disk or an exceeded quota."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if not isinstance(e, OSError) and _DISK_FULL.search(str(e)):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
+FINGERPRINT_FILE = "quantfix_fingerprint.txt"
 def clean_stale_temp(out_dir: Path) -> List[Path]:
     """Remove the ``.checkpoint-*`` temporary folders that a killed export left in the run dir
     (a finished export renames its folder to ``checkpoint``, a failed one removes it)."""

@@ -28,7 +28,8 @@ def diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report)
         diag = diag_mod.Diagnosis.from_dict(json.loads(saved.read_text()))
         log.info("resume: diagnosis loaded from %s", saved)
     else:
-        key = diag_mod.sensitivity_cache_key(s.model_key, plan, s.data.windows, s.cfg.diagnose.sensitivity, options)
+        key = diag_mod.sensitivity_cache_key(s.model_fp, plan, s.data.windows, s.cfg.diagnose.sensitivity, options,
+                                             s.weights_key())
         with s.timer("diagnose"):
             diag = diag_mod.run(s.rt, s.data, bank, plan, ref, base, metrics, stats, s.cfg.diagnose, s.cfg.probes,
                                 s.out_dir, options, s.sensitivity_cache(key))
