@@ -179,7 +179,7 @@ class Evaluator:
                 row += logp.shape[0]
                 tgt = ids[:, 1:].reshape(-1).to(logp.device)
                 n, k = -logp.gather(1, tgt[:, None]).squeeze(1), _kld_rows(ref, sl, logp)
-                a = logp.argmax(-1).cpu() == _ref_top1(ref, sl)
+                a = (logp.argmax(-1).cpu() == _ref_top1(ref, sl)) & ~logp.isnan().any(-1).cpu()
             nll.append(n)
             kld.append(k)
             agree.append(a)
@@ -236,21 +236,65 @@ _DEVICE_REF_MAX_BYTES = 2 * 2 ** 30  # larger top-k references are streamed batc
 def token_stats(logits: torch.Tensor, tgt: torch.Tensor, idx: torch.Tensor, p_top: torch.Tensor):
     """Per-token NLL, KL(P_float || Q) over the top-k plus the tail bucket, and the argmax, from the
     logits [..., V] in any float dtype. Math in float32; the only full-vocabulary passes are one
-    logsumexp and one argmax (fused into one kernel when compiled)."""
+    logsumexp and one argmax (fused into one kernel when compiled). The argmax of a row with a NaN
+    or +inf logit is -1: it never agrees with the reference."""
     lf = logits.float()
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)
     kld = topk_tail_kl(p_top, lf.gather(-1, idx) - lse)
     nll = (lse - lf.gather(-1, tgt.unsqueeze(-1))).squeeze(-1)
-    return nll, kld, lf.argmax(-1)
+    top1 = torch.where(torch.isfinite(lse.squeeze(-1)), lf.argmax(-1), torch.full_like(nll, -1, dtype=torch.long))
+    return nll, kld, top1
 
 
 def summarize(nll: torch.Tensor, kld: torch.Tensor, agree: torch.Tensor) -> Metrics:
+    """Mean NLL, PPL, KLD statistics and top-1 agreement. A token whose NLL or KLD is not finite
+    counts as a disagreement (and makes PPL / KLD non-finite, which ``verdict.check`` fails)."""
+    agree = agree.bool() & torch.isfinite(nll) & torch.isfinite(kld)
     mean_nll = float(nll.double().mean())
     return Metrics(
-        ppl=math.exp(mean_nll), nll=mean_nll, kld_mean=float(kld.double().mean()),
+        ppl=math.inf if mean_nll > 700 else math.exp(mean_nll), nll=mean_nll, kld_mean=float(kld.double().mean()),
         kld_p99=float(torch.quantile(kld.float(), 0.99)), kld_max=float(kld.max()),
         top1=float(agree.double().mean()), n_tokens=int(nll.numel()),
     )
+
+
+def is_finite(m: Metrics) -> bool:
+    return all(math.isfinite(v) for v in (m.nll, m.ppl, m.kld_mean, m.top1))
+
+
+def _nonfinite_weight(model) -> Optional[str]:
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            bad = p[~torch.isfinite(p)]
+            kinds = "/".join(k for k, f in (("nan", torch.isnan), ("inf", torch.isinf)) if bool(f(bad).any()))
+            return f"{name} ({bad.numel()} {kinds} values in the weight)"
+    return None
+
+
+@torch.no_grad()
+def locate_nonfinite(model, ids: torch.Tensor) -> Optional[str]:
+    """The first place a non-finite value enters the model: a parameter or buffer holding NaN/Inf,
+    else the first module to finish (innermost first) with a non-finite output on ``ids``; None if the
+    model's logits are finite there."""
+    found = _nonfinite_weight(model)
+    if found is not None:
+        return found
+    first: list = []
+
+    def hook(name):
+        def fn(_mod, _args, out):
+            t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+            if not first and isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                first.append(f"{name} (non-finite output)")
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model(input_ids=ids.to(input_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return first[0] if first else None
 
 
 def baseline_metrics(ref: Reference) -> Metrics:

@@ -7,6 +7,7 @@ export the chosen plan with the real engine -> reload it from disk -> verify -> 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,12 +48,30 @@ def run(cfg, out_dir: Path) -> Dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True), "baseline": base.to_dict(), "iterations": [],
         "warnings": [],
     }
+    _check_baseline(s, base, report)
     placement = getattr(s.rt.model, "hf_device_map", None)
     if placement and len(set(map(str, placement.values()))) > 1:  # spread by accelerate: say where
         report["placement"] = dict(Counter(str(v) for v in placement.values()))
         log.info("device map: %s", ", ".join(f"{n} modules on {d}" for d, n in report["placement"].items()))
     diagnosis = MODES[cfg.mode](s, ref, base, report)
     return _finish(s, report, t_start, diagnosis)
+
+
+def _check_baseline(s: Session, base, report: Dict[str, Any]) -> None:
+    """The float model must give finite log-probs (else nothing can be measured against it); one
+    worse than a uniform guess over its vocabulary is said loudly (random weights, wrong text)."""
+    if not math.isfinite(base.nll):
+        where = ev.locate_nonfinite(s.rt.model, s.data.windows[:1])
+        raise QuantfixError(f"the float model gives non-finite log-probs: its mean NLL on the eval windows is "
+                            f"{base.nll}" + (f"; non-finite values start at {where}" if where else "") +
+                            "; check the model's weights (a NaN/Inf value) or load it in float32 (model.dtype=float32)")
+    vocab = s.rt.model.get_output_embeddings().weight.shape[0]
+    if base.ppl > vocab:
+        msg = (f"the float model's PPL {base.ppl:.1f} is worse than a uniform guess over its {vocab}-token vocabulary: "
+               f"it looks untrained, or {s.cfg.eval.source} is not text it models; its quantization results mean "
+               "little")
+        log.warning("%s", msg)
+        report["warnings"].append(msg)
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -87,7 +106,9 @@ def _setup_trials(s: Session, base, report):
     if task_base:
         report["baseline_tasks"] = {t: r.to_dict() for t, r in task_base.items()}
     setup = TrialSetup(bank, lambda desc: s.evaluate(desc=desc), base, cfg.thresholds, cfg.loop.max_iters,
-                       s.out_dir / "trials.jsonl", cfg.loop.resume, s.timer, task_base, s.task_results)
+                       s.out_dir / "trials.jsonl", cfg.loop.resume, s.timer, task_base, s.task_results,
+                       warnings=report["warnings"],
+                       locate_nonfinite=lambda: ev.locate_nonfinite(s.rt.model, s.data.windows[:1]))
     return plan0, stats, bank, Trials(setup, report["iterations"])
 
 
@@ -100,7 +121,13 @@ def _diagnose_only(s: Session, ref, base, report):
         bank.use_external(plan0, qweights)
         report["quantized"] = s.cfg.quantized.name_or_path
     trial(plan0)
-    diagnosis = steps.diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, None, report)
+    diagnosis = None
+    if verdict.nonfinite(trial.last_metrics):  # the diagnosis compares finite outputs: nothing to measure
+        msg = "plan 0 gives non-finite values: not diagnosed (its failed list names where they start)"
+        log.warning("%s", msg)
+        report["warnings"].append(msg)
+    else:
+        diagnosis = steps.diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, None, report)
     bank.restore()
     report["final"] = None
     return diagnosis
@@ -112,6 +139,9 @@ def _repair(s: Session, ref, base, report):
     diagnosis = None
     if not trial(plan0) and cfg.plan.budget.avg_bits is None:
         result = search.SearchResult(plan0, plan0, "plan 0 passed")
+    elif verdict.nonfinite(trial.last_metrics):  # no diagnosis or error ranking works from NaN/Inf
+        result = search.SearchResult(None, plan0, "plan 0 gives non-finite values, so no search from it (quant.ignore "
+                                                  "can keep the module named below in float)")
     elif cfg.loop.policy == "greedy":
         result = search.greedy(trial, plan0, cfg.loop, bank.output_error, s.timer)
     else:

@@ -11,6 +11,7 @@ from typing import Any, Dict
 import torch
 
 from quantfix import diagnose as diag_mod
+from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import verdict
 from quantfix.cache import atomic_write
@@ -65,6 +66,18 @@ def recalibrate_on_domain_gap(s: Session, bank, trial, plan0, options, diagnosis
     return diagnosis
 
 
+def _nonfinite_checkpoint(model, ids, report: Dict[str, Any]) -> list:
+    """Name where the reloaded checkpoint turns NaN/Inf (a weight the export dtype could not hold,
+    or the first module with a non-finite output), in the failed list and the warnings."""
+    where = ev.locate_nonfinite(model, ids)
+    if where is None:
+        return []
+    msg = f"the reloaded checkpoint gives non-finite values, starting at {where}"
+    log.warning("%s", msg)
+    report["warnings"].append(msg)
+    return [f"checkpoint non-finite at {where}"]
+
+
 def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str, Any], static=None) -> None:
     cfg, fin = s.cfg, report["final"]
     export_dtype = None if cfg.export.dtype == "auto" else getattr(torch, cfg.export.dtype)
@@ -75,7 +88,8 @@ def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str,
     else:
         with s.timer("export"):
             ckpt = exp.export(s.rt.model, s.rt.tokenizer, plan, s.data.samples, s.out_dir, s.resolved.path, cfg.quant,
-                              export_dtype, trust_remote_code=cfg.model.trust_remote_code, static=static)
+                              export_dtype, trust_remote_code=cfg.model.trust_remote_code, static=static,
+                              warnings=report["warnings"])
     s.rt.model = None  # free the working model before loading the checkpoint: never two models on the device
     gc.collect()
     if s.device.type == "cuda":
@@ -92,8 +106,10 @@ def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str,
         task_fails = []
         if task_base:
             fin["verified_tasks"], task_fails = verdict.task_checks(task_base, s.task_results(model), cfg.thresholds)
+        fails = verdict.check(m, base, cfg.thresholds) + task_fails
+        if verdict.nonfinite(m):
+            fails += _nonfinite_checkpoint(model, s.data.windows[:1], report)
         del model
-    fails = verdict.check(m, base, cfg.thresholds) + task_fails
     fin["verified_metrics"], fin["verified_failed"] = m.to_dict(), fails
     fin["passed"] = fin["search_passed"] and not fails
     if fin["search_passed"] and fails:

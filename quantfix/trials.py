@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -50,6 +50,8 @@ class TrialSetup:
     timer: Any = None  # session.Timer
     task_base: Optional[Dict[str, Any]] = None  # float task results (eval.tasks), or None
     score_tasks: Optional[Callable[[], Dict[str, Any]]] = None  # task results of the live model
+    locate_nonfinite: Optional[Callable[[], Optional[str]]] = None  # where the live model turns NaN/Inf
+    warnings: List[str] = field(default_factory=list)  # report.json's warnings (appended to)
 
 
 class Trials:
@@ -88,6 +90,8 @@ class Trials:
                                     "task_fails": task_fails}) + "\n")
         self.last_metrics, self.last_task_fails = m, task_fails
         fails = verdict.check(m, self.base, self.setup.thresholds) + task_fails
+        if verdict.nonfinite(m):
+            fails += self._nonfinite_cause(plan)
         rec = iteration_record(len(self.iterations), plan, m, fails, time.perf_counter() - t,
                                prev.diff(plan) if prev is not None else None)
         rec.update(extra or {})
@@ -97,6 +101,20 @@ class Trials:
         log.info("trial %d: %s | avg bits %.2f | PPL %.3f | KLD %.4f | %s", len(self.iterations) - 1,
                  plan.summary_str(), plan.avg_bits, m.ppl, m.kld_mean, "PASS" if not fails else "; ".join(fails))
         return fails
+
+    def _nonfinite_cause(self, plan: Plan) -> List[str]:
+        """Where a trial's NaN/Inf comes from (the first module whose simulated weight or output is
+        not finite), for the failed list and the report's warnings; needs the plan applied."""
+        if self.setup.locate_nonfinite is None:
+            return []
+        self.bank.apply(plan, progress=False)  # a replayed trial was never applied
+        where = self.setup.locate_nonfinite()
+        if where is None:
+            return []
+        msg = f"trial {len(self.iterations)} ({plan.summary_str()}): non-finite values start at {where}"
+        log.warning("%s", msg)
+        self.setup.warnings.append(msg)
+        return [f"non-finite at {where}"]
 
     def _measure(self, plan: Plan):
         s = self.setup

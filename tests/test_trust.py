@@ -44,6 +44,147 @@ def _metrics(**kw) -> ev.Metrics:
     return ev.Metrics(**d)
 
 
+# --- 1. no NaN/Inf ever passes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,label", [("ppl", "PPL"), ("kld_mean", "KLD"), ("top1", "top-1")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_check_fails_a_nonfinite_metric_whatever_the_thresholds(field, label, value):
+    base = _metrics(kld_mean=0.0, top1=1.0)
+    lax = ThresholdsConfig(max_ppl_increase_pct=1e9, max_kld_mean=1e9, min_top1=0.0)
+    for t in (lax, ThresholdsConfig(max_ppl_increase_pct=None, max_kld_mean=1.0)):
+        fails = verdict.check(_metrics(**{field: value}), base, t)
+        assert fails and fails[0].startswith(f"{label} is {value}"), fails
+    assert verdict.check(_metrics(), base, lax) == []
+
+
+@pytest.mark.parametrize("full_max_mb", [256, 0], ids=["full", "topk"])
+def test_nan_model_has_top1_zero_not_one(tokenizer, full_max_mb):
+    # the issue's case: NaN logits on both sides agreed everywhere (argmax of a NaN row), top-1 1.0
+    model = tiny_llama()
+    windows = torch.randint(2, 384, (2, 16))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")  # every logit row becomes NaN
+    ref = ev.reference(model, windows, 2, 8, full_max_mb, progress=False)
+    m = ev.evaluate(model, windows, ref, 2, progress=False)
+    assert math.isnan(m.ppl) and m.top1 == 0.0
+    assert ev.baseline_metrics(ref).top1 == 0.0
+    assert ev.locate_nonfinite(model, windows[:1]).startswith("model.layers.0.mlp.down_proj.weight (1 nan values")
+
+
+def test_locate_nonfinite_finds_the_first_module_with_a_nonfinite_output():
+    model = tiny_llama()
+    windows = torch.randint(2, 384, (1, 8))
+    assert ev.locate_nonfinite(model, windows) is None
+    mlp = model.model.layers[1].mlp
+    mlp.register_forward_hook(lambda m, a, out: out * float("inf"))  # finite weights, inf activations
+    assert ev.locate_nonfinite(model, windows) == "model.layers.1.mlp (non-finite output)"
+
+
+def test_float_model_with_a_nan_weight_is_an_error_before_any_search(compose, tokenizer, tmp_path):
+    def nan_weight(m):
+        m.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+
+    d = _model_dir(tmp_path / "nan", tokenizer, edit=nan_weight)
+    cfg = compose(tiny_overrides(d, tmp_path / "cache", **FAST))
+    with pytest.raises(QuantfixError, match=r"the float model gives non-finite log-probs: .*non-finite values start "
+                                            r"at model.layers.1.mlp.down_proj.weight \(1 nan values") as info:
+        run(cfg, tmp_path / "run")
+    assert "\n" not in str(info.value)
+
+
+def test_float_baseline_worse_than_uniform_is_a_loud_warning(compose, tiny_dir, tmp_path, caplog):
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", mode="baseline"))
+    with caplog.at_level(logging.WARNING, logger="quantfix"):
+        report = run(cfg, tmp_path / "run")
+    assert report["baseline"]["ppl"] > 384  # a random model: worse than guessing
+    assert any("worse than a uniform guess over its 384-token vocabulary" in w for w in report["warnings"])
+    assert "worse than a uniform guess" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["repair", "diagnose"])
+def test_nonfinite_trial_fails_and_names_the_module(compose, tiny_dir, tmp_path, monkeypatch, mode):
+    from quantfix.quantize.bank import WeightBank
+
+    bad = "model.layers.0.mlp.down_proj"
+    real = WeightBank.simulate
+
+    def simulate(self, name, p):  # a simulation that overflows in one module
+        w = real(self, name, p)
+        return w.index_fill(0, torch.tensor([0], device=w.device), float("inf")) if name == bad else w
+
+    monkeypatch.setattr(WeightBank, "simulate", simulate)
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **dict(DIAG, **{  # predictive: would diagnose plan 0
+        "mode": mode, "thresholds.max_ppl_increase_pct": 1e9, "export.enabled": "false"})))
+    report = run(cfg, tmp_path / "run")
+    it = report["iterations"][0]
+    assert not it["passed"] and len(report["iterations"]) == 1
+    assert any("(non-finite)" in f for f in it["failed"]), it["failed"]
+    assert any(f.startswith(f"non-finite at {bad}.weight") for f in it["failed"]), it["failed"]
+    assert any(f"non-finite values start at {bad}.weight" in w for w in report["warnings"])
+    if mode == "repair":  # no search from NaN: the stop reason says why and where
+        fin = report["final"]
+        assert not fin["passed"] and fin["stop_reason"].startswith("plan 0 gives non-finite values")
+        assert f"non-finite at {bad}.weight" in fin["stop_reason"]
+    else:
+        assert report.get("diagnosis") is None and any("not diagnosed" in w for w in report["warnings"])
+
+
+def test_task_metrics_never_pass_when_nonfinite():
+    from quantfix import tasks as tasks_mod
+
+    assert tasks_mod.multiple_choice_scores([float("nan"), -1.0], ["a", "b"], 0) == {"acc": 0.0, "acc_norm": 0.0}
+    base = tasks_mod.TaskResult("lambada_openai", {"acc": 0.5, "perplexity": 20.0}, {"acc": 0.1, "perplexity": 1.0},
+                                {}, 10, 1.0)
+    quant = tasks_mod.TaskResult("lambada_openai", {"acc": 0.5, "perplexity": float("nan")},
+                                 {"acc": 0.1, "perplexity": float("nan")}, {}, 10, 1.0)
+    c = tasks_mod.compare(base, quant, "perplexity", max_drop_points=1e9)
+    assert c["failed"] and "quantized perplexity is nan (non-finite)" in c["reason"]
+    assert not tasks_mod.compare(base, base, "perplexity", max_drop_points=1e9)["failed"]
+
+
+# --- 2. the float16 export never overflows silently -------------------------------------------------
+
+def _big_embedding(m):
+    m.model.embed_tokens.weight[:, 0] = 1e5  # beyond float16's 65504, harmless in float32
+
+
+def test_safe_export_dtype_switches_to_bfloat16_only_on_overflow():
+    model = tiny_llama()
+    assert exp.safe_export_dtype(model, torch.float16) == (torch.float16, None)
+    w = model.model.layers[0].mlp.up_proj.weight
+    big = {"model.layers.0.mlp.up_proj": (w * 0 + 7e4, torch.ones(1), torch.zeros(1))}  # a simulated weight
+    dtype, warning = exp.safe_export_dtype(model, torch.float16, big)
+    assert dtype == torch.bfloat16 and "model.layers.0.mlp.up_proj.weight (max |x| 7e+04 > 65504)" in warning
+    with torch.no_grad():
+        _big_embedding(model)
+    dtype, warning = exp.safe_export_dtype(model, torch.float16)
+    assert dtype == torch.bfloat16 and "model.embed_tokens.weight" in warning and "bfloat16 instead" in warning
+    assert exp.safe_export_dtype(model, torch.bfloat16) == (torch.bfloat16, None)
+    assert exp.safe_export_dtype(model, None) == (None, None)
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["bf16-fallback", "overflow-is-caught-at-verify"])
+def test_float16_export_of_a_large_weight(compose, tokenizer, tmp_path, monkeypatch, guard):
+    d = _model_dir(tmp_path / "big", tokenizer, edit=_big_embedding)
+    if not guard:  # without the range check the cast writes inf: the verification must name it
+        monkeypatch.setattr(exp, "safe_export_dtype", lambda model, dtype, static=None: (dtype, None))
+    cfg = compose(tiny_overrides(d, tmp_path / "cache", **{
+        "export.dtype": "float16", "thresholds.max_ppl_increase_pct": 1000, "loop.max_iters": 1}))
+    report = run(cfg, tmp_path / "run")
+    fin = report["final"]
+    cfg_json = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    if guard:
+        assert fin["passed"] and math.isfinite(fin["verified_metrics"]["ppl"]), fin
+        assert cfg_json.get("dtype", cfg_json.get("torch_dtype")) == "bfloat16"
+        assert any("export.dtype=float16 would turn model.embed_tokens.weight" in w and "bfloat16 instead" in w
+                   for w in report["warnings"]), report["warnings"]
+    else:
+        assert not fin["passed"] and fin["search_passed"], fin
+        assert "PPL is nan (non-finite)" in fin["verified_failed"]
+        assert any(f.startswith("checkpoint non-finite at model.embed_tokens.weight") for f in fin["verified_failed"])
+        assert any("reloaded checkpoint gives non-finite values" in w for w in report["warnings"])
+
+
 # --- 3. content-keyed caches ---------------------------------------------------------------------
 
 def test_model_overwritten_in_place_gets_a_new_baseline(compose, tokenizer, tmp_path):
