@@ -147,6 +147,7 @@ def _export_bnb(fp_path: str, plan: Plan, tmp: Path, dtype: torch.dtype, q, trus
 
 
 TEMP_PREFIX = ".checkpoint-"
+FINGERPRINT_FILE = "quantfix_fingerprint.txt"
 def clean_stale_temp(out_dir: Path) -> List[Path]:
     """Remove the ``.checkpoint-*`` temporary folders that a killed export left in the run dir
     (a finished export renames its folder to ``checkpoint``, a failed one removes it)."""
@@ -203,14 +204,16 @@ def safe_export_dtype(model, dtype: Optional[torch.dtype], static: Optional[Dict
 
 def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, fp_path: str, q,
            export_dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
-           static: Optional[Dict[str, tuple]] = None, warnings: Optional[List[str]] = None) -> Path:
+           static: Optional[Dict[str, tuple]] = None, warnings: Optional[List[str]] = None,
+           fingerprint: Optional[str] = None) -> Path:
     """Write ``out_dir/checkpoint`` (weights, config, tokenizer, quantfix_plan.yaml) atomically.
 
     The model passed in must hold the float weights; it is modified in place (quantized).
     ``static``: module -> (simulated weight, scale, zero point) for the modules whose algorithm
     exports statically (``WeightBank.export_tensors``); required when the plan has such modules.
     An ``export_dtype`` too narrow for the weights (float16 and |x| > 65504) becomes bfloat16, said
-    in the log and appended to ``warnings``: never an inf checkpoint."""
+    in the log and appended to ``warnings``: never an inf checkpoint. ``fingerprint`` (of the run's
+    inputs) goes in ``FINGERPRINT_FILE``: a resumed run re-verifies only a checkpoint of its own inputs."""
     needed = [n for n, p in plan.modules.items() if not p.is_float and algorithms.get(p.algorithm).static_export]
     missing = [n for n in needed if n not in (static or {})]
     if missing:
@@ -238,6 +241,8 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
             _export_llmcompressor(model, tokenizer, plan, samples, tmp, q, trust_remote_code)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "quantfix_plan.yaml")
+        if fingerprint:
+            (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
         os.replace(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

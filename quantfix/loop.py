@@ -107,7 +107,7 @@ def _setup_trials(s: Session, base, report):
         report["baseline_tasks"] = {t: r.to_dict() for t, r in task_base.items()}
     setup = TrialSetup(bank, lambda desc: s.evaluate(desc=desc), base, cfg.thresholds, cfg.loop.max_iters,
                        s.out_dir / "trials.jsonl", cfg.loop.resume, s.timer, task_base, s.task_results,
-                       warnings=report["warnings"],
+                       fingerprint=s.fingerprint, warnings=report["warnings"],
                        locate_nonfinite=lambda: ev.locate_nonfinite(s.rt.model, s.data.windows[:1]))
     return plan0, stats, bank, Trials(setup, report["iterations"])
 

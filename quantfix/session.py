@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from omegaconf import OmegaConf
 
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
@@ -68,15 +69,30 @@ class Session:
                                             offline=self.offline)
             samples = data_mod.calibration_samples(list(cfg.data.domains), data_dir, tokenizer, cfg.data.n_samples,
                                                    cfg.data.seq_len, cfg.data.seed, offline=self.offline)
-        with self.timer("fingerprint"):  # content keys of every cache entry
+        with self.timer("fingerprint"):  # content keys of every cache entry and of the resume journal
             self.model_fp = cache_mod.model_fingerprint(self.resolved.path, m.revision)
             q = cfg.quantized.name_or_path
             self.quantized_fp = cache_mod.model_fingerprint(q) if q and Path(q).is_dir() else None
+            self.fingerprint = self._run_fingerprint(windows, samples)
         # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
         bs = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)
         self.rt = Runtime(model, tokenizer, self.device, bs, cfg.seed)
         self.data = RunData(windows, samples, data_dir, tuple(cfg.data.domains), self.offline)
         self.evaluator: ev.Evaluator = None  # set by reference()
+
+    def _run_fingerprint(self, windows: torch.Tensor, samples: torch.Tensor) -> str:
+        """What a journaled trial or diagnosis depends on: model and checkpoint content, eval windows,
+        calibration samples, dtype and device, thresholds, loop / quant / eval / diagnose settings
+        and the code. ``loop.resume`` and ``loop.max_iters`` are left out: a resumed run may go on
+        for more iterations."""
+        c = OmegaConf.to_container(self.cfg, resolve=True)
+        loop = {k: v for k, v in c["loop"].items() if k not in ("resume", "max_iters")}
+        return cache_mod.digest({
+            "model": self.model_fp, "quantized": self.quantized_fp, "windows": cache_mod.tensor_digest(windows),
+            "samples": cache_mod.tensor_digest(samples), "dtype": str(self.dtype), "device": self.device.type,
+            "thresholds": c["thresholds"], "loop": loop, "quant": c["quant"], "eval": c["eval"], "data": c["data"],
+            "diagnose": c["diagnose"], "probes": c["probes"], "plan": c["plan"], "seed": c["seed"],
+            "code": cache_mod.code_version()})[:20]
 
     def weights_key(self) -> str:
         """What decides the quantized weights besides the float model and the plan: the calibration

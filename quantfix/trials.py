@@ -50,6 +50,7 @@ class TrialSetup:
     timer: Any = None  # session.Timer
     task_base: Optional[Dict[str, Any]] = None  # float task results (eval.tasks), or None
     score_tasks: Optional[Callable[[], Dict[str, Any]]] = None  # task results of the live model
+    fingerprint: str = ""  # of the run's inputs (Session.fingerprint): journal lines of another run are ignored
     locate_nonfinite: Optional[Callable[[], Optional[str]]] = None  # where the live model turns NaN/Inf
     warnings: List[str] = field(default_factory=list)  # report.json's warnings (appended to)
 
@@ -61,15 +62,37 @@ class Trials:
         self.setup, self.bank, self.base, self.iterations = setup, setup.bank, setup.base, iterations
         self.last_metrics: Optional[Metrics] = None
         self.last_task_fails: List[str] = []
-        self.memo: Dict[str, Dict[str, Any]] = {}
-        if setup.resume and setup.journal.exists():
-            for line in setup.journal.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    self.memo[rec["plan_key"]] = rec
-            log.info("resume: %d trials journaled in %s", len(self.memo), setup.journal)
-        elif setup.journal.exists():
-            setup.journal.unlink()
+        self.memo: Dict[str, Dict[str, Any]] = self._replay() if setup.resume else {}
+        setup.journal.unlink(missing_ok=True)  # rewritten with the trials kept: no foreign lines stay
+        if self.memo:
+            setup.journal.write_text("".join(json.dumps(r) + "\n" for r in self.memo.values()))
+
+    def _replay(self) -> Dict[str, Dict[str, Any]]:
+        """The journaled trials of an interrupted run with this run's fingerprint, by plan key; lines
+        from another run (other model, data, thresholds, config or code) or damaged are ignored,
+        with a warning."""
+        s, memo, foreign, damaged = self.setup, {}, 0, 0
+        lines = s.journal.read_text().splitlines() if s.journal.exists() else []
+        for line in filter(str.strip, lines):
+            try:
+                rec = json.loads(line)
+                key = rec["plan_key"]
+            except (ValueError, KeyError, TypeError):
+                damaged += 1  # a line cut short by a kill
+                continue
+            if rec.get("fingerprint") != s.fingerprint:
+                foreign += 1
+                continue
+            memo[key] = rec
+        if foreign:
+            msg = (f"resume: {foreign} trials in {s.journal.name} were measured by another run (model, data, "
+                   "thresholds, config or code differ): ignored, measuring again")
+            log.warning("%s", msg)
+            s.warnings.append(msg)
+        if damaged:
+            log.warning("resume: %d damaged lines in %s ignored", damaged, s.journal)
+        log.info("resume: %d trials journaled in %s", len(memo), s.journal)
+        return memo
 
     @property
     def left(self) -> int:
@@ -86,8 +109,8 @@ class Trials:
         else:
             m, task_rows, task_fails = self._measure(plan)
             with open(self.setup.journal, "a") as f:
-                f.write(json.dumps({"plan_key": key, "metrics": asdict(m), "tasks": task_rows,
-                                    "task_fails": task_fails}) + "\n")
+                f.write(json.dumps({"plan_key": key, "fingerprint": self.setup.fingerprint, "metrics": asdict(m),
+                                    "tasks": task_rows, "task_fails": task_fails}) + "\n")
         self.last_metrics, self.last_task_fails = m, task_fails
         fails = verdict.check(m, self.base, self.setup.thresholds) + task_fails
         if verdict.nonfinite(m):

@@ -348,3 +348,37 @@ def test_full_disk_while_writing_a_cache_entry_is_one_line(compose, tiny_dir, tm
     assert "\n" not in msg and msg.startswith("no space left on device while writing")
     assert f"to {tmp_path / 'cache' / 'reference'}" in msg and "cache_dir=" in msg
     assert not list((tmp_path / "cache" / "reference").iterdir())  # no partial entry left
+
+
+# --- 5. resume: never another run's results ------------------------------------------------------------
+
+def test_resume_with_another_model_measures_again(compose, tokenizer, tiny_dir, tmp_path):
+    other = _model_dir(tmp_path / "other", tokenizer, seed=1)
+    cache = tmp_path / "cache"
+    first = run(compose(tiny_overrides(tiny_dir, cache, **DIAG)), tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    # the same inputs: trial 0 and the diagnosis are replayed
+    same = run(compose(tiny_overrides(tiny_dir, cache, **DIAG, **{"loop.resume": "true"})), tmp_path / "run")
+    assert same["iterations"][0].get("resumed") and not same["warnings"][1:], same["warnings"]
+    # another model in a copy of the run dir: nothing is replayed, and the report says why
+    moved = run(compose(tiny_overrides(other, cache, **DIAG, **{"loop.resume": "true"})), tmp_path / "copy")
+    it = moved["iterations"][0]
+    assert not it.get("resumed")
+    assert it["metrics"] != first["iterations"][0]["metrics"]
+    assert moved["baseline"] != first["baseline"]
+    warn = " | ".join(moved["warnings"])
+    assert "1 trials in trials.jsonl were measured by another run" in warn
+    assert "diagnosis_full.json was written by another run" in warn
+    lines = (tmp_path / "copy" / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["metrics"]["ppl"] == pytest.approx(it["metrics"]["ppl"])
+
+
+def test_resume_with_other_thresholds_measures_again(compose, tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    run(compose(tiny_overrides(tiny_dir, cache, **FAST)), tmp_path / "run")
+    again = run(compose(tiny_overrides(tiny_dir, cache, **FAST, **{"loop.resume": "true",
+                                                                   "thresholds.max_kld_mean": 0.5})), tmp_path / "run")
+    assert not again["iterations"][0].get("resumed")
+    more = run(compose(tiny_overrides(tiny_dir, cache, **dict(FAST, **{
+        "loop.resume": "true", "loop.max_iters": 3, "thresholds.max_kld_mean": 0.5}))), tmp_path / "run")
+    assert more["iterations"][0].get("resumed")  # more iterations is the same run, going on
