@@ -30,31 +30,44 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg, out_dir: Path) -> Dict[str, Any]:
-    """Run ``cfg.mode`` and write the run dir; returns report.json's content."""
+    """Run ``cfg.mode`` and write the run dir; returns report.json's content. A run that fails once
+    under way (an error, an interrupt, a bug) still writes report.json with ``final.stop_reason``,
+    then the exception goes on to the CLI, which maps it to the exit code; input refused while
+    the session is set up (config, model, data) writes none."""
     t_start = time.perf_counter()
     _check_writable(out_dir)
     exp.clean_stale_temp(out_dir)
-    s = Session(cfg, out_dir)
+    report: Dict[str, Any] = {"model": cfg.model.name_or_path, "config": OmegaConf.to_container(cfg, resolve=True),
+                              "iterations": [], "warnings": []}
+    s = None
+    try:
+        s = Session(cfg, out_dir)
+        diagnosis = _run_mode(s, report)
+    except BaseException as e:
+        if s is not None or not isinstance(e, QuantfixError):
+            _write_failure(report, out_dir, e, s, t_start)
+        raise
+    return _finish(s, report, t_start, diagnosis)
+
+
+def _run_mode(s: Session, report: Dict[str, Any]):
+    cfg = s.cfg
     alg = algorithms.get(cfg.quant.algorithm)
     if alg.export_needs_cuda and cfg.export.enabled and cfg.mode == "repair" and s.device.type != "cuda":
         raise QuantfixError(f"quant={alg.name} exports through llm-compressor's {alg.name.upper()}, which needs a CUDA "
                             "device (it fails on the CPU): run with device=cuda, pick quant=gptq, or set "
                             "export.enabled=false")
+    report.update(model_path=s.resolved.path, device=str(s.device), dtype=str(s.dtype))
     ref = s.reference()
     base = ev.baseline_metrics(ref)
-    log.info("float baseline: PPL %.3f on %d tokens of %s", base.ppl, base.n_tokens, cfg.eval.source)
-    report: Dict[str, Any] = {
-        "model": cfg.model.name_or_path, "model_path": s.resolved.path, "device": str(s.device), "dtype": str(s.dtype),
-        "config": OmegaConf.to_container(cfg, resolve=True), "baseline": base.to_dict(), "iterations": [],
-        "warnings": [],
-    }
+    report["baseline"] = base.to_dict()
     _check_baseline(s, base, report)
+    log.info("float baseline: PPL %.3f on %d tokens of %s", base.ppl, base.n_tokens, cfg.eval.source)
     placement = getattr(s.rt.model, "hf_device_map", None)
     if placement and len(set(map(str, placement.values()))) > 1:  # spread by accelerate: say where
         report["placement"] = dict(Counter(str(v) for v in placement.values()))
         log.info("device map: %s", ", ".join(f"{n} modules on {d}" for d, n in report["placement"].items()))
-    diagnosis = MODES[cfg.mode](s, ref, base, report)
-    return _finish(s, report, t_start, diagnosis)
+    return MODES[cfg.mode](s, ref, base, report)
 
 
 def _check_baseline(s: Session, base, report: Dict[str, Any]) -> None:
@@ -72,6 +85,25 @@ def _check_baseline(s: Session, base, report: Dict[str, Any]) -> None:
                "little")
         log.warning("%s", msg)
         report["warnings"].append(msg)
+
+
+def _write_failure(report: Dict[str, Any], out_dir: Path, e: BaseException, s, t_start: float) -> None:
+    """report.json of a run that stopped: the stop reason (the error's line, "interrupted", or the
+    internal error's type) and whatever was measured until then; never masks the exception."""
+    if isinstance(e, QuantfixError):
+        reason = str(e)
+    elif isinstance(e, KeyboardInterrupt):
+        reason = "interrupted"
+    else:
+        reason = f"internal error: {type(e).__name__}"
+    fin = report.get("final") or {}
+    fin.update(passed=False, stop_reason=reason, trials=len(report["iterations"]))
+    report["final"] = fin
+    report["timings_s"] = dict(s.timer.stages if s is not None else {}, total=round(time.perf_counter() - t_start, 2))
+    try:
+        rep.write_json(report, out_dir)
+    except Exception as err:  # noqa: BLE001 - the original error is what the user needs to see
+        log.warning("could not write report.json after the failure: %s", err)
 
 
 def _check_writable(out_dir: Path) -> None:

@@ -90,6 +90,9 @@ def test_float_model_with_a_nan_weight_is_an_error_before_any_search(compose, to
                                             r"at model.layers.1.mlp.down_proj.weight \(1 nan values") as info:
         run(cfg, tmp_path / "run")
     assert "\n" not in str(info.value)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())  # case 6: written on failure
+    assert report["final"]["stop_reason"] == str(info.value) and report["final"]["passed"] is False
+    assert report["iterations"] == []
 
 
 def test_float_baseline_worse_than_uniform_is_a_loud_warning(compose, tiny_dir, tmp_path, caplog):
@@ -382,3 +385,44 @@ def test_resume_with_other_thresholds_measures_again(compose, tiny_dir, tmp_path
     more = run(compose(tiny_overrides(tiny_dir, cache, **dict(FAST, **{
         "loop.resume": "true", "loop.max_iters": 3, "thresholds.max_kld_mean": 0.5}))), tmp_path / "run")
     assert more["iterations"][0].get("resumed")  # more iterations is the same run, going on
+
+
+# --- 6. a failed or interrupted run still writes report.json -----------------------------------------
+
+@pytest.mark.parametrize("exc,reason", [(KeyboardInterrupt(), "interrupted"),
+                                        (ZeroDivisionError("x"), "internal error: ZeroDivisionError"),
+                                        (QuantfixError("no space left on device while writing the checkpoint"),
+                                         "no space left on device while writing the checkpoint")],
+                         ids=["interrupt", "bug", "error"])
+def test_failed_run_writes_report_with_the_stop_reason(compose, tiny_dir, tmp_path, monkeypatch, exc, reason):
+    from quantfix import steps
+
+    def export_fails(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(steps, "export_and_verify", export_fails)
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{"loop.max_iters": 1, "loop.policy": "greedy",
+                                                                   "thresholds.max_ppl_increase_pct": 1000}))
+    with pytest.raises(type(exc)):
+        run(cfg, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    fin = report["final"]
+    assert fin["stop_reason"] == reason and fin["passed"] is False
+    assert fin["trials"] == 1 and len(report["iterations"]) == 1 and fin["plan_summary"] == "W4g64 x14"
+    assert "total" in report["timings_s"]
+
+
+def test_cli_disk_full_during_export_exits_2_with_report(tmp_path, tiny_dir):
+    code = ("import runpy, sys, quantfix.export as exp\n"
+            "def boom(*a, **k):\n    raise OSError(28, 'No space left on device')\n"
+            "exp._export_llmcompressor = boom\n"
+            f"sys.argv = ['quantfix', *{tiny_overrides(tiny_dir, tmp_path / 'cache')!r}, 'loop.max_iters=1', "
+            f"'thresholds.max_ppl_increase_pct=1000', 'hydra.run.dir={tmp_path}/run']\n"
+            "runpy.run_module('quantfix', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2, r.stderr[-2000:]
+    errs = [line for line in r.stderr.splitlines() if line.startswith("quantfix: error:")]
+    assert len(errs) == 1 and "no space left on device while writing the checkpoint" in errs[0]
+    fin = json.loads((tmp_path / "run" / "report.json").read_text())["final"]
+    assert fin["stop_reason"].startswith("no space left on device") and fin["passed"] is False
