@@ -199,7 +199,8 @@ class PlanConfig:
 @dataclass
 class ExportConfig:
     enabled: bool = True
-    # dtype of the unquantized tensors in the checkpoint (auto = the model's dtype)
+    # dtype of the unquantized tensors in the checkpoint (auto = the model's 16-bit dtype, float16 for a float32
+    # model); the trials round the weights as the checkpoint holds them (Session.emulate_export_dtype)
     dtype: str = "auto"
     verify: bool = True
 

@@ -8,6 +8,7 @@ of the full KL that is tight when the top-k hold almost all the mass).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import resource
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from quantfix.cache import atomic_write
+from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix.model import input_device
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class Reference:
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
     @classmethod
-    def load(cls, path: Path) -> "Reference":
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+    def load(cls, path: Path) -> Optional["Reference"]:
+        """The cached reference at ``path``; None when absent or corrupt (then removed, with a warning)."""
+        return load_entry(path, lambda b: cls(**torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)))
 
 
 @dataclass
@@ -74,8 +76,10 @@ class Metrics:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def cache_key(model_path: str, windows: torch.Tensor, topk: int, full_max_mb: int, dtype: torch.dtype) -> str:
-    h = hashlib.sha256(f"ref-v2|{model_path}|{topk}|{full_max_mb}|{dtype}".encode())
+def cache_key(model_fp: str, windows: torch.Tensor, topk: int, full_max_mb: int, dtype: torch.dtype) -> str:
+    """Key of a float reference: the model's content fingerprint (``cache.model_fingerprint``), the
+    eval windows, the reference's shape settings and the dtype."""
+    h = hashlib.sha256(f"ref-v{CACHE_VERSION}|{model_fp}|{topk}|{full_max_mb}|{dtype}".encode())
     h.update(windows.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -94,9 +98,10 @@ def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference(model, windows: torch.Tensor, batch_size: int, topk: int, full_max_mb: int,
               cache_path: Optional[Path] = None, progress: bool = True) -> Reference:
-    if cache_path is not None and cache_path.exists():
+    cached = Reference.load(cache_path) if cache_path is not None else None
+    if cached is not None:
         log.info("float reference log-probs: cached (%s)", cache_path.name)
-        return Reference.load(cache_path)
+        return cached
     vocab = model.get_output_embeddings().weight.shape[0]
     n = windows.shape[0] * (windows.shape[1] - 1)
     full = n * vocab * 4 <= full_max_mb * 2 ** 20
@@ -174,7 +179,7 @@ class Evaluator:
                 row += logp.shape[0]
                 tgt = ids[:, 1:].reshape(-1).to(logp.device)
                 n, k = -logp.gather(1, tgt[:, None]).squeeze(1), _kld_rows(ref, sl, logp)
-                a = logp.argmax(-1).cpu() == _ref_top1(ref, sl)
+                a = (logp.argmax(-1).cpu() == _ref_top1(ref, sl)) & ~logp.isnan().any(-1).cpu()
             nll.append(n)
             kld.append(k)
             agree.append(a)
@@ -231,21 +236,65 @@ _DEVICE_REF_MAX_BYTES = 2 * 2 ** 30  # larger top-k references are streamed batc
 def token_stats(logits: torch.Tensor, tgt: torch.Tensor, idx: torch.Tensor, p_top: torch.Tensor):
     """Per-token NLL, KL(P_float || Q) over the top-k plus the tail bucket, and the argmax, from the
     logits [..., V] in any float dtype. Math in float32; the only full-vocabulary passes are one
-    logsumexp and one argmax (fused into one kernel when compiled)."""
+    logsumexp and one argmax (fused into one kernel when compiled). The argmax of a row with a NaN
+    or +inf logit is -1: it never agrees with the reference."""
     lf = logits.float()
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)
     kld = topk_tail_kl(p_top, lf.gather(-1, idx) - lse)
     nll = (lse - lf.gather(-1, tgt.unsqueeze(-1))).squeeze(-1)
-    return nll, kld, lf.argmax(-1)
+    top1 = torch.where(torch.isfinite(lse.squeeze(-1)), lf.argmax(-1), torch.full_like(nll, -1, dtype=torch.long))
+    return nll, kld, top1
 
 
 def summarize(nll: torch.Tensor, kld: torch.Tensor, agree: torch.Tensor) -> Metrics:
+    """Mean NLL, PPL, KLD statistics and top-1 agreement. A token whose NLL or KLD is not finite
+    counts as a disagreement (and makes PPL / KLD non-finite, which ``verdict.check`` fails)."""
+    agree = agree.bool() & torch.isfinite(nll) & torch.isfinite(kld)
     mean_nll = float(nll.double().mean())
     return Metrics(
-        ppl=math.exp(mean_nll), nll=mean_nll, kld_mean=float(kld.double().mean()),
+        ppl=math.inf if mean_nll > 700 else math.exp(mean_nll), nll=mean_nll, kld_mean=float(kld.double().mean()),
         kld_p99=float(torch.quantile(kld.float(), 0.99)), kld_max=float(kld.max()),
         top1=float(agree.double().mean()), n_tokens=int(nll.numel()),
     )
+
+
+def is_finite(m: Metrics) -> bool:
+    return all(math.isfinite(v) for v in (m.nll, m.ppl, m.kld_mean, m.top1))
+
+
+def _nonfinite_weight(model) -> Optional[str]:
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            bad = p[~torch.isfinite(p)]
+            kinds = "/".join(k for k, f in (("nan", torch.isnan), ("inf", torch.isinf)) if bool(f(bad).any()))
+            return f"{name} ({bad.numel()} {kinds} values in the weight)"
+    return None
+
+
+@torch.no_grad()
+def locate_nonfinite(model, ids: torch.Tensor) -> Optional[str]:
+    """The first place a non-finite value enters the model: a parameter or buffer holding NaN/Inf,
+    else the first module to finish (innermost first) with a non-finite output on ``ids``; None if the
+    model's logits are finite there."""
+    found = _nonfinite_weight(model)
+    if found is not None:
+        return found
+    first: list = []
+
+    def hook(name):
+        def fn(_mod, _args, out):
+            t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+            if not first and isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                first.append(f"{name} (non-finite output)")
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model(input_ids=ids.to(input_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return first[0] if first else None
 
 
 def baseline_metrics(ref: Reference) -> Metrics:

@@ -8,10 +8,8 @@ full disk is one clear error, and temporary folders left by a killed run are rem
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -20,6 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from quantfix.cache import is_disk_full  # noqa: F401 - also part of this module's API
 from quantfix.errors import QuantfixError
 from quantfix.model import placement_kwargs, set_weight, weight_device, weight_of
 from quantfix.plan import Plan
@@ -148,25 +147,7 @@ def _export_bnb(fp_path: str, plan: Plan, tmp: Path, dtype: torch.dtype, q, trus
 
 
 TEMP_PREFIX = ".checkpoint-"
-# how a full disk (or quota) shows when the writer is not a plain OSError: safetensors' Rust IoError
-# ("No space left on device (os error 28)", "StorageFull") and torch's zip writer ("unexpected pos
-# 2432 vs 2304": a short write)
-_DISK_FULL = re.compile(r"no space left|storagefull|os error 28|disk quota|unexpected pos \d+ vs \d+", re.I)
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """Whether an exception (or one it was raised from) is a full disk or an exceeded quota."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if not isinstance(e, OSError) and _DISK_FULL.search(str(e)):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
+FINGERPRINT_FILE = "quantfix_fingerprint.txt"
 def clean_stale_temp(out_dir: Path) -> List[Path]:
     """Remove the ``.checkpoint-*`` temporary folders that a killed export left in the run dir
     (a finished export renames its folder to ``checkpoint``, a failed one removes it)."""
@@ -186,14 +167,53 @@ def _umask() -> int:
     return mask
 
 
+def _cast_sources(model, static: Optional[Dict[str, tuple]] = None):
+    """(name, tensor) of every floating tensor a cast of the model touches: parameters and buffers,
+    accelerate's offloaded copies, and the simulated weights and scales installed for the export."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.device.type != "meta":
+            yield name, t
+    for m in model.modules():
+        hook = getattr(m, "_hf_hook", None)
+        wm = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
+        if wm is not None:
+            store = getattr(wm.dataset, "state_dict", wm.dataset)
+            yield from ((k, v) for k, v in store.items() if k.startswith(wm.prefix) and v.is_floating_point())
+    for name, tensors in (static or {}).items():
+        yield from ((f"{name}.{part}", t) for part, t in zip(("weight", "scale", "zero_point"), tensors))
+
+
+@torch.no_grad()
+def safe_export_dtype(model, dtype: Optional[torch.dtype], static: Optional[Dict[str, tuple]] = None):
+    """(dtype to export in, warning or None): ``dtype``, unless a tensor the cast touches holds a
+    value beyond its range (float16: |x| > 65504 becomes inf), then bfloat16 (float32's range)."""
+    if dtype is None or not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(torch.float32).max:
+        return dtype, None
+    limit = torch.finfo(dtype).max
+    worst, peak = None, 0.0
+    for name, t in _cast_sources(model, static):
+        if t.numel() and torch.finfo(t.dtype).max > limit:
+            m = float(t.detach().abs().amax())
+            if m > peak:
+                worst, peak = name, m
+    if worst is None or peak <= limit:
+        return dtype, None
+    return torch.bfloat16, (f"export.dtype={str(dtype).replace('torch.', '')} would turn {worst} (max |x| {peak:.4g} "
+                            f"> {limit:.0f}) into inf: the checkpoint is exported in bfloat16 instead")
+
+
 def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, fp_path: str, q,
            export_dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
-           static: Optional[Dict[str, tuple]] = None) -> Path:
+           static: Optional[Dict[str, tuple]] = None, warnings: Optional[List[str]] = None,
+           fingerprint: Optional[str] = None) -> Path:
     """Write ``out_dir/checkpoint`` (weights, config, tokenizer, quantfix_plan.yaml) atomically.
 
     The model passed in must hold the float weights; it is modified in place (quantized).
     ``static``: module -> (simulated weight, scale, zero point) for the modules whose algorithm
-    exports statically (``WeightBank.export_tensors``); required when the plan has such modules."""
+    exports statically (``WeightBank.export_tensors``); required when the plan has such modules.
+    An ``export_dtype`` too narrow for the weights (float16 and |x| > 65504) becomes bfloat16, said
+    in the log and appended to ``warnings``: never an inf checkpoint. ``fingerprint`` (of the run's
+    inputs) goes in ``FINGERPRINT_FILE``: a resumed run re-verifies only a checkpoint of its own inputs."""
     needed = [n for n, p in plan.modules.items() if not p.is_float and algorithms.get(p.algorithm).static_export]
     missing = [n for n in needed if n not in (static or {})]
     if missing:
@@ -206,6 +226,11 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a checkpoint is shared like any saved model
     except OSError as e:
         raise QuantfixError(f"cannot write to {out_dir} ({e.strerror}): pick a writable hydra.run.dir") from e
+    export_dtype, warning = safe_export_dtype(model, export_dtype, {n: static[n] for n in needed})
+    if warning:
+        log.warning("%s", warning)
+        if warnings is not None:
+            warnings.append(warning)
     try:
         if export_dtype is not None and export_dtype != next(model.parameters()).dtype:
             _cast(model, export_dtype)
@@ -216,6 +241,8 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
             _export_llmcompressor(model, tokenizer, plan, samples, tmp, q, trust_remote_code)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp / "quantfix_plan.yaml")
+        if fingerprint:
+            (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
         os.replace(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

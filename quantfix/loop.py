@@ -7,6 +7,7 @@ export the chosen plan with the real engine -> reload it from disk -> verify -> 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,30 +30,80 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg, out_dir: Path) -> Dict[str, Any]:
-    """Run ``cfg.mode`` and write the run dir; returns report.json's content."""
+    """Run ``cfg.mode`` and write the run dir; returns report.json's content. A run that fails once
+    under way (an error, an interrupt, a bug) still writes report.json with ``final.stop_reason``,
+    then the exception goes on to the CLI, which maps it to the exit code; input refused while
+    the session is set up (config, model, data) writes none."""
     t_start = time.perf_counter()
     _check_writable(out_dir)
     exp.clean_stale_temp(out_dir)
-    s = Session(cfg, out_dir)
+    report: Dict[str, Any] = {"model": cfg.model.name_or_path, "config": OmegaConf.to_container(cfg, resolve=True),
+                              "iterations": [], "warnings": []}
+    s = None
+    try:
+        s = Session(cfg, out_dir)
+        diagnosis = _run_mode(s, report)
+    except BaseException as e:
+        if s is not None or not isinstance(e, QuantfixError):
+            _write_failure(report, out_dir, e, s, t_start)
+        raise
+    return _finish(s, report, t_start, diagnosis)
+
+
+def _run_mode(s: Session, report: Dict[str, Any]):
+    cfg = s.cfg
     alg = algorithms.get(cfg.quant.algorithm)
     if alg.export_needs_cuda and cfg.export.enabled and cfg.mode == "repair" and s.device.type != "cuda":
         raise QuantfixError(f"quant={alg.name} exports through llm-compressor's {alg.name.upper()}, which needs a CUDA "
                             "device (it fails on the CPU): run with device=cuda, pick quant=gptq, or set "
                             "export.enabled=false")
+    report.update(model_path=s.resolved.path, device=str(s.device), dtype=str(s.dtype))
     ref = s.reference()
     base = ev.baseline_metrics(ref)
+    report["baseline"] = base.to_dict()
+    _check_baseline(s, base, report)
     log.info("float baseline: PPL %.3f on %d tokens of %s", base.ppl, base.n_tokens, cfg.eval.source)
-    report: Dict[str, Any] = {
-        "model": cfg.model.name_or_path, "model_path": s.resolved.path, "device": str(s.device), "dtype": str(s.dtype),
-        "config": OmegaConf.to_container(cfg, resolve=True), "baseline": base.to_dict(), "iterations": [],
-        "warnings": [],
-    }
     placement = getattr(s.rt.model, "hf_device_map", None)
     if placement and len(set(map(str, placement.values()))) > 1:  # spread by accelerate: say where
         report["placement"] = dict(Counter(str(v) for v in placement.values()))
         log.info("device map: %s", ", ".join(f"{n} modules on {d}" for d, n in report["placement"].items()))
-    diagnosis = MODES[cfg.mode](s, ref, base, report)
-    return _finish(s, report, t_start, diagnosis)
+    return MODES[cfg.mode](s, ref, base, report)
+
+
+def _check_baseline(s: Session, base, report: Dict[str, Any]) -> None:
+    """The float model must give finite log-probs (else nothing can be measured against it); one
+    worse than a uniform guess over its vocabulary is said loudly (random weights, wrong text)."""
+    if not math.isfinite(base.nll):
+        where = ev.locate_nonfinite(s.rt.model, s.data.windows[:1])
+        raise QuantfixError(f"the float model gives non-finite log-probs: its mean NLL on the eval windows is "
+                            f"{base.nll}" + (f"; non-finite values start at {where}" if where else "") +
+                            "; check the model's weights (a NaN/Inf value) or load it in float32 (model.dtype=float32)")
+    vocab = s.rt.model.get_output_embeddings().weight.shape[0]
+    if base.ppl > vocab:
+        msg = (f"the float model's PPL {base.ppl:.1f} is worse than a uniform guess over its {vocab}-token vocabulary: "
+               f"it looks untrained, or {s.cfg.eval.source} is not text it models; its quantization results mean "
+               "little")
+        log.warning("%s", msg)
+        report["warnings"].append(msg)
+
+
+def _write_failure(report: Dict[str, Any], out_dir: Path, e: BaseException, s, t_start: float) -> None:
+    """report.json of a run that stopped: the stop reason (the error's line, "interrupted", or the
+    internal error's type) and whatever was measured until then; never masks the exception."""
+    if isinstance(e, QuantfixError):
+        reason = str(e)
+    elif isinstance(e, KeyboardInterrupt):
+        reason = "interrupted"
+    else:
+        reason = f"internal error: {type(e).__name__}"
+    fin = report.get("final") or {}
+    fin.update(passed=False, stop_reason=reason, trials=len(report["iterations"]))
+    report["final"] = fin
+    report["timings_s"] = dict(s.timer.stages if s is not None else {}, total=round(time.perf_counter() - t_start, 2))
+    try:
+        rep.write_json(report, out_dir)
+    except Exception as err:  # noqa: BLE001 - the original error is what the user needs to see
+        log.warning("could not write report.json after the failure: %s", err)
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -79,15 +130,23 @@ def _setup_trials(s: Session, base, report):
     report["baseline_size_bytes"] = int(16 * (plan0.n_params + plan0.other_params) / 8)
     report["ppl_limit"] = verdict.ppl_limit(base, cfg.thresholds)
     report["kld_limit"] = cfg.thresholds.max_kld_mean
-    stats = s.calib_stats(list(plan0.modules))
-    q = cfg.quant
-    bank = WeightBank(s.rt.model, list(plan0.modules), stats, q.gptq_dampening, q.gptq_block_size, q.awq_grid,
-                      q.llm_int8_threshold)
     task_base = s.task_baseline() if cfg.eval.tasks else {}
     if task_base:
         report["baseline_tasks"] = {t: r.to_dict() for t, r in task_base.items()}
+    export_dtype, warning = s.export_dtype()
+    if warning:
+        log.warning("%s", warning)
+        report["warnings"].append(warning)
+    report["export_dtype"] = str(export_dtype).replace("torch.", "")
+    s.emulate_export_dtype(export_dtype)  # the trials measure the weights the checkpoint will hold
+    stats = s.calib_stats(list(plan0.modules))
+    q = cfg.quant
+    bank = WeightBank(s.rt.model, list(plan0.modules), stats, q.gptq_dampening, q.gptq_block_size, q.awq_grid,
+                      q.llm_int8_threshold, sim_dtype=export_dtype)
     setup = TrialSetup(bank, lambda desc: s.evaluate(desc=desc), base, cfg.thresholds, cfg.loop.max_iters,
-                       s.out_dir / "trials.jsonl", cfg.loop.resume, s.timer, task_base, s.task_results)
+                       s.out_dir / "trials.jsonl", cfg.loop.resume, s.timer, task_base, s.task_results,
+                       fingerprint=s.fingerprint, warnings=report["warnings"],
+                       locate_nonfinite=lambda: ev.locate_nonfinite(s.rt.model, s.data.windows[:1]))
     return plan0, stats, bank, Trials(setup, report["iterations"])
 
 
@@ -100,7 +159,13 @@ def _diagnose_only(s: Session, ref, base, report):
         bank.use_external(plan0, qweights)
         report["quantized"] = s.cfg.quantized.name_or_path
     trial(plan0)
-    diagnosis = steps.diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, None, report)
+    diagnosis = None
+    if verdict.nonfinite(trial.last_metrics):  # the diagnosis compares finite outputs: nothing to measure
+        msg = "plan 0 gives non-finite values: not diagnosed (its failed list names where they start)"
+        log.warning("%s", msg)
+        report["warnings"].append(msg)
+    else:
+        diagnosis = steps.diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, None, report)
     bank.restore()
     report["final"] = None
     return diagnosis
@@ -112,6 +177,9 @@ def _repair(s: Session, ref, base, report):
     diagnosis = None
     if not trial(plan0) and cfg.plan.budget.avg_bits is None:
         result = search.SearchResult(plan0, plan0, "plan 0 passed")
+    elif verdict.nonfinite(trial.last_metrics):  # no diagnosis or error ranking works from NaN/Inf
+        result = search.SearchResult(None, plan0, "plan 0 gives non-finite values, so no search from it (quant.ignore "
+                                                  "can keep the module named below in float)")
     elif cfg.loop.policy == "greedy":
         result = search.greedy(trial, plan0, cfg.loop, bank.output_error, s.timer)
     else:

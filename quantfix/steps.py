@@ -6,11 +6,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
 from quantfix import diagnose as diag_mod
+from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import verdict
 from quantfix.cache import atomic_write
@@ -21,24 +22,46 @@ from quantfix.session import Session
 log = logging.getLogger(__name__)
 
 
-def diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report) -> diag_mod.Diagnosis:
-    """The diagnosis of ``plan`` (replayed from diagnosis_full.json on resume); summary into the report."""
-    saved = s.out_dir / "diagnosis_full.json"
-    if s.cfg.loop.resume and saved.exists():
-        diag = diag_mod.Diagnosis.from_dict(json.loads(saved.read_text()))
-        log.info("resume: diagnosis loaded from %s", saved)
-    else:
-        key = diag_mod.sensitivity_cache_key(s.model_key, plan, s.data.windows, s.cfg.diagnose.sensitivity, options)
+def diagnose(s: Session, bank, plan, ref, base, metrics, stats, options, report,
+             journal: str = "diagnosis_full.json") -> diag_mod.Diagnosis:
+    """The diagnosis of ``plan`` (replayed from ``journal`` on resume); summary into the report."""
+    saved = s.out_dir / journal
+    diag = _resumed_diagnosis(saved, s.fingerprint, report) if s.cfg.loop.resume else None
+    if diag is None:
+        key = diag_mod.sensitivity_cache_key(s.model_fp, plan, s.data.windows, s.cfg.diagnose.sensitivity, options,
+                                             s.weights_key())
         with s.timer("diagnose"):
             diag = diag_mod.run(s.rt, s.data, bank, plan, ref, base, metrics, stats, s.cfg.diagnose, s.cfg.probes,
                                 s.out_dir, options, s.sensitivity_cache(key))
-        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(diag.to_dict(), default=str)))
+        body = dict(diag.to_dict(), fingerprint=s.fingerprint)
+        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(body, default=str)), checksum=False,
+                     setting="hydra.run.dir")
     (s.out_dir / "diagnosis.json").write_text(json.dumps(diag.to_dict(with_options=False), indent=2, default=str))
     report["diagnosis"] = {"file": "diagnosis.json", "findings": [f.to_dict() for f in diag.findings],
                            "top_layers": diag.top_layers(5), "sensitivity_method": diag.sensitivity.method,
                            "sensitivity_seconds": diag.sensitivity.seconds, "domains": diag.domains,
                            "plots": diag.plots}
     return diag
+
+
+def _resumed_diagnosis(saved, fingerprint: str, report) -> Optional[diag_mod.Diagnosis]:
+    """The diagnosis journaled in ``saved`` by an interrupted run with the same fingerprint, or None
+    (absent, unreadable, or written by another run: then said in the log and the report)."""
+    if not saved.exists():
+        return None
+    try:
+        d = json.loads(saved.read_text())
+    except ValueError as e:  # written atomically, but it may have been damaged since
+        log.warning("resume: %s is unreadable (%s): diagnosing again", saved, e)
+        return None
+    if d.pop("fingerprint", None) != fingerprint:
+        msg = (f"resume: {saved.name} was written by another run (model, data, thresholds, config or code "
+               "differ): ignored, diagnosing again")
+        log.warning("%s", msg)
+        report["warnings"].append(msg)
+        return None
+    log.info("resume: diagnosis loaded from %s", saved)
+    return diag_mod.Diagnosis.from_dict(d)
 
 
 def recalibrate_on_domain_gap(s: Session, bank, trial, plan0, options, diagnosis, ref, base, report):
@@ -59,24 +82,45 @@ def recalibrate_on_domain_gap(s: Session, bank, trial, plan0, options, diagnosis
     action = f"recalibrate: data.domains {before} + {gap.source}"
     report["recalibration"] = {"finding": gap.finding, "domains_before": before,
                                "domains_after": list(s.data.calibration_domains), "domains_before_ppl": diagnosis.domains}
+    trial.context = "calibration: " + ", ".join(s.data.calibration_domains)
     if any(algorithms.get(p.algorithm).calibrated for p in plan0.modules.values() if not p.is_float):
-        trial(plan0.with_changes({}, note=action), extra={"action": action, "drivers": {"domain_gap": 1}})
-    diagnosis = diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report)
+        trial(plan0.with_changes({}, note=action), extra={"action": action, "drivers": {gap.kind: 1}})
+    diagnosis = diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report,
+                         journal="diagnosis_full_recalibrated.json")
     report["recalibration"]["domains_after_ppl"] = diagnosis.domains
     return diagnosis
 
 
+def _same_checkpoint(ckpt, plan: Plan, fingerprint: str) -> bool:
+    """Whether ``ckpt`` is this plan exported by a run with this fingerprint (same model, data, config)."""
+    fp = ckpt / exp.FINGERPRINT_FILE
+    return (ckpt / "quantfix_plan.yaml").exists() and fp.exists() and fp.read_text().strip() == fingerprint \
+        and Plan.load(ckpt / "quantfix_plan.yaml").modules == plan.modules
+
+
+def _nonfinite_checkpoint(model, ids, report: Dict[str, Any]) -> list:
+    """Name where the reloaded checkpoint turns NaN/Inf (a weight the export dtype could not hold,
+    or the first module with a non-finite output), in the failed list and the warnings."""
+    where = ev.locate_nonfinite(model, ids)
+    if where is None:
+        return []
+    msg = f"the reloaded checkpoint gives non-finite values, starting at {where}"
+    log.warning("%s", msg)
+    report["warnings"].append(msg)
+    return [f"checkpoint non-finite at {where}"]
+
+
 def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str, Any], static=None) -> None:
     cfg, fin = s.cfg, report["final"]
-    export_dtype = None if cfg.export.dtype == "auto" else getattr(torch, cfg.export.dtype)
+    export_dtype = s.sim_dtype  # decided before the trials (Session.export_dtype), which measured it
     existing = s.out_dir / "checkpoint"
-    if cfg.loop.resume and (existing / "quantfix_plan.yaml").exists() and \
-            Plan.load(existing / "quantfix_plan.yaml").modules == plan.modules:
+    if cfg.loop.resume and _same_checkpoint(existing, plan, s.fingerprint):
         ckpt = existing  # exported before the interruption: verify it again
     else:
         with s.timer("export"):
             ckpt = exp.export(s.rt.model, s.rt.tokenizer, plan, s.data.samples, s.out_dir, s.resolved.path, cfg.quant,
-                              export_dtype, trust_remote_code=cfg.model.trust_remote_code, static=static)
+                              export_dtype, trust_remote_code=cfg.model.trust_remote_code, static=static,
+                              warnings=report["warnings"], fingerprint=s.fingerprint)
     s.rt.model = None  # free the working model before loading the checkpoint: never two models on the device
     gc.collect()
     if s.device.type == "cuda":
@@ -93,8 +137,10 @@ def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str,
         task_fails = []
         if task_base:
             fin["verified_tasks"], task_fails = verdict.task_checks(task_base, s.task_results(model), cfg.thresholds)
+        fails = verdict.check(m, base, cfg.thresholds) + task_fails
+        if verdict.nonfinite(m):
+            fails += _nonfinite_checkpoint(model, s.data.windows[:1], report)
         del model
-    fails = verdict.check(m, base, cfg.thresholds) + task_fails
     fin["verified_metrics"], fin["verified_failed"] = m.to_dict(), fails
     fin["passed"] = fin["search_passed"] and not fails
     if fin["search_passed"] and fails:

@@ -249,7 +249,8 @@ def loglikelihoods(model, tokenizer, requests: Sequence[Tuple[str, str]], batch_
             logp = F.log_softmax(logits[row, end - len(cont):end].float(), dim=-1)
             target = torch.tensor(cont, dtype=torch.long, device=logp.device)
             ll = float(logp.gather(1, target[:, None]).sum())
-            out[i] = (ll, bool((logp.argmax(-1) == target).all()))
+            # a NaN/Inf log-prob is never a greedy match (argmax would pick the NaN's index)
+            out[i] = (ll, math.isfinite(ll) and bool((logp.argmax(-1) == target).all()))
     return out  # type: ignore[return-value]
 
 
@@ -269,7 +270,10 @@ def _argmax(xs: Sequence[float]) -> int:
 
 
 def multiple_choice_scores(lls: Sequence[float], choices: Sequence[str], gold: int) -> Dict[str, float]:
-    """acc: argmax of log-likelihood; acc_norm: argmax of log-likelihood / len(choice) in characters."""
+    """acc: argmax of log-likelihood; acc_norm: argmax of log-likelihood / len(choice) in characters.
+    A document with a non-finite log-likelihood (a NaN model) is scored wrong."""
+    if not all(math.isfinite(ll) for ll in lls):
+        return {"acc": 0.0, "acc_norm": 0.0}
     norm = [ll / float(len(c)) for ll, c in zip(lls, choices)]
     return {"acc": float(_argmax(lls) == gold), "acc_norm": float(_argmax(norm) == gold)}
 
@@ -408,6 +412,10 @@ def compare(base: TaskResult, quant: TaskResult, metric: str, max_drop_points: f
     lower = metric in LOWER_IS_BETTER
     scale = 1.0 if lower else 100.0
     b, q = base.metrics[metric] * scale, quant.metrics[metric] * scale
+    bad = [f"{name} {metric} is {v} (non-finite)" for name, v in (("float", b), ("quantized", q)) if not math.isfinite(v)]
+    if bad:  # a NaN compares false with every limit: fail it explicitly
+        return {"metric": metric, "base": b, "quant": q, "delta": q - b, "stderr": float("nan"),
+                "max_drop": max_drop_points, "within_noise": False, "failed": True, "reason": "; ".join(bad)}
     drop = (q - b) if lower else (b - q)
     diffs = None if lower else _paired(base, quant, metric)
     if diffs is not None:

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -21,8 +21,10 @@ from quantfix.plan import Plan
 log = logging.getLogger(__name__)
 
 
-def plan_key(plan: Plan) -> str:
-    body = json.dumps({n: asdict(p) for n, p in sorted(plan.modules.items())}, sort_keys=True)
+def plan_key(plan: Plan, context: str = "") -> str:
+    """The journal key of a plan's trial; ``context`` names what else decides its weights (the
+    calibration domains after a recalibration)."""
+    body = json.dumps({n: asdict(p) for n, p in sorted(plan.modules.items())}, sort_keys=True) + context
     return hashlib.sha256(body.encode()).hexdigest()[:20]
 
 
@@ -50,6 +52,9 @@ class TrialSetup:
     timer: Any = None  # session.Timer
     task_base: Optional[Dict[str, Any]] = None  # float task results (eval.tasks), or None
     score_tasks: Optional[Callable[[], Dict[str, Any]]] = None  # task results of the live model
+    fingerprint: str = ""  # of the run's inputs (Session.fingerprint): journal lines of another run are ignored
+    locate_nonfinite: Optional[Callable[[], Optional[str]]] = None  # where the live model turns NaN/Inf
+    warnings: List[str] = field(default_factory=list)  # report.json's warnings (appended to)
 
 
 class Trials:
@@ -59,15 +64,38 @@ class Trials:
         self.setup, self.bank, self.base, self.iterations = setup, setup.bank, setup.base, iterations
         self.last_metrics: Optional[Metrics] = None
         self.last_task_fails: List[str] = []
-        self.memo: Dict[str, Dict[str, Any]] = {}
-        if setup.resume and setup.journal.exists():
-            for line in setup.journal.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    self.memo[rec["plan_key"]] = rec
-            log.info("resume: %d trials journaled in %s", len(self.memo), setup.journal)
-        elif setup.journal.exists():
-            setup.journal.unlink()
+        self.context = ""  # set when the calibration data changes: the same plan then measures differently
+        self.memo: Dict[str, Dict[str, Any]] = self._replay() if setup.resume else {}
+        setup.journal.unlink(missing_ok=True)  # rewritten with the trials kept: no foreign lines stay
+        if self.memo:
+            setup.journal.write_text("".join(json.dumps(r) + "\n" for r in self.memo.values()))
+
+    def _replay(self) -> Dict[str, Dict[str, Any]]:
+        """The journaled trials of an interrupted run with this run's fingerprint, by plan key; lines
+        from another run (other model, data, thresholds, config or code) or damaged are ignored,
+        with a warning."""
+        s, memo, foreign, damaged = self.setup, {}, 0, 0
+        lines = s.journal.read_text().splitlines() if s.journal.exists() else []
+        for line in filter(str.strip, lines):
+            try:
+                rec = json.loads(line)
+                key = rec["plan_key"]
+            except (ValueError, KeyError, TypeError):
+                damaged += 1  # a line cut short by a kill
+                continue
+            if rec.get("fingerprint") != s.fingerprint:
+                foreign += 1
+                continue
+            memo[key] = rec
+        if foreign:
+            msg = (f"resume: {foreign} trials in {s.journal.name} were measured by another run (model, data, "
+                   "thresholds, config or code differ): ignored, measuring again")
+            log.warning("%s", msg)
+            s.warnings.append(msg)
+        if damaged:
+            log.warning("resume: %d damaged lines in %s ignored", damaged, s.journal)
+        log.info("resume: %d trials journaled in %s", len(memo), s.journal)
+        return memo
 
     @property
     def left(self) -> int:
@@ -76,7 +104,7 @@ class Trials:
     def __call__(self, plan: Plan, prev: Optional[Plan] = None, extra: Optional[Dict[str, Any]] = None) -> List[str]:
         """Measure ``plan``; returns the thresholds it fails (empty: passed)."""
         t = time.perf_counter()
-        key = plan_key(plan)
+        key = plan_key(plan, self.context)
         if key in self.memo:
             rec = self.memo[key]
             m, task_rows, task_fails = Metrics(**rec["metrics"]), rec.get("tasks", {}), rec.get("task_fails", [])
@@ -84,10 +112,12 @@ class Trials:
         else:
             m, task_rows, task_fails = self._measure(plan)
             with open(self.setup.journal, "a") as f:
-                f.write(json.dumps({"plan_key": key, "metrics": asdict(m), "tasks": task_rows,
-                                    "task_fails": task_fails}) + "\n")
+                f.write(json.dumps({"plan_key": key, "fingerprint": self.setup.fingerprint, "metrics": asdict(m),
+                                    "tasks": task_rows, "task_fails": task_fails}) + "\n")
         self.last_metrics, self.last_task_fails = m, task_fails
         fails = verdict.check(m, self.base, self.setup.thresholds) + task_fails
+        if verdict.nonfinite(m):
+            fails += self._nonfinite_cause(plan)
         rec = iteration_record(len(self.iterations), plan, m, fails, time.perf_counter() - t,
                                prev.diff(plan) if prev is not None else None)
         rec.update(extra or {})
@@ -97,6 +127,20 @@ class Trials:
         log.info("trial %d: %s | avg bits %.2f | PPL %.3f | KLD %.4f | %s", len(self.iterations) - 1,
                  plan.summary_str(), plan.avg_bits, m.ppl, m.kld_mean, "PASS" if not fails else "; ".join(fails))
         return fails
+
+    def _nonfinite_cause(self, plan: Plan) -> List[str]:
+        """Where a trial's NaN/Inf comes from (the first module whose simulated weight or output is
+        not finite), for the failed list and the report's warnings; needs the plan applied."""
+        if self.setup.locate_nonfinite is None:
+            return []
+        self.bank.apply(plan, progress=False)  # a replayed trial was never applied
+        where = self.setup.locate_nonfinite()
+        if where is None:
+            return []
+        msg = f"trial {len(self.iterations)} ({plan.summary_str()}): non-finite values start at {where}"
+        log.warning("%s", msg)
+        self.setup.warnings.append(msg)
+        return [f"non-finite at {where}"]
 
     def _measure(self, plan: Plan):
         s = self.setup

@@ -8,9 +8,18 @@ from quantfix.config import ThresholdsConfig
 from quantfix.evaluate import Metrics
 
 
+def nonfinite(m: Metrics) -> List[str]:
+    """One failure per metric that is NaN or infinite: no threshold can pass it."""
+    return [f"{label} is {v} (non-finite)" for label, v in (("PPL", m.ppl), ("KLD", m.kld_mean), ("top-1", m.top1))
+            if not math.isfinite(v)]
+
+
 def check(m: Metrics, base: Metrics, t: ThresholdsConfig) -> List[str]:
-    """The thresholds a metric set fails (empty = passed)."""
-    fails = []
+    """The thresholds a metric set fails (empty = passed). A non-finite metric always fails,
+    whatever the thresholds (a comparison with NaN is always false)."""
+    fails = nonfinite(m)
+    if fails:
+        return fails
     inc_pct = 100 * (m.ppl / base.ppl - 1)
     if t.max_ppl_increase_pct is not None and inc_pct > t.max_ppl_increase_pct:
         fails.append(f"PPL +{inc_pct:.2f}% > {t.max_ppl_increase_pct}%")

@@ -3,8 +3,9 @@
 # (scripts/bench_repair.py sections spread over the visible GPUs, all on one host, same card type)
 # and the demo loop on a GPU. Writes OUT/repair.json (merged), the per-section JSON and logs.
 #   QUANTFIX_CACHE=... QUANTFIX_DATA=... scripts/bench_gpu_session.sh OUT [SECONDS_PER_STREAM]
-# With 4 GPUs: quantfix | uniform + AutoScheme iters=0 + demo | AutoRound iters=200 at 4.25, 4.5
-# | AutoRound iters=200 at 5.0, 6.0. With fewer GPUs the streams run one after another.
+# With 4 GPUs: quantfix | quantfix 4/8-bit + uniform | AutoScheme iters=0 + AutoRound iters=200 at
+# 4.5 | AutoRound iters=200 at 5.0 + the demo. With fewer GPUs the streams run one after another.
+# BUDGETS (default "4.5 5.0") sets the budgets.
 set -u
 out=${1:?usage: bench_gpu_session.sh OUT [SECONDS_PER_STREAM]}
 limit=${2:-560}
@@ -26,17 +27,19 @@ demo() {
   echo "demo (GPU $1) exit $?" >> "$out/streams.txt"
 }
 
+budgets=${BUDGETS:-4.5 5.0}
 if [ "$ngpu" -ge 4 ]; then
-  stream 0 quantfix --sections quantfix &
-  (stream 1 peers0 --sections uniform autoscheme0; demo 1) &
-  stream 2 ar200a --sections autoscheme200 --budgets 4.25 4.5 &
-  stream 3 ar200b --sections autoscheme200 --budgets 5.0 6.0 &
+  stream 0 quantfix --sections quantfix --ladders quantfix --budgets $budgets &
+  stream 1 quantfix48 --sections quantfix uniform --ladders "quantfix 4/8-bit" --budgets $budgets &
+  (stream 2 as0 --sections autoscheme0 --budgets $budgets
+   stream 2 ar200a --sections autoscheme200 --budgets ${budgets%% *}) &
+  (stream 3 ar200b --sections autoscheme200 --budgets ${budgets#* }; demo 3) &
   wait
 else
-  stream 0 quantfix --sections quantfix
-  stream 0 peers0 --sections uniform autoscheme0
+  stream 0 quantfix --sections quantfix --budgets $budgets
+  stream 0 peers0 --sections uniform autoscheme0 --budgets $budgets
   demo 0
-  stream 0 ar200 --sections autoscheme200
+  stream 0 ar200 --sections autoscheme200 --budgets $budgets
 fi
 cat "$out/streams.txt"
 $py "$here/scripts/bench_repair.py" --merge "$out"/part_*.json --out "$out/repair.json"

@@ -37,7 +37,7 @@ sim = {(n, p): bank.simulate(n, p).cpu() for n in names for p in rungs}
 def lagrange(cur, est, budget):
     """per module choose option minimizing est + lam*bits; binary search lam for avg bits <= budget"""
     def pick(lam):
-        choice, bits, tot = {}, 0.0, 0.0
+        choice, tot = {}, 0.0
         for n in names:
             out_f, in_f = plan0.shapes[n]
             best = None

@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--budgets", type=float, nargs="+", default=[4.25, 4.5, 5.0, 6.0])
     ap.add_argument("--sections", nargs="+", default=["quantfix", "uniform", "autoscheme0", "autoscheme200"])
+    ap.add_argument("--ladders", nargs="+", default=list(LADDERS), help="which quantfix rows: " + ", ".join(LADDERS))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -79,8 +80,8 @@ def main() -> None:
     gc.collect()
     for b in a.budgets:
         if "quantfix" in a.sections:
-            for label, ladder in LADDERS.items():
-                add(results, quantfix_row(b, label, ladder, ctx), a.out)
+            for label in a.ladders:
+                add(results, quantfix_row(b, label, LADDERS[label], ctx), a.out)
         for iters in (0, 200):
             if f"autoscheme{iters}" in a.sections:
                 add(results, autoscheme_row(b, iters, ctx), a.out)

@@ -71,6 +71,7 @@ def test_diagnose_finds_the_planted_layer_channel_and_fix(compose, planted_dir, 
     assert q_input["float"]["ratio"] > 6
     assert diag["outliers"][0]["input_of"] == q_input["input_of"]  # the planted input has the largest ratio
     full = json.loads((out / "diagnosis_full.json").read_text())
+    assert full.pop("fingerprint")  # of the run's inputs, for loop.resume
     assert Diagnosis.from_dict(full).to_dict() == full  # the typed diagnosis round-trips
     kinds = {f["kind"] for f in diag["findings"]}
     outl = [f for f in diag["findings"] if f["kind"] == "outlier_channels"]

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from quantfix.loop import run
 from quantfix.plan import Plan
@@ -195,3 +194,11 @@ def test_domain_gap_recalibrates_and_remeasures(compose, tiny_dir, tmp_path, mon
     assert its[1]["metrics"]["kld_mean"] != its[0]["metrics"]["kld_mean"]  # GPTQ saw other data
     assert "code" in rec["domains_after_ppl"]
     assert "Recalibration" in (tmp_path / "run" / "report.md").read_text()
+    # resumed in the same dir: the recalibration is replayed (its statistics, its own journal keys and
+    # diagnosis), so every trial comes back from the journal with the metrics measured after it
+    cfg.loop.resume = True
+    again = run(cfg, tmp_path / "run")
+    assert all(it.get("resumed") for it in again["iterations"])
+    assert [it["metrics"]["kld_mean"] for it in again["iterations"]] == [it["metrics"]["kld_mean"] for it in its]
+    assert again["recalibration"]["domains_after"] == ["pydoc", "stdlib"]
+    assert (tmp_path / "run" / "diagnosis_full_recalibrated.json").exists()

@@ -10,12 +10,13 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from quantfix.cache import atomic_write
+from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix import data as data_mod
 from quantfix.config import DiagnoseConfig, ProbesConfig, SensitivityConfig
 from quantfix.diagnose import activations, probes, sensitivity
@@ -30,12 +31,18 @@ log = logging.getLogger(__name__)
 Options = Dict[str, Dict[str, Precision]]
 
 
-def sensitivity_cache_key(model_key: str, plan: Plan, windows: torch.Tensor, scfg: SensitivityConfig,
-                          options: Optional[Options]) -> str:
-    labels = sorted({lab for o in (options or {}).values() for lab in o})
-    h = hashlib.sha256(f"sens-v6|{model_key}|{scfg.method}|{scfg.windows}|{scfg.label_samples}|"
-                       f"{scfg.fisher_windows}|{labels}".encode())
+def sensitivity_cache_key(model_fp: str, plan: Plan, windows: torch.Tensor, scfg: SensitivityConfig,
+                          options: Optional[Options], weights_key: str) -> str:
+    """Key of a sensitivity measurement: the float model's content fingerprint, the plan and every
+    option's precision, the eval windows, the method, and ``weights_key``: what else decides the
+    quantized weights (calibration samples, algorithm settings, the fingerprint of an existing
+    checkpoint whose weights are diagnosed), so two plans with the same labels but other weights
+    never share an entry."""
+    opts = {n: {lab: asdict(p) for lab, p in o.items()} for n, o in sorted((options or {}).items())}
+    h = hashlib.sha256(f"sens-v{CACHE_VERSION}|{model_fp}|{weights_key}|{scfg.method}|{scfg.windows}|"
+                       f"{scfg.label_samples}|{scfg.fisher_windows}".encode())
     h.update(json.dumps(plan.to_dict()["modules"], sort_keys=True).encode())
+    h.update(json.dumps(opts, sort_keys=True).encode())
     h.update(windows.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -45,10 +52,12 @@ def measure_sensitivity(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tenso
                         progress: bool = True) -> sensitivity.Sensitivity:
     """Sensitivity of the plan's parts (cached at ``cache_path``). ``options``: module -> label ->
     precision to also score (fast / taylor / fisher). Leaves the float weights live."""
-    if cache_path is not None and cache_path.exists():
+    cached = load_entry(cache_path, lambda b: sensitivity.Sensitivity.from_dict(json.loads(b))) \
+        if cache_path is not None else None
+    if cached is not None:
         log.info("sensitivity: cached (%s)", cache_path.name)
         bank.restore()
-        return sensitivity.Sensitivity.from_dict(json.loads(cache_path.read_text()))
+        return cached
     opt_w = lambda: bank.simulate_options(options or {})  # noqa: E731
     bs = min(2, rt.batch_size)
     if scfg.method == "exact":

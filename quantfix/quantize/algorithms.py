@@ -131,7 +131,7 @@ def _rtn_with(method: str):
     def sim(W, p, inputs: SimInputs):
         Wn = W.to(inputs.dtype or W.dtype)
         scale, zero = _qparams(Wn, p, inputs, method)
-        return scales.quantize_with(Wn, scale, zero, p.bits, p.group_size).to(W.dtype)
+        return scales.quantize_with(Wn, scale, zero, p.bits, p.group_size, out_dtype=W.dtype)
     return sim
 
 
@@ -143,11 +143,13 @@ def _gptq_many(method: str):
         qps = [_qparams(W.to(inp.dtype or W.dtype), p, inp, method) for W, inp in zip(Ws, inputs_list)]
         inputs = inputs_list[0]
         if inputs.stats is None:
-            return [scales.quantize_with(W.to(inputs.dtype or W.dtype), s, z, p.bits, p.group_size).to(W.dtype)
+            return [scales.quantize_with(W.to(inputs.dtype or W.dtype), s, z, p.bits, p.group_size, out_dtype=W.dtype)
                     for W, (s, z) in zip(Ws, qps)]
         W = torch.cat([w.float() for w in Ws])
-        Q = _gptq_sweep(W, inputs.stats.hessian.to(W.device), p, torch.cat([s for s, _ in qps]),
-                        torch.cat([z for _, z in qps]), inputs.gptq_damp, inputs.gptq_block)
+        # scales in float32 (their values stay those of the export dtype): the sweep's q * scale is
+        # then exact, as the checkpoint's dequantization in the reload dtype is
+        Q = _gptq_sweep(W, inputs.stats.hessian.to(W.device), p, torch.cat([s.float() for s, _ in qps]),
+                        torch.cat([z.float() for _, z in qps]), inputs.gptq_damp, inputs.gptq_block)
         return [q.to(w.dtype) for q, w in zip(Q.split([w.shape[0] for w in Ws]), Ws)]
     return sim
 

@@ -25,7 +25,8 @@ class WeightBank:
     """Float originals of the planned modules (on CPU) and the plan currently applied."""
 
     def __init__(self, model, names, stats: Optional[CalibStats] = None, gptq_damp: float = 0.01,
-                 gptq_block: int = 128, awq_grid: int = 20, int8_threshold: float = 6.0):
+                 gptq_block: int = 128, awq_grid: int = 20, int8_threshold: float = 6.0,
+                 sim_dtype: Optional[torch.dtype] = None):
         self.model = model
         mods = dict(model.named_modules())
         self.modules = {n: mods[n] for n in names}
@@ -36,6 +37,9 @@ class WeightBank:
         self._awq: Dict[Tuple[str, int, int, bool], torch.Tensor] = {}
         self._sim: Dict[Tuple[str, Precision], torch.Tensor] = {}
         self._qp: Dict[str, dict] = {}  # module -> searched scales (algorithms.SimInputs.qparams_cache)
+        # the dtype simulations compute scales and round in: the checkpoint's (the engine quantizes
+        # the model cast to it), when narrower than the live model's (float16 on a float32 CPU run)
+        self.sim_dtype = sim_dtype
 
     def original(self, name: str, device=None) -> torch.Tensor:
         w = self.originals[name]
@@ -60,7 +64,13 @@ class WeightBank:
         return algorithms.SimInputs(stats=self.stats.of(name) if has_stats else None,
                                     awq_scales=lambda: self._awq_scales(name, p), gptq_damp=self.gptq_damp,
                                     gptq_block=self.gptq_block, int8_threshold=self.int8_threshold,
-                                    dtype=self.originals[name].dtype, qparams_cache=self._qp.setdefault(name, {}))
+                                    dtype=self._dtype(name), qparams_cache=self._qp.setdefault(name, {}))
+
+    def _dtype(self, name: str) -> torch.dtype:
+        own = self.originals[name].dtype
+        if self.sim_dtype is None or torch.finfo(self.sim_dtype).bits >= torch.finfo(own).bits:
+            return own
+        return self.sim_dtype
 
     def simulate(self, name: str, p: Precision) -> torch.Tensor:
         key = (name, p)

@@ -7,6 +7,7 @@ channel the absmax (outlier channels) and mean |x| (AWQ scales).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from quantfix.cache import atomic_write
+from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
 from quantfix.model import decoder_layers
 
@@ -50,14 +51,19 @@ class CalibStats:
             {"inputs": {k: vars(v) for k, v in self.inputs.items()}, "module_input": self.module_input}, tmp))
 
     @classmethod
-    def load(cls, path: Path) -> "CalibStats":
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        return cls({k: InputStats(**v) for k, v in d["inputs"].items()}, d["module_input"])
+    def load(cls, path: Path) -> Optional["CalibStats"]:
+        """The cached statistics at ``path``; None when absent or corrupt (then removed, with a warning)."""
+        def parse(b: bytes) -> "CalibStats":
+            d = torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+            return cls({k: InputStats(**v) for k, v in d["inputs"].items()}, d["module_input"])
+        return load_entry(path, parse)
 
 
-def cache_key(model_path: str, samples: torch.Tensor, names: List[str]) -> str:
-    h = hashlib.sha256(b"calib-v2")
-    h.update(model_path.encode())
+def cache_key(model_fp: str, samples: torch.Tensor, names: List[str]) -> str:
+    """Key of the statistics: the model's content fingerprint (with its dtype), the calibration
+    samples and the modules."""
+    h = hashlib.sha256(f"calib-v{CACHE_VERSION}".encode())
+    h.update(model_fp.encode())
     h.update(samples.numpy().tobytes())
     h.update("\n".join(names).encode())
     return h.hexdigest()[:16]
@@ -89,9 +95,10 @@ def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], 
 def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
             cache_path: Optional[Path] = None, progress: bool = True) -> CalibStats:
     """Hessians and channel statistics of every input of the named linear modules, layer by layer."""
-    if cache_path is not None and cache_path.exists():
+    cached = CalibStats.load(cache_path) if cache_path is not None else None
+    if cached is not None:
         log.info("calibration statistics: cached (%s)", cache_path.name)
-        return CalibStats.load(cache_path)
+        return cached
     wanted = set(names)
     prefix = {id(m): n for n, m in model.named_modules()}
     stats = CalibStats()

@@ -35,9 +35,13 @@ def qparams(W: Tensor, bits: int, group_size: int, symmetric: bool) -> Tuple[Ten
     return scale, zero
 
 
-def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor, bits: int, out_dtype=None) -> Tensor:
+    """Integers computed in x's dtype (as the engine packs them); dequantized in ``out_dtype``
+    (default x's): a float16 checkpoint reloaded in float32 multiplies in float32."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     q = torch.clamp(torch.round(x / scale + zero), qmin, qmax)
+    if out_dtype is not None and out_dtype != x.dtype:
+        q, zero, scale = q.to(out_dtype), zero.to(out_dtype), scale.to(out_dtype)
     return (q - zero) * scale
 
 

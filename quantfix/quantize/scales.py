@@ -227,15 +227,17 @@ def search_qparams(W: Tensor, bits: int, group_size: int, symmetric: bool, metho
 
 
 @torch.no_grad()
-def quantize_with(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -> Tensor:
+def quantize_with(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int, out_dtype=None) -> Tensor:
     """Fake-quantize W with given [out, n_groups] qparams, in W's dtype, exactly as
-    compressed-tensors `fake_quantize` does with the stored scale / zero point."""
+    compressed-tensors `fake_quantize` does with the stored scale / zero point; dequantized in
+    ``out_dtype`` (default W's: the dtype the checkpoint is reloaded in)."""
     out_f, in_f = W.shape
     g = group_size or in_f
     Wg = W.reshape(out_f, in_f // g, g)
     s = scale.to(W.dtype).reshape(out_f, -1)[..., None]
     z = zero.to(W.dtype).reshape(out_f, -1)[..., None]
-    return fake.quant_dequant(Wg, s, z, bits).reshape(out_f, in_f).to(W.dtype)
+    out_dtype = out_dtype or W.dtype
+    return fake.quant_dequant(Wg, s, z, bits, out_dtype).reshape(out_f, in_f).to(out_dtype)
 
 
 @torch.no_grad()
