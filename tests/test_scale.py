@@ -88,7 +88,7 @@ def test_offloaded_model_gives_the_same_run(compose, tiny_dir, tmp_path):
         "model.device_map": "auto", "model.max_memory": "{cpu:300KB}",
         "model.offload_folder": str(tmp_path / "offload")})), tmp_path / "off")
     assert "placement" not in plain and off["placement"].get("disk", 0) >= 1, off.get("placement")
-    assert any((tmp_path / "offload").iterdir())  # weights really went to disk
+    # disk-offloaded weights are read from the model's own safetensors (same dtype): the folder may stay empty
     for a, b in zip(plain["iterations"], off["iterations"], strict=True):
         assert a["avg_bits"] == b["avg_bits"]
         assert a["metrics"]["kld_mean"] == pytest.approx(b["metrics"]["kld_mean"], rel=1e-4, abs=1e-7)
