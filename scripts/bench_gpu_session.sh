@@ -7,10 +7,11 @@
 # 4.5 | AutoRound iters=200 at 5.0 + the demo. With fewer GPUs the streams run one after another.
 # BUDGETS (default "4.5 5.0") sets the budgets.
 set -u
-out=${1:?usage: bench_gpu_session.sh OUT [SECONDS_PER_STREAM]}
+out=$(realpath -m "${1:?usage: bench_gpu_session.sh OUT [SECONDS_PER_STREAM]}")
 limit=${2:-560}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"  # python -m quantfix must import this tree's package, not another one in the caller's cwd
 py=${PYTHON:-python3}
 ngpu=$(nvidia-smi -L | wc -l)
 # convert the demo GGUF once, before parallel jobs read it
