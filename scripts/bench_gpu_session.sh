@@ -24,8 +24,10 @@ stream() {  # stream GPU NAME ARGS...: one bench_repair section set on one GPU, 
   echo "stream $name (GPU $gpu) exit $?" >> "$out/streams.txt"
 }
 demo() {
-  CUDA_VISIBLE_DEVICES=$1 timeout 240 $py -m quantfix device=cuda hydra.run.dir="$out/demo" > "$out/demo.log" 2>&1
+  local run=/tmp/quantfix-demo-$$  # the checkpoint stays out of OUT; its report is copied
+  CUDA_VISIBLE_DEVICES=$1 timeout 240 $py -m quantfix device=cuda hydra.run.dir="$run" > "$out/demo.log" 2>&1
   echo "demo (GPU $1) exit $?" >> "$out/streams.txt"
+  cp "$run/report.json" "$out/demo_report.json" 2>/dev/null; cp "$run/report.md" "$out/demo_report.md" 2>/dev/null
 }
 
 budgets=${BUDGETS:-4.5 5.0}
