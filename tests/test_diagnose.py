@@ -172,6 +172,12 @@ def test_root_causes_domain_gap_and_ppl_hides_damage():
     # calibrating on the code domain removes the gap finding
     diag.calibration_domains = ["c4", "humaneval"]
     assert "domain_gap" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
+    # judged by source: Python's docs are prose too, but not the WikiText-2 text the prose domain is
+    diag.domains = {"prose": {"ppl_increase_pct": 50.2}, "web": {"ppl_increase_pct": 36.8},
+                    "code": {"ppl_increase_pct": 14.9}}  # measured: the demo, W4g64 GPTQ calibrated on pydoc
+    diag.calibration_domains = ["pydoc"]
+    gap = {x.kind: x for x in root_causes(diag, DiagnoseConfig())}["domain_gap"]
+    assert gap.domain == "prose" and gap.source == "wikitext2"
 
 
 def test_outlier_findings_group_residual_channels_and_merge_the_tail():

@@ -8,6 +8,7 @@ simulated comes from its algorithm's entry in ``algorithms.REGISTRY``.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -74,19 +75,20 @@ class WeightBank:
 
     def simulate(self, name: str, p: Precision) -> torch.Tensor:
         key = (name, p)
+        if key not in self._sim and not p.is_float and self._kept(p):
+            self.prepare([(name, p)])
         if key in self._sim:
             return self._sim[key].to(weight_device(self.modules[name]), torch.float32)
         W = self.original(name)
         if p.is_float:
             return W
+        return algorithms.get(p.algorithm).simulate(W, p, self._inputs(name, p))
+
+    @staticmethod
+    def _kept(p: Precision) -> bool:
+        """A search or a sweep (not plain min/max rounding): computed once, a CPU copy kept."""
         alg = algorithms.get(p.algorithm)
-        if alg.simulate_many is not None and self.stats is not None and name in self.stats.module_input:
-            self.prepare([(name, p)])
-            return self._sim[key].to(weight_device(self.modules[name]), torch.float32)
-        out = alg.simulate(W, p, self._inputs(name, p))
-        if alg.observer != "minmax" or alg.calibrated:  # a search or a sweep: keep a CPU copy for later trials
-            self._sim[key] = out.to("cpu", self.originals[name].dtype)
-        return out
+        return alg.observer != "minmax" or alg.calibrated
 
     def simulate_options(self, options: Dict[str, Dict[str, Precision]]) -> Dict[str, Dict[str, torch.Tensor]]:
         """module -> label -> simulated weight (CPU) of every option, modules that read one input
@@ -95,25 +97,50 @@ class WeightBank:
         return {n: {lab: self.simulate(n, p).cpu() for lab, p in o.items()} for n, o in options.items()}
 
     def prepare(self, items) -> None:
-        """Simulate in one call the modules that read the same input at the same precision (q/k/v,
-        gate/up) when the algorithm allows it (GPTQ treats weight rows independently given the
-        input's Hessian: stacking the rows gives the same result in one column sweep). The stack is
-        always every planned module that reads the input, whichever were asked for: the float
-        rounding of the sweep depends on the stack's shape, so a module's simulated weight must not
-        depend on which trials came before (a resumed run measures what the uninterrupted one did)."""
-        if self.stats is None:
-            return
-        groups: Dict[Tuple[str, Precision], List[str]] = {}
+        """Compute the kept simulations of ``items`` ((module, precision) pairs). GPTQ-like
+        algorithms simulate the modules that read one input in one call (rows are independent
+        given the input's Hessian: one column sweep over the stacked rows), and the stack is always
+        every planned module that reads the input, whichever were asked for: the float rounding
+        depends on the stack's shape, so a module's simulated weight must not depend on which
+        trials came before (a resumed run measures what the uninterrupted one did). On the CPU the
+        jobs run in parallel, one thread each (the same arithmetic whatever the number of jobs)."""
+        jobs: Dict[tuple, Tuple[Precision, List[str]]] = {}
         for n, p in items:
-            if not p.is_float and algorithms.get(p.algorithm).simulate_many is not None and (n, p) not in self._sim \
-                    and n in self.stats.module_input:
+            if p.is_float or (n, p) in self._sim or n not in self.modules or not self._kept(p):
+                continue
+            alg = algorithms.get(p.algorithm)
+            if alg.simulate_many is not None and self.stats is not None and n in self.stats.module_input:
                 key = self.stats.module_input[n]
-                groups.setdefault((key, p), [m for m in self.stats.groups()[key] if m in self.modules])
-        for (_, p), names in groups.items():
-            outs = algorithms.get(p.algorithm).simulate_many([self.original(n) for n in names], p,
-                                                             [self._inputs(n, p) for n in names])
-            for n, q in zip(names, outs):
-                self._sim[(n, p)] = q.to("cpu", self.originals[n].dtype)
+                jobs.setdefault(("stack", key, p), (p, [m for m in self.stats.groups()[key] if m in self.modules]))
+            else:
+                jobs.setdefault(("one", n, p), (p, [n]))
+        if not jobs:
+            return
+        on_cpu = all(weight_device(self.modules[names[0]]).type == "cpu" for _, names in jobs.values())
+        if not on_cpu:
+            for p, names in jobs.values():
+                self._run_job(p, names)
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if threads > 1 and len(jobs) > 1:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(lambda job: self._run_job(*job), jobs.values()))
+            else:
+                for p, names in jobs.values():
+                    self._run_job(p, names)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run_job(self, p: Precision, names: List[str]) -> None:
+        alg = algorithms.get(p.algorithm)
+        if len(names) > 1 or (alg.simulate_many is not None and self.stats is not None):
+            outs = alg.simulate_many([self.original(n) for n in names], p, [self._inputs(n, p) for n in names])
+        else:
+            outs = [alg.simulate(self.original(names[0]), p, self._inputs(names[0], p))]
+        for n, q in zip(names, outs):
+            self._sim[(n, p)] = q.to("cpu", self.originals[n].dtype)
 
     def use_external(self, plan: Plan, weights: Dict[str, torch.Tensor]) -> None:
         """Serve the given (already quantized) weights for the plan's precisions instead of simulating."""
