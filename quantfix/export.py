@@ -282,19 +282,37 @@ def dir_size(path: Path) -> int:
 
 
 def reload(path: Path, dtype: torch.dtype, device: torch.device, device_map: Optional[str] = None,
-           max_memory: Optional[dict] = None, offload_folder: Optional[str] = None, trust_remote_code: bool = False):
+           max_memory: Optional[dict] = None, offload_folder: Optional[str] = None, trust_remote_code: bool = False,
+           problems: Optional[List[str]] = None):
     """Load a checkpoint back with plain transformers (what a user's deployment does), with the
-    run's device map when it has one (a model larger than one card stays spread out)."""
+    run's device map when it has one (a model larger than one card stays spread out). What the
+    load reports as missing (initialized at random), unexpected (ignored) or of the wrong shape is
+    appended to ``problems`` as one line each."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 **placement_kwargs(device_map, max_memory, offload_folder))
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True,
+                                                       **placement_kwargs(device_map, max_memory, offload_folder))
+    if problems is not None:
+        problems += load_problems(info)
     bnb = getattr(model, "hf_quantizer", None) is not None and "bitsandbytes" in type(model.hf_quantizer).__name__.lower()
     if not device_map and not bnb:
         model.to(device)
     _decompress_now(model)
     model.eval()
     return model
+
+
+def load_problems(info: Dict[str, list]) -> List[str]:
+    """One line per kind of key trouble in transformers' loading info."""
+    out = []
+    for key, what in (("missing_keys", "missing from the checkpoint (initialized at random on reload)"),
+                      ("unexpected_keys", "in the checkpoint but ignored on reload"),
+                      ("mismatched_keys", "of the wrong shape (initialized at random on reload)")):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(key) or []]
+        if keys:
+            out.append(f"checkpoint weights {what}: {len(keys)}, e.g. {sorted(keys)[0]}")
+    return out
 
 
 def _decompress_now(model) -> None:

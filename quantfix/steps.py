@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import logging
 from typing import Any, Dict, Optional
 
@@ -129,15 +130,16 @@ def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str,
     if not cfg.export.verify:
         fin["passed"] = fin["search_passed"]
         return
+    load_fails: list = []
     with s.timer("verify (reload + evaluate)"):
         model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
                            dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder,
-                           trust_remote_code=cfg.model.trust_remote_code)
+                           trust_remote_code=cfg.model.trust_remote_code, problems=load_fails)
         m = s.evaluate(model, desc="verify checkpoint")
         task_fails = []
         if task_base:
             fin["verified_tasks"], task_fails = verdict.task_checks(task_base, s.task_results(model), cfg.thresholds)
-        fails = verdict.check(m, base, cfg.thresholds) + task_fails
+        fails = load_fails + verdict.check(m, base, cfg.thresholds) + task_fails + _agreement(plan, m, report)
         if verdict.nonfinite(m):
             fails += _nonfinite_checkpoint(model, s.data.windows[:1], report)
         del model
@@ -145,3 +147,37 @@ def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str,
     fin["passed"] = fin["search_passed"] and not fails
     if fin["search_passed"] and fails:
         fin["stop_reason"] += "; but the reloaded checkpoint fails: " + "; ".join(fails)
+
+
+# a checkpoint whose every module the export writes exactly as simulated must measure what its
+# trial did: beyond this gap (relative KLD, plus an absolute floor for near-float plans) the run fails
+EXACT_EXPORT_GAP = 0.02
+INEXACT_EXPORT_WARN = 0.25
+
+
+def _agreement(plan: Plan, m, report: Dict[str, Any]) -> list:
+    """The reloaded checkpoint against the trial that measured its plan. Where every quantized
+    module exports exactly as simulated (min/max or searched RTN through the engine's observers,
+    GPTQ/imatrix packed as simulated) the KLDs must agree within EXACT_EXPORT_GAP, else the run
+    fails naming both; otherwise (AWQ smoothing and bitsandbytes quantize again at export) the gap
+    is recorded and a large one is warned about."""
+    trial = [it for it in report["iterations"] if it["plan_summary"] == plan.summary_str()
+             and abs(it["avg_bits"] - round(plan.avg_bits, 4)) < 1e-3]
+    if not trial or not math.isfinite(m.kld_mean):
+        return []
+    sim = trial[-1]["metrics"]["kld_mean"]
+    gap = abs(m.kld_mean - sim) / max(sim, 1e-4)
+    report["final"]["export_gap_pct"] = round(100 * gap, 2)
+    exact = all(algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS and
+                (algorithms.get(p.algorithm).static_export or not algorithms.get(p.algorithm).calibrated)
+                for p in plan.modules.values() if not p.is_float)
+    if exact and gap > EXACT_EXPORT_GAP:
+        return [f"the reloaded checkpoint's KLD {m.kld_mean:.5f} differs from its trial's {sim:.5f} by "
+                f"{100 * gap:.1f}% (> {100 * EXACT_EXPORT_GAP:.0f}% for an exact export): the checkpoint is not what "
+                "was measured"]
+    if not exact and gap > INEXACT_EXPORT_WARN:
+        msg = (f"the reloaded checkpoint's KLD {m.kld_mean:.5f} differs from its trial's {sim:.5f} by {100 * gap:.0f}% "
+               f"({plan.rounding_str()}: not all exported as simulated)")
+        log.warning("%s", msg)
+        report["warnings"].append(msg)
+    return []

@@ -428,3 +428,62 @@ def test_cli_disk_full_during_export_exits_2_with_report(tmp_path, tiny_dir):
     assert len(errs) == 1 and "no space left on device while writing the checkpoint" in errs[0]
     fin = json.loads((tmp_path / "run" / "report.json").read_text())["final"]
     assert fin["stop_reason"].startswith("no space left on device") and fin["passed"] is False
+
+
+# --- 7. verify means checked: the reload's keys, and the checkpoint against its trial -------------
+
+def _tamper_after_export(monkeypatch, edit):
+    """Run the real export, then edit the written checkpoint's tensors (what a lossy engine does)."""
+    from safetensors.torch import load_file, save_file
+
+    real = exp.export
+
+    def export(*a, **k):
+        ckpt = real(*a, **k)
+        f = ckpt / "model.safetensors"
+        tensors = load_file(f)
+        edit(tensors)
+        save_file(tensors, f, metadata={"format": "pt"})
+        return ckpt
+
+    monkeypatch.setattr(exp, "export", export)
+
+
+def test_a_checkpoint_missing_weights_on_reload_fails_the_run(compose, tiny_dir, tmp_path, monkeypatch):
+    """The MoE failure of issue 14 in miniature: a weight the export lost is initialized at random
+    on reload; the thresholds alone may not see it, the load report does."""
+    _tamper_after_export(monkeypatch, lambda t: t.pop("model.norm.weight"))
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "thresholds.max_ppl_increase_pct": 1000, "loop.max_iters": 1}))
+    fin = run(cfg, tmp_path / "run")["final"]
+    assert fin["search_passed"] and not fin["passed"]
+    assert any("missing from the checkpoint" in f and "model.norm.weight" in f for f in fin["verified_failed"])
+    assert "missing from the checkpoint" in fin["stop_reason"]
+
+
+def test_a_checkpoint_unlike_its_trial_fails_the_run(compose, tiny_dir, tmp_path, monkeypatch):
+    """An exact export (RTN through the engine's observer) must measure what its trial measured."""
+    def scale_norm(t):
+        t["model.norm.weight"] = t["model.norm.weight"] * 1.5
+
+    _tamper_after_export(monkeypatch, scale_norm)
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "thresholds.max_ppl_increase_pct": 1000, "loop.max_iters": 1}))
+    report = run(cfg, tmp_path / "run")
+    fin = report["final"]
+    assert not fin["passed"] and fin["export_gap_pct"] > 2
+    assert any("differs from its trial's" in f for f in fin["verified_failed"])
+
+
+def test_an_untampered_checkpoint_agrees_with_its_trial(compose, tiny_dir, tmp_path):
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "thresholds.max_ppl_increase_pct": 1000, "loop.max_iters": 1}))
+    fin = run(cfg, tmp_path / "run")["final"]
+    assert fin["passed"] and fin["export_gap_pct"] <= 0.01 and not fin["verified_failed"]
+
+
+def test_load_problems_one_line_per_kind():
+    lines = exp.load_problems({"missing_keys": ["b.w", "a.w"], "unexpected_keys": [],
+                               "mismatched_keys": [("c.w", (2, 2), (3, 3))], "error_msgs": []})
+    assert lines == ["checkpoint weights missing from the checkpoint (initialized at random on reload): 2, e.g. a.w",
+                     "checkpoint weights of the wrong shape (initialized at random on reload): 1, e.g. c.w"]
