@@ -158,6 +158,7 @@ def _diagnose_only(s: Session, ref, base, report):
         plan0, qweights = load_quantized(s.cfg.quantized.name_or_path, plan0, s.rt.model)
         bank.use_external(plan0, qweights)
         report["quantized"] = s.cfg.quantized.name_or_path
+        s.data.external_checkpoint = True
     trial(plan0)
     diagnosis = None
     if verdict.nonfinite(trial.last_metrics):  # the diagnosis compares finite outputs: nothing to measure

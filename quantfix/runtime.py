@@ -48,3 +48,6 @@ class RunData:
     calibration_domains: tuple = ()
     offline: bool = False  # never fall back to the hub for a named data set
     eval_source: str = ""  # the deployment text the eval windows come from
+    # the diagnosed weights come from an existing checkpoint (quantized.name_or_path): its
+    # calibration set is unknown (calibration_domains are quantfix's own, for its options)
+    external_checkpoint: bool = False

@@ -131,6 +131,13 @@ def test_diagnose_an_existing_checkpoint(compose, planted_dir, tmp_path):
     assert report["iterations"][0]["metrics"]["ppl"] == pytest.approx(
         exported["final"]["verified_metrics"]["ppl"], rel=1e-4)
     assert report["diagnosis"]["top_layers"][0] == LAYER
+    # its calibration set is unknown (not quantfix's own c4), and it is compared with RTN at its own
+    # scheme, computed afresh: the checkpoint is RTN W4g16, so the two agree and nothing is claimed
+    diag = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
+    assert diag["calibration_domains"] == []
+    check = diag["calibration_check"]
+    assert check["kld"] == pytest.approx(check["rtn_kld"], rel=1e-3) and check["algorithms"] == ["the checkpoint"]
+    assert not {"calibration_mismatch", "domain_gap"} & {f["kind"] for f in diag["findings"]}
 
 
 def test_batched_probes_generate_what_one_at_a_time_does(tokenizer):
@@ -178,6 +185,34 @@ def test_root_causes_domain_gap_and_ppl_hides_damage():
     diag.calibration_domains = ["pydoc"]
     gap = {x.kind: x for x in root_causes(diag, DiagnoseConfig())}["domain_gap"]
     assert gap.domain == "prose" and gap.source == "wikitext2"
+
+
+def test_an_existing_checkpoint_worse_than_rtn_is_a_calibration_mismatch_of_unknown_data():
+    """Issue 13's case: a GPTQ checkpoint calibrated on Python's docs, diagnosed on WikiText-2 (PPL
+    71.9 vs RTN's 53.6). Its calibration set is unknown: no claim about quantfix's own c4; the
+    evidence is the comparison with RTN and the per-domain pattern."""
+    from quantfix.config import DiagnoseConfig
+
+    diag = _diagnosis({i: 1.0 for i in range(10)}, {}, {"ppl_increase_pct": 99.0,
+                                                        "quantized": {"kld_mean": 0.6, "top1": 0.6}},
+                      domains={"prose": {"ppl_increase_pct": 94.3}, "web": {"ppl_increase_pct": 65.0},
+                               "code": {"ppl_increase_pct": 25.0}}, calibration=())
+    diag.eval_source = "wikitext2"
+    diag.calibration_check = {"kld": 0.60, "rtn_kld": 0.41, "algorithms": ["the checkpoint"]}
+    f = {x.kind: x for x in root_causes(diag, DiagnoseConfig())}
+    assert "domain_gap" not in f  # unknown calibration data is not absent calibration data
+    m = f["calibration_mismatch"]
+    assert "calibration set is unknown" in m.finding and "prose +94.3%" in m.finding and "c4" not in m.finding
+    assert "data.domains=[wikitext2]" in m.fix
+    diag.calibration_check = {"kld": 0.41, "rtn_kld": 0.41, "algorithms": ["the checkpoint"]}  # plain RTN itself
+    assert "calibration_mismatch" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
+
+
+def test_char_loops_are_repetition_loops():
+    assert probes.char_loop("The answer is P.S.I.E.S.A.L.A.L.A.L.A.L.A.")
+    assert probes.char_loop("ok ok ok ok ok ok")
+    assert not probes.char_loop("The capital of France is Paris, a city on the Seine.")
+    assert not probes.char_loop("aaa")  # too short to call
 
 
 def test_outlier_findings_group_residual_channels_and_merge_the_tail():

@@ -134,7 +134,8 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
         sensitivity=sens, outliers=outliers, channel_errors={str(k): v for k, v in fp["channels"].items()},
         domains={k: probes.domain_metrics(domain_sets[k], fp["domains"][k], q["domains"][k]) for k in domain_sets},
         generations=probes.compare_generations(rt.tokenizer, prompts, fp["gen"], q["gen"]) if prompts else [],
-        calibration_domains=list(data.calibration_domains), plots={"histograms": hist_paths},
+        calibration_domains=[] if data.external_checkpoint else list(data.calibration_domains),
+        plots={"histograms": hist_paths},
         eval_source=data.eval_source, calibration_check=check)
     diag.findings = root_causes(diag, cfg)
     diag.plots.update(plot_diagnosis(diag, plots))
@@ -149,16 +150,24 @@ def _calibration_check(rt: Runtime, data: RunData, bank, plan: Plan, ref, qmetri
     from quantfix import evaluate as ev
     from quantfix.quantize import algorithms
 
-    calibrated = {n: p for n, p in plan.modules.items() if not p.is_float and algorithms.get(p.algorithm).calibrated
-                  and algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS}
+    if data.external_checkpoint:  # how it was made is unknown: RTN at its own scheme is the reference
+        calibrated = {n: p for n, p in plan.modules.items() if not p.is_float}
+        bank.apply_rtn(calibrated)
+        algs = ["the checkpoint"]
+    else:
+        calibrated = {n: p for n, p in plan.modules.items() if not p.is_float and
+                      algorithms.get(p.algorithm).calibrated and
+                      algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS}
+        if not calibrated:
+            return {}
+        bank.apply(plan.with_changes({n: Precision(p.bits, p.group_size, p.symmetric, "rtn")
+                                      for n, p in calibrated.items()}), progress=False)
+        algs = sorted({p.algorithm for p in calibrated.values()})
     if not calibrated:
         return {}
-    rtn = plan.with_changes({n: Precision(p.bits, p.group_size, p.symmetric, "rtn") for n, p in calibrated.items()})
-    bank.apply(rtn, progress=False)
     m = rt.batched(lambda bs: ev.evaluate(rt.model, data.windows, ref, bs, progress=False))
     bank.apply(plan, progress=False)
-    return {"kld": round(qmetrics.kld_mean, 6), "rtn_kld": round(m.kld_mean, 6),
-            "algorithms": sorted({p.algorithm for p in calibrated.values()})}
+    return {"kld": round(qmetrics.kld_mean, 6), "rtn_kld": round(m.kld_mean, 6), "algorithms": algs}
 
 
 def _domain_windows(rt: Runtime, data: RunData, cfg: DiagnoseConfig) -> Dict[str, torch.Tensor]:

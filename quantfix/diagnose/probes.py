@@ -65,6 +65,21 @@ def repetition(ids: List[int], n: int = 4) -> dict:
             "loop": bool(len(grams) >= 8 and (frac > 0.5 or distinct2 < 0.35))}
 
 
+def char_loop(text: str, max_period: int = 6, min_repeats: int = 4) -> bool:
+    """The text ends in a short pattern repeated (period 1-6 characters, at least 4 times and 12
+    characters): "P.S.I.E.S.A.L.A.L.A.L.A.L.A." — a loop that token n-grams miss when the
+    tokenizer splits the repeats differently."""
+    t = "".join(text.split())  # spaces vary between repeats
+    for period in range(1, max_period + 1):
+        span = max(12, min_repeats * period)
+        if len(t) < span:
+            continue
+        tail = t[-span:]
+        if all(tail[i] == tail[i - period] for i in range(period, span)):
+            return True
+    return False
+
+
 def is_refusal(text: str) -> bool:
     t = text.lower()
     return any(p in t for p in REFUSAL_PHRASES)
@@ -82,6 +97,7 @@ def compare_generations(tok, probes: List[dict], fp: List[List[int]], q: List[Li
     for p, a, b in zip(probes, fp, q):
         ta, tb = tok.decode(a, skip_special_tokens=True), tok.decode(b, skip_special_tokens=True)
         ra, rb = repetition(a), repetition(b)
+        ra["loop"], rb["loop"] = ra["loop"] or char_loop(ta), rb["loop"] or char_loop(tb)
         rows.append({
             "domain": p["domain"], "prompt": p["prompt"], "float": ta, "quantized": tb,
             "first_divergence": first_divergence(a, b), "float_repetition": ra, "quantized_repetition": rb,

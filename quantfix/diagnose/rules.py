@@ -128,15 +128,26 @@ def _calibration_mismatch(diag: Diagnosis) -> List[Finding]:
     """A calibrated algorithm (GPTQ, AWQ, imatrix) that does no better than plain RTN at the same
     widths on the deployment text: what it learned from the calibration data does not transfer."""
     c = diag.calibration_check
-    if not c or c["kld"] < 0.95 * c["rtn_kld"] or diag.eval_source in diag.calibration_domains:
+    # an existing checkpoint may be plain RTN itself: only worse than RTN is evidence there
+    bound = 1.05 if not diag.calibration_domains else 0.95
+    if not c or c["kld"] < bound * c["rtn_kld"] or diag.eval_source in diag.calibration_domains:
         return []
-    calib = ", ".join(diag.calibration_domains)
     kind = data_mod.DOMAIN_KIND.get(diag.eval_source, diag.eval_source)
-    return [Finding("calibration_mismatch", domain=kind, source=diag.eval_source,
+    evidence = {**c, "per_domain_ppl_increase": {d: v["ppl_increase_pct"] for d, v in diag.domains.items()}}
+    pattern = ", ".join(f"{d} +{v}%" for d, v in evidence["per_domain_ppl_increase"].items())
+    if not diag.calibration_domains:  # an existing checkpoint: its calibration set is unknown
+        return [Finding("calibration_mismatch", domain=kind, source=diag.eval_source, evidence=evidence,
+                        finding=f"the checkpoint does no better than plain RTN at its own scheme on the "
+                                f"{diag.eval_source} text (KLD {c['kld']:.4f} vs {c['rtn_kld']:.4f}); its calibration "
+                                f"set is unknown, but a calibrated algorithm worse than none points to calibration "
+                                f"data unlike this text" + (f" (per-domain PPL increase: {pattern})" if pattern else ""),
+                        fix=f"requantize from the float model with calibration on this text: data.domains=["
+                            f"{diag.eval_source}] (quantfix repairs from the float parent)")]
+    calib = ", ".join(diag.calibration_domains)
+    return [Finding("calibration_mismatch", domain=kind, source=diag.eval_source, evidence=evidence,
                     finding=f"{'/'.join(c['algorithms'])} calibrated on {calib} does no better than plain RTN at the "
                             f"same widths on the {diag.eval_source} text (KLD {c['kld']:.4f} vs {c['rtn_kld']:.4f}): "
                             "the calibration data does not look like the deployment data",
-                    evidence={**c, "per_domain_ppl_increase": {d: v["ppl_increase_pct"] for d, v in diag.domains.items()}},
                     fix=f"calibrate on the deployment text too: data.domains=[{calib}, {diag.eval_source}]")]
 
 
@@ -150,6 +161,8 @@ def _domain_gap(diag: Diagnosis, dcfg) -> List[Finding]:
     best = min(diag.domains, key=lambda k: diag.domains[k]["ppl_increase_pct"])
     w, b = diag.domains[worst], diag.domains[best]
     src = dcfg.domains[worst]
+    if not diag.calibration_domains:  # an existing checkpoint: its calibration data is unknown, not absent
+        return []
     if src in diag.calibration_domains or w["ppl_increase_pct"] <= 1.5 * max(b["ppl_increase_pct"], 0.5):
         return []
     calib = ", ".join(diag.calibration_domains)

@@ -38,6 +38,7 @@ class WeightBank:
         self._awq: Dict[Tuple[str, int, int, bool], torch.Tensor] = {}
         self._sim: Dict[Tuple[str, Precision], torch.Tensor] = {}
         self._qp: Dict[str, dict] = {}  # module -> searched scales (algorithms.SimInputs.qparams_cache)
+        self._stale: set = set()  # modules whose live weight is not what ``current`` says (apply_rtn)
         # the dtype simulations compute scales and round in: the checkpoint's (the engine quantizes
         # the model cast to it), when narrower than the live model's (float16 on a float32 CPU run)
         self.sim_dtype = sim_dtype
@@ -156,13 +157,26 @@ class WeightBank:
     @torch.no_grad()
     def apply(self, plan: Plan, progress: bool = True) -> int:
         """Make the live model compute with the plan's (simulated) weights; returns modules rewritten."""
-        todo = [n for n in self.modules if plan.modules.get(n, Precision()) != self.current.get(n, Precision())]
+        todo = [n for n in self.modules
+                if plan.modules.get(n, Precision()) != self.current.get(n, Precision()) or n in self._stale]
         self.prepare([(n, plan.modules.get(n, Precision())) for n in todo])
         for n in tqdm(todo, desc="apply plan", unit="module", disable=not progress or len(todo) < 20, leave=False):
             p = plan.modules.get(n, Precision())
             set_weight(self.modules[n], self.simulate(n, p))
             self.current[n] = p
+            self._stale.discard(n)
         return len(todo)
+
+    @torch.no_grad()
+    def apply_rtn(self, modules: Dict[str, Precision]) -> None:
+        """Make the given modules compute with plain min/max RTN at their widths, computed afresh
+        (not the simulations kept for their precisions: those may be an external checkpoint's
+        weights). The next ``apply`` rewrites them."""
+        rtn = algorithms.get("rtn")
+        for n, p in modules.items():
+            q = Precision(p.bits, p.group_size, p.symmetric, "rtn")
+            set_weight(self.modules[n], rtn.simulate(self.original(n), q, self._inputs(n, q)))
+            self._stale.add(n)
 
     def float_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
         """The float (CPU) weight of every module the plan quantizes."""
@@ -197,13 +211,15 @@ class WeightBank:
     def forget_applied(self) -> None:
         """Say that the live model holds the float weights again (someone restored them directly)."""
         self.current.clear()
+        self._stale.clear()
 
     @torch.no_grad()
     def restore(self) -> None:
         for n, m in self.modules.items():
-            if not self.current.get(n, Precision()).is_float:
+            if not self.current.get(n, Precision()).is_float or n in self._stale:
                 set_weight(m, self.originals[n])
         self.current.clear()
+        self._stale.clear()
 
     def output_error(self, name: str, p: Precision) -> float:
         """Calibration-set output error ||(W - Wq) X||^2 of one module under precision p (0 if no stats)."""
