@@ -202,17 +202,45 @@ def tokens(source: str, data_dir: str, tokenizer, offline: Optional[bool] = None
     return _tokens(source, str(data_dir), tokenizer, is_offline(offline))
 
 
+def bos_id(tokenizer) -> Optional[int]:
+    """The BOS token the tokenizer puts before every text (Llama, Gemma), or None (GPT-2, SmolLM2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return bos if len(ids) and ids[0] == bos else None
+
+
+def _with_bos(ids: torch.Tensor, tokenizer):
+    """(token stream without its leading BOS, the BOS id or None): windows then start with the BOS
+    the model saw in training at position 0, each of them (issue 14 measured Gemma-3 at PPL 52.5
+    without, 19.4 with)."""
+    bos = bos_id(tokenizer)
+    if bos is not None and ids.numel() and int(ids[0]) == bos:
+        ids = ids[1:]
+    return ids, bos
+
+
+def _windows(stream: torch.Tensor, bos: Optional[int], n: int, seq_len: int) -> torch.Tensor:
+    if bos is None:
+        return stream[: n * seq_len].view(n, seq_len).clone()
+    body = stream[: n * (seq_len - 1)].view(n, seq_len - 1)
+    return torch.cat([torch.full((n, 1), bos, dtype=body.dtype), body], 1)
+
+
 def eval_windows(source: str, data_dir: str, tokenizer, n_windows: int, seq_len: int,
                  offline: Optional[bool] = None) -> torch.Tensor:
-    """The first n_windows consecutive, non-overlapping windows of seq_len tokens: [n_windows, seq_len]."""
-    ids = tokens(source, data_dir, tokenizer, offline)
-    need = n_windows * seq_len
+    """The first n_windows consecutive, non-overlapping windows of seq_len tokens: [n_windows, seq_len];
+    each window starts with the BOS token when the tokenizer adds one."""
+    ids, bos = _with_bos(tokens(source, data_dir, tokenizer, offline), tokenizer)
+    per = seq_len - (bos is not None)
+    need = n_windows * per
     if ids.numel() < need:
         raise QuantfixError(
             f"eval text {source!r} has {ids.numel()} tokens but eval.n_windows x eval.seq_len = {n_windows} x {seq_len} "
-            f"= {need}: lower eval.n_windows (at most {ids.numel() // seq_len}) or eval.seq_len"
+            f"= {n_windows * seq_len}: lower eval.n_windows (at most {ids.numel() // per}) or eval.seq_len"
         )
-    return ids[:need].view(n_windows, seq_len).clone()
+    return _windows(ids, bos, n_windows, seq_len)
 
 
 def calibration_samples(domains: List[str], data_dir: str, tokenizer, n_samples: int, seq_len: int, seed: int,
@@ -221,7 +249,9 @@ def calibration_samples(domains: List[str], data_dir: str, tokenizer, n_samples:
     ``holdout``: source -> tokens at its start that calibration must not see (the eval windows, when
     a calibration domain is the eval source)."""
     g = torch.Generator().manual_seed(seed)
-    per_domain = [tokens(d, data_dir, tokenizer, offline)[(holdout or {}).get(d, 0):] for d in domains]
+    bos = bos_id(tokenizer)
+    per_domain = [_with_bos(tokens(d, data_dir, tokenizer, offline), tokenizer)[0][(holdout or {}).get(d, 0):]
+                  for d in domains]
     for d, ids in zip(domains, per_domain):
         if ids.numel() <= seq_len:
             raise QuantfixError(f"calibration domain {d!r} has only {ids.numel()} tokens (beyond the eval windows); "
@@ -230,5 +260,6 @@ def calibration_samples(domains: List[str], data_dir: str, tokenizer, n_samples:
     for i in range(n_samples):
         ids = per_domain[i % len(domains)]
         start = int(torch.randint(0, ids.numel() - seq_len, (1,), generator=g))
-        out.append(ids[start:start + seq_len])
+        out.append(ids[start:start + seq_len] if bos is None else
+                   torch.cat([torch.tensor([bos], dtype=ids.dtype), ids[start:start + seq_len - 1]]))
     return torch.stack(out)

@@ -63,3 +63,34 @@ def test_calibration_never_sees_the_eval_windows(tokenizer):
     assert not any(tuple(s.tolist()) in windows for s in samples)
     free = data_mod.calibration_samples(["pydoc"], ".", tokenizer, 64, 32, 0)
     assert not torch.equal(free, samples)
+
+
+class _BosTokenizer:
+    """A stand-in for a Llama/Gemma-style tokenizer: one id per character, BOS (1) in front."""
+    bos_token_id = 1
+
+    def __init__(self, adds_bos: bool):
+        self.adds_bos = adds_bos
+
+    def __call__(self, text, **_):
+        class Out:
+            pass
+        out = Out()
+        out.input_ids = ([1] if self.adds_bos else []) + [10 + (ord(c) % 50) for c in text]
+        return out
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_eval_windows_and_calibration_samples_start_with_bos_when_the_tokenizer_adds_one(monkeypatch, adds_bos):
+    stream = torch.arange(100, 1100)
+    ids = torch.cat([torch.tensor([1]), stream]) if adds_bos else stream
+    monkeypatch.setattr(data, "tokens", lambda *a, **k: ids)
+    tok = _BosTokenizer(adds_bos)
+    w = data.eval_windows("x", "", tok, 4, 16)
+    assert w.shape == (4, 16)
+    if adds_bos:  # every window: BOS, then the next 15 tokens of the stream, none skipped or repeated
+        assert (w[:, 0] == 1).all() and torch.equal(w[:, 1:].reshape(-1), stream[:60])
+    else:
+        assert torch.equal(w.reshape(-1), stream[:64])
+    s = data.calibration_samples(["x"], "", tok, 3, 16, seed=0)
+    assert s.shape == (3, 16) and ((s[:, 0] == 1).all() if adds_bos else not (s == 1).any())
