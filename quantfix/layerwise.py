@@ -8,7 +8,7 @@ per-layer diagnostics scale to models much larger than the calibration set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,9 @@ class _Captured(Exception):
 class LayerInputs:
     hidden: List[torch.Tensor]  # one [batch, seq, hidden] tensor per batch
     kwargs: List[Dict[str, Any]]  # the layer's keyword arguments per batch
+    # a caller that ran the layer, unchanged, on every batch may leave its outputs here: they are
+    # the next layer's inputs, and the layer is not run a second time
+    outputs: Optional[List[torch.Tensor]] = None
 
 
 @torch.no_grad()
@@ -59,5 +62,6 @@ def iterate_layers(model, inputs: LayerInputs) -> Iterator[Tuple[int, torch.nn.M
     current = inputs
     for i, layer in enumerate(decoder_layers(model)):
         yield i, layer, current
-        current = LayerInputs([layer_output(layer, h, kw) for h, kw in zip(current.hidden, current.kwargs)],
-                              current.kwargs)
+        outs = current.outputs if current.outputs is not None and len(current.outputs) == len(current.hidden) else \
+            [layer_output(layer, h, kw) for h, kw in zip(current.hidden, current.kwargs)]
+        current = LayerInputs(outs, current.kwargs)

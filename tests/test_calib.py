@@ -73,3 +73,29 @@ def test_weight_bank_gptq_groups_shared_inputs_like_separate_runs(monkeypatch):
         alone = fake.gptq(mods[n].weight.detach().float(), stats.of(n).hessian, 4, 32, True)
         assert torch.allclose(got[n], alone, atol=1e-6), n
         assert not torch.equal(got[n], fake.rtn(mods[n].weight.detach(), 4, 32, True)), n
+
+
+def test_collect_runs_each_layer_once_per_batch():
+    """The hooked pass's outputs feed the next layer: no second forward of the same layer, and the
+    statistics equal those of a model whose layers are run again (the outputs are the same)."""
+    from quantfix.model import decoder_layers
+
+    model = tiny_llama(seed=3, layers=3)
+    samples = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(1))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in decoder_layers(model)]
+    stats = collect(model, samples, names, batch_size=2, progress=False)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 3 * 2  # 3 layers x 2 batches
+    # the last layer's statistics come from inputs computed once: equal to a plain full forward's
+    x = {}
+    hook = dict(model.named_modules())[names[-1]].register_forward_pre_hook(lambda m, a: x.setdefault("in", []).append(a[0]))
+    with torch.no_grad():
+        for b in samples.split(2):
+            model(input_ids=b, use_cache=False)
+    hook.remove()
+    xs = torch.cat([t.reshape(-1, t.shape[-1]) for t in x["in"]])
+    owner = stats.module_input[names[-1]]
+    assert torch.allclose(stats.inputs[owner].hessian, xs.T @ xs, rtol=1e-4, atol=1e-4)

@@ -65,8 +65,10 @@ def channel_errors(model, windows: torch.Tensor, quantized: Dict[str, torch.Tens
             continue
         qlayer = None
         err_sum, ref_sum = None, None
+        li.outputs = []  # the float layer's outputs are the next layer's inputs: computed once
         for h, kw in zip(li.hidden, li.kwargs):
             y = layer_output(layer, h, kw)
+            li.outputs.append(y)
             h = h.to(y.device)  # spread over GPUs: the layer may compute on another device
             upd = y - h
             if qlayer is None:

@@ -115,9 +115,11 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         seen: Dict[tuple, tuple] = {}
         handles = [m.register_forward_pre_hook(_input_hook(n, seen, acc, stats.module_input)) for n, m in targets]
         try:
+            outs = []
             for h, kw in zip(layer_in.hidden, layer_in.kwargs):
                 seen.clear()
-                layer_output(layer, h, kw)
+                outs.append(layer_output(layer, h, kw))
+            layer_in.outputs = outs  # the hooks only read: the next layer's inputs, without a second pass
         finally:
             for hd in handles:
                 hd.remove()
