@@ -14,7 +14,6 @@ import traceback
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -25,11 +24,6 @@ from quantfix.logs import route_engine_logs
 
 log = logging.getLogger("quantfix")
 register()
-# Denormal floats (the exp of very negative logits, statistics of inputs with massive activations)
-# run ~15x slower on the CPU. Flush them to zero before torch starts its worker threads, which
-# inherit the setting (set later it reaches the calling thread only). Values below 1e-38 change
-# no metric. No effect on CUDA.
-torch.set_flush_denormal(True)
 
 EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

@@ -51,7 +51,8 @@ def is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a whole file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,7 +73,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], checksum: bool = Tru
     try:
         write(Path(tmp))
         if checksum:
-            digest = _sha256_file(Path(tmp))
+            digest = sha256_file(Path(tmp))
             with open(tmp, "ab") as f:
                 f.write(_MAGIC + digest.encode() + b"\n")
         os.replace(tmp, path)

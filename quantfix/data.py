@@ -211,14 +211,10 @@ def bos_id(tokenizer) -> Optional[int]:
     return bos if len(ids) and ids[0] == bos else None
 
 
-def _with_bos(ids: torch.Tensor, tokenizer):
-    """(token stream without its leading BOS, the BOS id or None): windows then start with the BOS
-    the model saw in training at position 0, each of them (issue 14 measured Gemma-3 at PPL 52.5
-    without, 19.4 with)."""
-    bos = bos_id(tokenizer)
-    if bos is not None and ids.numel() and int(ids[0]) == bos:
-        ids = ids[1:]
-    return ids, bos
+def _strip_bos(ids: torch.Tensor, bos: Optional[int]) -> torch.Tensor:
+    """The token stream without its leading BOS: windows cut from it each start with the BOS the
+    model saw in training at position 0 (issue 14 measured Gemma-3 at PPL 52.5 without, 19.4 with)."""
+    return ids[1:] if bos is not None and ids.numel() and int(ids[0]) == bos else ids
 
 
 def _windows(stream: torch.Tensor, bos: Optional[int], n: int, seq_len: int) -> torch.Tensor:
@@ -232,7 +228,8 @@ def eval_windows(source: str, data_dir: str, tokenizer, n_windows: int, seq_len:
                  offline: Optional[bool] = None) -> torch.Tensor:
     """The first n_windows consecutive, non-overlapping windows of seq_len tokens: [n_windows, seq_len];
     each window starts with the BOS token when the tokenizer adds one."""
-    ids, bos = _with_bos(tokens(source, data_dir, tokenizer, offline), tokenizer)
+    bos = bos_id(tokenizer)
+    ids = _strip_bos(tokens(source, data_dir, tokenizer, offline), bos)
     per = seq_len - (bos is not None)
     need = n_windows * per
     if ids.numel() < need:
@@ -250,7 +247,7 @@ def calibration_samples(domains: List[str], data_dir: str, tokenizer, n_samples:
     a calibration domain is the eval source)."""
     g = torch.Generator().manual_seed(seed)
     bos = bos_id(tokenizer)
-    per_domain = [_with_bos(tokens(d, data_dir, tokenizer, offline), tokenizer)[0][(holdout or {}).get(d, 0):]
+    per_domain = [_strip_bos(tokens(d, data_dir, tokenizer, offline), bos)[(holdout or {}).get(d, 0):]
                   for d in domains]
     for d, ids in zip(domains, per_domain):
         if ids.numel() <= seq_len:

@@ -179,7 +179,7 @@ class Evaluator:
                 row += logp.shape[0]
                 tgt = ids[:, 1:].reshape(-1).to(logp.device)
                 n, k = -logp.gather(1, tgt[:, None]).squeeze(1), _kld_rows(ref, sl, logp)
-                a = (logp.argmax(-1).cpu() == _ref_top1(ref, sl)) & ~logp.isnan().any(-1).cpu()
+                a = logp.argmax(-1).cpu() == _ref_top1(ref, sl)
             nll.append(n)
             kld.append(k)
             agree.append(a)
@@ -236,14 +236,13 @@ _DEVICE_REF_MAX_BYTES = 2 * 2 ** 30  # larger top-k references are streamed batc
 def token_stats(logits: torch.Tensor, tgt: torch.Tensor, idx: torch.Tensor, p_top: torch.Tensor):
     """Per-token NLL, KL(P_float || Q) over the top-k plus the tail bucket, and the argmax, from the
     logits [..., V] in any float dtype. Math in float32; the only full-vocabulary passes are one
-    logsumexp and one argmax (fused into one kernel when compiled). The argmax of a row with a NaN
-    or +inf logit is -1: it never agrees with the reference."""
+    logsumexp and one argmax (fused into one kernel when compiled). A row with a NaN or +inf logit
+    has a non-finite NLL, which ``summarize`` counts as a disagreement."""
     lf = logits.float()
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)
     kld = topk_tail_kl(p_top, lf.gather(-1, idx) - lse)
     nll = (lse - lf.gather(-1, tgt.unsqueeze(-1))).squeeze(-1)
-    top1 = torch.where(torch.isfinite(lse.squeeze(-1)), lf.argmax(-1), torch.full_like(nll, -1, dtype=torch.long))
-    return nll, kld, top1
+    return nll, kld, lf.argmax(-1)
 
 
 def summarize(nll: torch.Tensor, kld: torch.Tensor, agree: torch.Tensor) -> Metrics:
@@ -256,10 +255,6 @@ def summarize(nll: torch.Tensor, kld: torch.Tensor, agree: torch.Tensor) -> Metr
         kld_p99=float(torch.quantile(kld.float(), 0.99)), kld_max=float(kld.max()),
         top1=float(agree.double().mean()), n_tokens=int(nll.numel()),
     )
-
-
-def is_finite(m: Metrics) -> bool:
-    return all(math.isfinite(v) for v in (m.nll, m.ppl, m.kld_mean, m.top1))
 
 
 def _nonfinite_weight(model) -> Optional[str]:

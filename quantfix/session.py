@@ -52,7 +52,8 @@ class Session:
         if self.device.type == "cpu":
             # statistics of inputs with massive activations (the demo's 3000x channels) underflow into
             # denormal floats in the clipping searches and GPTQ, which the CPU computes ~15x slower
-            # (one demo down_proj: 13.2 s -> 0.9 s); flushed to zero they change nothing measurable
+            # (one demo down_proj: 13.2 s -> 0.9 s); flushed to zero they change nothing measurable. Set
+            # before any torch worker thread starts (they inherit it); the bank's simulation jobs set it too
             torch.set_flush_denormal(True)
         self.dtype = model_mod.resolve_dtype(cfg.model.dtype, self.device)
         self.cache = model_mod.cache_dir(cfg.cache_dir)

@@ -150,21 +150,18 @@ def _calibration_check(rt: Runtime, data: RunData, bank, plan: Plan, ref, qmetri
     from quantfix import evaluate as ev
     from quantfix.quantize import algorithms
 
-    if data.external_checkpoint:  # how it was made is unknown: RTN at its own scheme is the reference
-        calibrated = {n: p for n, p in plan.modules.items() if not p.is_float}
-        bank.apply_rtn(calibrated)
-        algs = ["the checkpoint"]
-    else:
-        calibrated = {n: p for n, p in plan.modules.items() if not p.is_float and
-                      algorithms.get(p.algorithm).calibrated and
-                      algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS}
-        if not calibrated:
-            return {}
-        bank.apply(plan.with_changes({n: Precision(p.bits, p.group_size, p.symmetric, "rtn")
-                                      for n, p in calibrated.items()}), progress=False)
-        algs = sorted({p.algorithm for p in calibrated.values()})
+    external = data.external_checkpoint  # how it was made is unknown: RTN at its own scheme is the reference
+    calibrated = {n: p for n, p in plan.modules.items() if not p.is_float and
+                  (external or (algorithms.get(p.algorithm).calibrated and
+                                algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS))}
     if not calibrated:
         return {}
+    if external:  # the bank serves the checkpoint's own weights for these precisions: RTN afresh
+        bank.apply_rtn(calibrated)
+    else:
+        bank.apply(plan.with_changes({n: Precision(p.bits, p.group_size, p.symmetric, "rtn")
+                                      for n, p in calibrated.items()}), progress=False)
+    algs = ["the checkpoint"] if external else sorted({p.algorithm for p in calibrated.values()})
     m = rt.batched(lambda bs: ev.evaluate(rt.model, data.windows, ref, bs, progress=False))
     bank.apply(plan, progress=False)
     return {"kld": round(qmetrics.kld_mean, 6), "rtn_kld": round(m.kld_mean, 6), "algorithms": algs}

@@ -15,7 +15,6 @@ measured and the export needs no calibration pass.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
@@ -166,29 +165,9 @@ def _gptq_sweep(W, H, p, scale, zero, damp: float, block: int):
     args = QuantizationArgs(num_bits=p.bits, type="int", symmetric=p.symmetric,
                             strategy="group" if p.group_size else "channel", group_size=p.group_size or None,
                             actorder="static")
-    with _cpu_sweep(W.device):
-        Q, _, _ = quantize_weight(W[None].clone(), H[None].float().clone(), scale[None], zero[None].to(torch.int8),
-                                  None, args, blocksize=block, percdamp=damp)
+    Q, _, _ = quantize_weight(W[None].clone(), H[None].float().clone(), scale[None], zero[None].to(torch.int8),
+                              None, args, blocksize=block, percdamp=damp)
     return Q[0]
-
-
-@contextmanager
-def _cpu_sweep(device: torch.device):
-    """On the CPU, the column sweep runs on one thread with denormal floats flushed to zero. The
-    inverse Hessian of an input with massive activations (the demo's 3000x channels) is full of
-    denormals, which the CPU computes ~15x slower (one demo down_proj: 12.9 s -> 0.7 s); the flush
-    is per thread, and the sweep's small per-column operations gain nothing from more threads.
-    Flushed values are below 1e-38: the result does not change measurably. The flush stays on."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _one_of(many):
