@@ -130,6 +130,13 @@ class LoopConfig:
     # predictive: when the diagnosis finds a domain missing from the calibration data, add it and
     # recalibrate before planning (what GPTQ / imatrix learn from the data depends on it)
     recalibrate: bool = True
+    # the last step of a predictive search: "autoround" tunes the rounding and scales of the chosen
+    # plan block by block (AutoRound, auto-round package), measured as one more trial and shipped if it
+    # measures better; also the plan just below a passing one, which the tuning may make pass.
+    # "none": ship the search's own rounding. Minutes on a GPU, slow on a CPU (tune_iters per block)
+    tune: str = "none"
+    tune_iters: int = 200
+    tune_batch_size: int = 8
     resume: bool = False
 
 
@@ -263,6 +270,9 @@ def _check_quant(cfg) -> List[str]:
     p, q = [], cfg.quant
     if q.algorithm not in algorithms.REGISTRY:
         p.append(f"quant.algorithm={q.algorithm!r}: choose one of {', '.join(algorithms.NAMES)}")
+    elif not algorithms.get(q.algorithm).per_module:
+        p.append(f"quant.algorithm={q.algorithm} tunes a whole plan: start from another algorithm and set "
+                 f"loop.tune={q.algorithm}")
     elif algorithms.bits_problem(q.bits):
         p.append(f"quant.{algorithms.bits_problem(q.bits)} (keep a module in float via quant.ignore)")
     elif algorithms.get(q.algorithm).check_bits(q.bits):
@@ -352,8 +362,16 @@ def _check_search(cfg) -> List[str]:
     for a in cfg.loop.algorithms:
         if a not in algorithms.REGISTRY:
             p.append(f"loop.algorithms entry {a!r}: choose from {', '.join(algorithms.NAMES)}")
+        elif not algorithms.get(a).per_module:
+            p.append(f"loop.algorithms entry {a!r} tunes a whole plan, not one module: set loop.tune={a} instead")
         elif not algorithms.get(a).mixable:
             p.append(f"loop.algorithms entry {a!r} applies to a whole plan: use it as quant={a} instead")
+    if cfg.loop.tune not in ("none", "autoround"):
+        p.append(f"loop.tune={cfg.loop.tune!r}: use none or autoround")
+    elif cfg.loop.tune != "none" and cfg.loop.policy != "predictive":
+        p.append("loop.tune=autoround needs loop.policy=predictive")
+    if cfg.loop.tune_iters < 0 or cfg.loop.tune_batch_size < 1:
+        p.append("loop.tune_iters must be >= 0 and loop.tune_batch_size >= 1")
     for rung in cfg.loop.ladder:
         try:
             bits, group = parse_rung(rung)

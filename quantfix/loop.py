@@ -188,6 +188,7 @@ def _repair(s: Session, ref, base, report):
         diagnosis = steps.diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report)
         diagnosis = steps.recalibrate_on_domain_gap(s, bank, trial, plan0, options, diagnosis, ref, base, report)
         result = search.predictive(trial, plan0, diagnosis, options, cfg.thresholds, cfg.plan.budget.avg_bits, s.timer)
+        result = steps.tune(s, bank, trial, result, cfg.plan.budget.avg_bits)
     chosen = result.chosen
     if result.best is None and report["iterations"]:
         result.reason += "; the last trial failed on: " + "; ".join(report["iterations"][-1]["failed"])

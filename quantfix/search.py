@@ -25,6 +25,7 @@ class SearchResult:
     last: Plan  # the last plan tried
     reason: str  # why the search stopped
     frontier: List[Tuple[float, float]] = field(default_factory=list)  # predicted (avg bits, KLD)
+    below: Optional[Plan] = None  # the largest measured plan below ``best`` that failed (None: plan 0 or none)
 
     @property
     def chosen(self) -> Plan:
@@ -130,7 +131,7 @@ def probe_step(planner: PredictivePlanner, k: int) -> int:
 
 
 def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: ThresholdsConfig, target: float,
-            lo: int, hi: int, best: Plan) -> Tuple[Plan, str]:
+            lo: int, hi: int, best: Plan) -> Tuple[Plan, str, int]:
     """After a pass at step ``hi`` (``lo`` failed or is plan 0): the predictor, refit on every
     trial, proposes the smallest plan it expects to pass in between; it is measured; repeat. Where
     the prediction would not move, the midpoint is tried instead. Stops when the failing and the
@@ -139,7 +140,7 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
     planner.calibrate(hi, trial.last_metrics.kld_mean)
     while hi - lo > 1 and trial.left > 0:
         if planner.bits_at(hi) - planner.bits_at(lo) < 0.05:
-            return best, "passed; converged (the smallest passing plan is within 0.05 bits of a failing one)"
+            return best, "passed; converged (the smallest passing plan is within 0.05 bits of a failing one)", lo
         k = planner.first_passing(target, margin=0.97, after=lo)
         if k is None or k >= hi:
             k = (lo + hi) // 2
@@ -155,8 +156,8 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
         else:
             hi, best = k, cand
     if hi - lo <= 1:
-        return best, "passed; converged (one upgrade step from a failing plan)"
-    return best, "passed; loop.max_iters reached while refining"
+        return best, "passed; converged (one upgrade step from a failing plan)", lo
+    return best, "passed; loop.max_iters reached while refining", lo
 
 
 def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
@@ -176,8 +177,8 @@ def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
         m = trial.last_metrics
         _record_error(trial, predicted)
         if not fails:
-            best, reason = _refine(trial, planner, plan0, thresholds, target, lo, k, cand)
-            return SearchResult(best, best, reason)
+            best, reason, lo = _refine(trial, planner, plan0, thresholds, target, lo, k, cand)
+            return SearchResult(best, best, reason, below=planner.plan_at(lo) if lo > 0 else None)
         # missed: refit the prediction and the NLL/KLD ratio on this measurement, then replan
         planner.calibrate(k, m.kld_mean)
         if trial.last_task_fails and len(trial.last_task_fails) == len(fails):

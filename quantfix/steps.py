@@ -99,6 +99,54 @@ def _same_checkpoint(ckpt, plan: Plan, fingerprint: str) -> bool:
         and Plan.load(ckpt / "quantfix_plan.yaml").modules == plan.modules
 
 
+def tune(s: Session, bank, trial, result, budget: Optional[float]):
+    """loop.tune=autoround, the search's last step: AutoRound tunes the rounding and scales of a
+    measured plan (its widths kept) and the result is measured as one more trial. Threshold mode:
+    first the largest failing plan below the passing one (tuning may make the smaller plan pass),
+    then the passing plan itself (a lower KLD at the same size); with no passing plan, the last one.
+    Budget mode: the plan within the budget. A tuned plan replaces its source when it passes (or,
+    in budget mode, measures a lower KLD). Returns the (possibly updated) SearchResult."""
+    from quantfix.quantize import autoround
+
+    cfg = s.cfg.loop
+    if cfg.tune == "none":
+        return result
+    if budget is not None:
+        sources = [result.chosen]
+    elif result.best is not None:
+        sources = [p for p in (result.below, result.best) if p is not None]
+    else:
+        sources = [result.last]
+    by_summary = {it["plan_summary"]: i for i, it in enumerate(trial.iterations)}
+    for src in sources:
+        tuned_plan = autoround.tuned_plan(src)
+        if tuned_plan == src:
+            continue
+        src_it = by_summary.get(src.summary_str())
+        src_kld = trial.iterations[src_it]["metrics"]["kld_mean"] if src_it is not None else math.inf
+        bank.restore()
+        with s.timer("autoround tuning"):
+            tuned = autoround.tune(s.rt.model, s.rt.tokenizer, src, s.data.samples, cfg.tune_iters, s.sim_dtype,
+                                   batch_size=cfg.tune_batch_size, seed=s.cfg.data.seed)
+        bank.use_external(tuned_plan, {n: w for n, (w, _, _) in tuned.items()},
+                          {n: (sc, z) for n, (_, sc, z) in tuned.items()})
+        action = f"AutoRound tuning ({cfg.tune_iters} iterations per block) of trial {src_it}"
+        fails = trial(tuned_plan, src, {"action": action, "tuned_from": src_it, "drivers": {"tune": 1}}, fresh=True)
+        kld = trial.last_metrics.kld_mean
+        better = kld < src_kld if budget is not None else not fails and (src is not result.best or kld < src_kld)
+        log.info("AutoRound tuning of trial %s: KLD %.5f -> %.5f (%s)", src_it, src_kld, kld,
+                 "kept" if better else "not kept")
+        if better:
+            result.reason += f"; {action}: KLD {src_kld:.5f} -> {kld:.5f}"
+            if budget is not None:
+                result.best = None if fails else tuned_plan
+                result.last = tuned_plan
+            else:
+                result.best = result.last = tuned_plan
+            return result
+    return result
+
+
 def _nonfinite_checkpoint(model, ids, report: Dict[str, Any]) -> list:
     """Name where the reloaded checkpoint turns NaN/Inf (a weight the export dtype could not hold,
     or the first module with a non-finite output), in the failed list and the warnings."""

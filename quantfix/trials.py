@@ -101,11 +101,13 @@ class Trials:
     def left(self) -> int:
         return self.setup.max_iters - len(self.iterations)
 
-    def __call__(self, plan: Plan, prev: Optional[Plan] = None, extra: Optional[Dict[str, Any]] = None) -> List[str]:
-        """Measure ``plan``; returns the thresholds it fails (empty: passed)."""
+    def __call__(self, plan: Plan, prev: Optional[Plan] = None, extra: Optional[Dict[str, Any]] = None,
+                 fresh: bool = False) -> List[str]:
+        """Measure ``plan``; returns the thresholds it fails (empty: passed). ``fresh``: measure it
+        even if a resumed journal has it (weights that are not a function of the plan: a tuning)."""
         t = time.perf_counter()
         key = plan_key(plan, self.context)
-        if key in self.memo:
+        if key in self.memo and not fresh:
             rec = self.memo[key]
             m, task_rows, task_fails = Metrics(**rec["metrics"]), rec.get("tasks", {}), rec.get("task_fails", [])
             extra = dict(extra or {}, resumed=True)

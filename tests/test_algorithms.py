@@ -16,7 +16,16 @@ def _inputs():
     return stats, algorithms.SimInputs(stats=stats, awq_scales=lambda: stats.absmean.clamp(min=1e-5) ** 0.5)
 
 
-@pytest.mark.parametrize("name", algorithms.NAMES)
+PER_MODULE = tuple(n for n in algorithms.NAMES if algorithms.get(n).per_module)
+
+
+def test_whole_plan_algorithms_refuse_a_per_module_simulation():
+    W = torch.randn(48, 64) * 0.05
+    with pytest.raises(RuntimeError, match="loop.tune=autoround"):
+        algorithms.get("autoround").simulate(W, Precision(4, 32, True, "autoround"), _inputs()[1])
+
+
+@pytest.mark.parametrize("name", PER_MODULE)
 def test_every_algorithm_simulates_sizes_and_exports(name):
     alg = algorithms.get(name)
     bits = alg.bits[-1]

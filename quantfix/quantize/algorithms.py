@@ -80,6 +80,8 @@ class Algorithm:
     # compressed-tensors: the export takes the simulated weights and their scales as they are (the
     # engine packs them) instead of quantizing again from calibration data: exact and data-free
     static_export: bool = False
+    # simulated one module at a time (False: its weights come from tuning a whole plan)
+    per_module: bool = True
 
     def qparams(self, W: torch.Tensor, p: "Precision", inputs: SimInputs):
         """The per-group scale and zero point the simulation rounds with (from the float weight)."""
@@ -192,6 +194,11 @@ def _sim_nf4(W, p, _inputs: SimInputs):
     return fake.nf4(W, p.group_size or 64)
 
 
+def _tuned_only(W, p, _inputs: SimInputs):
+    raise RuntimeError(f"{p.label}: AutoRound weights come from tuning the whole plan (quantize/autoround.py, "
+                       "loop.tune=autoround), not from a per-module simulation")
+
+
 # ---- exports --------------------------------------------------------------------------------------
 
 def _awq_transforms(_q) -> list:
@@ -239,6 +246,11 @@ REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
                 _tagged("gptq")),
     _gptq_entry("gptq_mse", "mse", "GPTQ with the mse clipping search", _tagged("gptq-mse")),
     _gptq_entry("gptq_imatrix", "imatrix", "GPTQ with the activation-weighted clipping search", _tagged("gptq-imx")),
+    # AutoRound tunes the rounding and scales of a whole plan block by block: the loop's last step
+    # (loop.tune=autoround), its weights handed to the bank and exported statically
+    Algorithm("autoround", COMPRESSED_TENSORS, "AutoRound: rounding and scales tuned per decoder block on the "
+              "calibration data (SignSGD), run on the plan the search chose", INT_BITS, _tuned_only, _int_bits,
+              _tagged("ar"), calibrated=True, static_export=True, per_module=False),
     Algorithm("awq", COMPRESSED_TENSORS, "AWQ: activation-aware per-channel scales (smoothing), then RTN", INT_BITS,
               _sim_awq, _int_bits, _tagged("awq"), transforms=_awq_transforms, calibrated=True,
               mixable=False),

@@ -38,6 +38,7 @@ class WeightBank:
         self._awq: Dict[Tuple[str, int, int, bool], torch.Tensor] = {}
         self._sim: Dict[Tuple[str, Precision], torch.Tensor] = {}
         self._qp: Dict[str, dict] = {}  # module -> searched scales (algorithms.SimInputs.qparams_cache)
+        self._external_qp: Dict[Tuple[str, Precision], Tuple[torch.Tensor, torch.Tensor]] = {}  # tuned elsewhere
         self._stale: set = set()  # modules whose live weight is not what ``current`` says (apply_rtn)
         # the dtype simulations compute scales and round in: the checkpoint's (the engine quantizes
         # the model cast to it), when narrower than the live model's (float16 on a float32 CPU run)
@@ -151,10 +152,14 @@ class WeightBank:
         for n, q in zip(names, outs):
             self._sim[(n, p)] = q.to("cpu", self.originals[n].dtype)
 
-    def use_external(self, plan: Plan, weights: Dict[str, torch.Tensor]) -> None:
-        """Serve the given (already quantized) weights for the plan's precisions instead of simulating."""
+    def use_external(self, plan: Plan, weights: Dict[str, torch.Tensor],
+                     qparams: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
+        """Serve the given (already quantized) weights for the plan's precisions instead of simulating;
+        ``qparams`` (module -> scale, zero point) are what a static export packs them with."""
         for n, w in weights.items():
             self._sim[(n, plan.modules[n])] = w.to("cpu", self.originals[n].dtype)
+        for n, (scale, zero) in (qparams or {}).items():
+            self._external_qp[(n, plan.modules[n])] = (scale.cpu(), zero.cpu())
 
     def quantized_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
         """The simulated weight of every quantized module of the plan (CPU), without applying it."""
@@ -198,7 +203,8 @@ class WeightBank:
         self.prepare(todo)
         out = {}
         for n, p in todo:
-            scale, zero = algorithms.get(p.algorithm).qparams(self.original(n), p, self._inputs(n, p))
+            scale, zero = self._external_qp.get((n, p)) or \
+                algorithms.get(p.algorithm).qparams(self.original(n), p, self._inputs(n, p))
             out[n] = (self.simulate(n, p).to("cpu"), scale.cpu(), zero.cpu())
         return out
 
@@ -210,6 +216,7 @@ class WeightBank:
         self._awq.clear()
         self._sim.clear()
         self._qp.clear()
+        self._external_qp.clear()
 
     def forget_simulations(self) -> None:
         """Drop the cached simulated weights (host memory), e.g. between unrelated plans."""

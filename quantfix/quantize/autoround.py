@@ -1,0 +1,126 @@
+"""AutoRound tuning of a whole plan: the rounding and the scales learned block by block (SignSGD on
+the block's output error), with the plan's per-module widths as AutoRound's layer config.
+
+Unlike the per-module algorithms, AutoRound tunes every module of a decoder block together against
+the block's float output, so it cannot be simulated per module and priced per option: the loop runs
+it once on the plan its search chose (``loop.tune=autoround``) and measures the result as one more
+trial. The result ships statically: per module the tuned integer codes, AutoRound's scales cast to
+the checkpoint's dtype and the zero points, which llm-compressor packs as they are (the
+``quantfix_static`` observer), so the checkpoint holds exactly the weights the trial measured.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from quantfix.errors import QuantfixError
+from quantfix.plan import Plan, Precision
+from quantfix.quantize import algorithms, scales
+
+log = logging.getLogger(__name__)
+
+NAME = "autoround"
+
+
+def tunable(p: Precision) -> bool:
+    """Whether AutoRound can tune this module's precision: integer weights in compressed-tensors."""
+    return not p.is_float and algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS
+
+
+def tuned_plan(plan: Plan) -> Plan:
+    """The plan with every tunable module's rounding set to AutoRound (widths unchanged)."""
+    modules = {n: Precision(p.bits, p.group_size, p.symmetric, NAME) if tunable(p) else p
+               for n, p in plan.modules.items()}
+    return plan.with_changes(modules, note=f"{plan.note}; AutoRound-tuned" if plan.note else "AutoRound-tuned")
+
+
+def _layer_config(model, plan: Plan) -> Dict[str, dict]:
+    """Every linear module of the model: the plan's width for the tunable ones, 16 bits (left
+    alone) for the rest, so AutoRound touches nothing the plan does not quantize."""
+    config = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        p = plan.modules.get(name)
+        if p is not None and tunable(p):
+            config[name] = {"bits": p.bits, "group_size": p.group_size or -1, "sym": p.symmetric, "data_type": "int"}
+        else:
+            config[name] = {"bits": 16}
+    return config
+
+
+def _scale_dtype(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+
+@torch.no_grad()
+def _static_of(mod, p: Precision, dtype: torch.dtype, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, scale, zero point) in compressed-tensors' convention (signed codes, zero point in
+    the signed range) from AutoRound's tuned layer: its unsigned codes are recovered from the
+    quantize-dequantized weight and its own scale (exact: |error| < 0.5 of a step), then the weight
+    is rebuilt on the checkpoint's scale grid, as ``scales.quantize_with`` (and the engine) round."""
+    W = mod.weight.detach().float().cpu()
+    out_f, in_f = W.shape
+    g = p.group_size or in_f
+    s = mod.scale.detach().float().cpu().reshape(out_f, -1)
+    zp = mod.zp
+    zp = zp.detach().float().cpu().reshape(out_f, -1) if torch.is_tensor(zp) else torch.full_like(s, float(zp))
+    if s.shape[1] != in_f // g:
+        raise QuantfixError(f"AutoRound returned {s.shape[1]} scales per row for a module with {in_f // g} groups")
+    half = 2 ** (p.bits - 1)
+    codes = torch.round(W.reshape(out_f, -1, g) / s[..., None] + zp[..., None]).clamp(0, 2 * half - 1)
+    scale = s.to(dtype)
+    zero = (zp - half).to(dtype)
+    W_grid = ((codes - zp[..., None]) * scale.float()[..., None]).reshape(out_f, in_f)
+    Wq = scales.quantize_with(W_grid.to(dtype), scale, zero, p.bits, p.group_size, out_dtype=out_dtype)
+    return Wq, scale, zero
+
+
+def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, iters: int, dtype: torch.dtype,
+         lr: Optional[float] = None, batch_size: int = 8, seed: int = 0) -> Dict[str, Tuple[torch.Tensor, ...]]:
+    """AutoRound on a copy of ``model`` (float weights in, the live model untouched) with the plan's
+    widths, calibrated on ``samples`` ([n, seq_len] token ids). Returns module -> (weight, scale,
+    zero point) of every tunable module, on the CPU: the weight in the model's dtype, the scale and
+    zero point in ``dtype`` (the checkpoint's)."""
+    try:
+        from auto_round import AutoRound
+    except ImportError as e:
+        raise QuantfixError("loop.tune=autoround needs the auto-round package: pip install auto-round, "
+                            "or set loop.tune=none") from e
+    todo = {n: p for n, p in plan.modules.items() if tunable(p)}
+    if not todo:
+        return {}
+    work = copy.deepcopy(model)
+    weight_dtype = next(model.parameters()).dtype
+    n = samples.shape[0]
+    bs = max(1, min(batch_size, n))
+    data = [samples[i:i + bs] for i in range(0, n - n % bs or n, bs)]
+    kwargs = dict(layer_config=_layer_config(work, plan), iters=iters, nsamples=len(data) * bs, seqlen=samples.shape[1],
+                  dataset=data, batch_size=bs, scale_dtype=_scale_dtype(dtype), seed=seed)
+    if lr is not None:
+        kwargs["lr"] = lr
+    first = next(iter(todo.values()))
+    log.info("AutoRound: tuning %d modules (%d iterations per block, %d calibration samples)", len(todo), iters,
+             len(data) * bs)
+    try:
+        ar = AutoRound(work, tokenizer, bits=first.bits, group_size=first.group_size or -1, sym=first.symmetric,
+                       **kwargs)
+        tuned, _ = ar.quantize()
+    except QuantfixError:
+        raise
+    except Exception as e:  # the engine raises many types; the user needs its one line
+        raise QuantfixError(f"AutoRound tuning failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                            "set loop.tune=none to ship the search's own rounding") from e
+    mods = dict(tuned.named_modules())
+    out = {}
+    for name, p in todo.items():
+        mod = mods.get(name)
+        if mod is None or getattr(mod, "scale", None) is None:
+            raise QuantfixError(f"AutoRound left {name} unquantized (no scale): its width {p.label} may be one it does "
+                                "not support; set loop.tune=none")
+        out[name] = _static_of(mod, p, dtype, weight_dtype)
+    del work, tuned, ar
+    return out
