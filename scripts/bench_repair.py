@@ -10,6 +10,9 @@ transformers, evaluated on WikiText-2 windows held out from the C4 calibration s
   every rung of the ladder in imatrix / gptq_imatrix rounding; exported (llm-compressor), verified.
   "quantfix 4/8-bit": the same with W4/W8 rungs only (AutoScheme's option set).
 - uniform RTN / GPTQ / AWQ (llm-compressor) at the widest uniform width within the budget.
+  "quantfix + AutoRound tuning": the same loop with loop.tune=autoround (AutoRound, iters=200, tunes the
+  rounding and scales of the plan the search chose; the row is the shipped checkpoint, and the row
+  "(search's rounding, its trial)" is that plan's own trial before tuning, from the same run).
 - AutoRound AutoScheme (W4A16/W8A16, group 64) with iters=0 and with AutoRound's default tuning
   (iters=200), exported in llm-compressor format.
 Sections can run in separate processes (one GPU each) and be merged with --merge.
@@ -36,7 +39,10 @@ from quantfix.plan import Precision
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTHS = {"W4g64": (4, 64), "W4g32": (4, 32), "W8": (8, 0)}
-LADDERS = {"quantfix": "[3/64,4/64,4/32,5/64,6/64,8/0,16/0]", "quantfix 4/8-bit": "[3/64,4/64,4/32,8/0,16/0]"}
+FULL, W48 = "[3/64,4/64,4/32,5/64,6/64,8/0,16/0]", "[3/64,4/64,4/32,8/0,16/0]"
+# row label -> (ladder, extra overrides)
+LADDERS = {"quantfix": (FULL, []), "quantfix 4/8-bit": (W48, []),
+           "quantfix + AutoRound tuning": (FULL, ["loop.tune=autoround"])}
 
 
 def main() -> None:
@@ -81,7 +87,10 @@ def main() -> None:
     for b in a.budgets:
         if "quantfix" in a.sections:
             for label in a.ladders:
-                add(results, quantfix_row(b, label, LADDERS[label], ctx), a.out)
+                row = quantfix_row(b, label, *LADDERS[label], ctx)
+                add(results, row, a.out)
+                if row.get("tuned_from"):
+                    add(results, row.pop("tuned_from"), a.out)
         for iters in (0, 200):
             if f"autoscheme{iters}" in a.sections:
                 add(results, autoscheme_row(b, iters, ctx), a.out)
@@ -115,7 +124,7 @@ def measure(ckpt: Path, ctx: dict) -> dict:
             "checkpoint_mb": round(exp.dir_size(ckpt) / 1e6, 1)}
 
 
-def quantfix_row(budget: float, label: str, ladder: str, ctx: dict) -> dict:
+def quantfix_row(budget: float, label: str, ladder: str, extra: list, ctx: dict) -> dict:
     """The real loop in budget mode: diagnose W3g64, one plan within the budget, export, verify."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -128,7 +137,7 @@ def quantfix_row(budget: float, label: str, ladder: str, ctx: dict) -> dict:
     overrides = [f"model.name_or_path={a.model}", f"device={a.device}", f"eval.n_windows={a.windows}",
                  f"eval.seq_len={a.seq_len}", "data.domains=[c4]", f"data.n_samples={a.calib}",
                  f"data.seq_len={a.seq_len}", "quant.bits=3", "quant.group_size=64", f"loop.ladder={ladder}",
-                 f"plan.budget.avg_bits={budget}", "export.dtype=auto"]
+                 f"plan.budget.avg_bits={budget}", "export.dtype=auto", *extra]
     register()
     GlobalHydra.instance().clear()
     try:
@@ -146,6 +155,13 @@ def quantfix_row(budget: float, label: str, ladder: str, ctx: dict) -> dict:
                "verified_kld": fin["verified_metrics"]["kld_mean"],
                "prediction_errors_pct": [it.get("prediction_error_pct") for it in report["iterations"]],
                "timings_s": report["timings_s"]}
+        if chosen.get("tuned_from") is not None:  # the plan before tuning: its own trial, exact-export path
+            src = report["iterations"][chosen["tuned_from"]]
+            row["tuned_from"] = {"budget": budget, "method": "quantfix (search's rounding, its trial)",
+                                 "avg_bits": row["avg_bits"], "kld_mean": src["metrics"]["kld_mean"],
+                                 "ppl": src["metrics"]["ppl"], "top1": src["metrics"]["top1"],
+                                 "checkpoint_mb": row["checkpoint_mb"], "seconds": round(secs, 1),
+                                 "plan": src["plan_summary"], "note": "trial of the same run (not exported)"}
     except Exception as e:  # an engine failing is a result too
         row = {"budget": budget, "method": label, "error": "".join(traceback.format_exception_only(e))[-600:]}
     finally:

@@ -1,0 +1,184 @@
+"""The whole loop at real sizes: Llama-3-shaped models with random weights, stage by stage.
+
+    python scripts/bench_scale.py [--sizes 1b 3b 8b] [--trials 3] [--budget-s 1500]
+        [--work /tmp/quantfix-scale] [--out benchmarks/scale.json]
+    python scripts/bench_scale.py --layers 2 --sizes 70b --device-map auto   # a 70B-shaped slice
+
+Each size is built directly on the GPU (no download; random weights, so only time and memory mean
+anything), saved as an HF directory (bf16 safetensors, the demo's tokenizer: any token ids below
+the vocabulary size do), then ``python -m quantfix`` runs on it as a user would: float reference,
+calibration statistics, diagnosis, ``--trials`` trials (loop.max_iters), llm-compressor export,
+reload and verify. Per size the table gives seconds per stage (report.json's timings), peak GPU
+memory (torch's allocator, from report.json) and peak host memory (the run's max RSS), and the JSON
+a log-log fit of each stage's seconds against parameters (the growth exponent). ``--layers N`` keeps
+N decoder layers of the shape (a slice of a larger model): per-layer costs to extrapolate from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Llama-3.x shapes (hidden, layers, intermediate, heads, kv heads), vocabulary 128,256
+SHAPES = {
+    "1b": (2048, 16, 8192, 32, 8),
+    "3b": (3072, 28, 8192, 24, 8),
+    "8b": (4096, 32, 14336, 32, 8),
+    "70b": (8192, 80, 28672, 64, 8),
+    "tiny": (256, 2, 512, 4, 2),  # a smoke test of the script itself (CPU)
+}
+VOCAB = 128256
+
+
+def build(size: str, layers, path: Path, tokenizer_dir: str, device: str) -> dict:
+    """A random-weight Llama of the given shape, saved to ``path`` (bf16); returns its facts."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    hidden, n_layers, inter, heads, kv = SHAPES[size]
+    n_layers = layers or n_layers
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
+                      rope_theta=500000.0, tie_word_embeddings=size in ("1b", "3b"), torch_dtype="bfloat16",
+                      bos_token_id=0, eos_token_id=1)
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    path.mkdir(parents=True, exist_ok=True)
+    model.config._name_or_path = str(path)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"size": size, "layers": n_layers, "params": n_params, "bf16_gb": round(2 * n_params / 1e9, 2),
+            "build_s": round(time.perf_counter() - t, 1)}
+
+
+def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: list, device: str) -> dict:
+    """``python -m quantfix`` on the model as a user runs it; returns report.json's timings and memory."""
+    cmd = [sys.executable, "-m", "quantfix", f"model.name_or_path={model_dir}", f"device={device}",
+           f"loop.max_iters={trials}", f"hydra.run.dir={run_dir}",
+           # random weights pass a +5% PPL bound at plan 0: an unreachable KLD bound makes the run
+           # diagnose and use all its trials, as a repair does
+           "thresholds.max_ppl_increase_pct=null", "thresholds.max_kld_mean=1e-7", *extra]
+    t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # interrupt: the run writes report.json with what it measured
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            rc = "timeout"
+    wall = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, the largest child so far
+    row = {"rc": rc, "wall_s": round(wall, 1), "peak_host_gb": round(rss / 2 ** 20, 2) if rss > before else None}
+    # (RUSAGE_CHILDREN only grows: a smaller later child leaves it unchanged; report.json has each run's own)
+    rep = run_dir / "report.json"
+    if rep.exists():
+        r = json.loads(rep.read_text())
+        fin = r.get("final") or {}
+        row.update(timings_s=r.get("timings_s"), memory=r.get("memory"), trials=len(r.get("iterations", [])),
+                   stop_reason=fin.get("stop_reason"), peak_host_gb_run=round(
+                       (r.get("memory") or {}).get("host_rss_peak_mb", 0) / 1024, 2), checkpoint_gb=round(fin.get("checkpoint_bytes", 0) / 1e9, 2),
+                   verified=fin.get("verified_metrics") is not None,
+                   reload_problems=[f for f in fin.get("verified_failed", []) if "missing" in f or "unexpected" in f])
+    return row
+
+
+def fit(rows: list) -> dict:
+    """Per stage, the exponent b of seconds = a * params^b (least squares in log-log), 2+ sizes."""
+    stages = sorted({s for r in rows for s in (r.get("timings_s") or {})})
+    out = {}
+    for s in stages:
+        pts = [(math.log(r["params"]), math.log(r["timings_s"][s])) for r in rows
+               if (r.get("timings_s") or {}).get(s, 0) > 0.05]
+        if len(pts) < 2:
+            continue
+        mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+        vx = sum((x - mx) ** 2 for x, _ in pts)
+        if vx > 0:
+            out[s] = round(sum((x - mx) * (y - my) for x, y in pts) / vx, 2)
+    return out
+
+
+def table(res: dict) -> str:
+    rows = res["rows"]
+    stages = [s for s in ("load model", "float reference", "calibration stats", "diagnose", "quantize (simulated)",
+                          "evaluate trials", "export", "verify (reload + evaluate)", "total")
+              if any(s in (r.get("timings_s") or {}) for r in rows)]
+    head = "| size | params | layers | " + " | ".join(stages) + " | peak GPU GB | peak host GB | trials | rc |"
+    lines = [head, "|" + "---|" * (len(stages) + 7)]
+    for r in rows:
+        t = r.get("timings_s") or {}
+        gpu = (r.get("memory") or {}).get("device_peak_mb")
+        cells = [f"{t[s]:.0f}" if s in t else "-" for s in stages]
+        lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['layers']} | " + " | ".join(cells)
+                     + (f" | {gpu / 1024:.1f}" if gpu else " | -")
+                     + f" | {r.get('peak_host_gb_run') or r.get('peak_host_gb')} | {r.get('trials')} | {r.get('rc')} |")
+    if res.get("growth"):
+        lines.append("\ngrowth exponent (seconds ~ params^b): "
+                     + ", ".join(f"{s} {b}" for s, b in res["growth"].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", default=["1b", "3b", "8b"], choices=list(SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="keep this many decoder layers (a slice)")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--budget-s", type=int, default=1500, help="time limit of one size's loop")
+    ap.add_argument("--work", default="/tmp/quantfix-scale")
+    ap.add_argument("--tokenizer", default=None, help="HF dir whose tokenizer is saved with the models (default: demo)")
+    ap.add_argument("--out", default="benchmarks/scale.json")
+    ap.add_argument("--keep", action="store_true", help="keep the built models and run dirs")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("extra", nargs="*", help="more quantfix overrides, e.g. model.device_map=auto")
+    a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_scale needs a CUDA GPU (the models are built on it); --device cpu for a smoke test")
+    sys.path.insert(0, str(ROOT))
+    from quantfix import model as model_mod
+
+    tok_dir = a.tokenizer or model_mod.resolve("demo", model_mod.cache_dir()).path
+    work = Path(a.work)
+    res = {"gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "n_gpus": torch.cuda.device_count(), "torch": torch.__version__,
+           "trials": a.trials, "overrides": a.extra, "rows": []}
+    for size in a.sizes:
+        d = work / f"{size}{'-L' + str(a.layers) if a.layers else ''}"
+        facts = build(size, a.layers, d / "model", tok_dir, a.device)
+        print(f"{size}: {facts['params'] / 1e9:.2f}B params built and saved in {facts['build_s']} s", flush=True)
+        row = {**facts, **run_loop(d / "model", d / "run", a.trials, a.budget_s, a.extra, a.device)}
+        res["rows"].append(row)
+        res["growth"] = fit([r for r in res["rows"] if not a.layers])
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2, default=str))
+        print(f"{size}: rc {row['rc']} in {row['wall_s']} s; stages {row.get('timings_s')}", flush=True)
+        if not a.keep:
+            shutil.rmtree(d / "model", ignore_errors=True)
+            ckpt = d / "run" / "checkpoint"
+            shutil.rmtree(ckpt, ignore_errors=True)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
