@@ -150,6 +150,10 @@ class SensitivityConfig:
     fisher_windows: int = 4  # eval windows of the fast method's Fisher pass (precision options)
     label_samples: int = 2
     per_module_exact: bool = False
+    # host memory the simulated weights of the precision options may hold at once: more options
+    # than fit are scored in several Fisher passes, each over the modules whose options fit (an
+    # 8B model's ~8 options per module would need ~110 GB in one pass; the demo needs ~4 GB)
+    options_memory_gb: float = 8.0
 
 
 @dataclass

@@ -72,9 +72,9 @@ def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: l
     """``python -m quantfix`` on the model as a user runs it; returns report.json's timings and memory."""
     cmd = [sys.executable, "-m", "quantfix", f"model.name_or_path={model_dir}", f"device={device}",
            f"loop.max_iters={trials}", f"hydra.run.dir={run_dir}",
-           # random weights pass a +5% PPL bound at plan 0: an unreachable KLD bound makes the run
-           # diagnose and use all its trials, as a repair does
-           "thresholds.max_ppl_increase_pct=null", "thresholds.max_kld_mean=1e-7", *extra]
+           # budget mode from W3g64: plan 0, one probe plan, the plan within the budget (3 trials), a
+           # real mixed-precision export (a threshold search on random weights could end on FP16)
+           "quant.bits=3", "quant.group_size=64", "plan.budget.avg_bits=4.5", *extra]
     t = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:

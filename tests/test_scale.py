@@ -142,3 +142,31 @@ def test_out_of_memory_halves_the_batch_size_and_keeps_the_result(compose, tiny_
 
     with pytest.raises(QuantfixError, match="out of GPU memory at eval.batch_size=1"):
         run(compose(tiny_overrides(tiny_dir, tmp_path / "c3", **common, **{"eval.batch_size": 0})), tmp_path / "x")
+
+
+def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, tmp_path):
+    """diagnose.sensitivity.options_memory_gb bounds the host memory the options' simulated weights
+    hold: a tiny budget scores them one module per Fisher pass, with the bank never holding more
+    than one chunk, and the run (option scores, plans, trials) is the one a single pass gives."""
+    from quantfix.diagnose import option_chunks
+    from quantfix.loop import run
+    from quantfix.quantize.bank import WeightBank
+
+    over = {"quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
+            "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,8/0,16/0]", "plan.budget.avg_bits": 4.5,
+            "loop.max_iters": 3}
+    one = run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **over)), tmp_path / "one")
+    many = run(compose(tiny_overrides(tiny_dir, tmp_path / "c2", **over,
+                                      **{"diagnose.sensitivity.options_memory_gb": 1e-9})), tmp_path / "many")
+    key = lambda r: [(it["plan_summary"], it["metrics"]["kld_mean"]) for it in r["iterations"]]  # noqa: E731
+    assert key(one) == key(many)
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    from quantfix.plan import Precision
+    bank = WeightBank(model, ["0", "1"])
+    options = {n: {f"W{b}": Precision(b, 0, True, "mse") for b in (4, 5, 6)} for n in ("0", "1")}
+    seen = []
+    for chunk in option_chunks(bank, options, 64 * 64 * 4 * 3 / 2 ** 30):  # one module's options fit
+        seen.append(sorted(chunk))
+        assert len(bank._sim) == 3 and all(w.shape == (64, 64) for o in chunk.values() for w in o.values())
+    assert seen == [["0"], ["1"]] and not bank._sim  # the last chunk is dropped too

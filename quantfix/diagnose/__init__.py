@@ -63,13 +63,14 @@ def measure_sensitivity(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tenso
     if scfg.method == "exact":
         result = _exact(rt, bank, plan, ref, windows, scfg, progress)
     elif scfg.method in ("fast", "taylor"):
-        opts = opt_w()
+        opts = opt_w() if scfg.method == "taylor" else None
         bank.apply(plan, progress=False)
         fw, sub = bank.float_weights(plan), windows[: scfg.windows]
         if scfg.method == "fast":
-            result = sensitivity.fast(rt.model, sub, ref, fw, bank.quantized_weights(plan), opts, bs,
+            result = sensitivity.fast(rt.model, sub, ref, fw, bank.quantized_weights(plan), None, bs,
                                       scfg.label_samples, rt.seed, progress=progress,
-                                      fisher_windows=windows[: scfg.fisher_windows])
+                                      fisher_windows=windows[: scfg.fisher_windows],
+                                      option_chunks=option_chunks(bank, options or {}, scfg.options_memory_gb))
             bank.forget_applied()  # fast() leaves the float weights live
         else:
             result = sensitivity.taylor(rt.model, sub, ref, fw, opts, bs, progress=progress)
@@ -82,6 +83,31 @@ def measure_sensitivity(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tenso
     if cache_path is not None:
         atomic_write(cache_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict())))
     return result
+
+
+def option_chunks(bank, options: Options, memory_gb: float):
+    """The options' simulated weights, a chunk of modules at a time, each chunk's weights within
+    ``memory_gb`` of host memory (a module's options stay together). With more than one chunk, a
+    chunk's weights are dropped once the next one is asked for: host memory stays bounded, and the
+    trials recompute the few options a plan picks."""
+    budget = memory_gb * 2 ** 30
+    chunks, current, used = [], {}, 0
+    for n, o in options.items():
+        size = bank.option_bytes(n, len(o))
+        if current and used + size > budget:
+            chunks.append(current)
+            current, used = {}, 0
+        current[n] = o
+        used += size
+    if current:
+        chunks.append(current)
+    if len(chunks) > 1:
+        log.info("precision options: %d Fisher passes (their weights exceed diagnose.sensitivity.options_memory_gb=%g)",
+                 len(chunks), memory_gb)
+    for i, chunk in enumerate(chunks):
+        yield bank.simulate_options(chunk)
+        if len(chunks) > 1:
+            bank.forget([(n, p) for n, o in chunk.items() for p in o.values()])
 
 
 def _exact(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tensor, scfg: SensitivityConfig,

@@ -323,11 +323,12 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
 def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
          quantized: Dict[str, torch.Tensor], options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
          batch_size: int = 4, label_samples: int = 2, seed: int = 0, progress: bool = True,
-         fisher_windows: Optional[torch.Tensor] = None) -> Sensitivity:
+         fisher_windows: Optional[torch.Tensor] = None, option_chunks=None) -> Sensitivity:
     """The default. Layers, module types and single modules by the one-pass Taylor estimate of the
     seed's exact measurement (on the demo model, 8 windows: Spearman 0.94 against exact at 14x
     less wall time, see benchmarks/); when ``options`` are given, each module's precision options
-    by one Fisher pass (float context), which predicted plans better than Taylor in the repair loop.
+    by one Fisher pass (float context), which predicted plans better than Taylor in the repair loop;
+    ``option_chunks`` (an iterable of such dicts) scores them in one pass per chunk instead.
     ``model`` holds the quantized weights on entry and the float ones on exit."""
     t0 = time.perf_counter()
     t = taylor(model, windows, ref, float_weights, None, batch_size, progress)
@@ -336,9 +337,11 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
         for n, w in float_weights.items():
             set_weight(mods[n], w)
     opts, base = {}, {}
-    if options:
-        f = fisher(model, windows if fisher_windows is None else fisher_windows, quantized, options, batch_size,
+    chunks = option_chunks if option_chunks is not None else ([options] if options else [])
+    for chunk in chunks:  # several Fisher passes when the options' weights do not fit memory at once
+        f = fisher(model, windows if fisher_windows is None else fisher_windows, quantized, chunk, batch_size,
                    label_samples, seed, progress)
-        opts, base = f.options, f.modules
+        opts.update(f.options)
+        base = base or f.modules
     return Sensitivity(method="fast", layers=t.layers, types=t.types, modules=t.modules, options=opts,
                        seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base)

@@ -93,10 +93,23 @@ class WeightBank:
         return alg.observer != "minmax" or alg.calibrated
 
     def simulate_options(self, options: Dict[str, Dict[str, Precision]]) -> Dict[str, Dict[str, torch.Tensor]]:
-        """module -> label -> simulated weight (CPU) of every option, modules that read one input
-        simulated together."""
+        """module -> label -> simulated weight (CPU, in the weight's own dtype: the kept copy itself,
+        not another) of every option, modules that read one input simulated together."""
         self.prepare([(n, p) for n, o in options.items() for p in o.values()])
-        return {n: {lab: self.simulate(n, p).cpu() for lab, p in o.items()} for n, o in options.items()}
+        return {n: {lab: self._sim[(n, p)] if (n, p) in self._sim else self.simulate(n, p).to("cpu", self.originals[n].dtype)
+                    for lab, p in o.items()} for n, o in options.items()}
+
+    def option_bytes(self, name: str, n_options: int) -> int:
+        """Host bytes the simulated weights of ``n_options`` options of module ``name`` take."""
+        w = self.originals[name]
+        return w.numel() * w.element_size() * n_options
+
+    def forget(self, items) -> None:
+        """Drop the kept simulations of ``items`` ((module, precision) pairs) that the live model does
+        not currently use (host memory; they are recomputed if asked for again)."""
+        for n, p in items:
+            if self.current.get(n) != p:
+                self._sim.pop((n, p), None)
 
     def prepare(self, items) -> None:
         """Compute the kept simulations of ``items`` ((module, precision) pairs). GPTQ-like
