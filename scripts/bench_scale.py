@@ -74,7 +74,8 @@ def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: l
            f"loop.max_iters={trials}", f"hydra.run.dir={run_dir}",
            # budget mode from W3g64: plan 0, one probe plan, the plan within the budget (3 trials), a
            # real mixed-precision export (a threshold search on random weights could end on FP16)
-           "quant.bits=3", "quant.group_size=64", "plan.budget.avg_bits=4.5", *extra]
+           # (random weights make every domain-gap finding spurious: no recalibration pass)
+           "quant.bits=3", "quant.group_size=64", "plan.budget.avg_bits=4.5", "loop.recalibrate=false", *extra]
     t = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
