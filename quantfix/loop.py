@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict
 
 from omegaconf import OmegaConf
 
+from quantfix import arch
 from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import report as rep
@@ -57,6 +58,12 @@ def _run_mode(s: Session, report: Dict[str, Any]):
         raise QuantfixError(f"quant={alg.name} exports through llm-compressor's {alg.name.upper()}, which needs a CUDA "
                             "device (it fails on the CPU): run with device=cuda, pick quant=gptq, or set "
                             "export.enabled=false")
+    conv1d = arch.conv1d_modules(s.rt.model)
+    if conv1d and cfg.export.enabled and cfg.mode == "repair":
+        raise QuantfixError(f"{type(s.rt.model).__name__} computes with transformers' Conv1D ({conv1d[0]}, weight stored "
+                            "[in, out]): compressed-tensors quantizes nn.Linear only, so its checkpoint would not reload "
+                            "in transformers; run with export.enabled=false (the trials and the diagnosis work), or "
+                            "mode=diagnose")
     report.update(model_path=s.resolved.path, device=str(s.device), dtype=str(s.dtype))
     ref = s.reference()
     base = ev.baseline_metrics(ref)

@@ -102,7 +102,7 @@ def one(arch: str, tok, work: Path) -> dict:
         row["loop"] = "refused: " + _err(e)
     except Exception as e:
         row["loop"] = "crash: " + _err(e)
-        row["traceback"] = traceback.format_exc(limit=-3)
+        row["traceback"] = traceback.format_exc(limit=-14)
     row["loop_s"] = round(time.perf_counter() - t0, 1)
     return row
 
