@@ -185,5 +185,22 @@ def quantizable(model) -> Dict[str, torch.nn.Module]:
     return out
 
 
+# model types whose compressed-tensors checkpoint transformers (5.17) cannot load back correctly
+NOT_RELOADABLE = {
+    "falcon": "transformers cannot reload a compressed-tensors Falcon checkpoint: FalconLinear is not nn.Linear, so "
+              "llm-compressor writes it unpacked (\"dense\": the float weights, which reload as the float model), and "
+              "written packed, FalconPreTrainedModel._init_weights reads the .weight that packed modules no longer have",
+}
+
+
+def export_blocker(model) -> Optional[str]:
+    """Why this model's quantized checkpoint could not be written or reloaded correctly, or None."""
+    conv1d = conv1d_modules(model)
+    if conv1d:
+        return (f"{type(model).__name__} computes with transformers' Conv1D ({conv1d[0]}, weight stored [in, out]): "
+                "compressed-tensors quantizes nn.Linear only, so its checkpoint would not reload in transformers")
+    return NOT_RELOADABLE.get(getattr(model.config, "model_type", ""))
+
+
 def conv1d_modules(model) -> List[str]:
     return [n for n, m in model.named_modules() if getattr(m, "quantfix_conv1d", False)]

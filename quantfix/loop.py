@@ -58,11 +58,9 @@ def _run_mode(s: Session, report: Dict[str, Any]):
         raise QuantfixError(f"quant={alg.name} exports through llm-compressor's {alg.name.upper()}, which needs a CUDA "
                             "device (it fails on the CPU): run with device=cuda, pick quant=gptq, or set "
                             "export.enabled=false")
-    conv1d = arch.conv1d_modules(s.rt.model)
-    if conv1d and cfg.export.enabled and cfg.mode == "repair":
-        raise QuantfixError(f"{type(s.rt.model).__name__} computes with transformers' Conv1D ({conv1d[0]}, weight stored "
-                            "[in, out]): compressed-tensors quantizes nn.Linear only, so its checkpoint would not reload "
-                            "in transformers; run with export.enabled=false (the trials and the diagnosis work), or "
+    blocker = arch.export_blocker(s.rt.model) if cfg.export.enabled and cfg.mode == "repair" else None
+    if blocker:
+        raise QuantfixError(f"{blocker}: run with export.enabled=false (the trials and the diagnosis work), or "
                             "mode=diagnose")
     report.update(model_path=s.resolved.path, device=str(s.device), dtype=str(s.dtype))
     ref = s.reference()
