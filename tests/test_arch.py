@@ -127,7 +127,16 @@ MATRIX = {"eval.n_windows": 2, "quant.group_size": 32, "loop.max_iters": 2, "loo
           "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 0.004, "diagnose.domains": "{}",
           "diagnose.probes": "false", "offline": "true", "loop.ladder": "[4/32,8/0,16/0]", "eval.seq_len": 32,
           "data.seq_len": 32, "data.n_samples": 4, "diagnose.sensitivity.windows": 2,
-          "diagnose.sensitivity.fisher_windows": 2}
+          "diagnose.sensitivity.fisher_windows": 2, "threads": 1}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """threads=1 (the matrix): a 64-wide model gains nothing from a second thread, and on a busy
+    2-core machine each tiny op would wait on the other one (MoE routing: 60 ms an index_add_)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
