@@ -24,7 +24,7 @@ from tests.tiny_archs import ARCHS, save_tiny, tiny_model  # noqa: E402
 
 FAST = {"quant.group_size": 32, "loop.max_iters": 2, "loop.algorithms": "[rtn,gptq_imatrix]",
         "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 0.01, "eval.n_windows": 2,
-        "diagnose.domains": "{}", "offline": "true"}
+        "diagnose.domains": "{}", "offline": "true", "threads": 1}
 
 
 def matmul_weights(model):
@@ -119,7 +119,7 @@ def table(rows) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--archs", nargs="*", default=list(ARCHS))
+    ap.add_argument("--archs", nargs="*", default=list(ARCHS) + ["qwen2_moe"])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--label", default="")
     args = ap.parse_args()
