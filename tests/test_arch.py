@@ -181,3 +181,28 @@ def test_gpt2_diagnoses_and_runs_without_export(arch_dirs, compose, tmp_path):
                                  **dict(MATRIX, **{"export.enabled": "false", "loop.max_iters": 1})))
     report = run(cfg, tmp_path / "run")
     assert report["iterations"][0]["plan_summary"] == "W4g32 x8"
+
+
+def test_moe_diagnosis_reports_routing_changes_and_expert_sensitivity(arch_dirs, compose, tmp_path):
+    from quantfix.loop import run
+
+    cfg = compose(tiny_overrides(arch_dirs["qwen3_moe"], tmp_path / "cache",
+                                 **dict(MATRIX, mode="diagnose", **{"quant.bits": 2})))
+    run(cfg, tmp_path / "run")
+    diag = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
+    routing = diag["routing"]
+    assert set(routing["layers"]) == {"0", "1"} and all(0 <= v <= 1 for v in routing["layers"].values())
+    assert routing["mean"] > 0  # 2-bit weights move the routers' choices
+    assert routing["experts"] and all(arch.is_expert(e["expert"] + ".x") for e in routing["experts"])
+    assert "experts.down_proj" in diag["sensitivity"]["types"]
+    if max(routing["layers"].values()) > 0.05:
+        assert "routing_changes" in [f["kind"] for f in diag["findings"]]
+
+
+def test_dense_model_has_no_routing_section(arch_dirs, compose, tmp_path):
+    from quantfix.loop import run
+
+    run(compose(tiny_overrides(arch_dirs["opt"], tmp_path / "cache", **dict(MATRIX, mode="diagnose"))),
+        tmp_path / "run")
+    diag = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
+    assert diag["routing"] == {} and "routing_changes" not in [f["kind"] for f in diag["findings"]]

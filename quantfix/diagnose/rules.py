@@ -83,7 +83,28 @@ def root_causes(diag: Diagnosis, dcfg) -> List[Finding]:
     modules = diag.sensitivity.modules or {}
     return (_concentration(diag.sensitivity.layers, dcfg) + _outliers(diag, modules, dcfg) +
             _calibration_mismatch(diag) + _domain_gap(diag, dcfg) + _embeddings(modules) + _ppl_hides_damage(diag, dcfg) +
-            _generation_symptoms(diag, modules))
+            _generation_symptoms(diag, modules) + _routing_changes(diag))
+
+
+ROUTING_CHANGE = 0.05  # share of tokens whose top-k experts change: beyond it the router's choice moved
+
+
+def _routing_changes(diag: Diagnosis) -> List[Finding]:
+    """MoE: quantization changes which experts the tokens go to (the router reads the quantized
+    attention output of its layer, and earlier layers' errors)."""
+    layers = (diag.routing or {}).get("layers") or {}
+    moved = sorted(int(i) for i, share in layers.items() if share > ROUTING_CHANGE)
+    if not moved:
+        return []
+    worst = max(layers.values())
+    experts = [e["expert"] for e in diag.routing.get("experts", [])][:3]
+    return [Finding("routing_changes", layers=moved,
+                    finding=f"quantization re-routes tokens in {len(moved)} MoE layers ({_ranges(moved)}): up to "
+                            f"{100 * worst:.0f}% of tokens reach another top-k expert set"
+                            + (f"; most sensitive experts: {', '.join(experts)}" if experts else ""),
+                    evidence={"layers": layers, "experts": diag.routing.get("experts", [])},
+                    fix="more precision for the attention of those layers (the router reads its output) and for "
+                        "the experts (one group)")]
 
 
 def _concentration(layers: Dict[int, float], dcfg) -> List[Finding]:
