@@ -140,6 +140,10 @@ def linearize(model) -> Dict[str, int]:
         for name, mod in list(model.named_modules()):
             if isinstance(mod, conv):
                 w = mod.weight  # [in, out]
+                if w.device.type == "meta":
+                    raise QuantfixError(f"{name} (Conv1D) is offloaded by the device map: quantfix rewrites Conv1D "
+                                        "as nn.Linear at load, which needs its weights in memory; load the model "
+                                        "without CPU/disk offload (model.device_map=null or enough max_memory)")
                 lin = torch.nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
                 lin.weight.copy_(w.t())
                 if mod.bias is not None:
@@ -156,6 +160,10 @@ def linearize(model) -> Dict[str, int]:
             raise QuantfixError(f"{type(model).__name__} stores MoE experts as 3-D parameters and llm-compressor's "
                                 f"linearize_moe is not importable ({e}): install llmcompressor>=0.14") from e
         moes = get_non_linearized_moes(model)
+        if moes and any(p.device.type == "meta" for _, m in moes for p in m.parameters()):
+            raise QuantfixError(f"{type(model).__name__}: MoE experts offloaded by the device map cannot be rewritten "
+                                "as linear modules (llm-compressor's linearize_moe needs their weights in memory); load "
+                                "the model without CPU/disk offload (model.device_map=null or enough max_memory)")
         if moes:
             try:
                 linearize_moe(model)
