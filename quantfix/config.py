@@ -84,8 +84,10 @@ class QuantConfig:
     symmetric: bool = True
     # fail instead of picking the nearest valid group size when group_size does not divide in_features
     strict: bool = False
-    # regexes (re.search) over module names; lm_head and embeddings are handled by keep_embeddings
-    targets: List[str] = field(default_factory=lambda: [r"\.layers\.\d+\..*proj$"])
+    # regexes (re.search) over the names of the decoder blocks' linear modules (nn.Linear, GPT-2's
+    # Conv1D, MoE experts; routers are never quantized): the default takes them all, in every family
+    # (Llama q_proj, GPT-NeoX query_key_value, OPT fc1, GPT-2 c_attn, ...); lm_head: keep_embeddings
+    targets: List[str] = field(default_factory=lambda: [".*"])
     ignore: List[str] = field(default_factory=list)
     keep_embeddings: bool = True
     gptq_dampening: float = 0.01

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -18,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from quantfix.arch import is_expert
 from quantfix.cache import is_disk_full  # noqa: F401 - also part of this module's API
 from quantfix.errors import QuantfixError
 from quantfix.model import offload_map, placement_kwargs, set_weight, weight_device, weight_of
@@ -48,10 +50,39 @@ def llmcompressor_recipe(plan: Plan, q) -> list:
             transforms[alg.name] = alg.transforms
     if not groups:
         return []
-    config_groups = {f"group_{i}": {"targets": sorted(names), "weights": _weights(bits, group, sym, observer)}
+    check_experts_uniform(plan)
+    config_groups = {f"group_{i}": {"targets": [_target(n) for n in sorted(names)],
+                                    "weights": _weights(bits, group, sym, observer)}
                      for i, ((bits, group, sym, observer), names) in enumerate(sorted(groups.items()))}
     return [m for make in transforms.values() for m in make(q)] + \
         [QuantizationModifier(config_groups=config_groups, ignore=ignore)]
+
+
+def _target(name: str) -> str:
+    """A config-group target for one module. MoE experts are named by an anchored ``re:`` pattern:
+    transformers' compressed-tensors loader dequantizes the experts with the scheme of the group
+    whose ``re:`` targets name experts (integrations/compressed_tensors.get_experts_scheme), and
+    falls back to the first group otherwise, which may be another precision."""
+    return f"re:^{re.escape(name)}$" if is_expert(name) else name
+
+
+def check_experts_uniform(plan: Plan) -> None:
+    """transformers (5.17) reloads a compressed-tensors MoE checkpoint by dequantizing every
+    expert with ONE scheme and merging them into 3-D parameters; experts of different widths,
+    or float experts beside quantized ones (their plain ``weight`` is not among the packed keys
+    the merge reads), would reload as wrong or missing weights. The planner keeps them uniform
+    (planner.harmonize_experts); a plan that is not is refused here, before anything is written."""
+    schemes = {(p.bits, p.group_size, p.symmetric) if not p.is_float else "float"
+               for n, p in plan.modules.items() if is_expert(n)}
+    if len(schemes) > 1:
+        raise QuantfixError(f"the plan gives MoE experts {len(schemes)} different precisions "
+                            f"({', '.join(sorted(map(str, schemes)))}): transformers reloads a compressed-tensors MoE "
+                            "checkpoint with one scheme for all experts, so give every expert the same bits, group size "
+                            "and symmetry (a plan written by quantfix does)")
+    if schemes == {"float"} and any(not p.is_float for n, p in plan.modules.items() if not is_expert(n)):
+        raise QuantfixError("the plan keeps the MoE experts in float beside quantized modules: transformers 5.17 does "
+                            "not reload float experts from a compressed-tensors checkpoint (they come back MISSING); "
+                            "quantize the experts (e.g. 8 bits) or keep the whole model in float")
 
 
 def _weights(bits: int, group: int, symmetric: bool, observer: str) -> dict:
@@ -84,6 +115,63 @@ def _export_llmcompressor(model, tokenizer, plan: Plan, samples: torch.Tensor, t
                           max_seq_length=samples.shape[1], processor=tokenizer, shuffle_calibration_samples=False)
         oneshot(model=model, recipe=recipe, trust_remote_code_model=trust_remote_code, **kwargs)
     model.save_pretrained(tmp, save_compressed=True)
+    _expert_names_for_reload(model, tmp)
+
+
+def expert_leaf_renames(model_type: str) -> Dict[str, str]:
+    """{linearized expert leaf: the leaf transformers' MoE loader reads} for ``model_type``: the
+    per-expert source names of its conversion mapping into ``experts.gate_up_proj`` /
+    ``experts.down_proj`` (Mixtral: gate_proj -> w1, up_proj -> w3, down_proj -> w2; Qwen-MoE:
+    unchanged)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    out: Dict[str, str] = {}
+    for conv in get_checkpoint_conversion_mapping(model_type) or []:
+        targets = list(getattr(conv, "target_patterns", []) or [])
+        sources = list(getattr(conv, "source_patterns", []) or [])
+        leaves = [m.group(1) for m in (re.search(r"experts\.\*\.([A-Za-z0-9_]+)\.weight", p) for p in sources) if m]
+        if len(leaves) != len(sources):
+            continue
+        if any(t.endswith("experts.gate_up_proj") for t in targets) and len(leaves) == 2:
+            out.update({"gate_proj": leaves[0], "up_proj": leaves[1]})
+        elif any(t.endswith("experts.down_proj") for t in targets) and len(leaves) == 1:
+            out["down_proj"] = leaves[0]
+    return {k: v for k, v in out.items() if k != v}
+
+
+def _expert_names_for_reload(model, tmp: Path) -> None:
+    """Name the saved per-expert weights as the model type's loader expects them (see
+    ``expert_leaf_renames``), in the weight files, their index and the quantization config."""
+    if not any(is_expert(n) for n, _ in model.named_modules()):
+        return
+    renames = expert_leaf_renames(model.config.model_type)
+    if not renames:
+        return
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    pat = re.compile(r"(experts(?:\\)?\.\d+(?:\\)?\.)(" + "|".join(map(re.escape, renames)) + r")(?=(?:\\)?\.|\$|$)")
+
+    def fix(key: str) -> str:
+        return pat.sub(lambda m: m.group(1) + renames[m.group(2)], key)
+
+    for f in sorted(tmp.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        save_file({fix(k): v for k, v in tensors.items()}, str(f), metadata={"format": "pt"})
+    index = tmp / "model.safetensors.index.json"
+    if index.exists():
+        d = json.loads(index.read_text())
+        d["weight_map"] = {fix(k): v for k, v in d.get("weight_map", {}).items()}
+        index.write_text(json.dumps(d, indent=2))
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    qc = cfg.get("quantization_config") or {}
+    for group in (qc.get("config_groups") or {}).values():
+        group["targets"] = [fix(t) for t in group.get("targets", [])]
+    if "ignore" in qc:
+        qc["ignore"] = [fix(t) for t in qc["ignore"]]
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 STATIC_ATTR = "_quantfix_qparams"
@@ -298,8 +386,25 @@ def reload(path: Path, dtype: torch.dtype, device: torch.device, device_map: Opt
     if not device_map and not bnb:
         model.to(device)
     _decompress_now(model)
+    if not device_map and not bnb:
+        _widen_to(model, dtype)
     model.eval()
     return model
+
+
+@torch.no_grad()
+def _widen_to(model, dtype: torch.dtype) -> None:
+    """Cast the floating tensors that transformers left narrower than the requested ``dtype``:
+    5.17 does not cast weights it renames on load (GPT-NeoX's ``embed_out`` -> ``lm_head``,
+    Mixtral's ``block_sparse_moe.gate`` -> ``mlp.gate``), so a float32 reload computes with a float16
+    head or router and fails (``expected m1 and m2 to have the same dtype``). Widening is exact."""
+    if not dtype.is_floating_point:
+        return
+    bits = torch.finfo(dtype).bits
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and t.is_floating_point() and t.dtype != dtype and torch.finfo(t.dtype).bits < bits:
+                t.data = t.data.to(dtype)
 
 
 def load_problems(info: Dict[str, list]) -> List[str]:

@@ -13,13 +13,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict
 
+import torch
 from omegaconf import OmegaConf
 
+from quantfix import arch
 from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import report as rep
 from quantfix import search, steps, verdict
 from quantfix.errors import QuantfixError
+from quantfix.model import input_device
 from quantfix.planner import Ladder, initial_plan, ladder_options
 from quantfix.quantize import algorithms
 from quantfix.quantize.bank import WeightBank
@@ -57,6 +60,10 @@ def _run_mode(s: Session, report: Dict[str, Any]):
         raise QuantfixError(f"quant={alg.name} exports through llm-compressor's {alg.name.upper()}, which needs a CUDA "
                             "device (it fails on the CPU): run with device=cuda, pick quant=gptq, or set "
                             "export.enabled=false")
+    blocker = arch.export_blocker(s.rt.model) if cfg.export.enabled and cfg.mode == "repair" else None
+    if blocker:
+        raise QuantfixError(f"{blocker}: run with export.enabled=false (the trials and the diagnosis work), or "
+                            "mode=diagnose")
     report.update(model_path=s.resolved.path, device=str(s.device), dtype=str(s.dtype))
     ref = s.reference()
     base = ev.baseline_metrics(ref)
@@ -85,6 +92,33 @@ def _check_baseline(s: Session, base, report: Dict[str, Any]) -> None:
                "little")
         log.warning("%s", msg)
         report["warnings"].append(msg)
+    repeated = _greedy_repeats(s)
+    if repeated is not None:
+        token, text = repeated
+        msg = (f"the float model's greedy continuation of an eval window is one token repeated ({text!r}, token "
+               f"{token}): the tokenizer may not match the weights (a converted GGUF tokenizer, a missing BOS) or the "
+               "model is broken; its quantization results mean little")
+        log.warning("%s", msg)
+        report["warnings"].append(msg)
+
+
+GREEDY_PROMPT, GREEDY_NEW = 32, 16
+
+
+@torch.no_grad()
+def _greedy_repeats(s: Session):
+    """(token id, decoded text) when the float model's greedy continuation (GREEDY_NEW tokens) of
+    the first eval window's first GREEDY_PROMPT tokens is a single token repeated, else None."""
+    window = s.data.windows[0, :GREEDY_PROMPT].unsqueeze(0).to(input_device(s.rt.model))
+    new = []
+    ids = window
+    for _ in range(GREEDY_NEW):
+        nxt = s.rt.model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        new.append(int(nxt))
+        ids = torch.cat([ids, nxt], dim=1)
+    if len(set(new)) != 1:
+        return None
+    return new[0], s.rt.tokenizer.decode(new)
 
 
 def _write_failure(report: Dict[str, Any], out_dir: Path, e: BaseException, s, t_start: float) -> None:

@@ -365,6 +365,9 @@ def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revi
         tok = AutoTokenizer.from_pretrained(resolved.path, **common)
     except Exception as e:
         raise _load_error(resolved, e, "tokenizer", allow_pickle) from e
+    from quantfix.arch import linearize
+
+    linearize(model)  # MoE experts and Conv1D as nn.Linear: one module kind for every stage
     if not device_map:  # with a device map, accelerate placed every layer already
         model.to(device)
     model.eval()
@@ -377,12 +380,10 @@ def n_layers(model) -> int:
 
 
 def decoder_layers(model):
-    """The list of decoder blocks (Llama, Mistral, Qwen, ... all expose model.model.layers)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise QuantfixError(f"{type(model).__name__}: no model.layers decoder list; this architecture is not supported")
-    return layers
+    """The list of decoder blocks, found from the model's own structure (quantfix.arch)."""
+    from quantfix.arch import decoder_layers as _layers
+
+    return _layers(model)
 
 
 # Weights that accelerate offloaded (device_map with "cpu"/"disk" entries beside accelerators) sit

@@ -2,7 +2,6 @@
 prints it and the export writes it (``plan.yaml``) as the recipe that reproduces the checkpoint."""
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -187,10 +186,4 @@ class Plan:
             raise QuantfixError(f"plan file not found: {path}") from e
 
 
-def layer_index(name: str) -> Optional[int]:
-    m = re.search(r"\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-def module_type(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
+from quantfix.arch import layer_index, module_role, module_type  # noqa: E402,F401 - part of this module's API

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 
 import torch
 
+from quantfix import arch
 from quantfix.config import parse_rung
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision, layer_index, valid_group_size
@@ -28,25 +29,26 @@ log = logging.getLogger(__name__)
 
 
 def target_modules(model, targets: List[str], ignore: List[str], keep_embeddings: bool) -> List[str]:
+    """The modules plan 0 quantizes: every matmul of the decoder blocks (nn.Linear; GPT-2's Conv1D
+    and MoE experts were rewritten as such at load, quantfix.arch) whose name matches a
+    ``quant.targets`` regex and no ``quant.ignore`` one, routers left out; and lm_head unless
+    keep_embeddings (or tied to the input embeddings)."""
+    candidates = list(arch.quantizable(model))
+    if not candidates:
+        raise QuantfixError(f"{type(model).__name__}: its decoder blocks hold no linear module to quantize: "
+                            "this architecture is not supported")
+    names = [n for n in candidates if any(re.search(t, n) for t in targets) and not any(re.search(i, n) for i in ignore)]
     out_emb = model.get_output_embeddings()
-    names = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        if mod is out_emb:
-            if keep_embeddings:
-                continue
-            tied = out_emb.weight is model.get_input_embeddings().weight
-            if tied:
-                log.warning("lm_head shares its weight with the input embeddings: keeping it in float")
-                continue
-            names.append(name)
-            continue
-        if any(re.search(t, name) for t in targets) and not any(re.search(i, name) for i in ignore):
-            names.append(name)
+    if out_emb is not None and not keep_embeddings and isinstance(out_emb, torch.nn.Linear):
+        if out_emb.weight is model.get_input_embeddings().weight:
+            log.warning("lm_head shares its weight with the input embeddings: keeping it in float")
+        else:
+            names.append(next(n for n, m in model.named_modules() if m is out_emb))
     if not names:
-        raise QuantfixError(f"quant.targets {targets} match no linear module of {type(model).__name__}: "
-                            "check the regexes (they are matched with re.search against module names)")
+        raise QuantfixError(f"quant.targets {list(targets)} (minus quant.ignore {list(ignore)}) match none of the "
+                            f"{len(candidates)} linear modules of {type(model).__name__}'s decoder blocks (e.g. "
+                            f"{candidates[0]}): fix the regexes (re.search on module names), or leave quant.targets "
+                            "at its default to quantize them all")
     return names
 
 
@@ -76,7 +78,44 @@ def initial_plan(model, q, calibration: Dict[str, object]) -> Tuple[Plan, List[s
     total = sum(p.numel() for p in model.parameters())
     other = total - sum(o * i for o, i in shapes.values())
     plan = Plan(modules, shapes, other_params=int(other), calibration=dict(calibration), note="plan 0 (quant config)")
-    return plan, warnings
+    return harmonize_experts(plan), warnings
+
+
+EXPERT_CEILING = Precision(8, 0, True, "rtn")
+
+
+def harmonize_experts(plan: Plan) -> Plan:
+    """MoE experts move as one group: every expert gets the widest storage (bits, group size) any
+    expert has in ``plan``, its own algorithm kept; a float expert means W8 per channel for all.
+    transformers reloads a compressed-tensors MoE checkpoint with one scheme for every expert,
+    and not at all with float experts beside quantized ones (export.check_experts_uniform), so a
+    plan with unequal experts would export wrong weights. Never narrower than asked: the plan's
+    error can only drop."""
+    experts = [n for n in plan.modules if arch.is_expert(n)]
+    if not experts:
+        return plan
+    if all(plan.modules[n].is_float for n in experts) and all(p.is_float for p in plan.modules.values()):
+        return plan
+
+    def width(n: str) -> Tuple[float, float]:
+        p = plan.modules[n]
+        return (float("inf"), 0.0) if p.is_float else (p.bits, p.bits_per_weight(plan.shapes[n][1]))
+
+    widest = plan.modules[max(experts, key=width)]
+    if widest.is_float:
+        widest = EXPERT_CEILING
+    changes = {}
+    for n in experts:
+        p = plan.modules[n]
+        alg = p.algorithm if not p.is_float and algorithms.get(p.algorithm).check_bits(widest.bits) is None else "rtn"
+        group, _ = valid_group_size(widest.group_size, plan.shapes[n][1], False, n)
+        q = Precision(widest.bits, group, widest.symmetric, alg)
+        if q != p:
+            changes[n] = q
+    if not changes:
+        return plan
+    note = plan.note + f"; MoE experts widened to one precision ({widest.label.split('-')[0]}, {len(changes)} changed)"
+    return plan.with_changes(changes, note=note)
 
 
 @dataclass
@@ -147,7 +186,7 @@ class GreedyPlanner:
                 break
         new = plan.with_changes(dict(changes), note=f"greedy: promoted {len(changes)} modules with the largest "
                                                     "calibration output error per added bit")
-        return new, changes
+        return harmonize_experts(new), changes
 
 
 def ladder_options(plan: Plan, ladder: Ladder, algorithms_: Sequence[str] = ()) -> Dict[str, Dict[str, Precision]]:
@@ -273,7 +312,7 @@ class PredictivePlanner:
             reasons[st.reason] = reasons.get(st.reason, 0) + 1
         note = f"predictive: first {k} of {len(self.steps)} upgrades; drivers: " + \
                ", ".join(f"{r} x{c}" for r, c in sorted(reasons.items(), key=lambda t: -t[1]))
-        return self.plan0.with_changes(changes, note=note)
+        return harmonize_experts(self.plan0.with_changes(changes, note=note))
 
     def bits_at(self, k: int) -> float:
         """Average bits per weight of plan_at(k)."""

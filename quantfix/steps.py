@@ -16,6 +16,7 @@ from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import verdict
 from quantfix.cache import atomic_write
+from quantfix.errors import QuantfixError
 from quantfix.plan import Plan
 from quantfix.quantize import algorithms
 from quantfix.session import Session
@@ -180,9 +181,16 @@ def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str,
         return
     load_fails: list = []
     with s.timer("verify (reload + evaluate)"):
-        model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
-                           dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder,
-                           trust_remote_code=cfg.model.trust_remote_code, problems=load_fails)
+        try:
+            model = exp.reload(ckpt, s.dtype, s.device, cfg.model.device_map,
+                               dict(cfg.model.max_memory) if cfg.model.max_memory else None, cfg.model.offload_folder,
+                               trust_remote_code=cfg.model.trust_remote_code, problems=load_fails)
+        except Exception as e:  # a checkpoint plain transformers cannot load is a failed run, said in one line
+            if isinstance(e, QuantfixError):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise QuantfixError(f"transformers could not reload the exported checkpoint {ckpt} ({type(e).__name__}: "
+                                f"{first}): it is not usable as written; run with export.enabled=false for this model") from e
         m = s.evaluate(model, desc="verify checkpoint")
         task_fails = []
         if task_base:

@@ -148,6 +148,7 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
     bank.apply(plan, progress=False)
     q = _measure_side(rt, data, cfg, names, domain_sets, prompts, probes_cfg.max_new_tokens, progress)
     lap("quantized side (activations, probes, domains)", t)
+    routing = _routing(fp.get("routes") or {}, q.get("routes") or {}, sens.modules)
     check = _calibration_check(rt, data, bank, plan, ref, qmetrics)
     outliers = _outlier_rows(fp["absmax"], q["absmax"], stats, names, sens, cfg.outlier_k)
     hist_names = [r["input_of"][0] for r in outliers[: cfg.histograms]]
@@ -162,7 +163,7 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
         generations=probes.compare_generations(rt.tokenizer, prompts, fp["gen"], q["gen"]) if prompts else [],
         calibration_domains=[] if data.external_checkpoint else list(data.calibration_domains),
         plots={"histograms": hist_paths},
-        eval_source=data.eval_source, calibration_check=check)
+        eval_source=data.eval_source, calibration_check=check, routing=routing)
     diag.findings = root_causes(diag, cfg)
     diag.plots.update(plot_diagnosis(diag, plots))
     diag.timings_s = dict(timings, total=round(time.perf_counter() - t0, 2))
@@ -215,8 +216,57 @@ def _measure_side(rt: Runtime, data: RunData, cfg: DiagnoseConfig, names: List[s
         out["channels"] = activations.channel_errors(rt.model, data.windows[: cfg.channel_windows], channels_of, bs,
                                                      progress)
     out["domains"] = {k: probes.domain_logprobs(rt.model, w, bs) for k, w in domain_sets.items()}
+    out["routes"] = _routes(rt.model, data.windows[: cfg.channel_windows])
     out["gen"] = probes.generate(rt.model, rt.tokenizer, prompts, max_new_tokens, progress) if prompts else []
     return out
+
+
+@torch.no_grad()
+def _routes(model, windows: torch.Tensor) -> Dict[int, torch.Tensor]:
+    """MoE: decoder layer -> the experts each token of ``windows`` is routed to ([tokens, k], sorted),
+    read from the routers' outputs (the integer tensor of top-k indices they return); {} otherwise."""
+    from quantfix.arch import ROUTER, decoder_layers, layer_index, module_role
+
+    if not any(module_role(n) == ROUTER for n, _ in model.named_modules()):
+        return {}
+    names = {id(m): n for n, m in model.named_modules() if module_role(n) == ROUTER and layer_index(n) is not None}
+    found: Dict[int, List[torch.Tensor]] = {}
+
+    def hook(mod, _args, out):
+        idx = [t for t in (out if isinstance(out, (tuple, list)) else [out])
+               if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2]
+        if idx:
+            found.setdefault(layer_index(names[id(mod)]), []).append(idx[-1].sort(dim=-1).values.cpu())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
+    try:
+        if handles and len(decoder_layers(model)):
+            from quantfix.model import input_device
+
+            for ids in windows.split(2):
+                model(input_ids=ids.to(input_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in found.items()}
+
+
+def _routing(fp: Dict[int, torch.Tensor], q: Dict[int, torch.Tensor], module_sens: Dict[str, float]) -> Dict[str, Any]:
+    """Share of tokens whose top-k expert set changes per layer, and the most sensitive experts."""
+    import re
+
+    if not fp:
+        return {}
+    layers = {i: round(float((fp[i] != q[i]).any(dim=-1).float().mean()), 4)
+              for i in sorted(fp) if i in q and fp[i].shape == q[i].shape}
+    experts: Dict[str, float] = {}
+    for n, v in module_sens.items():
+        m = re.search(r"^(.*\.experts\.\d+)\.", n)
+        if m:
+            experts[m.group(1)] = experts.get(m.group(1), 0.0) + v
+    top = sorted(experts.items(), key=lambda kv: -kv[1])[:5]
+    return {"layers": layers, "mean": round(sum(layers.values()) / max(1, len(layers)), 4),
+            "experts": [{"expert": k, "kld": round(v, 6)} for k, v in top]}
 
 
 def _outlier_rows(fp_absmax, q_absmax, stats, names: List[str], sens, k: float) -> List[Dict[str, Any]]:

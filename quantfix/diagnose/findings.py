@@ -51,6 +51,9 @@ class Diagnosis:
     eval_source: str = ""  # the deployment text of the eval windows
     # a calibrated plan measured against the same widths in plain RTN: {"kld": .., "rtn_kld": .., "algorithms": [..]}
     calibration_check: Dict[str, Any] = field(default_factory=dict)
+    # MoE: per decoder layer the share of tokens whose top-k experts change when quantized, and the
+    # most sensitive experts ({"layers": {layer: share}, "mean": .., "experts": [{expert, kld}, ...]})
+    routing: Dict[str, Any] = field(default_factory=dict)
 
     def kinds(self) -> List[str]:
         return [f.kind for f in self.findings]
@@ -67,7 +70,8 @@ class Diagnosis:
                 "domains": self.domains, "generations": self.generations,
                 "calibration_domains": self.calibration_domains, "plots": self.plots,
                 "findings": [f.to_dict() for f in self.findings], "timings_s": self.timings_s,
-                "eval_source": self.eval_source, "calibration_check": self.calibration_check}
+                "eval_source": self.eval_source, "calibration_check": self.calibration_check,
+                "routing": self.routing}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Diagnosis":
@@ -77,4 +81,4 @@ class Diagnosis:
                    calibration_domains=d["calibration_domains"], plots=d.get("plots") or {},
                    findings=[Finding.from_dict(f) for f in d.get("findings") or []],
                    timings_s=d.get("timings_s") or {}, eval_source=d.get("eval_source", ""),
-                   calibration_check=d.get("calibration_check") or {})
+                   calibration_check=d.get("calibration_check") or {}, routing=d.get("routing") or {})

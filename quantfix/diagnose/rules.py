@@ -7,6 +7,7 @@ from typing import Any, Dict, List
 
 from quantfix import data as data_mod
 from quantfix.diagnose.findings import Diagnosis, Finding
+from quantfix.arch import ATTENTION_ROLES, RESIDUAL_ROLES, module_role
 from quantfix.plan import layer_index, module_type
 
 
@@ -17,7 +18,6 @@ def _share_of_top(values: Dict[Any, float], frac: float = 0.1):
     return [key for key, _ in items[:k]], sum(max(v, 0.0) for _, v in items[:k]) / total
 
 
-RESIDUAL_INPUTS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # read the (normed) residual stream
 
 
 def _ranges(xs: List[int]) -> str:
@@ -33,14 +33,15 @@ def _ranges(xs: List[int]) -> str:
 
 
 def _group_outliers(raw: List[Finding], keep: int) -> List[Finding]:
-    """One finding per residual-stream channel (the same channel index feeds q/k/v and gate/up of
+    """One finding per residual-stream channel (the same channel index feeds the attention and MLP
+    inputs (q/k/v, gate/up, c_attn, query_key_value, fc1, experts) of
     many layers: one cause, not one finding per layer), the rest per input; beyond ``keep`` findings
     (by outlier ratio) the tail is merged into one, so the report stays readable. The planner
     reads only kind and modules, which the merged findings keep in full."""
     by_channel: Dict[int, List[Finding]] = {}
     rest = []
     for f in raw:
-        if {module_type(m) for m in f.modules} <= RESIDUAL_INPUTS:
+        if f.modules and {module_role(m) for m in f.modules} <= RESIDUAL_ROLES:  # read the (normed) residual stream
             by_channel.setdefault(f.evidence["channel"], []).append(f)
         else:
             rest.append(f)
@@ -82,7 +83,28 @@ def root_causes(diag: Diagnosis, dcfg) -> List[Finding]:
     modules = diag.sensitivity.modules or {}
     return (_concentration(diag.sensitivity.layers, dcfg) + _outliers(diag, modules, dcfg) +
             _calibration_mismatch(diag) + _domain_gap(diag, dcfg) + _embeddings(modules) + _ppl_hides_damage(diag, dcfg) +
-            _generation_symptoms(diag, modules))
+            _generation_symptoms(diag, modules) + _routing_changes(diag))
+
+
+ROUTING_CHANGE = 0.05  # share of tokens whose top-k experts change: beyond it the router's choice moved
+
+
+def _routing_changes(diag: Diagnosis) -> List[Finding]:
+    """MoE: quantization changes which experts the tokens go to (the router reads the quantized
+    attention output of its layer, and earlier layers' errors)."""
+    layers = (diag.routing or {}).get("layers") or {}
+    moved = sorted(int(i) for i, share in layers.items() if share > ROUTING_CHANGE)
+    if not moved:
+        return []
+    worst = max(layers.values())
+    experts = [e["expert"] for e in diag.routing.get("experts", [])][:3]
+    return [Finding("routing_changes", layers=moved,
+                    finding=f"quantization re-routes tokens in {len(moved)} MoE layers ({_ranges(moved)}): up to "
+                            f"{100 * worst:.0f}% of tokens reach another top-k expert set"
+                            + (f"; most sensitive experts: {', '.join(experts)}" if experts else ""),
+                    evidence={"layers": layers, "experts": diag.routing.get("experts", [])},
+                    fix="more precision for the attention of those layers (the router reads its output) and for "
+                        "the experts (one group)")]
 
 
 def _concentration(layers: Dict[int, float], dcfg) -> List[Finding]:
@@ -205,7 +227,7 @@ def _generation_symptoms(diag: Diagnosis, modules: Dict[str, float]) -> List[Fin
     total_mod = sum(max(v, 0) for v in modules.values()) or 1e-12
     loops = [g for g in gens if g["new_loop"]]
     refusals = [g for g in gens if g["new_refusal"]]
-    attn_share = sum(v for n, v in modules.items() if module_type(n) in ("q_proj", "k_proj", "v_proj", "o_proj")) / total_mod
+    attn_share = sum(v for n, v in modules.items() if module_role(n) in ATTENTION_ROLES) / total_mod
     if loops:
         out.append(Finding("repetition_loops", finding=f"{len(loops)} of {len(gens)} probes loop only when quantized "
                                                        f"({', '.join(g['domain'] for g in loops)})",

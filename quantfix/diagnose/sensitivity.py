@@ -204,7 +204,10 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
 
     def on_module(name, g, x):
         # per sequence b, g_b . (x_b dW^T) = <dW, G_b^T X_b>: one [out, in] product per sequence
-        # serves the plan and every option
+        # serves the plan and every option. An MoE expert sees its routed tokens flattened
+        # ([tokens, features], sequences mixed): they count as one sequence
+        if g.dim() == 2:
+            g, x = g.unsqueeze(0), x.unsqueeze(0)
         M = torch.einsum("blo,bli->boi", g.float(), x.float())
         dev = M.device
         w = lambda: weight_of(mods[name]).to(dev).float()  # noqa: E731
