@@ -180,7 +180,9 @@ class ProbesConfig:
 
 @dataclass
 class QuantizedConfig:
-    # an existing quantized checkpoint to diagnose (mode=diagnose) instead of a plan from `quant`
+    # an existing quantized checkpoint as plan 0 instead of a plan from `quant`: compressed-tensors,
+    # GPTQ, AWQ or bitsandbytes directory, or a .gguf file; model.name_or_path is its float parent.
+    # mode=diagnose diagnoses it; mode=repair repairs from it (modules left alone keep its weights)
     name_or_path: Optional[str] = None
 
 
@@ -309,8 +311,9 @@ def _check_data(cfg) -> List[str]:
         p.append(f"diagnose.sensitivity.method={d.sensitivity.method!r}: use fast, exact, taylor or fisher")
     if d.sensitivity.windows < 1 or d.sensitivity.label_samples < 1:
         p.append("diagnose.sensitivity.windows and label_samples must be at least 1")
-    if cfg.quantized.name_or_path and cfg.mode != "diagnose":
-        p.append("quantized.name_or_path is only used by mode=diagnose: add mode=diagnose")
+    if cfg.quantized.name_or_path and cfg.mode == "baseline":
+        p.append("quantized.name_or_path is diagnosed (mode=diagnose) or repaired (mode=repair), not used by "
+                 "mode=baseline")
     return p
 
 

@@ -169,6 +169,7 @@ def _agreement(plan: Plan, m, report: Dict[str, Any]) -> list:
     gap = abs(m.kld_mean - sim) / max(sim, 1e-4)
     report["final"]["export_gap_pct"] = round(100 * gap, 2)
     exact = all(algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS and
+                algorithms.get(p.algorithm).exact_export and
                 (algorithms.get(p.algorithm).static_export or not algorithms.get(p.algorithm).calibrated)
                 for p in plan.modules.values() if not p.is_float)
     if exact and gap > EXACT_EXPORT_GAP:
