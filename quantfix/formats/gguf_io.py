@@ -89,8 +89,8 @@ def read(path: str, plan0: Plan, model_fp) -> External:
     weights, qps, types, gnames, notes = {}, {}, {}, {}, []
     seen = set()
     for t in reader.tensors:
-        base = t.name[:-len(".weight")] if t.name.endswith(".weight") else None
-        hf = mapping.get(base) if base else None
+        hf = mapping.get(t.name, "")
+        hf = hf[:-len(".weight")] if hf.endswith(".weight") else None
         if hf is None or hf not in plan0.modules:
             continue
         seen.add(hf)
@@ -168,7 +168,7 @@ def overrides(plan: Plan, ext: External) -> Tuple[Dict[str, str], str]:
     base_type = base[0][0] if base else "Q8_0"
     out = {}
     for n, p in plan.modules.items():
-        if n not in ext.gguf_names or p.algorithm in ("ckpt", "ckpt_approx"):
+        if n not in ext.gguf_names or p.algorithm in ("ckpt", "ckpt_approx") or ext.plan.modules.get(n) == p:
             continue
         want = "f16" if p.is_float else OVERRIDE_TYPES[p.bits]
         if want.upper() != ext.source_types.get(n, "").upper():
