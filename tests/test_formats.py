@@ -185,3 +185,41 @@ def test_wrong_parent_and_unknown_format_are_refused(tmp_path, tokenizer):
         formats.read(str(d), _plan0(model), model)
     with pytest.raises(QuantfixError, match="not found"):
         formats.read(str(tmp_path / "nope.gguf"), _plan0(model), model)
+
+
+def test_repair_starts_from_a_gptq_checkpoint_and_keeps_its_weights(compose, tiny_dir, tokenizer, tmp_path):
+    """Without mode=diagnose the loop starts from the checkpoint: plan 0 is its scheme with its own
+    weights, the repair requantizes some modules from the float parent, and the modules it leaves
+    alone reach the exported compressed-tensors checkpoint bit for bit."""
+    from quantfix.loop import run
+    from quantfix.plan import Plan
+    from tests.conftest import tiny_overrides
+
+    ckpt = _autoround(tmp_path, tokenizer, "auto_gptq", True, bits=4, group=32)
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quantized.name_or_path": str(ckpt), "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 0.008,
+        "loop.max_iters": 3,
+        "diagnose.domain_seq_len": 64, "probes.max_new_tokens": 4}))
+    report = run(cfg, tmp_path / "run")
+    first = report["iterations"][0]
+    assert first["plan_summary"] == "W4g32-ckpt x14"
+    assert report["quantized"]["format"] == "gptq"
+    plan = Plan.load(tmp_path / "run" / "plan.yaml")
+    kept = [n for n, p in plan.modules.items() if p.algorithm == "ckpt"]
+    changed = [n for n, p in plan.modules.items() if p.algorithm != "ckpt"]
+    assert changed and kept, (changed, kept)
+    fin = report["final"]
+    assert fin["verified_metrics"]["kld_mean"] < first["metrics"]["kld_mean"]
+    assert fin.get("export_gap_pct", 0) < 2
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    ext = formats.read(str(ckpt), _plan0(model), model)
+    q = AutoModelForCausalLM.from_pretrained(fin["checkpoint"], dtype=torch.float32)
+    with torch.no_grad():
+        q(input_ids=torch.zeros(1, 1, dtype=torch.long))
+    qmods = dict(q.named_modules())
+    for n in kept:
+        assert torch.equal(qmods[n].weight.float(), ext.weights[n]), n
+    for n in changed:
+        assert not torch.equal(qmods[n].weight.float(), ext.weights[n]), n
