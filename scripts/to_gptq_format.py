@@ -17,7 +17,7 @@ import torch
 
 def main(src: str, parent: str, out: str) -> None:
     from auto_round_extension.torch.qlinear_torch_zp import QuantLinear
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from quantfix import formats

@@ -51,7 +51,10 @@ class GGUFVocab:
 def read_vocab(path: str) -> Optional[GGUFVocab]:
     from gguf import GGUFReader
 
-    r = GGUFReader(path)
+    try:
+        r = GGUFReader(path)
+    except Exception:  # noqa: BLE001 - not readable by gguf: transformers' loader reports the file itself
+        return None
 
     def get(key, default=None):
         f = r.fields.get(key)
