@@ -223,3 +223,33 @@ def test_repair_starts_from_a_gptq_checkpoint_and_keeps_its_weights(compose, tin
         assert torch.equal(qmods[n].weight.float(), ext.weights[n]), n
     for n in changed:
         assert not torch.equal(qmods[n].weight.float(), ext.weights[n]), n
+
+
+def test_diagnose_and_repair_a_gguf_against_its_float_parent(compose, tiny_dir, tmp_path):
+    """A Q4_0 GGUF of the tiny model: diagnosed against the float parent (its calibration set
+    unknown), repaired, exported and verified; the llama.cpp overrides name the changed tensors
+    and the command that applies them."""
+    from quantfix.loop import run
+    from quantfix.plan import Plan
+    from tests.conftest import tiny_overrides
+
+    model = tiny_llama()
+    path = write_tiny_gguf(model, tmp_path / "tiny.Q4_0.gguf", {k: "Q4_0" for k in GGUF_TYPES})
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quantized.name_or_path": str(path), "thresholds.max_ppl_increase_pct": "null",
+        "thresholds.max_kld_mean": 0.008, "loop.max_iters": 3, "diagnose.domain_seq_len": 64,
+        "probes.max_new_tokens": 4}))
+    report = run(cfg, tmp_path / "run")
+    assert report["iterations"][0]["plan_summary"] == "W4g32-ckpt x14"
+    assert report["quantized"]["format"] == "gguf" and report["quantized"]["modules_exact_grid"] == 14
+    fin = report["final"]
+    assert fin["verified_metrics"]["kld_mean"] <= 0.008 and fin["passed"]
+    plan = Plan.load(tmp_path / "run" / "plan.yaml")
+    changed = {n for n, p in plan.modules.items() if p.algorithm != "ckpt"}
+    text = (tmp_path / "run" / "llama_quantize_overrides.txt").read_text()
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert changed and len(lines) == len(changed)  # a 4-bit swap too: q4_k rounds better than q4_0 at its size
+    assert "llama-quantize" in text and text.count("--tensor-type") == len(lines)
+    for ln in lines:
+        name, t = ln.split("=")
+        assert name.startswith("blk.") and name.endswith(".weight") and t in ("q4_k", "q5_k", "q6_k", "q8_0", "f16")
