@@ -253,3 +253,29 @@ def test_diagnose_and_repair_a_gguf_against_its_float_parent(compose, tiny_dir, 
     for ln in lines:
         name, t = ln.split("=")
         assert name.startswith("blk.") and name.endswith(".weight") and t in ("q4_k", "q5_k", "q6_k", "q8_0", "f16")
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_bitsandbytes_checkpoint_reads_back(tmp_path, tokenizer, tiny_dir, kind):
+    """A bitsandbytes checkpoint written by transformers on the CPU: LLM.int8 reads as W8 per channel,
+    NF4 as W4 in 64-value blocks, both re-rounded at export (ckpt~: not an integer grid in
+    compressed-tensors' fp16 scales); the weights are what the loaded modules compute with."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else \
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    q = AutoModelForCausalLM.from_pretrained(str(tiny_dir), quantization_config=cfg, device_map="cpu")
+    q.save_pretrained(tmp_path / kind)
+    model = tiny_llama()
+    ext = formats.read(str(tmp_path / kind), _plan0(model), model)
+    assert ext.format == "bitsandbytes"
+    want = (8, 0) if kind == "int8" else (4, 64)
+    assert {(p.bits, p.group_size, p.algorithm) for p in ext.plan.modules.values()} == {(*want, "ckpt_approx")}
+    name = "model.layers.1.mlp.down_proj"
+    mod = q.get_submodule(name)
+    with torch.no_grad():
+        y = mod(torch.eye(ext.plan.shapes[name][1], dtype=torch.float16)).float().T
+    assert torch.allclose(ext.weights[name], y, atol=2e-3, rtol=1e-2)
+    W = model.get_submodule(name).weight
+    assert 0 < (ext.weights[name] - W).abs().mean() < (0.02 if kind == "int8" else 0.15) * W.abs().mean()

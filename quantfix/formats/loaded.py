@@ -29,6 +29,12 @@ def dense_weight(mod, shape, name: str, path: str) -> torch.Tensor:
     if mod is None:
         raise QuantfixError(f"{path}: no module {name}; is this a checkpoint of the same model?")
     w = getattr(mod, "weight", None)
+    if type(mod).__name__ == "Linear8bitLt" and getattr(w, "SCB", None) is not None:  # LLM.int8: q * absmax / 127
+        return (w.data.float() * w.SCB.float()[:, None] / 127).reshape(shape).contiguous()
+    if type(mod).__name__ == "Linear4bit" and getattr(w, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf  # the library's own NF4 / FP4 dequantizer
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).float().reshape(shape).contiguous()
     if isinstance(w, torch.Tensor) and w.dtype in (torch.float32, torch.float16, torch.bfloat16) \
             and type(w).__name__ == "Parameter" and tuple(w.shape) == tuple(shape):
         return w.detach().to("cpu", torch.float32).clone()
@@ -104,8 +110,9 @@ def read(path: str, plan0: Plan, model_fp, fmt: str) -> External:
             quantized = qm is not None and type(qm).__name__ in ("Linear8bitLt", "Linear4bit") and \
                 not any(s in name for s in skip)
             # int8: one absmax scale per row; nf4 / fp4: 64-value blocks on a non-uniform grid
-            schemes[name] = (Precision(4, 64, True, "rtn") if four else Precision(8, 0, True, "rtn")) \
-                if quantized else Precision(16)
+            block = getattr(getattr(getattr(qm, "weight", None), "quant_state", None), "blocksize", 64)
+            schemes[name] = (Precision(4, block if plan0.shapes[name][1] % block == 0 else 0, True, "rtn") if four
+                             else Precision(8, 0, True, "rtn")) if quantized else Precision(16)
             if quantized:
                 types[name] = f"bitsandbytes {kind}"
     qmods = dict(qmodel.named_modules())
