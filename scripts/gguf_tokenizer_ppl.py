@@ -1,7 +1,7 @@
 """Float PPL and greedy text of a GGUF model with transformers' own GGUF tokenizer (saved and
 reloaded, as a converted directory holds it) and with quantfix's checked one, same weights.
 
-    python scripts/gguf_tokenizer_ppl.py <file.gguf> [n_windows] [seq_len]
+    PYTHONPATH=. python scripts/gguf_tokenizer_ppl.py <file.gguf> [n_windows] [seq_len]
 """
 from __future__ import annotations
 

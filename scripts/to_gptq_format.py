@@ -3,7 +3,7 @@ the GPTQ format AutoGPTQ / GPTQModel / AutoRound write, with AutoRound's own pac
 (auto_round_extension QuantLinear.pack, v1 zero points): a real GPTQ-format checkpoint of a known
 calibration, to diagnose and repair with ``quantized.name_or_path``.
 
-    python scripts/to_gptq_format.py <compressed-tensors dir> <float parent dir> <out dir>
+    PYTHONPATH=. python scripts/to_gptq_format.py <compressed-tensors dir> <float parent dir> <out dir>
 """
 from __future__ import annotations
 
