@@ -193,7 +193,9 @@ class ProbesConfig:
 
 @dataclass
 class QuantizedConfig:
-    # an existing quantized checkpoint to diagnose (mode=diagnose) instead of a plan from `quant`
+    # an existing quantized checkpoint as plan 0 instead of a plan from `quant`: compressed-tensors,
+    # GPTQ, AWQ or bitsandbytes directory, or a .gguf file; model.name_or_path is its float parent.
+    # mode=diagnose diagnoses it; mode=repair repairs from it (modules left alone keep its weights)
     name_or_path: Optional[str] = None
 
 
@@ -276,6 +278,9 @@ def _check_quant(cfg) -> List[str]:
     p, q = [], cfg.quant
     if q.algorithm not in algorithms.REGISTRY:
         p.append(f"quant.algorithm={q.algorithm!r}: choose one of {', '.join(algorithms.NAMES)}")
+    elif algorithms.get(q.algorithm).external:
+        p.append(f"quant.algorithm={q.algorithm} names an existing checkpoint's own weights: pass the checkpoint as "
+                 "quantized.name_or_path=<dir or .gguf> instead")
     elif not algorithms.get(q.algorithm).per_module:
         p.append(f"quant.algorithm={q.algorithm} tunes a whole plan: start from another algorithm and set "
                  f"loop.tune={q.algorithm}")
@@ -325,8 +330,9 @@ def _check_data(cfg) -> List[str]:
         p.append(f"diagnose.sensitivity.method={d.sensitivity.method!r}: use fast, exact, taylor or fisher")
     if d.sensitivity.windows < 1 or d.sensitivity.label_samples < 1:
         p.append("diagnose.sensitivity.windows and label_samples must be at least 1")
-    if cfg.quantized.name_or_path and cfg.mode != "diagnose":
-        p.append("quantized.name_or_path is only used by mode=diagnose: add mode=diagnose")
+    if cfg.quantized.name_or_path and cfg.mode == "baseline":
+        p.append("quantized.name_or_path is diagnosed (mode=diagnose) or repaired (mode=repair), not used by "
+                 "mode=baseline")
     return p
 
 
@@ -368,6 +374,8 @@ def _check_search(cfg) -> List[str]:
     for a in cfg.loop.algorithms:
         if a not in algorithms.REGISTRY:
             p.append(f"loop.algorithms entry {a!r}: choose from {', '.join(algorithms.NAMES)}")
+        elif algorithms.get(a).external:
+            p.append(f"loop.algorithms entry {a!r} names an existing checkpoint's own weights, not a way to round")
         elif not algorithms.get(a).per_module:
             p.append(f"loop.algorithms entry {a!r} tunes a whole plan, not one module: set loop.tune={a} instead")
         elif not algorithms.get(a).mixable:

@@ -6,6 +6,7 @@ export the chosen plan with the real engine -> reload it from disk -> verify -> 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -177,6 +178,8 @@ def _setup_trials(s: Session, base, report):
     q = cfg.quant
     bank = WeightBank(s.rt.model, list(plan0.modules), stats, q.gptq_dampening, q.gptq_block_size, q.awq_grid,
                       q.llm_int8_threshold, sim_dtype=export_dtype)
+    if cfg.quantized.name_or_path:  # plan 0 is an existing checkpoint: its scheme and its own weights
+        plan0 = _load_external(s, plan0, bank, report)
     setup = TrialSetup(bank, lambda desc: s.evaluate(desc=desc), base, cfg.thresholds, cfg.loop.max_iters,
                        s.out_dir / "trials.jsonl", cfg.loop.resume, s.timer, task_base, s.task_results,
                        fingerprint=s.fingerprint, warnings=report["warnings"],
@@ -184,15 +187,32 @@ def _setup_trials(s: Session, base, report):
     return plan0, stats, bank, Trials(setup, report["iterations"])
 
 
+def _load_external(s: Session, plan0, bank, report):
+    """Read ``quantized.name_or_path`` (any format ``formats`` reads) as plan 0 and hand its
+    dequantized weights to the bank; the diagnosis then treats its calibration set as unknown."""
+    from quantfix import formats
+
+    path = s.cfg.quantized.name_or_path
+    with s.timer("read checkpoint"):
+        ext = formats.read(path, plan0, s.rt.model)
+    bank.use_external(ext.weights, ext.qparams)
+    s.data.external_checkpoint = True
+    s.external = ext
+    approx = sum(1 for p in ext.plan.modules.values() if p.algorithm == "ckpt_approx")
+    report["quantized"] = {"path": path, "format": ext.format, "summary": ext.summary(), "notes": ext.notes,
+                           "modules_exact_grid": sum(1 for p in ext.plan.modules.values() if p.algorithm == "ckpt"),
+                           "modules_approx_grid": approx}
+    log.info("existing checkpoint: %s", ext.summary())
+    if approx:
+        msg = (f"{approx} modules of {path} use a grid compressed-tensors cannot store exactly ({ext.format}: a float "
+               "minimum or non-uniform levels): the ones the repair leaves alone are re-rounded to the nearest integer "
+               "grid at export, so the verified metrics may differ a little from the trial's")
+        report["warnings"].append(msg)
+    return dataclasses.replace(ext.plan, calibration={"checkpoint": path, "format": ext.format})
+
+
 def _diagnose_only(s: Session, ref, base, report):
     plan0, stats, bank, trial = _setup_trials(s, base, report)
-    if s.cfg.quantized.name_or_path:
-        from quantfix.quantized import load_quantized
-
-        plan0, qweights = load_quantized(s.cfg.quantized.name_or_path, plan0, s.rt.model)
-        bank.use_external(plan0, qweights)
-        report["quantized"] = s.cfg.quantized.name_or_path
-        s.data.external_checkpoint = True
     trial(plan0)
     diagnosis = None
     if verdict.nonfinite(trial.last_metrics):  # the diagnosis compares finite outputs: nothing to measure
@@ -241,6 +261,12 @@ def _repair(s: Session, ref, base, report):
         steps.export_and_verify(s, chosen, base, trial.setup.task_base, report, static)
     else:
         report["final"]["passed"] = result.best is not None
+    ext = getattr(s, "external", None)
+    if ext is not None and ext.format == "gguf":  # the fix in llama.cpp's own toolchain
+        from quantfix.formats import gguf_io
+
+        path = gguf_io.write_overrides(chosen, ext, s.out_dir, cfg.quantized.name_or_path, cfg.model.name_or_path)
+        report["final"]["llama_quantize_overrides"] = str(path)
     return diagnosis
 
 

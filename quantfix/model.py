@@ -102,14 +102,58 @@ def _converted_ok(out: Path) -> bool:
     return False
 
 
+TOKENIZER_CHECKED = ".quantfix-tokenizer"
+
+
+def _tokenizer_suspect(out: Path) -> bool:
+    """A directory converted before the tokenizer check whose tokenizer looks like transformers'
+    broken GGUF conversion (a Unigram model, or a BPE without merges)."""
+    if (out / TOKENIZER_CHECKED).exists():
+        return False
+    try:
+        m = json.loads((out / "tokenizer.json").read_text()).get("model") or {}
+    except (OSError, json.JSONDecodeError):
+        return True
+    return m.get("type") == "Unigram" or (m.get("type") == "BPE" and not m.get("merges"))
+
+
+def _checked_tokenizer(tok, vocab, gguf: Path):
+    """(tokenizer, how it was checked): transformers' conversion when it tokenizes a sample as the
+    GGUF does (BOS as the file says); else, for a SentencePiece vocabulary, one rebuilt from the
+    file's vocabulary, scores and token types, checked the same way; else a one-line error."""
+    from quantfix.formats import gguf_tokenizer
+
+    if vocab is None:
+        return tok, "no vocabulary in the GGUF: not checked"
+    why = gguf_tokenizer.check(tok, vocab)
+    if why is None:
+        return tok, "transformers' conversion matches the GGUF tokenizer on the sample"
+    if vocab.model == "llama":
+        rebuilt = gguf_tokenizer.build_spm(vocab)
+        why2 = gguf_tokenizer.check(rebuilt, vocab)
+        if why2 is None:
+            log.warning("transformers' tokenizer for %s is wrong (%s): rebuilt it from the GGUF's SentencePiece "
+                        "vocabulary, scores and token types", gguf.name, why)
+            return rebuilt, f"rebuilt from the GGUF vocabulary (transformers' conversion: {why})"
+        why = f"{why}; rebuilt from the vocabulary: {why2}"
+    raise QuantfixError(f"the tokenizer transformers builds for {gguf.name} is not the GGUF's ({why}): convert the "
+                        "model with llama.cpp's tools to an HF directory and pass that as model.name_or_path")
+
+
 def convert_gguf(gguf: Path, cache: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors HF directory (atomic), return the directory.
     The directory is keyed by the file's content (size and sampled hash), not its path: a copy of
     the file, or of the cache, reuses it."""
     out = cache / "converted" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
-    if _converted_ok(out):
+    if _converted_ok(out) and not _tokenizer_suspect(out):
         return out
+    if out.exists():  # converted before the tokenizer check: a new directory, the old one left to its users
+        out = out.with_name(out.name + "-tok")
+        if _converted_ok(out):
+            return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantfix.formats import gguf_tokenizer
 
     log.info("converting %s to a safetensors directory (once) at %s", gguf.name, out)
     try:
@@ -117,6 +161,8 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for unsupported GGUF architectures
         raise QuantfixError(f"could not load GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+    vocab = gguf_tokenizer.read_vocab(str(gguf))
+    tok, how = _checked_tokenizer(tok, vocab, gguf)
     # the dequantized weights are plain floats now: drop the gguf quantization marker so it saves
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -128,6 +174,12 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
         model.config._name_or_path = str(out)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if vocab is not None:  # what later runs load: the saved tokenizer, reloaded
+            why = gguf_tokenizer.check(AutoTokenizer.from_pretrained(str(tmp)), vocab)
+            if why:
+                raise QuantfixError(f"the tokenizer of {gguf.name} does not survive save/reload ({why}): "
+                                    "convert the model with llama.cpp's convert tools to an HF directory instead")
+        (tmp / TOKENIZER_CHECKED).write_text(how + "\n")
         fingerprint = model_fingerprint(str(tmp))
         atomic_write(tmp / CONVERTED_FINGERPRINT, lambda f: f.write_text(fingerprint))
         try:

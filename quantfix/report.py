@@ -109,6 +109,16 @@ def _blocks(report: Dict[str, Any], out_dir: Path, diag=None) -> List[tuple]:
     """("h", text) | ("p", text) | ("ul", [items]) | ("table", header, rows) | ("img", path, caption)."""
     b: List[tuple] = [("h1", f"quantfix report: {report['model']}")]
     b += _verdict(report)
+    q = report.get("quantized")
+    if isinstance(q, dict):  # plan 0 is an existing checkpoint
+        text = (f"Plan 0 is the existing checkpoint {q['path']} (float parent {report['model']}): {q['summary']}. "
+                f"{q['modules_exact_grid']} modules on an integer grid compressed-tensors stores exactly"
+                + (f", {q['modules_approx_grid']} re-rounded to one at export" if q["modules_approx_grid"] else "")
+                + ". Modules the repair leaves alone keep the checkpoint's own weights (ckpt).")
+        b += [("h2", "Existing checkpoint"), ("p", text)] + ([("ul", q["notes"][:8])] if q.get("notes") else [])
+        if (report.get("final") or {}).get("llama_quantize_overrides"):
+            b.append(("p", f"llama.cpp: the repaired widths as llama-quantize --tensor-type overrides, with the command "
+                           f"line, in {Path(report['final']['llama_quantize_overrides']).name}."))
     if diag is not None:
         b += _symptoms(diag) + _causes(diag)
     if report["iterations"]:

@@ -79,13 +79,15 @@ class Session:
         with self.timer("fingerprint"):  # content keys of every cache entry and of the resume journal
             self.model_fp = cache_mod.model_fingerprint(self.resolved.path, m.revision)
             q = cfg.quantized.name_or_path
-            self.quantized_fp = cache_mod.model_fingerprint(q) if q and Path(q).is_dir() else None
+            self.quantized_fp = (cache_mod.model_fingerprint(q) if Path(q).is_dir() else
+                                 cache_mod.file_digest(Path(q)) if Path(q).is_file() else None) if q else None
             self.fingerprint = self._run_fingerprint(windows, samples)
         # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
         bs = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)
         self.rt = Runtime(model, tokenizer, self.device, bs, cfg.seed)
         self.data = RunData(windows, samples, data_dir, tuple(cfg.data.domains), self.offline, cfg.eval.source)
         self.evaluator: ev.Evaluator = None  # set by reference()
+        self.external = None  # formats.External of quantized.name_or_path, once read (loop._load_external)
         self.sim_dtype = self.dtype  # the dtype the trials round weights in (emulate_export_dtype)
 
     def _run_fingerprint(self, windows: torch.Tensor, samples: torch.Tensor) -> str:

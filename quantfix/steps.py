@@ -129,7 +129,7 @@ def tune(s: Session, bank, trial, result, budget: Optional[float]):
         with s.timer("autoround tuning"):
             tuned = autoround.tune(s.rt.model, s.rt.tokenizer, src, s.data.samples, cfg.tune_iters, s.sim_dtype,
                                    batch_size=cfg.tune_batch_size, seed=s.cfg.data.seed)
-        bank.use_external(tuned_plan, {n: w for n, (w, _, _) in tuned.items()},
+        bank.use_tuned(tuned_plan, {n: w for n, (w, _, _) in tuned.items()},
                           {n: (sc, z) for n, (_, sc, z) in tuned.items()})
         action = f"AutoRound tuning ({cfg.tune_iters} iterations per block) of trial {src_it}"
         fails = trial(tuned_plan, src, {"action": action, "tuned_from": src_it, "drivers": {"tune": 1}}, fresh=True)
@@ -225,6 +225,7 @@ def _agreement(plan: Plan, m, report: Dict[str, Any]) -> list:
     gap = abs(m.kld_mean - sim) / max(sim, 1e-4)
     report["final"]["export_gap_pct"] = round(100 * gap, 2)
     exact = all(algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS and
+                algorithms.get(p.algorithm).exact_export and
                 (algorithms.get(p.algorithm).static_export or not algorithms.get(p.algorithm).calibrated)
                 for p in plan.modules.values() if not p.is_float)
     if exact and gap > EXACT_EXPORT_GAP:

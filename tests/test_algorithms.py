@@ -16,7 +16,7 @@ def _inputs():
     return stats, algorithms.SimInputs(stats=stats, awq_scales=lambda: stats.absmean.clamp(min=1e-5) ** 0.5)
 
 
-PER_MODULE = tuple(n for n in algorithms.NAMES if algorithms.get(n).per_module)
+PER_MODULE = tuple(n for n in algorithms.NAMES if algorithms.get(n).per_module and not algorithms.get(n).external)
 
 
 def test_whole_plan_algorithms_refuse_a_per_module_simulation():
@@ -126,3 +126,15 @@ def test_simulated_gptq_equals_llmcompressors_sweep():
         lib, _, _ = quantize_weight(W[None].clone(), H[None].clone(), s[None], z[None].to(torch.int8), None, args,
                                     blocksize=128, percdamp=0.01)
         assert torch.equal(ours, lib[0]), (bits, group)
+
+
+@pytest.mark.parametrize("name", [n for n in algorithms.NAMES if algorithms.get(n).external])
+def test_existing_checkpoint_precisions_do_not_simulate(name):
+    """ckpt / ckpt_approx are an existing checkpoint's own weights: only the bank serves them."""
+    from quantfix.errors import QuantfixError
+
+    alg = algorithms.get(name)
+    p = Precision(4, 32, True, name)
+    with pytest.raises(QuantfixError, match="quantized.name_or_path"):
+        alg.simulate(torch.randn(8, 64), p, algorithms.SimInputs())
+    assert alg.static_export and alg.exact_export == (name == "ckpt") and p.label.startswith("W4g32-ckpt")

@@ -54,6 +54,8 @@ def test_autoround_is_not_a_per_module_option(compose, tiny_dir, tmp_path):
         validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.algorithms": "[autoround]"})))
     with pytest.raises(QuantfixError, match="loop.tune"):
         validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.tune": "awq"})))
+    with pytest.raises(QuantfixError, match="quantized.name_or_path"):
+        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"quant.algorithm": "ckpt"})))
 
 
 def test_loop_tunes_the_chosen_plan_and_ships_it_verified(compose, tiny_dir, tmp_path):

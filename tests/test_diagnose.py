@@ -127,7 +127,7 @@ def test_diagnose_an_existing_checkpoint(compose, planted_dir, tmp_path):
         "probes.max_new_tokens": 4}))
     report = run(cfg, tmp_path / "diag")
     exported = json.loads((tmp_path / "export" / "report.json").read_text())
-    assert report["iterations"][0]["plan_summary"] == "W4g16 x28"
+    assert report["iterations"][0]["plan_summary"] == "W4g16-ckpt x28"  # its grid, read back exactly
     assert report["iterations"][0]["metrics"]["ppl"] == pytest.approx(
         exported["final"]["verified_metrics"]["ppl"], rel=1e-4)
     assert report["diagnosis"]["top_layers"][0] == LAYER

@@ -279,7 +279,8 @@ def test_sensitivity_of_an_existing_checkpoint_is_not_reused_for_a_plan_with_the
     a = run(compose(tiny_overrides(tiny_dir, cache, **DIAG, **{"quantized.name_or_path": str(ckpt)})),
             tmp_path / "diag_ckpt")
     b = run(compose(tiny_overrides(tiny_dir, cache, **DIAG, **{"quant.group_size": 32})), tmp_path / "diag_rtn")
-    assert a["iterations"][0]["plan_summary"] == b["iterations"][0]["plan_summary"] == "W4g32 x14"  # same labels
+    # the same widths (the checkpoint's modules are labelled ckpt: its own weights, not an RTN of ours)
+    assert a["iterations"][0]["plan_summary"] == "W4g32-ckpt x14" and b["iterations"][0]["plan_summary"] == "W4g32 x14"
     assert len(list((cache / "sensitivity").glob("*.json"))) == 2
     sens = [json.loads((tmp_path / d / "diagnosis.json").read_text())["sensitivity"]["modules"]
             for d in ("diag_ckpt", "diag_rtn")]

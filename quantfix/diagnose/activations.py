@@ -89,7 +89,9 @@ def channel_errors(model, windows: torch.Tensor, quantized: Dict[str, torch.Tens
 
 def plot_histograms(fp: Dict[str, torch.Tensor], q: Dict[str, torch.Tensor], names: List[str], out_dir: Path,
                     k: float = 6.0) -> List[str]:
-    """Per-channel absmax histograms (linear and log counts), float vs quantized, one PNG per input."""
+    """Per input: the histogram of per-channel absmax (log counts: on a linear axis all the mass sits
+    in the first bin) and the channel ranking (absmax, largest first, log scale), float vs
+    quantized, one PNG per input."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,18 +101,29 @@ def plot_histograms(fp: Dict[str, torch.Tensor], q: Dict[str, torch.Tensor], nam
     paths = []
     for name in names:
         a = fp[name].numpy()
+        med = float(fp[name].median())
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        for ax, log in zip(axes, (False, True)):
-            ax.hist(a, bins=80, color="#818cf8", alpha=0.8, label="float")
-            if name in q:
-                ax.hist(q[name].numpy(), bins=80, color="#f97316", alpha=0.5, label="quantized")
-            med = float(fp[name].median())
-            ax.axvline(k * med, ls=":", color="k", label=f"{k:g} x median")
-            if log:
-                ax.set_yscale("log")
-            ax.set_xlabel("per-channel max |activation|")
-            ax.set_ylabel("channels" + (" (log)" if log else ""))
-            ax.legend(fontsize=8)
+        ax = axes[0]
+        ax.hist(a, bins=80, color="#818cf8", alpha=0.8, label="float")
+        if name in q:
+            ax.hist(q[name].numpy(), bins=80, color="#f97316", alpha=0.5, label="quantized")
+        ax.axvline(k * med, ls=":", color="k", label=f"{k:g} x median")
+        ax.set_yscale("log")
+        ax.set_xlabel("per-channel max |activation|")
+        ax.set_ylabel("channels (log)")
+        ax.legend(fontsize=8)
+        ax = axes[1]
+        top = min(len(a), 64)
+        ranked = torch.sort(fp[name], descending=True).values[:top].numpy()
+        ax.plot(range(top), ranked, "o-", ms=3, color="#818cf8", label="float")
+        if name in q:
+            ax.plot(range(top), torch.sort(q[name], descending=True).values[:top].numpy(), "x", ms=4,
+                    color="#f97316", label="quantized")
+        ax.axhline(k * med, ls=":", color="k", label=f"{k:g} x median")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"channel rank (top {top})")
+        ax.set_ylabel("max |activation| (log)")
+        ax.legend(fontsize=8)
         fig.suptitle(f"input of {name}")
         fig.tight_layout()
         path = out_dir / f"act_hist_{name.replace('.', '_')}.png"

@@ -34,15 +34,17 @@ def plot_diagnosis(diag: Diagnosis, plots: Path) -> Dict[str, str]:
         plt.close(fig)
         out["sensitivity"] = str(p)
     ch = diag.channel_errors
-    if ch:
+    if ch:  # the mean and worst channel's relative error: counts over 10% saturate at W4 (every channel)
         fig, ax = plt.subplots(figsize=(10, 3.2))
         ks = sorted(ch, key=int)
-        ax.bar([int(k) for k in ks], [ch[k]["over_10pct"] for k in ks], color="#f59e0b", label=">10% error")
-        ax.bar([int(k) for k in ks], [ch[k]["over_50pct"] for k in ks], color="#dc2626", label=">50% error")
+        xs = [int(k) for k in ks]
+        ax.bar(xs, [ch[k]["mean_rel_error"] for k in ks], color="#f59e0b", label="mean over output channels")
+        ax.plot(xs, [ch[k]["max_rel_error"] for k in ks], "v", color="#dc2626", label="worst channel")
+        ax.set_yscale("log")
         ax.set_xlabel("decoder layer")
-        ax.set_ylabel("output channels")
-        ax.set_title("per-channel relative error of each layer's update (float input)")
-        ax.legend()
+        ax.set_ylabel("relative error (log)")
+        ax.set_title("relative error of each layer's update, quantized vs float weights (float input)")
+        ax.legend(fontsize=8)
         fig.tight_layout()
         p = plots / "channel_errors.png"
         fig.savefig(p, dpi=100)

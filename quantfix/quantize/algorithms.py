@@ -82,6 +82,11 @@ class Algorithm:
     static_export: bool = False
     # simulated one module at a time (False: its weights come from tuning a whole plan)
     per_module: bool = True
+    # the export writes the trial's weights bit for bit (False: it re-rounds them, e.g. an existing
+    # checkpoint's float-minimum grid, so the reloaded metrics may differ a little from the trial's)
+    exact_export: bool = True
+    # the weights are an existing checkpoint's own (quantized.name_or_path), served by the bank
+    external: bool = False
 
     def qparams(self, W: torch.Tensor, p: "Precision", inputs: SimInputs):
         """The per-group scale and zero point the simulation rounds with (from the float weight)."""
@@ -183,6 +188,13 @@ def _sim_awq(W, p, inputs: SimInputs):
     return fake.awq(W, s, p.bits, p.group_size, p.symmetric)
 
 
+def _sim_external(W, p, inputs: SimInputs):
+    from quantfix.errors import QuantfixError
+
+    raise QuantfixError(f"{p.label}: an existing checkpoint's weights come from the checkpoint (quantized.name_or_path); "
+                        "a plan naming them needs that checkpoint loaded")
+
+
 def _sim_llm_int8(W, _p, inputs: SimInputs):
     cols = None
     if inputs.stats is not None:
@@ -254,6 +266,14 @@ REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("awq", COMPRESSED_TENSORS, "AWQ: activation-aware per-channel scales (smoothing), then RTN", INT_BITS,
               _sim_awq, _int_bits, _tagged("awq"), transforms=_awq_transforms, calibrated=True,
               mixable=False),
+    # an existing checkpoint's own weights (quantized.name_or_path), kept as they are; ckpt: on an
+    # integer grid that compressed-tensors stores bit for bit; ckpt_approx: a float-minimum or
+    # non-uniform grid (Q4_1, K-quants, NF4...), re-rounded to the nearest integer grid at export
+    Algorithm("ckpt", COMPRESSED_TENSORS, "the existing checkpoint's own weights (integer grid, exported exactly)",
+              INT_BITS, _sim_external, _int_bits, _tagged("ckpt"), static_export=True, external=True),
+    Algorithm("ckpt_approx", COMPRESSED_TENSORS, "the existing checkpoint's own weights (a grid compressed-tensors "
+              "cannot hold exactly: re-rounded at export)", INT_BITS, _sim_external, _int_bits, _tagged("ckpt~"),
+              static_export=True, exact_export=False, external=True),
     Algorithm("llm_int8", BITSANDBYTES, "LLM.int8 (bitsandbytes): int8 rows, outlier columns in float", (8,),
               _sim_llm_int8, lambda p, in_f: 8 + 32 / in_f, lambda p: "LLM.int8", bnb_config=_llm_int8_config,
               calibrated=True, fixed_group=lambda requested: 0, mixable=False),

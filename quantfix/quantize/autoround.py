@@ -26,8 +26,10 @@ NAME = "autoround"
 
 
 def tunable(p: Precision) -> bool:
-    """Whether AutoRound can tune this module's precision: integer weights in compressed-tensors."""
-    return not p.is_float and algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS
+    """Whether AutoRound can tune this module's precision: integer weights in compressed-tensors,
+    not an existing checkpoint's own (a repair keeps the modules it leaves alone exactly)."""
+    alg = algorithms.get(p.algorithm)
+    return not p.is_float and alg.family == algorithms.COMPRESSED_TENSORS and not alg.external
 
 
 def tuned_plan(plan: Plan) -> Plan:

@@ -38,11 +38,14 @@ class WeightBank:
         self._awq: Dict[Tuple[str, int, int, bool], torch.Tensor] = {}
         self._sim: Dict[Tuple[str, Precision], torch.Tensor] = {}
         self._qp: Dict[str, dict] = {}  # module -> searched scales (algorithms.SimInputs.qparams_cache)
-        self._external_qp: Dict[Tuple[str, Precision], Tuple[torch.Tensor, torch.Tensor]] = {}  # tuned elsewhere
+        self._tuned_qp: Dict[Tuple[str, Precision], Tuple[torch.Tensor, torch.Tensor]] = {}  # tuned elsewhere
         self._stale: set = set()  # modules whose live weight is not what ``current`` says (apply_rtn)
         # the dtype simulations compute scales and round in: the checkpoint's (the engine quantizes
         # the model cast to it), when narrower than the live model's (float16 on a float32 CPU run)
         self.sim_dtype = sim_dtype
+        # an existing checkpoint's modules (quantized.name_or_path): name -> (weight, scale, zero),
+        # served for its ckpt precisions, kept across recalibrations (they never depend on our data)
+        self.external: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def original(self, name: str, device=None) -> torch.Tensor:
         w = self.originals[name]
@@ -76,6 +79,10 @@ class WeightBank:
         return self.sim_dtype
 
     def simulate(self, name: str, p: Precision) -> torch.Tensor:
+        if not p.is_float and algorithms.get(p.algorithm).external:
+            if name not in self.external:
+                return algorithms.get(p.algorithm).simulate(None, p, None)  # raises: no checkpoint loaded
+            return self.external[name][0].to(weight_device(self.modules[name]), torch.float32)
         key = (name, p)
         if key not in self._sim and not p.is_float and self._kept(p):
             self.prepare([(name, p)])
@@ -122,7 +129,8 @@ class WeightBank:
         jobs: Dict[tuple, Tuple[Precision, List[str]]] = {}
         groups = self.stats.groups() if self.stats is not None else {}
         for n, p in items:
-            if p.is_float or (n, p) in self._sim or n not in self.modules or not self._kept(p):
+            if p.is_float or (n, p) in self._sim or n not in self.modules or algorithms.get(p.algorithm).external \
+                    or not self._kept(p):
                 continue
             alg = algorithms.get(p.algorithm)
             if alg.simulate_many is not None and self.stats is not None and n in self.stats.module_input:
@@ -165,14 +173,22 @@ class WeightBank:
         for n, q in zip(names, outs):
             self._sim[(n, p)] = q.to("cpu", self.originals[n].dtype)
 
-    def use_external(self, plan: Plan, weights: Dict[str, torch.Tensor],
+    def use_tuned(self, plan: Plan, weights: Dict[str, torch.Tensor],
                      qparams: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
-        """Serve the given (already quantized) weights for the plan's precisions instead of simulating;
+        """Serve the given weights (tuned for the whole plan: AutoRound) for the plan's precisions;
         ``qparams`` (module -> scale, zero point) are what a static export packs them with."""
         for n, w in weights.items():
             self._sim[(n, plan.modules[n])] = w.to("cpu", self.originals[n].dtype)
         for n, (scale, zero) in (qparams or {}).items():
-            self._external_qp[(n, plan.modules[n])] = (scale.cpu(), zero.cpu())
+            self._tuned_qp[(n, plan.modules[n])] = (scale.cpu(), zero.cpu())
+
+    def use_external(self, weights: Dict[str, torch.Tensor],
+                     qparams: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Serve an existing checkpoint's (dequantized) weights for its modules' ckpt precisions,
+        and export them with its integer grid (``qparams``: scale, zero point per group)."""
+        for n, w in weights.items():
+            s, z = qparams[n]
+            self.external[n] = (w.to("cpu", self.originals[n].dtype), s.cpu(), z.cpu())
 
     def quantized_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
         """The simulated weight of every quantized module of the plan (CPU), without applying it."""
@@ -216,7 +232,10 @@ class WeightBank:
         self.prepare(todo)
         out = {}
         for n, p in todo:
-            scale, zero = self._external_qp.get((n, p)) or \
+            if algorithms.get(p.algorithm).external:
+                out[n] = self.external[n]
+                continue
+            scale, zero = self._tuned_qp.get((n, p)) or \
                 algorithms.get(p.algorithm).qparams(self.original(n), p, self._inputs(n, p))
             out[n] = (self.simulate(n, p).to("cpu"), scale.cpu(), zero.cpu())
         return out
@@ -229,7 +248,7 @@ class WeightBank:
         self._awq.clear()
         self._sim.clear()
         self._qp.clear()
-        self._external_qp.clear()
+        self._tuned_qp.clear()
 
     def forget_simulations(self) -> None:
         """Drop the cached simulated weights (host memory), e.g. between unrelated plans."""

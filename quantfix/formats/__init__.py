@@ -1,0 +1,122 @@
+"""Existing quantized checkpoints in: one entry point, ``read``, for every format quantfix takes as
+``quantized.name_or_path``.
+
+Each reader returns an ``External``: plan 0 (every module's scheme as the checkpoint stores it:
+bits, group, symmetry, in a ``ckpt`` / ``ckpt_approx`` precision) and, per quantized module, the
+dequantized weight and the integer-grid scale / zero point that reproduce it in compressed-tensors
+(``ckpt``: bit for bit; ``ckpt_approx``: the format's grid is not an integer one, e.g. a float
+minimum (Q4_1, K-quants), a non-uniform grid (NF4, i-quants) or act-order groups: the export
+re-rounds those weights to the nearest integer grid and says so).
+
+Formats: compressed-tensors (llm-compressor), GPTQ (AutoGPTQ / GPTQModel / AutoRound), AWQ
+(AutoAWQ / AutoRound, GEMM layout), bitsandbytes (int8 / nf4 / fp4) and GGUF files (every type
+gguf dequantizes) read against their float parent.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from quantfix.errors import QuantfixError
+from quantfix.plan import Plan, Precision
+from quantfix.quantize import scales
+
+CKPT, CKPT_APPROX = "ckpt", "ckpt_approx"
+
+
+@dataclass
+class External:
+    plan: Plan
+    weights: Dict[str, torch.Tensor]  # module -> dequantized weight [out, in], float32, CPU
+    qparams: Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # module -> (scale, zero) [out, n_groups]
+    format: str  # "gptq", "awq", "compressed-tensors", "bitsandbytes", "gguf"
+    source_types: Dict[str, str] = field(default_factory=dict)  # module -> the format's own type (Q4_K, nf4...)
+    gguf_names: Dict[str, str] = field(default_factory=dict)  # module -> GGUF tensor name (GGUF only)
+    notes: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        types = {}
+        for n, t in self.source_types.items():
+            types[t] = types.get(t, 0) + 1
+        kinds = ", ".join(f"{t} x{c}" for t, c in sorted(types.items()))
+        return f"{self.format} ({kinds}); plan 0: {self.plan.summary_str()}"
+
+
+def detect(path: str) -> str:
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise QuantfixError(f"GGUF file not found: {p}; check quantized.name_or_path")
+        return "gguf"
+    cfg = p / "config.json"
+    if not cfg.exists():
+        raise QuantfixError(f"quantized checkpoint not found: {path} (no config.json, not a .gguf file); check "
+                            "quantized.name_or_path")
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError as e:
+        raise QuantfixError(f"{cfg} is not valid JSON ({e.msg}): re-download the checkpoint") from e
+    method = str(qc.get("quant_method") or "").lower()
+    if not method and (p / "quantize_config.json").exists():  # AutoGPTQ's own file, older checkpoints
+        method = "gptq"
+    if method in ("gptq", "awq", "compressed-tensors", "bitsandbytes"):
+        return method
+    if method == "auto-round":
+        packing = str(qc.get("packing_format") or "")
+        if "gptq" in packing:
+            return "gptq"
+        if "awq" in packing:
+            return "awq"
+    raise QuantfixError(f"{path}: quant_method={method or None!r} is not a format quantfix reads; it reads "
+                        "compressed-tensors, gptq, awq, bitsandbytes and .gguf files")
+
+
+def read(path: str, plan0: Plan, model_fp, gguf_parent_ok: bool = True) -> External:
+    """The checkpoint at ``path`` as plan 0 plus its dequantized weights (module names and shapes
+    those of the float parent ``model_fp``, whose planned modules ``plan0`` lists)."""
+    fmt = detect(path)
+    if fmt == "gguf":
+        from quantfix.formats import gguf_io
+
+        ext = gguf_io.read(path, plan0, model_fp)
+    elif fmt in ("gptq", "awq"):
+        from quantfix.formats import packed
+
+        ext = packed.read(path, plan0, fmt)
+    else:
+        from quantfix.formats import loaded
+
+        ext = loaded.read(path, plan0, model_fp, fmt)
+    for name, w in ext.weights.items():
+        if tuple(w.shape) != tuple(plan0.shapes[name]):
+            raise QuantfixError(f"{path}: {name} has shape {tuple(w.shape)} but the float model's is "
+                                f"{tuple(plan0.shapes[name])}: model.name_or_path must be this checkpoint's float parent")
+        if not torch.isfinite(w).all():
+            raise QuantfixError(f"{path}: the dequantized weight of {name} holds NaN/Inf: the checkpoint is damaged")
+    return ext
+
+
+def grid_precision(W: torch.Tensor, bits: int, group: int, symmetric: bool,
+                   native: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[Precision, Tuple[torch.Tensor, torch.Tensor]]:
+    """The ckpt precision of a dequantized weight and the (scale, zero) that the export packs it
+    with: the format's own integer grid where it reproduces W exactly (``ckpt``), else min/max
+    qparams fitted to W (``ckpt_approx``: the export re-rounds)."""
+    if native is not None:
+        s, z = native
+        q = scales.quantize_with(W.float(), s.float(), z.float(), bits, group)
+        if torch.equal(q, W.float()):
+            return Precision(bits, group, symmetric, CKPT), (s.float(), z.float())
+    s, z = scales.search_qparams(W.float(), bits, group, symmetric, "minmax")
+    return Precision(bits, group, symmetric, CKPT_APPROX), (s.float(), z.float())
+
+
+def check_group(group: int, in_f: int, name: str, path: str) -> int:
+    if group in (0, -1, None) or group >= in_f:
+        return 0
+    if in_f % group:
+        raise QuantfixError(f"{path}: group size {group} does not divide in_features={in_f} of {name}")
+    return int(group)
