@@ -116,6 +116,24 @@ def test_fisher_ranks_the_planted_layer_first():
     assert f"layers.{LAYER}.self_attn" in top_module
 
 
+def test_fisher_in_chunks_scores_the_options_of_one_pass():
+    from quantfix.diagnose.sensitivity import fisher_chunks
+
+    model = planted()
+    mods = dict(model.named_modules())
+    names = [n for n in mods if n.endswith("proj")]
+    qw = {n: fake.rtn(mods[n].weight.detach(), 4, 16, True) for n in names}
+    opts = {n: {f"W{b}": fake.rtn(mods[n].weight.detach(), b, 16, True) for b in (5, 8)} for n in names}
+    ids = torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0))
+    one = fisher(model, ids, qw, opts, batch_size=2, progress=False)
+    split = fisher_chunks(model, ids, qw, [{n: opts[n]} for n in names], batch_size=2, progress=False)
+    assert split.modules == one.modules
+    assert set(split.options) == set(one.options)
+    for n in names:
+        for lab, v in one.options[n].items():
+            assert split.options[n][lab] == pytest.approx(v, rel=1e-5)
+
+
 def test_diagnose_an_existing_checkpoint(compose, planted_dir, tmp_path):
     # export a W4 checkpoint, then diagnose it as quantized.name_or_path
     cfg = compose(tiny_overrides(planted_dir, tmp_path / "cache", **{

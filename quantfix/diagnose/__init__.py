@@ -58,12 +58,11 @@ def measure_sensitivity(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tenso
         log.info("sensitivity: cached (%s)", cache_path.name)
         bank.restore()
         return cached
-    opt_w = lambda: bank.simulate_options(options or {})  # noqa: E731
     bs = min(2, rt.batch_size)
     if scfg.method == "exact":
         result = _exact(rt, bank, plan, ref, windows, scfg, progress)
     elif scfg.method in ("fast", "taylor"):
-        opts = opt_w() if scfg.method == "taylor" else None
+        opts = bank.simulate_options(options or {}) if scfg.method == "taylor" else None
         bank.apply(plan, progress=False)
         fw, sub = bank.float_weights(plan), windows[: scfg.windows]
         if scfg.method == "fast":
@@ -75,10 +74,11 @@ def measure_sensitivity(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tenso
         else:
             result = sensitivity.taylor(rt.model, sub, ref, fw, opts, bs, progress=progress)
     else:
-        qw, opts = bank.quantized_weights(plan), opt_w()
+        qw = bank.quantized_weights(plan)
         bank.restore()
-        result = sensitivity.fisher(rt.model, windows[: scfg.windows], qw, opts, batch_size=bs,
-                                    label_samples=scfg.label_samples, seed=rt.seed, progress=progress)
+        result = sensitivity.fisher_chunks(rt.model, windows[: scfg.windows], qw,
+                                           option_chunks(bank, options or {}, scfg.options_memory_gb), bs,
+                                           scfg.label_samples, rt.seed, progress)
     bank.restore()
     if cache_path is not None:
         atomic_write(cache_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict())))

@@ -244,6 +244,23 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
                        time.perf_counter() - t0, n_tokens[0])
 
 
+def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor], chunks, batch_size: int = 4,
+                  label_samples: int = 2, seed: int = 0, progress: bool = True) -> Sensitivity:
+    """``fisher`` with the options given in chunks (an iterable of module -> label -> weight dicts):
+    one pass per chunk, so the options' weights need not all be in memory at once; the plan's
+    module scores come from the first pass (every pass computes the same ones)."""
+    result = None
+    for chunk in chunks:
+        f = fisher(model, windows, quantized, chunk, batch_size, label_samples, seed, progress)
+        if result is None:
+            result = f
+        else:
+            result.options.update(f.options)
+            result.seconds += f.seconds
+    return result if result is not None else fisher(model, windows, quantized, {}, batch_size, label_samples, seed,
+                                                    progress)
+
+
 def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_module: bool = False,
           progress: bool = True) -> Sensitivity:
     """The seed's method: restore each layer (each module type; optionally each module) to float
@@ -341,10 +358,9 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
             set_weight(mods[n], w)
     opts, base = {}, {}
     chunks = option_chunks if option_chunks is not None else ([options] if options else [])
-    for chunk in chunks:  # several Fisher passes when the options' weights do not fit memory at once
-        f = fisher(model, windows if fisher_windows is None else fisher_windows, quantized, chunk, batch_size,
-                   label_samples, seed, progress)
-        opts.update(f.options)
-        base = base or f.modules
+    if chunks:
+        f = fisher_chunks(model, windows if fisher_windows is None else fisher_windows, quantized, chunks,
+                          batch_size, label_samples, seed, progress)
+        opts, base = f.options, f.modules
     return Sensitivity(method="fast", layers=t.layers, types=t.types, modules=t.modules, options=opts,
                        seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base)

@@ -99,7 +99,7 @@ def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, iters: int, dtype:
     weight_dtype = next(model.parameters()).dtype
     n = samples.shape[0]
     bs = max(1, min(batch_size, n))
-    data = [samples[i:i + bs] for i in range(0, n - n % bs or n, bs)]
+    data = [samples[i:i + bs] for i in range(0, n - n % bs, bs)]  # whole batches (bs <= n)
     kwargs = dict(layer_config=_layer_config(work, plan), iters=iters, nsamples=len(data) * bs, seqlen=samples.shape[1],
                   dataset=data, batch_size=bs, scale_dtype=_scale_dtype(dtype), seed=seed)
     if lr is not None:
