@@ -297,6 +297,19 @@ def baseline_metrics(ref: Reference) -> Metrics:
     return summarize(ref.nll, z, torch.ones_like(ref.nll))
 
 
+def memory_now_gb() -> Dict[str, float]:
+    """Host RSS now and at its peak so far, device allocator peak so far (GB): a stage's snapshot."""
+    out = {"host_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+    try:
+        with open("/proc/self/statm") as f:
+            out["host_now_gb"] = round(int(f.read().split()[1]) * resource.getpagesize() / 2 ** 30, 2)
+    except OSError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["device_peak_gb"] = round(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2 ** 30, 2)
+    return out
+
+
 def peak_memory_mb(device: torch.device) -> Dict[str, float]:
     out = {"host_rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":

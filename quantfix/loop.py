@@ -205,8 +205,8 @@ def _load_external(s: Session, plan0, bank, report):
     log.info("existing checkpoint: %s", ext.summary())
     if approx:
         msg = (f"{approx} modules of {path} use a grid compressed-tensors cannot store exactly ({ext.format}: a float "
-               "minimum or non-uniform levels): the ones the repair leaves alone are re-rounded to the nearest integer "
-               "grid at export, so the verified metrics may differ a little from the trial's")
+               "minimum or non-uniform levels): the diagnosis measures them as downloaded; the repair's trials measure "
+               "the ones a plan keeps re-rounded to the nearest integer grid, as the export writes them")
         report["warnings"].append(msg)
     return dataclasses.replace(ext.plan, calibration={"checkpoint": path, "format": ext.format})
 
@@ -226,21 +226,39 @@ def _diagnose_only(s: Session, ref, base, report):
     return diagnosis
 
 
+def _reround_kept(s: Session, bank, trial, plan0, report) -> int:
+    """From here on the trials measure an existing checkpoint's approximate-grid modules (NF4, ...)
+    as the export re-rounds them, not as downloaded: a plan that keeps them is judged on what ships
+    (the diagnosis above described the download). Returns the modules changed."""
+    changed = bank.reround_external(plan0)
+    if changed:
+        trial.context += "; ckpt_approx re-rounded"  # the same plan now measures differently
+        report.setdefault("quantized", {})["modules_rerounded_for_trials"] = len(changed)
+        log.info("%d approximate-grid checkpoint modules: trials measure them re-rounded to the grid the export "
+                 "writes", len(changed))
+    return len(changed)
+
+
 def _repair(s: Session, ref, base, report):
     cfg = s.cfg
     plan0, stats, bank, trial = _setup_trials(s, base, report)
     diagnosis = None
-    if not trial(plan0) and cfg.plan.budget.avg_bits is None:
+    fails0 = trial(plan0)
+    if not fails0 and cfg.plan.budget.avg_bits is None and _reround_kept(s, bank, trial, plan0, report):
+        fails0 = trial(plan0, fresh=True)  # the checkpoint passed as downloaded: does it as exported?
+    if not fails0 and cfg.plan.budget.avg_bits is None:
         result = search.SearchResult(plan0, plan0, "plan 0 passed")
     elif verdict.nonfinite(trial.last_metrics):  # no diagnosis or error ranking works from NaN/Inf
         result = search.SearchResult(None, plan0, "plan 0 gives non-finite values, so no search from it (quant.ignore "
                                                   "can keep the module named below in float)")
     elif cfg.loop.policy == "greedy":
+        _reround_kept(s, bank, trial, plan0, report)
         result = search.greedy(trial, plan0, cfg.loop, bank.output_error, s.timer)
     else:
         options = ladder_options(plan0, Ladder.parse(list(cfg.loop.ladder)), list(cfg.loop.algorithms))
         diagnosis = steps.diagnose(s, bank, plan0, ref, base, trial.last_metrics, stats, options, report)
         diagnosis = steps.recalibrate_on_domain_gap(s, bank, trial, plan0, options, diagnosis, ref, base, report)
+        _reround_kept(s, bank, trial, plan0, report)
         result = search.predictive(trial, plan0, diagnosis, options, cfg.thresholds, cfg.plan.budget.avg_bits, s.timer)
         result = steps.tune(s, bank, trial, result, cfg.plan.budget.avg_bits)
     chosen = result.chosen
@@ -253,6 +271,7 @@ def _repair(s: Session, ref, base, report):
         report["pareto"]["predicted"] = [[round(b, 4), round(k, 6)] for b, k in result.frontier]
     static = bank.export_tensors(chosen) if cfg.export.enabled else {}  # what the trials measured, to ship
     bank.restore()
+    bank.release()  # the float copies and kept simulations: the export and the reload need the memory
     del bank
     report["final"] = {"plan": "plan.yaml", "plan_summary": chosen.summary_str(), "avg_bits": round(chosen.avg_bits, 4),
                        "size_bytes": chosen.size_bytes, "search_passed": result.best is not None,
@@ -275,7 +294,7 @@ MODES: Dict[str, Callable] = {"baseline": _baseline, "diagnose": _diagnose_only,
 
 def _finish(s: Session, report: Dict[str, Any], t_start: float, diagnosis=None) -> Dict[str, Any]:
     report["timings_s"] = dict(s.timer.stages, total=round(time.perf_counter() - t_start, 2))
-    report["memory"] = ev.peak_memory_mb(s.device)
+    report["memory"] = dict(ev.peak_memory_mb(s.device), stages=s.timer.memory)
     report["eval_batch_size"] = s.rt.batch_size
     rep.write_json(report, s.out_dir)
     if report["iterations"]:

@@ -471,6 +471,18 @@ def weight_device(module) -> torch.device:
 
 
 @torch.no_grad()
+def device_room(dev, nbytes: int, reserve: float) -> bool:
+    """Whether ``nbytes`` more can live on accelerator ``dev`` and still leave ``reserve`` (a
+    fraction of its memory) free: the driver's free memory plus what torch's allocator holds
+    unused. Always False on the CPU (the caller's fallback is the host)."""
+    dev = torch.device(dev)
+    if dev.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(dev)
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return free - nbytes >= reserve * total
+
+
 def set_weight(module, w: torch.Tensor) -> None:
     """Overwrite the module's weight values in place (or the offloaded copy that its hook loads)."""
     wm = _offload_map(module)

@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class Timer:
-    """Wall time per stage (summed over repeated entries)."""
+    """Wall time per stage (summed over repeated entries) and the memory snapshot at each stage's
+    end (host RSS peak so far and now, device peak so far: the stage where a peak jumps made it)."""
 
     def __init__(self):
         self.stages: Dict[str, float] = {}
+        self.memory: Dict[str, Dict[str, float]] = {}
 
     @contextmanager
     def __call__(self, name: str):
@@ -37,6 +39,7 @@ class Timer:
             yield
         finally:
             self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t, 2)
+            self.memory[name] = ev.memory_now_gb()
 
 
 class Session:

@@ -68,9 +68,12 @@ def build(size: str, layers, path: Path, tokenizer_dir: str, device: str) -> dic
             "build_s": round(time.perf_counter() - t, 1)}
 
 
-def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: list, device: str) -> dict:
-    """``python -m quantfix`` on the model as a user runs it; returns report.json's timings and memory."""
-    cmd = [sys.executable, "-m", "quantfix", f"model.name_or_path={model_dir}", f"device={device}",
+def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: list, device: str,
+             profile: bool = False) -> dict:
+    """``python -m quantfix`` on the model as a user runs it; returns report.json's timings and memory.
+    ``profile``: under cProfile, the top functions by cumulative time written beside the run."""
+    prof = run_dir.parent / f"{run_dir.name}.prof"
+    cmd = [sys.executable, *(["-m", "cProfile", "-o", str(prof)] if profile else []), "-m", "quantfix", f"model.name_or_path={model_dir}", f"device={device}",
            f"loop.max_iters={trials}", f"hydra.run.dir={run_dir}",
            # budget mode from W3g64: plan 0, one probe plan, the plan within the budget (3 trials), a
            # real mixed-precision export (a threshold search on random weights could end on FP16)
@@ -102,6 +105,16 @@ def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: l
                        (r.get("memory") or {}).get("host_rss_peak_mb", 0) / 1024, 2), checkpoint_gb=round(fin.get("checkpoint_bytes", 0) / 1e9, 2),
                    verified=fin.get("verified_metrics") is not None,
                    reload_problems=[f for f in fin.get("verified_failed", []) if "missing" in f or "unexpected" in f])
+    if profile and prof.exists():
+        import pstats
+
+        with open(run_dir.parent / f"{run_dir.name}.prof.txt", "w") as f:
+            pstats.Stats(str(prof), stream=f).sort_stats("cumulative").print_stats(60)
+            pstats.Stats(str(prof), stream=f).sort_stats("tottime").print_stats(30)
+    dg = run_dir / "diagnosis.json"
+    if dg.exists():  # the diagnosis's own parts: seconds and memory at each part's end
+        d = json.loads(dg.read_text())
+        row.update(diagnose_timings_s=d.get("timings_s"), diagnose_memory_gb=d.get("memory_gb"))
     return row
 
 
@@ -135,6 +148,14 @@ def table(res: dict) -> str:
         lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['layers']} | " + " | ".join(cells)
                      + (f" | {gpu / 1024:.1f}" if gpu else " | -")
                      + f" | {r.get('peak_host_gb_run') or r.get('peak_host_gb')} | {r.get('trials')} | {r.get('rc')} |")
+    mem = [r for r in rows if (r.get("memory") or {}).get("stages")]
+    if mem:  # where the memory goes: the snapshot at each stage's end (peak so far / now)
+        lines.append("\nhost GB at each stage's end, peak so far / now; device peak so far:")
+        for r in mem:
+            parts = dict(r["memory"]["stages"], **{f"diagnose: {k}": v for k, v in (r.get("diagnose_memory_gb") or {}).items()})
+            lines.append(f"- {r['size']}: " + "; ".join(
+                f"{k} {v.get('host_peak_gb')}/{v.get('host_now_gb')}" + (f" gpu {v['device_peak_gb']}" if "device_peak_gb" in v else "")
+                for k, v in parts.items()))
     if res.get("growth"):
         lines.append("\ngrowth exponent (seconds ~ params^b): "
                      + ", ".join(f"{s} {b}" for s, b in res["growth"].items()))
@@ -152,6 +173,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/scale.json")
     ap.add_argument("--keep", action="store_true", help="keep the built models and run dirs")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="store_true", help="run each loop under cProfile (a .prof.txt beside it)")
     ap.add_argument("extra", nargs="*", help="more quantfix overrides, e.g. model.device_map=auto")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -167,7 +189,7 @@ def main() -> None:
         d = work / f"{size}{'-L' + str(a.layers) if a.layers else ''}"
         facts = build(size, a.layers, d / "model", tok_dir, a.device)
         print(f"{size}: {facts['params'] / 1e9:.2f}B params built and saved in {facts['build_s']} s", flush=True)
-        row = {**facts, **run_loop(d / "model", d / "run", a.trials, a.budget_s, a.extra, a.device)}
+        row = {**facts, **run_loop(d / "model", d / "run", a.trials, a.budget_s, a.extra, a.device, a.profile)}
         res["rows"].append(row)
         res["growth"] = fit([r for r in res["rows"] if not a.layers])
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

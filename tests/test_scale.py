@@ -145,9 +145,10 @@ def test_out_of_memory_halves_the_batch_size_and_keeps_the_result(compose, tiny_
 
 
 def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, tmp_path):
-    """diagnose.sensitivity.options_memory_gb bounds the host memory the options' simulated weights
-    hold: a tiny budget scores them one module per Fisher pass, with the bank never holding more
-    than one chunk, and the run (option scores, plans, trials) is the one a single pass gives."""
+    """diagnose.sensitivity.options_memory_gb bounds the memory the options' simulated weights hold:
+    a tiny budget scores them one module per Fisher pass, the bank keeping none (each chunk is
+    handed back and dropped), and the run (option scores, plans, trials) is the one a single pass
+    gives."""
     from quantfix.diagnose import option_chunks
     from quantfix.loop import run
     from quantfix.quantize.bank import WeightBank
@@ -168,5 +169,8 @@ def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, t
     seen = []
     for chunk in option_chunks(bank, options, 64 * 64 * 4 * 3 / 2 ** 30):  # one module's options fit
         seen.append(sorted(chunk))
-        assert len(bank._sim) == 3 and all(w.shape == (64, 64) for o in chunk.values() for w in o.values())
-    assert seen == [["0"], ["1"]] and not bank._sim  # the last chunk is dropped too
+        # handed back, never kept by the bank: a chunk lives as long as the caller holds it
+        assert not bank._sim and all(w.shape == (64, 64) and w.dtype == torch.float32
+                                     for o in chunk.values() for w in o.values())
+    assert seen == [["0"], ["1"]] and not bank._sim
+    assert [sorted(c) for c in option_chunks(bank, options, 1.0)] == [["0", "1"]] and len(bank._sim) == 6  # one chunk: kept

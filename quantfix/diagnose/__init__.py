@@ -18,6 +18,7 @@ import torch
 
 from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix import data as data_mod
+from quantfix.evaluate import memory_now_gb
 from quantfix.config import DiagnoseConfig, ProbesConfig, SensitivityConfig
 from quantfix.diagnose import activations, probes, sensitivity
 from quantfix.diagnose.findings import Diagnosis, Finding
@@ -87,9 +88,9 @@ def measure_sensitivity(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tenso
 
 def option_chunks(bank, options: Options, memory_gb: float):
     """The options' simulated weights, a chunk of modules at a time, each chunk's weights within
-    ``memory_gb`` of host memory (a module's options stay together). With more than one chunk, a
-    chunk's weights are dropped once the next one is asked for: host memory stays bounded, and the
-    trials recompute the few options a plan picks."""
+    ``memory_gb`` (a module's options stay together). One chunk: the bank keeps them for the
+    trials. More: each chunk is computed where the model runs (the accelerator), scored and
+    dropped, never copied to the host; the trials recompute the few options a plan picks."""
     budget = memory_gb * 2 ** 30
     chunks, current, used = [], {}, 0
     for n, o in options.items():
@@ -104,10 +105,8 @@ def option_chunks(bank, options: Options, memory_gb: float):
     if len(chunks) > 1:
         log.info("precision options: %d Fisher passes (their weights exceed diagnose.sensitivity.options_memory_gb=%g)",
                  len(chunks), memory_gb)
-    for i, chunk in enumerate(chunks):
-        yield bank.simulate_options(chunk)
-        if len(chunks) > 1:
-            bank.forget([(n, p) for n, o in chunk.items() for p in o.values()])
+    for chunk in chunks:
+        yield bank.simulate_options(chunk, keep=len(chunks) == 1)
 
 
 def _exact(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tensor, scfg: SensitivityConfig,
@@ -129,9 +128,11 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
     under ``out_dir/plots``; leaves the plan applied."""
     t0 = time.perf_counter()
     timings: Dict[str, float] = {}
+    memory: Dict[str, Dict[str, float]] = {}
 
     def lap(name, t):
         timings[name] = round(time.perf_counter() - t, 2)
+        memory[name] = memory_now_gb()
 
     t = time.perf_counter()
     sens = measure_sensitivity(rt, bank, plan, ref, data.windows, cfg.sensitivity, options, sens_cache, progress)
@@ -146,7 +147,8 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
     lap("float side (activations, channels, probes, domains)", t)
     t = time.perf_counter()
     bank.apply(plan, progress=False)
-    q = _measure_side(rt, data, cfg, names, domain_sets, prompts, probes_cfg.max_new_tokens, progress)
+    q = _measure_side(rt, data, cfg, names, domain_sets, prompts, probes_cfg.max_new_tokens, progress,
+                      domain_refs=fp["domains"])
     lap("quantized side (activations, probes, domains)", t)
     routing = _routing(fp.get("routes") or {}, q.get("routes") or {}, sens.modules)
     check = _calibration_check(rt, data, bank, plan, ref, qmetrics)
@@ -167,6 +169,7 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
     diag.findings = root_causes(diag, cfg)
     diag.plots.update(plot_diagnosis(diag, plots))
     diag.timings_s = dict(timings, total=round(time.perf_counter() - t0, 2))
+    diag.memory_gb = memory
     return diag
 
 
@@ -206,16 +209,19 @@ def _domain_windows(rt: Runtime, data: RunData, cfg: DiagnoseConfig) -> Dict[str
 
 
 def _measure_side(rt: Runtime, data: RunData, cfg: DiagnoseConfig, names: List[str], domain_sets, prompts,
-                  max_new_tokens: int, progress: bool, channels_of: Optional[Dict[str, torch.Tensor]] = None):
-    """Input absmax, per-domain log-probs and probe generations of the model as it is now; with
-    ``channels_of`` (the quantized weights; float model live) also the per-channel output error."""
+                  max_new_tokens: int, progress: bool, channels_of: Optional[Dict[str, torch.Tensor]] = None,
+                  domain_refs: Optional[Dict[str, Any]] = None):
+    """Input absmax, per-domain float references (or, given ``domain_refs``, metrics against them)
+    and probe generations of the model as it is now; with ``channels_of`` (the quantized weights;
+    float model live) also the per-channel output error."""
     bs = rt.batch_size
     out: Dict[str, Any] = {"absmax": activations.input_absmax(rt.model, data.samples[: cfg.absmax_samples], names,
                                                                bs, progress)}
     if channels_of is not None:
         out["channels"] = activations.channel_errors(rt.model, data.windows[: cfg.channel_windows], channels_of, bs,
                                                      progress)
-    out["domains"] = {k: probes.domain_logprobs(rt.model, w, bs) for k, w in domain_sets.items()}
+    out["domains"] = {k: probes.domain_reference(rt.model, w, bs) if domain_refs is None else
+                      probes.domain_eval(rt.model, w, domain_refs[k], bs) for k, w in domain_sets.items()}
     out["routes"] = _routes(rt.model, data.windows[: cfg.channel_windows])
     out["gen"] = probes.generate(rt.model, rt.tokenizer, prompts, max_new_tokens, progress) if prompts else []
     return out

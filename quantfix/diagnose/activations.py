@@ -60,7 +60,7 @@ def channel_errors(model, windows: torch.Tensor, quantized: Dict[str, torch.Tens
     for i, layer, li in tqdm(iterate_layers(model, inputs), total=len(decoder_layers(model)),
                              desc="per-channel error", unit="layer", disable=not progress, leave=False):
         p = prefix[id(layer)] + "."
-        q = {f"{n[len(p):]}.weight": w for n, w in quantized.items() if n.startswith(p)}
+        q = {f"{n[len(p):]}.weight": quantized[n] for n in quantized if n.startswith(p)}  # this layer's only
         if not q:
             continue
         qlayer = None

@@ -48,6 +48,7 @@ class Diagnosis:
     plots: Dict[str, Any] = field(default_factory=dict)
     findings: List[Finding] = field(default_factory=list)
     timings_s: Dict[str, float] = field(default_factory=dict)
+    memory_gb: Dict[str, Dict[str, float]] = field(default_factory=dict)  # per part: memory at its end
     eval_source: str = ""  # the deployment text of the eval windows
     # a calibrated plan measured against the same widths in plain RTN: {"kld": .., "rtn_kld": .., "algorithms": [..]}
     calibration_check: Dict[str, Any] = field(default_factory=dict)
@@ -70,7 +71,7 @@ class Diagnosis:
                 "domains": self.domains, "generations": self.generations,
                 "calibration_domains": self.calibration_domains, "plots": self.plots,
                 "findings": [f.to_dict() for f in self.findings], "timings_s": self.timings_s,
-                "eval_source": self.eval_source, "calibration_check": self.calibration_check,
+                "memory_gb": self.memory_gb, "eval_source": self.eval_source, "calibration_check": self.calibration_check,
                 "routing": self.routing}
 
     @classmethod
@@ -80,5 +81,5 @@ class Diagnosis:
                    channel_errors=d["channel_errors"], domains=d["domains"], generations=d["generations"],
                    calibration_domains=d["calibration_domains"], plots=d.get("plots") or {},
                    findings=[Finding.from_dict(f) for f in d.get("findings") or []],
-                   timings_s=d.get("timings_s") or {}, eval_source=d.get("eval_source", ""),
+                   timings_s=d.get("timings_s") or {}, memory_gb=d.get("memory_gb") or {}, eval_source=d.get("eval_source", ""),
                    calibration_check=d.get("calibration_check") or {}, routing=d.get("routing") or {})

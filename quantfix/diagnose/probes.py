@@ -6,7 +6,6 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from quantfix.model import input_device
 
@@ -106,21 +105,28 @@ def compare_generations(tok, probes: List[dict], fp: List[List[int]], q: List[Li
     return rows
 
 
-@torch.no_grad()
-def domain_logprobs(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Per-token log-probs of the next token, [N, V] float32 on CPU."""
-    outs = []
-    for ids in windows.split(batch_size):
-        logits = model(input_ids=ids.to(input_device(model)), use_cache=False).logits[:, :-1].float()
-        outs.append(F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu())
-    return torch.cat(outs)
+DOMAIN_TOPK, DOMAIN_FULL_MB = 256, 256  # as eval's defaults: the full distribution when small, else top-k
 
 
-def domain_metrics(windows: torch.Tensor, fp_logp: torch.Tensor, q_logp: torch.Tensor) -> dict:
-    tgt = windows[:, 1:].reshape(-1, 1)
-    nll_fp = float(-fp_logp.gather(1, tgt).mean())
-    nll_q = float(-q_logp.gather(1, tgt).mean())
-    kld = float((fp_logp.exp() * (fp_logp - q_logp)).sum(-1).mean())
-    return {"ppl_float": round(math.exp(nll_fp), 3), "ppl_quantized": round(math.exp(nll_q), 3),
-            "ppl_increase_pct": round(100 * (math.exp(nll_q - nll_fp) - 1), 2), "kld_mean": round(kld, 5),
-            "n_tokens": int(tgt.numel())}
+def domain_reference(model, windows: torch.Tensor, batch_size: int):
+    """The float model's next-token distribution on one domain's windows, held like the eval's
+    reference (full log-probs up to DOMAIN_FULL_MB, else top-k + tail: a 128k vocabulary would
+    otherwise keep [tokens, vocab] float32 per domain and side on the host)."""
+    from quantfix import evaluate as ev
+
+    return ev.reference(model, windows, batch_size, DOMAIN_TOPK, DOMAIN_FULL_MB, progress=False)
+
+
+def domain_eval(model, windows: torch.Tensor, ref, batch_size: int):
+    """The quantized model on one domain's windows against its float ``domain_reference``."""
+    from quantfix import evaluate as ev
+
+    return ev.evaluate(model, windows, ref, batch_size, progress=False)
+
+
+def domain_metrics(windows: torch.Tensor, fp_ref, q) -> dict:
+    """Float vs quantized perplexity and KL divergence on one domain (``q``: ``domain_eval``'s Metrics)."""
+    nll_fp = float(fp_ref.nll.double().mean())
+    return {"ppl_float": round(math.exp(nll_fp), 3), "ppl_quantized": round(q.ppl, 3),
+            "ppl_increase_pct": round(100 * (math.exp(q.nll - nll_fp) - 1), 2), "kld_mean": round(q.kld_mean, 5),
+            "n_tokens": int(q.n_tokens)}

@@ -17,6 +17,7 @@ module costs one extra product.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
@@ -151,9 +152,26 @@ class _DeltaCache:
         return value
 
 
-def _layer_weights(model, weights: Dict[str, torch.Tensor]) -> Dict[int, Dict[str, torch.Tensor]]:
+class _Renamed(Mapping):
+    """{parameter name inside a layer: weights[module name]}, each value fetched when asked: a lazy
+    ``weights`` (the bank's ``LazyWeights``) then computes one layer at a time."""
+
+    def __init__(self, weights, names: Dict[str, str]):
+        self._w, self._names = weights, names
+
+    def __getitem__(self, key):
+        return self._w[self._names[key]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+def _layer_weights(model, weights) -> Dict[int, Mapping]:
     """decoder layer -> {parameter name inside the layer: tensor} for the named module weights."""
-    return {i: {f"{n[len(p) + 1:]}.weight": w for n, w in weights.items() if n.startswith(p + ".")}
+    return {i: _Renamed(weights, {f"{n[len(p) + 1:]}.weight": n for n in weights if n.startswith(p + ".")})
             for i, p in _layer_prefix(model).items()}
 
 

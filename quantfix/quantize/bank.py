@@ -8,13 +8,14 @@ simulated comes from its algorithm's entry in ``algorithms.REGISTRY``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from quantfix.model import set_weight, weight_device, weight_of
+from quantfix.model import device_room, set_weight, weight_device, weight_of
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import algorithms, fake
 from quantfix.quantize.calib import CalibStats
@@ -22,8 +23,30 @@ from quantfix.quantize.calib import CalibStats
 log = logging.getLogger(__name__)
 
 
+class LazyWeights(Mapping):
+    """module -> a plan's simulated weight, computed by the bank when asked (kept simulations are
+    served from where they are kept)."""
+
+    def __init__(self, bank: "WeightBank", precisions: Dict[str, Precision]):
+        self._bank, self._p = bank, precisions
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._bank.simulate(name, self._p[name]).to(dtype=self._bank.originals[name].dtype)
+
+    def __iter__(self):
+        return iter(self._p)
+
+    def __len__(self):
+        return len(self._p)
+
+
+SIM_DEVICE_RESERVE = 0.25  # kept simulations live on the accelerator while this share of it stays free
+
+
 class WeightBank:
-    """Float originals of the planned modules (on CPU) and the plan currently applied."""
+    """Float originals of the planned modules (on CPU) and the plan currently applied. Kept
+    simulations (searched or calibrated weights, computed once) live on the module's accelerator
+    while it has room, else on the host."""
 
     def __init__(self, model, names, stats: Optional[CalibStats] = None, gptq_damp: float = 0.01,
                  gptq_block: int = 128, awq_grid: int = 20, int8_threshold: float = 6.0,
@@ -46,6 +69,7 @@ class WeightBank:
         # an existing checkpoint's modules (quantized.name_or_path): name -> (weight, scale, zero),
         # served for its ckpt precisions, kept across recalibrations (they never depend on our data)
         self.external: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._rerounded: set = set()  # external modules served as the export writes them (reround_external)
 
     def original(self, name: str, device=None) -> torch.Tensor:
         w = self.originals[name]
@@ -99,12 +123,25 @@ class WeightBank:
         alg = algorithms.get(p.algorithm)
         return alg.observer != "minmax" or alg.calibrated
 
-    def simulate_options(self, options: Dict[str, Dict[str, Precision]]) -> Dict[str, Dict[str, torch.Tensor]]:
-        """module -> label -> simulated weight (CPU, in the weight's own dtype: the kept copy itself,
-        not another) of every option, modules that read one input simulated together."""
-        self.prepare([(n, p) for n, o in options.items() for p in o.values()])
-        return {n: {lab: self._sim[(n, p)] if (n, p) in self._sim else self.simulate(n, p).to("cpu", self.originals[n].dtype)
-                    for lab, p in o.items()} for n, o in options.items()}
+    def simulate_options(self, options: Dict[str, Dict[str, Precision]],
+                         keep: bool = True) -> Dict[str, Dict[str, torch.Tensor]]:
+        """module -> label -> simulated weight (in the weight's own dtype) of every option, modules
+        that read one input simulated together. ``keep``: the bank keeps them for the trials (the
+        kept copy itself is returned, not another); else they are handed back where they were
+        computed (the accelerator) and dropped with the caller's reference: a chunk of a model's
+        options scored and gone, no host copy."""
+        items = [(n, p) for n, o in options.items() for p in o.values()]
+        fresh: dict = {}
+        self.prepare(items, out=None if keep else fresh)
+
+        def get(n, p):
+            if (n, p) in fresh:
+                return fresh[(n, p)]
+            if (n, p) in self._sim:
+                return self._sim[(n, p)]
+            q = self.simulate(n, p)
+            return q.to("cpu", self.originals[n].dtype) if keep else q.to(dtype=self.originals[n].dtype)
+        return {n: {lab: get(n, p) for lab, p in o.items()} for n, o in options.items()}
 
     def option_bytes(self, name: str, n_options: int) -> int:
         """Host bytes the simulated weights of ``n_options`` options of module ``name`` take."""
@@ -118,14 +155,15 @@ class WeightBank:
             if self.current.get(n) != p:
                 self._sim.pop((n, p), None)
 
-    def prepare(self, items) -> None:
+    def prepare(self, items, out: Optional[dict] = None) -> None:
         """Compute the kept simulations of ``items`` ((module, precision) pairs). GPTQ-like
         algorithms simulate the modules that read one input in one call (rows are independent
         given the input's Hessian: one column sweep over the stacked rows), and the stack is always
         every planned module that reads the input, whichever were asked for: the float rounding
         depends on the stack's shape, so a module's simulated weight must not depend on which
         trials came before (a resumed run measures what the uninterrupted one did). On the CPU the
-        jobs run in parallel, one thread each (the same arithmetic whatever the number of jobs)."""
+        jobs run in parallel, one thread each (the same arithmetic whatever the number of jobs).
+        ``out``: a dict that receives the results instead of the bank keeping them."""
         jobs: Dict[tuple, Tuple[Precision, List[str]]] = {}
         groups = self.stats.groups() if self.stats is not None else {}
         for n, p in items:
@@ -143,21 +181,30 @@ class WeightBank:
         on_cpu = all(weight_device(self.modules[names[0]]).type == "cpu" for _, names in jobs.values())
         if not on_cpu:
             for p, names in jobs.values():
-                self._run_job(p, names)
+                self._run_job(p, names, out=out)
             return
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             if threads > 1 and len(jobs) > 1:
                 with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(lambda job: self._run_job(*job, flush_denormal=True), jobs.values()))
+                    list(pool.map(lambda job: self._run_job(*job, flush_denormal=True, out=out), jobs.values()))
             else:
                 for p, names in jobs.values():
-                    self._run_job(p, names, flush_denormal=True)
+                    self._run_job(p, names, flush_denormal=True, out=out)
         finally:
             torch.set_num_threads(threads)
 
-    def _run_job(self, p: Precision, names: List[str], flush_denormal: bool = False) -> None:
+    def _keep(self, name: str, q: torch.Tensor) -> torch.Tensor:
+        """A simulation as kept: in the weight's own dtype, on its accelerator while there is room."""
+        dtype = self.originals[name].dtype
+        dev = weight_device(self.modules[name])
+        if not device_room(dev, q.numel() * dtype.itemsize, SIM_DEVICE_RESERVE):
+            dev = torch.device("cpu")
+        return q.to(dev, dtype)
+
+    def _run_job(self, p: Precision, names: List[str], flush_denormal: bool = False,
+                 out: Optional[dict] = None) -> None:
         """Simulate ``names`` at ``p`` and keep the results. ``flush_denormal`` (CPU): the inverse
         Hessians and clipping statistics of inputs with massive activations (the demo's 3000x
         channels) are full of denormal floats, which the CPU computes ~15x slower (one demo
@@ -171,14 +218,17 @@ class WeightBank:
         else:
             outs = [alg.simulate(self.original(names[0]), p, self._inputs(names[0], p))]
         for n, q in zip(names, outs):
-            self._sim[(n, p)] = q.to("cpu", self.originals[n].dtype)
+            if out is None:
+                self._sim[(n, p)] = self._keep(n, q)
+            else:  # handed back, not kept (option chunks): where it was computed, in the weight's dtype
+                out[(n, p)] = q.to(dtype=self.originals[n].dtype)
 
     def use_tuned(self, plan: Plan, weights: Dict[str, torch.Tensor],
                      qparams: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         """Serve the given weights (tuned for the whole plan: AutoRound) for the plan's precisions;
         ``qparams`` (module -> scale, zero point) are what a static export packs them with."""
         for n, w in weights.items():
-            self._sim[(n, plan.modules[n])] = w.to("cpu", self.originals[n].dtype)
+            self._sim[(n, plan.modules[n])] = self._keep(n, w)
         for n, (scale, zero) in (qparams or {}).items():
             self._tuned_qp[(n, plan.modules[n])] = (scale.cpu(), zero.cpu())
 
@@ -190,11 +240,36 @@ class WeightBank:
             s, z = qparams[n]
             self.external[n] = (w.to("cpu", self.originals[n].dtype), s.cpu(), z.cpu())
 
-    def quantized_weights(self, plan: Plan) -> Dict[str, torch.Tensor]:
-        """The simulated weight of every quantized module of the plan (CPU), without applying it."""
-        self.prepare([(n, p) for n, p in plan.modules.items() if n in self.modules])
-        return {n: self.simulate(n, p).to("cpu") for n, p in plan.modules.items()
-                if n in self.modules and not p.is_float}
+    @torch.no_grad()
+    def reround_external(self, plan: Plan) -> List[str]:
+        """Serve the modules of ``plan`` at ``ckpt_approx`` precisions (a grid compressed-tensors
+        cannot hold, e.g. NF4) as the export will write them: re-rounded to their fitted integer
+        grid, exactly as compressed-tensors fake-quantizes. Until then they are the checkpoint as
+        downloaded (what its diagnosis measures); from then on every trial measures what ships.
+        Returns the modules changed (a second call changes none)."""
+        from quantfix.quantize import scales
+
+        done = []
+        for n, p in plan.modules.items():
+            if p.is_float or p.algorithm != "ckpt_approx" or n not in self.external or n in self._rerounded:
+                continue
+            w, sc, z = self.external[n]
+            dt = self._dtype(n)  # integers in the checkpoint's dtype, as the engine packs them
+            q = scales.quantize_with(w.to(dt), sc.to(dt), z.to(dt), p.bits, p.group_size, out_dtype=w.dtype)
+            self.external[n] = (q, sc, z)
+            self._rerounded.add(n)
+            if self.current.get(n) == p:
+                self._stale.add(n)
+            done.append(n)
+        return done
+
+    def quantized_weights(self, plan: Plan) -> "LazyWeights":
+        """The simulated weight of every quantized module of the plan, without applying it: a
+        mapping that computes each when asked (where the module computes, in its dtype), so the
+        plan's weights are never all held at once (an 8B model's: 14 GB)."""
+        todo = {n: p for n, p in plan.modules.items() if n in self.modules and not p.is_float}
+        self.prepare(list(todo.items()))  # kept ones (searched, calibrated) at once: parallel on the CPU
+        return LazyWeights(self, todo)
 
     @torch.no_grad()
     def apply(self, plan: Plan, progress: bool = True) -> int:
@@ -237,8 +312,23 @@ class WeightBank:
                 continue
             scale, zero = self._tuned_qp.get((n, p)) or \
                 algorithms.get(p.algorithm).qparams(self.original(n), p, self._inputs(n, p))
-            out[n] = (self.simulate(n, p).to("cpu"), scale.cpu(), zero.cpu())
+            # the kept simulation itself where there is one (no copy: an 8B plan's weights are 14 GB),
+            # else computed now; in the weight's dtype, which holds the simulated values exactly
+            w = self._sim[(n, p)] if (n, p) in self._sim else self.simulate(n, p).to("cpu", self.originals[n].dtype)
+            out[n] = (w, scale.cpu(), zero.cpu())
         return out
+
+    def release(self) -> None:
+        """Drop everything the bank holds (float originals, kept simulations, a checkpoint's weights)
+        once the plan is exported: the export and the reload get the memory. Restore first: the
+        bank cannot be used afterwards."""
+        self.originals.clear()
+        self._sim.clear()
+        self._qp.clear()
+        self._awq.clear()
+        self._tuned_qp.clear()
+        self.external.clear()
+        self.stats = None
 
     def use_stats(self, stats: Optional[CalibStats]) -> None:
         """New calibration statistics (recalibration): the float weights go back in and every cached

@@ -18,9 +18,13 @@ from tqdm.auto import tqdm
 
 from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
-from quantfix.model import decoder_layers
+from quantfix.model import decoder_layers, device_room
 
 log = logging.getLogger(__name__)
+
+
+HESSIAN_DEVICE_RESERVE = 0.3  # Hessians leave this share of the accelerator free (kept simulations, activations)
+CACHE_MAX_BYTES = 8 * 10 ** 9  # larger statistics are not written to the cache
 
 
 @dataclass
@@ -45,6 +49,10 @@ class CalibStats:
         for m, key in self.module_input.items():
             out.setdefault(key, []).append(m)
         return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.inputs.values()
+                   for t in (st.hessian, st.absmax, st.absmean))
 
     def save(self, path: Path) -> None:
         atomic_write(path, lambda tmp: torch.save(
@@ -98,6 +106,10 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
     cached = CalibStats.load(cache_path) if cache_path is not None else None
     if cached is not None:
         log.info("calibration statistics: cached (%s)", cache_path.name)
+        dev = next(model.parameters()).device
+        for st in cached.inputs.values():  # as computed: on the accelerator while it has room
+            if device_room(dev, st.hessian.numel() * 4, HESSIAN_DEVICE_RESERVE):
+                st.hessian = st.hessian.to(dev)
         return cached
     wanted = set(names)
     prefix = {id(m): n for n, m in model.named_modules()}
@@ -123,8 +135,10 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         finally:
             for hd in handles:
                 hd.remove()
-        for owner, a in acc.items():
-            stats.inputs[owner] = InputStats(a["h"].cpu(), a["max"].cpu(), (a["sum"] / a["n"]).cpu(), a["n"])
+        for owner, a in acc.items():  # Hessians stay on the accelerator while it has room (an 8B model's
+            # take 33 GB in float32: more than the host should hold beside the weights), else the host
+            h = a["h"] if device_room(a["h"].device, 0, HESSIAN_DEVICE_RESERVE) else a["h"].cpu()
+            stats.inputs[owner] = InputStats(h, a["max"].cpu(), (a["sum"] / a["n"]).cpu(), a["n"])
         acc.clear()
         bar.update(1)
     bar.close()
@@ -133,5 +147,9 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         log.warning("no calibration statistics for %d modules outside decoder layers (e.g. %s): they use RTN",
                     len(missing), sorted(missing)[0])
     if cache_path is not None:
-        stats.save(cache_path)
+        size = stats.nbytes()
+        if size <= CACHE_MAX_BYTES:
+            stats.save(cache_path)
+        else:  # writing and re-reading tens of GB costs more than computing them again
+            log.info("calibration statistics (%.1f GB) not cached: above %.0f GB", size / 1e9, CACHE_MAX_BYTES / 1e9)
     return stats
