@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 class Timer:
     """Wall time per stage (summed over repeated entries) and the memory snapshot at each stage's
-    end (host RSS peak so far and now, device peak so far: the stage where a peak jumps made it)."""
+    end (host RSS peak so far and now, device peak so far) with how much the stage raised each
+    peak (``*_rise``, summed over its entries): the stage with the rise made the peak."""
 
     def __init__(self):
         self.stages: Dict[str, float] = {}
@@ -35,11 +36,18 @@ class Timer:
     @contextmanager
     def __call__(self, name: str):
         t = time.perf_counter()
+        before = ev.memory_now_gb()
         try:
             yield
         finally:
             self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t, 2)
-            self.memory[name] = ev.memory_now_gb()
+            after = ev.memory_now_gb()
+            prev = self.memory.get(name, {})
+            for k in ("host_peak_gb", "device_peak_gb"):  # how much this stage raised the peak (summed)
+                if k in after:
+                    rise = round(prev.get(k + "_rise", 0.0) + after[k] - before.get(k, 0.0), 2)
+                    after[k + "_rise"] = rise
+            self.memory[name] = after
 
 
 class Session:

@@ -75,6 +75,7 @@ def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: l
     prof = run_dir.parent / f"{run_dir.name}.prof"
     cmd = [sys.executable, *(["-m", "cProfile", "-o", str(prof)] if profile else []), "-m", "quantfix", f"model.name_or_path={model_dir}", f"device={device}",
            f"loop.max_iters={trials}", f"hydra.run.dir={run_dir}",
+           f"cache_dir={run_dir.parent / (run_dir.name + '-cache')}",  # cold: nothing from an earlier run
            # budget mode from W3g64: plan 0, one probe plan, the plan within the budget (3 trials), a
            # real mixed-precision export (a threshold search on random weights could end on FP16)
            # (random weights make every domain-gap finding spurious: no recalibration pass)
@@ -150,11 +151,15 @@ def table(res: dict) -> str:
                      + f" | {r.get('peak_host_gb_run') or r.get('peak_host_gb')} | {r.get('trials')} | {r.get('rc')} |")
     mem = [r for r in rows if (r.get("memory") or {}).get("stages")]
     if mem:  # where the memory goes: the snapshot at each stage's end (peak so far / now)
-        lines.append("\nhost GB at each stage's end, peak so far / now; device peak so far:")
+        lines.append("\nhost GB at each stage's end, peak so far / now (+ how much the stage raised the peak); "
+                     "device peak so far (+ raised):")
         for r in mem:
             parts = dict(r["memory"]["stages"], **{f"diagnose: {k}": v for k, v in (r.get("diagnose_memory_gb") or {}).items()})
             lines.append(f"- {r['size']}: " + "; ".join(
-                f"{k} {v.get('host_peak_gb')}/{v.get('host_now_gb')}" + (f" gpu {v['device_peak_gb']}" if "device_peak_gb" in v else "")
+                f"{k} {v.get('host_peak_gb')}/{v.get('host_now_gb')}"
+                + (f" (+{v['host_peak_gb_rise']})" if v.get("host_peak_gb_rise") else "")
+                + (f" gpu {v['device_peak_gb']}" if "device_peak_gb" in v else "")
+                + (f" (+{v['device_peak_gb_rise']})" if v.get("device_peak_gb_rise") else "")
                 for k, v in parts.items()))
     if res.get("growth"):
         lines.append("\ngrowth exponent (seconds ~ params^b): "
@@ -165,7 +170,10 @@ def table(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=["1b", "3b", "8b"], choices=list(SHAPES))
-    ap.add_argument("--layers", type=int, default=None, help="keep this many decoder layers (a slice)")
+    ap.add_argument("--layers", type=int, nargs="*", default=None,
+                    help="keep this many decoder layers (a slice); two or more counts: per-layer costs "
+                         "fitted and extrapolated to the full depth")
+    ap.add_argument("--merge", nargs="+", default=None, help="combine the rows of earlier JSON files into --out")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--budget-s", type=int, default=1500, help="time limit of one size's loop")
     ap.add_argument("--work", default="/tmp/quantfix-scale")
@@ -176,6 +184,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="run each loop under cProfile (a .prof.txt beside it)")
     ap.add_argument("extra", nargs="*", help="more quantfix overrides, e.g. model.device_map=auto")
     a = ap.parse_args()
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        res = {**{k: v for k, v in parts[0].items() if k != "rows"}, "merged_from": a.merge,
+               "rows": [r for p in parts for r in p["rows"]]}
+        finish(res, a.out)
+        return
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_scale needs a CUDA GPU (the models are built on it); --device cpu for a smoke test")
     sys.path.insert(0, str(ROOT))
@@ -186,20 +200,57 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "n_gpus": torch.cuda.device_count(), "torch": torch.__version__,
            "trials": a.trials, "overrides": a.extra, "rows": []}
     for size in a.sizes:
-        d = work / f"{size}{'-L' + str(a.layers) if a.layers else ''}"
-        facts = build(size, a.layers, d / "model", tok_dir, a.device)
-        print(f"{size}: {facts['params'] / 1e9:.2f}B params built and saved in {facts['build_s']} s", flush=True)
-        row = {**facts, **run_loop(d / "model", d / "run", a.trials, a.budget_s, a.extra, a.device, a.profile)}
-        res["rows"].append(row)
-        res["growth"] = fit([r for r in res["rows"] if not a.layers])
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=2, default=str))
-        print(f"{size}: rc {row['rc']} in {row['wall_s']} s; stages {row.get('timings_s')}", flush=True)
-        if not a.keep:
-            shutil.rmtree(d / "model", ignore_errors=True)
-            ckpt = d / "run" / "checkpoint"
-            shutil.rmtree(ckpt, ignore_errors=True)
-    print(table(res))
+        for layers in a.layers or [None]:
+            d = work / f"{size}{'-L' + str(layers) if layers else ''}"
+            facts = build(size, layers, d / "model", tok_dir, a.device)
+            if layers:
+                facts["slice_of"] = SHAPES[size][1]
+            print(f"{size}: {facts['params'] / 1e9:.2f}B params built and saved in {facts['build_s']} s", flush=True)
+            row = {**facts, **run_loop(d / "model", d / "run", a.trials, a.budget_s, a.extra, a.device, a.profile)}
+            res["rows"].append(row)
+            finish(res, a.out, quiet=True)
+            print(f"{size}: rc {row['rc']} in {row['wall_s']} s; stages {row.get('timings_s')}", flush=True)
+            if not a.keep:
+                shutil.rmtree(d / "model", ignore_errors=True)
+                shutil.rmtree(d / "run" / "checkpoint", ignore_errors=True)
+                shutil.rmtree(d / "run-cache", ignore_errors=True)
+    finish(res, a.out)
+
+
+def finish(res: dict, out: str, quiet: bool = False) -> None:
+    """Growth fit over the full-depth rows, extrapolation of the slices, JSON and table."""
+    res["growth"] = fit([r for r in res["rows"] if not r.get("slice_of") and r.get("rc") == 0])
+    res["extrapolated"] = extrapolate(res["rows"])
+    res["table"] = table(res)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=2, default=str))
+    if not quiet:
+        print(res["table"])
+
+
+def extrapolate(rows: list) -> dict:
+    """Per size measured as slices of 2+ depths: each stage's seconds and the peak memory fitted as
+    a + b * layers (least squares) and evaluated at the full depth (the slice's ``slice_of``)."""
+    out = {}
+    for size in sorted({r["size"] for r in rows if r.get("slice_of")}):
+        rs = [r for r in rows if r["size"] == size and r.get("slice_of") and r.get("rc") == 0]
+        if len({r["layers"] for r in rs}) < 2:
+            continue
+        full = rs[0]["slice_of"]
+
+        def line(ys):
+            xs = [r["layers"] for r in rs]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            return {"per_layer": round(b, 3), "fixed": round(my - b * mx, 2), "at_full_depth": round(my + b * (full - mx), 1)}
+        stages = sorted(set.intersection(*[set(r.get("timings_s") or {}) for r in rs]))
+        out[size] = {"layers_measured": sorted(r["layers"] for r in rs), "full_layers": full,
+                     "params_full": round(rs[0]["params"] + (full - rs[0]["layers"]) * (rs[-1]["params"] - rs[0]["params"])
+                                          / max(1, rs[-1]["layers"] - rs[0]["layers"])),
+                     "seconds": {st: line([r["timings_s"][st] for r in rs]) for st in stages},
+                     "peak_host_gb": line([r.get("peak_host_gb_run") or 0 for r in rs]),
+                     "peak_gpu_gb": line([((r.get("memory") or {}).get("device_peak_mb") or 0) / 1024 for r in rs])}
+    return out
 
 
 if __name__ == "__main__":

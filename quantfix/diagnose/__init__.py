@@ -129,10 +129,15 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
     t0 = time.perf_counter()
     timings: Dict[str, float] = {}
     memory: Dict[str, Dict[str, float]] = {}
+    last = [memory_now_gb()]
 
     def lap(name, t):
         timings[name] = round(time.perf_counter() - t, 2)
-        memory[name] = memory_now_gb()
+        now = memory_now_gb()
+        for k in ("host_peak_gb", "device_peak_gb"):  # how much this part raised the peak
+            if k in now:
+                now[k + "_rise"] = round(now[k] - last[0].get(k, 0.0), 2)
+        memory[name], last[0] = now, now
 
     t = time.perf_counter()
     sens = measure_sensitivity(rt, bank, plan, ref, data.windows, cfg.sensitivity, options, sens_cache, progress)
