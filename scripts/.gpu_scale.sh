@@ -12,11 +12,12 @@ if [ "$1" = "poll" ]; then
   exit 0
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 || exit 3
+rm -rf /tmp/repo /tmp/res /tmp/w0 /tmp/w1 /tmp/w2; mkdir -p /tmp/repo && cp -r quantfix scripts conf pyproject.toml .tok .data /tmp/repo/ && cd /tmp/repo
 export PYTHONPATH=/tmp/site:$PWD QUANTFIX_DATA=$PWD/.data QUANTFIX_CACHE=/tmp/qc HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p $R
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 free -g | head -2
-B="python3 scripts/bench_scale.py --trials 3 --tokenizer .tok --budget-s 1500"; T=threads=20
+B="python3 scripts/bench_scale.py --trials 3 --tokenizer /tmp/repo/.tok --budget-s 1500"; T=threads=20
 setsid bash -c "CUDA_VISIBLE_DEVICES=0 $B --sizes 8b --work /tmp/w0 --out $R/scale_8b.json $T > $R/g0.log 2>&1; touch $R/done0" < /dev/null &
 setsid bash -c "CUDA_VISIBLE_DEVICES=1 $B --sizes 1b 3b --work /tmp/w1 --out $R/scale_1b3b.json $T > $R/g1.log 2>&1; touch $R/done1" < /dev/null &
 setsid bash -c "CUDA_VISIBLE_DEVICES=2,3 $B --sizes 70b --layers 2 4 --work /tmp/w2 --out $R/scale_70b_slices.json model.device_map=auto $T > $R/g2.log 2>&1; touch $R/done2" < /dev/null &

@@ -38,6 +38,7 @@ SHAPES = {
     "8b": (4096, 32, 14336, 32, 8),
     "70b": (8192, 80, 28672, 64, 8),
     "tiny": (256, 2, 512, 4, 2),  # a smoke test of the script itself (CPU)
+    "small": (512, 4, 1792, 8, 2),  # 8B's proportions at 1/8 width: CPU profiling
 }
 VOCAB = 128256
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from accelerate.utils import send_to_device
 
-from quantfix.model import decoder_layers, detached_copy, input_device, set_weight, weight_of
+from quantfix.model import decoder_layers, detached_copy, device_room, input_device, set_weight, weight_of
 from quantfix.plan import layer_index, module_type
 
 log = logging.getLogger(__name__)
@@ -135,20 +135,19 @@ def _to_floats(d: Dict) -> Dict:
 
 
 class _DeltaCache:
-    """Weight differences kept on the accelerator for the whole pass, up to a memory budget (on the
-    CPU there is nothing to save: they are recomputed)."""
+    """Weight differences kept on the accelerator for the whole pass while it has room (``reserve``:
+    the share of its memory left free; on the CPU there is nothing to save: they are recomputed)."""
 
-    def __init__(self, budget_bytes: int = 4 * 2 ** 30):
-        self.budget, self.used, self.store = budget_bytes, 0, {}
+    def __init__(self, reserve: float = 0.25):
+        self.reserve, self.store = reserve, {}
 
     def get(self, key, device: torch.device, make):
         hit = self.store.get(key)
         if hit is not None and hit.device == device:
             return hit
         value = make()
-        if device.type != "cpu" and self.used + value.numel() * 4 <= self.budget:
+        if device_room(device, 0, self.reserve):
             self.store[key] = value
-            self.used += value.numel() * 4
         return value
 
 
@@ -203,18 +202,26 @@ def _per_type(modules: Dict[str, float]) -> Dict[str, float]:
 @torch.enable_grad()
 def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
            options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
-           label_samples: int = 2, seed: int = 0, progress: bool = True) -> Sensitivity:
+           label_samples: int = 2, seed: int = 0, progress: bool = True, plan_scores: bool = True,
+           layer_scores: bool = True, labels: Optional[dict] = None) -> Sensitivity:
     """One-pass second-order estimate. ``model`` must hold the float weights; ``quantized`` maps
     module name -> its quantized (dequantized) weight; ``options`` maps module name -> label ->
-    alternative quantized weight, scored in the same pass."""
+    alternative quantized weight, scored in the same pass. Without ``plan_scores`` only the
+    options' modules are hooked (the plan's module scores are left out); without ``layer_scores``
+    the decoder layers are not rerun with the plan's weights (no layer scores): a later pass over
+    another chunk of options then costs one forward + backward and the chunk's own products.
+    ``labels``: (batch, sample) -> sampled labels, filled by the first pass and reused by later
+    ones (the same labels the seeded generator would draw again; on the CPU drawing them from a
+    128k vocabulary took 2.2 s a batch)."""
     t0 = time.perf_counter()
     options = options or {}
     mods = dict(model.named_modules())
-    layer_q = _layer_weights(model, quantized)
+    layer_q = _layer_weights(model, quantized) if layer_scores else {}
+    hooked = list(quantized) if plan_scores else [n for n in options if n in quantized]
     dev = input_device(model)
     gen = [torch.Generator(device="cpu").manual_seed(seed)]
     # sums stay on the device (one host copy at the end, no sync per module and option)
-    acc_mod: Dict[str, object] = {n: 0.0 for n in quantized}
+    acc_mod: Dict[str, object] = {n: 0.0 for n in quantized} if plan_scores else {}
     acc_opt: Dict[str, Dict[str, object]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
     acc_layer: Dict[int, object] = {i: 0.0 for i, q in layer_q.items() if q}
     weight_deltas = _DeltaCache()
@@ -229,7 +236,7 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
         M = torch.einsum("blo,bli->boi", g.float(), x.float())
         dev = M.device
         w = lambda: weight_of(mods[name]).to(dev).float()  # noqa: E731
-        deltas = {"__plan__": lambda: w() - quantized[name].to(dev).float()}
+        deltas = {"__plan__": lambda: w() - quantized[name].to(dev).float()} if plan_scores else {}
         for label, wo in options.get(name, {}).items():
             deltas[label] = lambda wo=wo: w() - wo.to(dev).float()
         for label, make in deltas.items():
@@ -243,17 +250,26 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
     def on_layer(i, g, d):
         acc_layer[i] = acc_layer[i] + 0.5 * ((g.float() * d).sum(dim=(1, 2)) ** 2).sum()
 
+    batch = [0]
+
     def backward(ids):
         logp = F.log_softmax(model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1].float(), dim=-1)
         n_tokens[0] += logp.shape[0] * logp.shape[1]
-        probs = logp.detach().exp().reshape(-1, logp.shape[-1])
-        if gen[0].device != probs.device:  # sample where the model runs (a device generator on CUDA)
-            gen[0] = torch.Generator(device=probs.device).manual_seed(seed)
+        b, batch[0] = batch[0], batch[0] + 1
+        probs = None
         for k in range(label_samples):
-            y = torch.multinomial(probs, 1, generator=gen[0]).view(logp.shape[0], logp.shape[1], 1)
-            logp.gather(-1, y).sum().backward(retain_graph=k < label_samples - 1)
+            y = labels.get((b, k)) if labels is not None else None
+            if y is None:  # sampled once; a later pass (same float model, same windows) reuses them
+                if probs is None:
+                    probs = logp.detach().exp().reshape(-1, logp.shape[-1])
+                    if gen[0].device != probs.device:  # sample where the model runs (a device generator on CUDA)
+                        gen[0] = torch.Generator(device=probs.device).manual_seed(seed)
+                y = torch.multinomial(probs, 1, generator=gen[0]).view(logp.shape[0], logp.shape[1], 1)
+                if labels is not None:
+                    labels[(b, k)] = y
+            logp.gather(-1, y.to(logp.device)).sum().backward(retain_graph=k < label_samples - 1)
 
-    _gradient_pass(model, windows, batch_size, quantized, layer_q, on_module, on_layer, backward,
+    _gradient_pass(model, windows, batch_size, hooked, layer_q, on_module, on_layer, backward,
                    "sensitivity (fisher)", progress)
     norm = 1.0 / (label_samples * max(1, n_tokens[0]))
     modules = {n: v * norm for n, v in _to_floats(acc_mod).items()}
@@ -263,20 +279,25 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
 
 
 def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor], chunks, batch_size: int = 4,
-                  label_samples: int = 2, seed: int = 0, progress: bool = True) -> Sensitivity:
+                  label_samples: int = 2, seed: int = 0, progress: bool = True,
+                  layer_scores: bool = True) -> Sensitivity:
     """``fisher`` with the options given in chunks (an iterable of module -> label -> weight dicts):
-    one pass per chunk, so the options' weights need not all be in memory at once; the plan's
-    module scores come from the first pass (every pass computes the same ones)."""
-    result = None
+    one pass per chunk, so the options' weights need not all be in memory at once. The plan's
+    module scores (and with ``layer_scores`` the layers') come from the first pass; a later pass
+    hooks only its chunk's modules (at 8B, 18 chunks each recomputing every module's product and
+    rerunning every layer took 50 s a pass)."""
+    result, labels = None, {}
     for chunk in chunks:
-        f = fisher(model, windows, quantized, chunk, batch_size, label_samples, seed, progress)
-        if result is None:
+        first = result is None
+        f = fisher(model, windows, quantized, chunk, batch_size, label_samples, seed, progress,
+                   plan_scores=first, layer_scores=layer_scores and first, labels=labels)
+        if first:
             result = f
         else:
             result.options.update(f.options)
             result.seconds += f.seconds
     return result if result is not None else fisher(model, windows, quantized, {}, batch_size, label_samples, seed,
-                                                    progress)
+                                                    progress, layer_scores=layer_scores)
 
 
 def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_module: bool = False,
@@ -378,7 +399,7 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
     chunks = option_chunks if option_chunks is not None else ([options] if options else [])
     if chunks:
         f = fisher_chunks(model, windows if fisher_windows is None else fisher_windows, quantized, chunks,
-                          batch_size, label_samples, seed, progress)
+                          batch_size, label_samples, seed, progress, layer_scores=False)  # layers: Taylor's
         opts, base = f.options, f.modules
     return Sensitivity(method="fast", layers=t.layers, types=t.types, modules=t.modules, options=opts,
                        seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base)
