@@ -99,3 +99,41 @@ def test_collect_runs_each_layer_once_per_batch():
     xs = torch.cat([t.reshape(-1, t.shape[-1]) for t in x["in"]])
     owner = stats.module_input[names[-1]]
     assert torch.allclose(stats.inputs[owner].hessian, xs.T @ xs, rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_above_the_cache_limit_are_not_written(tmp_path, monkeypatch):
+    """An 8B model's Hessians take 33 GB: writing and re-reading them costs more than computing them,
+    so statistics above calib.CACHE_MAX_BYTES are computed and returned but not cached."""
+    from quantfix.quantize import calib
+
+    model = tiny_llama(seed=3)
+    x = torch.randint(0, 384, (2, 16))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    small = collect(model, x, names, batch_size=2, cache_path=tmp_path / "a.pt", progress=False)
+    assert (tmp_path / "a.pt").exists() and small.nbytes() > 0
+    monkeypatch.setattr(calib, "CACHE_MAX_BYTES", small.nbytes() - 1)
+    big = collect(model, x, names, batch_size=2, cache_path=tmp_path / "b.pt", progress=False)
+    assert not (tmp_path / "b.pt").exists()
+    for k, st in big.inputs.items():
+        assert torch.equal(st.hessian, small.inputs[k].hessian)
+
+
+def test_plan_weights_are_computed_when_asked(monkeypatch):
+    """``WeightBank.quantized_weights`` hands out a mapping that simulates each module when it is
+    read (an 8B plan's weights would take 14 GB at once), with the values ``simulate`` gives."""
+    from quantfix.plan import Plan, Precision
+    from quantfix.quantize.bank import WeightBank
+
+    model = tiny_llama(seed=4)
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    bank = WeightBank(model, names)
+    mods = dict(model.named_modules())
+    plan = Plan({n: Precision(4, 32, True, "rtn") for n in names}, {n: tuple(mods[n].weight.shape) for n in names})
+    calls = []
+    real = WeightBank.simulate
+    monkeypatch.setattr(WeightBank, "simulate", lambda self, n, p: calls.append(n) or real(self, n, p))
+    lazy = bank.quantized_weights(plan)
+    assert calls == [] and len(lazy) == len(names) and set(lazy) == set(names)
+    w = lazy[names[3]]
+    assert calls == [names[3]] and w.dtype == bank.originals[names[3]].dtype
+    assert torch.equal(w, real(bank, names[3], plan.modules[names[3]]).to(w.dtype))

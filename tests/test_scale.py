@@ -161,6 +161,15 @@ def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, t
                                       **{"diagnose.sensitivity.options_memory_gb": 1e-9})), tmp_path / "many")
     key = lambda r: [(it["plan_summary"], it["metrics"]["kld_mean"]) for it in r["iterations"]]  # noqa: E731
     assert key(one) == key(many)
+    # where the memory goes: each stage's snapshot (peak so far never falls; the rises add up to
+    # at most the run's peak) and the diagnosis's own parts
+    stages = one["memory"]["stages"]
+    assert {"load model", "calibration stats", "diagnose", "export"} <= set(stages)
+    peaks = [v["host_peak_gb"] for v in stages.values()]
+    assert all(0 < p <= one["memory"]["host_rss_peak_mb"] / 1024 + 0.01 for p in peaks)
+    assert sum(v.get("host_peak_gb_rise", 0) for v in stages.values()) <= max(peaks) + 0.01
+    diag = json.loads((tmp_path / "one" / "diagnosis.json").read_text())
+    assert set(diag["memory_gb"]) == {k for k in diag["timings_s"] if k != "total"}
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
     from quantfix.plan import Precision
