@@ -46,7 +46,10 @@ def _host_copy(w: torch.Tensor) -> torch.Tensor:
     pageable 14 GB sweep took seconds, and a Fisher pass made several)."""
     if w.device.type != "cuda":
         return w.to("cpu", copy=True)
-    out = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+    try:
+        out = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+    except RuntimeError:  # no page-locked memory to be had: a plain copy works, slower
+        return w.to("cpu", copy=True)
     out.copy_(w)
     return out
 
