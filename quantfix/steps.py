@@ -171,6 +171,8 @@ def export_and_verify(s: Session, plan: Plan, base, task_base, report: Dict[str,
             ckpt = exp.export(s.rt.model, s.rt.tokenizer, plan, s.data.samples, s.out_dir, s.resolved.path, cfg.quant,
                               export_dtype, trust_remote_code=cfg.model.trust_remote_code, static=static,
                               warnings=report["warnings"], fingerprint=s.fingerprint)
+    if static:
+        static.clear()  # the exported weights (kept simulations: up to the model's size) are written
     s.rt.model = None  # free the working model before loading the checkpoint: never two models on the device
     gc.collect()
     if s.device.type == "cuda":
