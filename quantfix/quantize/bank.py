@@ -158,16 +158,9 @@ class WeightBank:
         return {n: {lab: get(n, p) for lab, p in o.items()} for n, o in options.items()}
 
     def option_bytes(self, name: str, n_options: int) -> int:
-        """Host bytes the simulated weights of ``n_options`` options of module ``name`` take."""
+        """Bytes the simulated weights of ``n_options`` options of module ``name`` take."""
         w = self.originals[name]
         return w.numel() * w.element_size() * n_options
-
-    def forget(self, items) -> None:
-        """Drop the kept simulations of ``items`` ((module, precision) pairs) that the live model does
-        not currently use (host memory; they are recomputed if asked for again)."""
-        for n, p in items:
-            if self.current.get(n) != p:
-                self._sim.pop((n, p), None)
 
     def prepare(self, items, out: Optional[dict] = None) -> None:
         """Compute the kept simulations of ``items`` ((module, precision) pairs). GPTQ-like
