@@ -228,12 +228,23 @@ class Session:
         self.data.calibration_domains = tuple(domains)
         return self.calib_stats(self._calib_names)
 
+    def needs_full_hessian(self) -> bool:
+        """Whether an algorithm the run can simulate (plan 0's, loop.algorithms) or the greedy
+        policy (its output errors) needs the full calibration Hessian; else its diagonal suffices."""
+        from quantfix.quantize import algorithms
+
+        c = self.cfg
+        algs = [c.quant.algorithm, *c.loop.algorithms]
+        return c.loop.policy == "greedy" or any(algorithms.get(a).needs_hessian for a in algs)
+
     def calib_stats(self, names: List[str]) -> calib_mod.CalibStats:
         self._calib_names = list(names)
-        key = calib_mod.cache_key(self.model_fp + str(self.dtype) + str(self.sim_dtype), self.data.samples, names)
+        full = self.needs_full_hessian()
+        key = calib_mod.cache_key(self.model_fp + str(self.dtype) + str(self.sim_dtype), self.data.samples, names, full)
         with self.timer("calibration stats"):
             return self.rt.batched(lambda bs: calib_mod.collect(self.rt.model, self.data.samples, names, bs,
-                                                                cache_path=self.cache / "calib" / f"{key}.pt"))
+                                                                cache_path=self.cache / "calib" / f"{key}.pt",
+                                                                full_hessian=full))
 
     def sensitivity_cache(self, key: str) -> Path:
         return self.cache / "sensitivity" / f"{key}.json"

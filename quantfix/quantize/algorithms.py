@@ -53,7 +53,7 @@ class SimInputs:
         """E[x^2] per input channel (the imatrix), from the calibration Hessian's diagonal."""
         if self.stats is None:
             return None
-        return torch.diagonal(self.stats.hessian).float() / max(1, self.stats.n_tokens)
+        return self.stats.diagonal().float() / max(1, self.stats.n_tokens)
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,9 @@ class Algorithm:
     exact_export: bool = True
     # the weights are an existing checkpoint's own (quantized.name_or_path), served by the bank
     external: bool = False
+    # simulating it needs the full calibration Hessian [in, in] (GPTQ's sweep, AWQ's loss), not only
+    # its diagonal (the imatrix's E[x^2]): without one in the run, only the diagonal is collected
+    needs_hessian: bool = False
 
     def qparams(self, W: torch.Tensor, p: "Precision", inputs: SimInputs):
         """The per-group scale and zero point the simulation rounds with (from the float weight)."""
@@ -154,7 +157,7 @@ def _gptq_many(method: str):
         W = torch.cat([w.float() for w in Ws])
         # scales in float32 (their values stay those of the export dtype): the sweep's q * scale is
         # then exact, as the checkpoint's dequantization in the reload dtype is
-        Q = _gptq_sweep(W, inputs.stats.hessian.to(W.device), p, torch.cat([s.float() for s, _ in qps]),
+        Q = _gptq_sweep(W, inputs.stats.full().to(W.device), p, torch.cat([s.float() for s, _ in qps]),
                         torch.cat([z.float() for _, z in qps]), inputs.gptq_damp, inputs.gptq_block)
         return [q.to(w.dtype) for q, w in zip(Q.split([w.shape[0] for w in Ws]), Ws)]
     return sim
@@ -242,7 +245,7 @@ def _rtn_entry(name: str, method: str, summary: str, label) -> "Algorithm":
 def _gptq_entry(name: str, method: str, summary: str, label) -> "Algorithm":
     many = _gptq_many(method)
     return Algorithm(name, COMPRESSED_TENSORS, summary, INT_BITS, _one_of(many), _int_bits, label,
-                     observer=method, calibrated=True, simulate_many=many, static_export=True)
+                     observer=method, calibrated=True, simulate_many=many, static_export=True, needs_hessian=True)
 
 
 INT_BITS = tuple(range(2, 9))
@@ -265,7 +268,7 @@ REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
               _tagged("ar"), calibrated=True, static_export=True, per_module=False),
     Algorithm("awq", COMPRESSED_TENSORS, "AWQ: activation-aware per-channel scales (smoothing), then RTN", INT_BITS,
               _sim_awq, _int_bits, _tagged("awq"), transforms=_awq_transforms, calibrated=True,
-              mixable=False),
+              mixable=False, needs_hessian=True),
     # an existing checkpoint's own weights (quantized.name_or_path), kept as they are; ckpt: on an
     # integer grid that compressed-tensors stores bit for bit; ckpt_approx: a float-minimum or
     # non-uniform grid (Q4_1, K-quants, NF4...), re-rounded to the nearest integer grid at export

@@ -98,7 +98,7 @@ class WeightBank:
             members = [m for m in self.stats.groups()[key] if m in self.modules]
             dev = weight_device(self.modules[name])
             st = self.stats.inputs[key]
-            _, s = fake.awq_search([self.original(m, dev) for m in members], st.hessian.to(dev), st.absmean,
+            _, s = fake.awq_search([self.original(m, dev) for m in members], st.full().to(dev), st.absmean,
                                    p.bits, p.group_size, p.symmetric, self.awq_grid)
             self._awq[ck] = s
         return self._awq[ck]
@@ -370,4 +370,4 @@ class WeightBank:
         if self.stats is None or name not in self.stats.module_input or p.is_float:
             return 0.0
         W = self.original(name)
-        return fake.output_error(W, self.simulate(name, p), self.stats.of(name).hessian.to(W.device))
+        return fake.output_error(W, self.simulate(name, p), self.stats.of(name).full().to(W.device))

@@ -29,10 +29,21 @@ CACHE_MAX_BYTES = 8 * 10 ** 9  # larger statistics are not written to the cache
 
 @dataclass
 class InputStats:
-    hessian: torch.Tensor  # [in, in], float32, sum over tokens of x x^T
+    hessian: torch.Tensor  # [in, in], float32, sum over tokens of x x^T; [in]: its diagonal only
     absmax: torch.Tensor  # [in]
     absmean: torch.Tensor  # [in]
     n_tokens: int
+
+    def diagonal(self) -> torch.Tensor:
+        return self.hessian if self.hessian.dim() == 1 else torch.diagonal(self.hessian)
+
+    def full(self) -> torch.Tensor:
+        """The full Hessian; collected only when an algorithm of the run needs it (``collect``'s
+        ``full_hessian``)."""
+        if self.hessian.dim() != 2:
+            raise RuntimeError("only the Hessian's diagonal was collected (no algorithm of the run needed more): "
+                               "calib.collect(full_hessian=True)")
+        return self.hessian
 
 
 @dataclass
@@ -67,17 +78,18 @@ class CalibStats:
         return load_entry(path, parse)
 
 
-def cache_key(model_fp: str, samples: torch.Tensor, names: List[str]) -> str:
+def cache_key(model_fp: str, samples: torch.Tensor, names: List[str], full_hessian: bool = True) -> str:
     """Key of the statistics: the model's content fingerprint (with its dtype), the calibration
-    samples and the modules."""
-    h = hashlib.sha256(f"calib-v{CACHE_VERSION}".encode())
+    samples, the modules and whether the full Hessians were collected."""
+    h = hashlib.sha256(f"calib-v{CACHE_VERSION}{'' if full_hessian else '-diag'}".encode())
     h.update(model_fp.encode())
     h.update(samples.numpy().tobytes())
     h.update("\n".join(names).encode())
     return h.hexdigest()[:16]
 
 
-def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], module_input: Dict[str, str]):
+def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], module_input: Dict[str, str],
+                full_hessian: bool = True):
     """Forward pre-hook of one targeted module: the first module to see an input tensor in a batch
     owns it (q/k/v share one) and accumulates its Hessian, absmax and |x| sum."""
     def hook(_mod, args):
@@ -89,10 +101,14 @@ def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], 
         if owner != full_name:
             return
         x2 = x.reshape(-1, x.shape[-1]).float()
-        a = acc.setdefault(owner, {"h": torch.zeros(x2.shape[1], x2.shape[1], device=x2.device),
+        shape = (x2.shape[1], x2.shape[1]) if full_hessian else (x2.shape[1],)
+        a = acc.setdefault(owner, {"h": torch.zeros(shape, device=x2.device),
                                    "max": torch.zeros(x2.shape[1], device=x2.device),
                                    "sum": torch.zeros(x2.shape[1], device=x2.device), "n": 0})
-        a["h"].addmm_(x2.T, x2)
+        if full_hessian:
+            a["h"].addmm_(x2.T, x2)
+        else:
+            a["h"] += (x2 * x2).sum(0)
         a["max"] = torch.maximum(a["max"], x2.abs().amax(0))
         a["sum"] += x2.abs().sum(0)
         a["n"] += x2.shape[0]
@@ -101,14 +117,17 @@ def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], 
 
 @torch.no_grad()
 def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
-            cache_path: Optional[Path] = None, progress: bool = True) -> CalibStats:
-    """Hessians and channel statistics of every input of the named linear modules, layer by layer."""
+            cache_path: Optional[Path] = None, progress: bool = True, full_hessian: bool = True) -> CalibStats:
+    """Hessians and channel statistics of every input of the named linear modules, layer by layer.
+    Without ``full_hessian`` only each Hessian's diagonal (sum of x^2 per channel: the imatrix) is
+    accumulated: at 8B 33 GB of float32 [in, in] matrices become a few MB, where no algorithm of
+    the run needs more."""
     cached = CalibStats.load(cache_path) if cache_path is not None else None
     if cached is not None:
         log.info("calibration statistics: cached (%s)", cache_path.name)
         dev = next(model.parameters()).device
         for st in cached.inputs.values():  # as computed: on the accelerator while it has room
-            if device_room(dev, st.hessian.numel() * 4, HESSIAN_DEVICE_RESERVE):
+            if st.hessian.dim() == 2 and device_room(dev, st.hessian.numel() * 4, HESSIAN_DEVICE_RESERVE):
                 st.hessian = st.hessian.to(dev)
         return cached
     wanted = set(names)
@@ -125,7 +144,8 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         if not targets:
             continue
         seen: Dict[tuple, tuple] = {}
-        handles = [m.register_forward_pre_hook(_input_hook(n, seen, acc, stats.module_input)) for n, m in targets]
+        handles = [m.register_forward_pre_hook(_input_hook(n, seen, acc, stats.module_input, full_hessian))
+                   for n, m in targets]
         try:
             outs = []
             for h, kw in zip(layer_in.hidden, layer_in.kwargs):
