@@ -2,7 +2,9 @@
 
     python scripts/bench_scale.py [--sizes 1b 3b 8b] [--trials 3] [--budget-s 1500]
         [--work /tmp/quantfix-scale] [--out benchmarks/scale.json]
-    python scripts/bench_scale.py --layers 2 --sizes 70b --device-map auto   # a 70B-shaped slice
+    python scripts/bench_scale.py --sizes 70b --layers 2 4 model.device_map=auto   # 70B-shaped slices, extrapolated
+    python scripts/bench_scale.py --sizes small --device cpu --profile   # 8B's proportions at 1/8 width: CPU profiling
+    python scripts/bench_scale.py --merge a.json b.json --out benchmarks/scale.json  # one table, one growth fit
 
 Each size is built directly on the GPU (no download; random weights, so only time and memory mean
 anything), saved as an HF directory (bf16 safetensors, the demo's tokenizer: any token ids below
