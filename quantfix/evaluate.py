@@ -310,6 +310,16 @@ def memory_now_gb() -> Dict[str, float]:
     return out
 
 
+def memory_rise(before: Dict[str, float], after: Dict[str, float],
+                earlier: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """``after`` (a ``memory_now_gb`` snapshot) with how much each peak rose since ``before``, plus
+    the rises ``earlier`` recorded (a stage entered again): the part with the rise made the peak."""
+    for k in ("host_peak_gb", "device_peak_gb"):
+        if k in after:
+            after[k + "_rise"] = round((earlier or {}).get(k + "_rise", 0.0) + after[k] - before.get(k, 0.0), 2)
+    return after
+
+
 def peak_memory_mb(device: torch.device) -> Dict[str, float]:
     out = {"host_rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":

@@ -470,7 +470,6 @@ def weight_device(module) -> torch.device:
     return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
 
 
-@torch.no_grad()
 def device_room(dev, nbytes: int, reserve: float) -> bool:
     """Whether ``nbytes`` more can live on accelerator ``dev`` and still leave ``reserve`` (a
     fraction of its memory) free: the driver's free memory plus what torch's allocator holds
@@ -483,6 +482,7 @@ def device_room(dev, nbytes: int, reserve: float) -> bool:
     return free - nbytes >= reserve * total
 
 
+@torch.no_grad()
 def set_weight(module, w: torch.Tensor) -> None:
     """Overwrite the module's weight values in place (or the offloaded copy that its hook loads)."""
     wm = _offload_map(module)

@@ -41,13 +41,7 @@ class Timer:
             yield
         finally:
             self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t, 2)
-            after = ev.memory_now_gb()
-            prev = self.memory.get(name, {})
-            for k in ("host_peak_gb", "device_peak_gb"):  # how much this stage raised the peak (summed)
-                if k in after:
-                    rise = round(prev.get(k + "_rise", 0.0) + after[k] - before.get(k, 0.0), 2)
-                    after[k + "_rise"] = rise
-            self.memory[name] = after
+            self.memory[name] = ev.memory_rise(before, ev.memory_now_gb(), self.memory.get(name))
 
 
 class Session:

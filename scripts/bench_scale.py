@@ -122,6 +122,13 @@ def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: l
     return row
 
 
+def lsq(xs: list, ys: list):
+    """Least-squares line through (xs, ys): (slope, mean x, mean y); slope None when xs are equal."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    vx = sum((x - mx) ** 2 for x in xs)
+    return (sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / vx if vx > 0 else None), mx, my
+
+
 def fit(rows: list) -> dict:
     """Per stage, the exponent b of seconds = a * params^b (least squares in log-log), 2+ sizes."""
     stages = sorted({s for r in rows for s in (r.get("timings_s") or {})})
@@ -129,12 +136,9 @@ def fit(rows: list) -> dict:
     for s in stages:
         pts = [(math.log(r["params"]), math.log(r["timings_s"][s])) for r in rows
                if (r.get("timings_s") or {}).get(s, 0) > 0.05]
-        if len(pts) < 2:
-            continue
-        mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
-        vx = sum((x - mx) ** 2 for x, _ in pts)
-        if vx > 0:
-            out[s] = round(sum((x - mx) * (y - my) for x, y in pts) / vx, 2)
+        b = lsq([x for x, _ in pts], [y for _, y in pts])[0] if len(pts) >= 2 else None
+        if b is not None:
+            out[s] = round(b, 2)
     return out
 
 
@@ -242,9 +246,7 @@ def extrapolate(rows: list) -> dict:
         full = rs[0]["slice_of"]
 
         def line(ys):
-            xs = [r["layers"] for r in rs]
-            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            b, mx, my = lsq([r["layers"] for r in rs], ys)
             return {"per_layer": round(b, 3), "fixed": round(my - b * mx, 2), "at_full_depth": round(my + b * (full - mx), 1)}
         stages = sorted(set.intersection(*[set(r.get("timings_s") or {}) for r in rs]))
         out[size] = {"layers_measured": sorted(r["layers"] for r in rs), "full_layers": full,

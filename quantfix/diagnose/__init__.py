@@ -18,7 +18,7 @@ import torch
 
 from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix import data as data_mod
-from quantfix.evaluate import memory_now_gb
+from quantfix.evaluate import memory_now_gb, memory_rise
 from quantfix.config import DiagnoseConfig, ProbesConfig, SensitivityConfig
 from quantfix.diagnose import activations, probes, sensitivity
 from quantfix.diagnose.findings import Diagnosis, Finding
@@ -134,10 +134,7 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
     def lap(name, t):
         timings[name] = round(time.perf_counter() - t, 2)
         now = memory_now_gb()
-        for k in ("host_peak_gb", "device_peak_gb"):  # how much this part raised the peak
-            if k in now:
-                now[k + "_rise"] = round(now[k] - last[0].get(k, 0.0), 2)
-        memory[name], last[0] = now, now
+        memory[name], last[0] = memory_rise(last[0], dict(now)), now
 
     t = time.perf_counter()
     sens = measure_sensitivity(rt, bank, plan, ref, data.windows, cfg.sensitivity, options, sens_cache, progress)

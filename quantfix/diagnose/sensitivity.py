@@ -291,6 +291,7 @@ def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tenso
         first = result is None
         f = fisher(model, windows, quantized, chunk, batch_size, label_samples, seed, progress,
                    plan_scores=first, layer_scores=layer_scores and first, labels=labels)
+        del chunk  # its weights go before the next chunk is simulated: one chunk in memory at a time
         if first:
             result = f
         else:
