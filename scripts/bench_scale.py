@@ -168,6 +168,12 @@ def table(res: dict) -> str:
                 + (f" gpu {v['device_peak_gb']}" if "device_peak_gb" in v else "")
                 + (f" (+{v['device_peak_gb_rise']})" if v.get("device_peak_gb_rise") else "")
                 for k, v in parts.items()))
+    parts = [r for r in rows if r.get("diagnose_timings_s")]
+    if parts:  # the diagnosis's own parts (sensitivity: Taylor, option simulation, Fisher passes)
+        lines.append("\ndiagnosis parts, seconds:")
+        for r in parts:
+            lines.append(f"- {r['size']}{'-L' + str(r['layers']) if r.get('slice_of') else ''}: "
+                         + "; ".join(f"{k} {v:g}" for k, v in r["diagnose_timings_s"].items()))
     if res.get("growth"):
         lines.append("\ngrowth exponent (seconds ~ params^b): "
                      + ", ".join(f"{s} {b}" for s, b in res["growth"].items()))

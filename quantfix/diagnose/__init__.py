@@ -139,6 +139,7 @@ def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats
     t = time.perf_counter()
     sens = measure_sensitivity(rt, bank, plan, ref, data.windows, cfg.sensitivity, options, sens_cache, progress)
     lap("sensitivity", t)
+    timings.update({f"sensitivity: {k}": round(v, 2) for k, v in sens.parts.items()})
     names = [n for n, p in plan.modules.items() if not p.is_float]
     prompts = [dict(p) for p in probes_cfg.prompts] if cfg.probes else []
     domain_sets = _domain_windows(rt, data, cfg)

@@ -45,9 +45,12 @@ class Sensitivity:
     n_tokens: int = 0
     # the per-module KLD the options are measured against (same estimator as `options`)
     option_base: Dict[str, float] = field(default_factory=dict)
+    # where the seconds went: "taylor", "option simulation", "fisher passes" (seconds), "passes" (count)
+    parts: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "seconds": round(self.seconds, 2), "n_tokens": self.n_tokens,
+                "parts": {k: round(v, 2) for k, v in self.parts.items()},
                 "layers": {str(k): v for k, v in self.layers.items()}, "types": self.types,
                 "modules": self.modules, "options": self.options, "option_base": self.option_base}
 
@@ -55,7 +58,7 @@ class Sensitivity:
     def from_dict(cls, d: dict) -> "Sensitivity":
         return cls(method=d["method"], layers={int(k): v for k, v in d["layers"].items()}, types=d["types"],
                    modules=d.get("modules", {}), options=d.get("options", {}), seconds=d.get("seconds", 0.0),
-                   n_tokens=d.get("n_tokens", 0), option_base=d.get("option_base", {}))
+                   n_tokens=d.get("n_tokens", 0), option_base=d.get("option_base", {}), parts=d.get("parts", {}))
 
     def ranked_layers(self) -> List[int]:
         return sorted(self.layers, key=lambda i: -self.layers[i])
@@ -287,16 +290,27 @@ def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tenso
     hooks only its chunk's modules (at 8B, 18 chunks each recomputing every module's product and
     rerunning every layer took 50 s a pass)."""
     result, labels = None, {}
-    for chunk in chunks:
+    sim_s, passes, it = 0.0, 0, iter(chunks)
+    while True:
+        t = time.perf_counter()
+        chunk = next(it, None)  # the chunk's options are simulated here (a generator)
+        if chunk is None:
+            break
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        sim_s += time.perf_counter() - t
         first = result is None
         f = fisher(model, windows, quantized, chunk, batch_size, label_samples, seed, progress,
                    plan_scores=first, layer_scores=layer_scores and first, labels=labels)
         del chunk  # its weights go before the next chunk is simulated: one chunk in memory at a time
+        passes += 1
         if first:
             result = f
         else:
             result.options.update(f.options)
             result.seconds += f.seconds
+    if result is not None:
+        result.parts = {"option simulation": sim_s, "fisher passes": result.seconds, "passes": passes}
     return result if result is not None else fisher(model, windows, quantized, {}, batch_size, label_samples, seed,
                                                     progress, layer_scores=layer_scores)
 
@@ -396,11 +410,12 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
     with torch.no_grad():
         for n, w in float_weights.items():
             set_weight(mods[n], w)
-    opts, base = {}, {}
+    opts, base, parts = {}, {}, {}
     chunks = option_chunks if option_chunks is not None else ([options] if options else [])
     if chunks:
         f = fisher_chunks(model, windows if fisher_windows is None else fisher_windows, quantized, chunks,
                           batch_size, label_samples, seed, progress, layer_scores=False)  # layers: Taylor's
-        opts, base = f.options, f.modules
+        opts, base, parts = f.options, f.modules, f.parts
     return Sensitivity(method="fast", layers=t.layers, types=t.types, modules=t.modules, options=opts,
-                       seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base)
+                       seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base,
+                       parts={"taylor": t.seconds, **parts})
