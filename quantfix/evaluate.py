@@ -297,9 +297,23 @@ def baseline_metrics(ref: Reference) -> Metrics:
     return summarize(ref.nll, z, torch.ones_like(ref.nll))
 
 
+def host_peak_kib() -> int:
+    """This process's peak resident memory (KiB): /proc's VmHWM, which starts afresh at exec. Linux's
+    ru_maxrss does not: a process started by one that had grown to 16 GB reported 16 GB for a 1B
+    model's whole run (bench_scale building an 8B model, then running a 1B one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def memory_now_gb() -> Dict[str, float]:
     """Host RSS now and at its peak so far, device allocator peak so far (GB): a stage's snapshot."""
-    out = {"host_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+    out = {"host_peak_gb": round(host_peak_kib() / 2 ** 20, 2)}
     try:
         with open("/proc/self/statm") as f:
             out["host_now_gb"] = round(int(f.read().split()[1]) * resource.getpagesize() / 2 ** 30, 2)
@@ -321,7 +335,7 @@ def memory_rise(before: Dict[str, float], after: Dict[str, float],
 
 
 def peak_memory_mb(device: torch.device) -> Dict[str, float]:
-    out = {"host_rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"host_rss_peak_mb": round(host_peak_kib() / 1024, 1)}
     if device.type == "cuda":
         out["device_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     return out

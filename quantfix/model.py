@@ -479,7 +479,18 @@ def device_room(dev, nbytes: int, reserve: float) -> bool:
         return False
     free, total = torch.cuda.mem_get_info(dev)
     free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    cap = torch.cuda.get_per_process_memory_fraction(dev) * total  # device_memory_gb
+    if cap < total:
+        free, total = min(free, cap - torch.cuda.memory_allocated(dev)), cap
     return free - nbytes >= reserve * total
+
+
+def cap_device_memory(gb: float) -> None:
+    """At most ``gb`` GB of each visible GPU for this process (torch's allocator raises past it;
+    ``device_room`` plans within it)."""
+    for i in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(i).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1e9 / total), i)
 
 
 @torch.no_grad()

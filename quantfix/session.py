@@ -54,6 +54,8 @@ class Session:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.device = model_mod.resolve_device(cfg.device)
+        if cfg.device_memory_gb and torch.cuda.is_available():
+            model_mod.cap_device_memory(cfg.device_memory_gb)
         if self.device.type == "cpu":
             # statistics of inputs with massive activations (the demo's 3000x channels) underflow into
             # denormal floats in the clipping searches and GPTQ, which the CPU computes ~15x slower

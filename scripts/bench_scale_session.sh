@@ -35,10 +35,10 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 B="python3 scripts/bench_scale.py --trials 3 --tokenizer /tmp/repo/.tok --budget-s 1500"; T=threads=20
 if [ "${1:-}" = "one" ]; then
   name=$3; shift 3
-  setsid bash -c "$B --work /tmp/w-$name --out $R/$name.json $* > $R/$name.log 2>&1; touch $R/done-$name" < /dev/null &
+  setsid bash -c "$B --work /tmp/w-$name --out $R/$name.json $* > $R/$name.log 2>&1; touch $R/done-$name" < /dev/null > /dev/null 2>&1 &
   sleep 5; ls $R; exit 0
 fi
-setsid bash -c "CUDA_VISIBLE_DEVICES=0 $B --sizes 8b --work /tmp/w0 --out $R/scale_8b.json $T > $R/g0.log 2>&1; touch $R/done0" < /dev/null &
-setsid bash -c "CUDA_VISIBLE_DEVICES=1 $B --sizes 1b 3b --work /tmp/w1 --out $R/scale_1b3b.json $T > $R/g1.log 2>&1; touch $R/done1" < /dev/null &
-setsid bash -c "CUDA_VISIBLE_DEVICES=2,3 $B --sizes 70b --layers 2 4 --work /tmp/w2 --out $R/scale_70b_slices.json model.device_map=auto $T > $R/g2.log 2>&1; touch $R/done2" < /dev/null &
+setsid bash -c "CUDA_VISIBLE_DEVICES=0 $B --sizes 8b --work /tmp/w0 --out $R/scale_8b.json $T > $R/g0.log 2>&1; touch $R/done0" < /dev/null > /dev/null 2>&1 &
+setsid bash -c "CUDA_VISIBLE_DEVICES=1 $B --sizes 1b 3b --work /tmp/w1 --out $R/scale_1b3b.json $T > $R/g1.log 2>&1; touch $R/done1" < /dev/null > /dev/null 2>&1 &
+setsid bash -c "CUDA_VISIBLE_DEVICES=2,3 $B --sizes 70b --layers 2 4 --work /tmp/w2 --out $R/scale_70b_slices.json model.device_map=auto $T > $R/g2.log 2>&1; touch $R/done2" < /dev/null > /dev/null 2>&1 &
 sleep 5; ls $R

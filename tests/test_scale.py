@@ -183,3 +183,48 @@ def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, t
                                      for o in chunk.values() for w in o.values())
     assert seen == [["0"], ["1"]] and not bank._sim
     assert [sorted(c) for c in option_chunks(bank, options, 1.0)] == [["0", "1"]] and len(bank._sim) == 6  # one chunk: kept
+
+
+def test_device_room_obeys_the_device_memory_cap(monkeypatch):
+    """device_memory_gb=80 on a 141 GB card: the caches that fill free memory plan within 80 GB
+    (torch's per-process fraction), not within what the driver reports free."""
+    import torch
+
+    from quantfix import model as model_mod
+
+    GB = 10 ** 9
+    state = {"fraction": 1.0, "allocated": 60 * GB}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (81 * GB, 141 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: state["fraction"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 141 * GB})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, i=None: state.__setitem__("fraction", f))
+    dev = torch.device("cuda", 0)
+    assert model_mod.device_room(dev, 30 * GB, 0.25)  # whole card: 81 - 30 = 51 >= 35.25
+    model_mod.cap_device_memory(80)
+    assert abs(state["fraction"] - 80 / 141) < 1e-9
+    assert not model_mod.device_room(dev, 30 * GB, 0.25)  # capped: 80 - 60 - 30 < 0
+    assert model_mod.device_room(dev, 0, 0.25)  # 20 free of 80 >= 20
+    assert not model_mod.device_room(dev, 1 * GB, 0.25)
+    assert not model_mod.device_room("cpu", 0, 0.0)
+
+
+def test_host_peak_starts_afresh_at_exec():
+    """A process started by one that grew to 1 GB reports its own peak, not its parent's (Linux
+    carries ru_maxrss across exec: bench_scale's 1B row once showed the 8B builder's 16 GB)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    child = ("import sys; sys.path.insert(0, %r); import resource; from quantfix.evaluate import host_peak_kib; "
+             "print(host_peak_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % root)
+    parent = ("import os, sys; b = bytearray(2 ** 30); b[::4096] = b'x' * len(b[::4096]); "
+              "os.execv(sys.executable, [sys.executable, '-c', %r])" % child)
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout.split()
+    own, inherited = int(out[0]), int(out[1])
+    assert inherited > 2 ** 20  # the effect this guards against is real here
+    assert own < inherited - 600 * 1024
