@@ -271,6 +271,8 @@ def validate(cfg: Any) -> None:
         p.append(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         p.append(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    if not cfg.device_memory_gb >= 0:  # NaN too
+        p.append(f"device_memory_gb={cfg.device_memory_gb}: use 0 (the whole card) or the GB quantfix may use per GPU, e.g. 80")
     for check in (_check_quant, _check_model, _check_data, _check_thresholds, _check_search):
         p += check(cfg)
     if p:

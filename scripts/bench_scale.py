@@ -153,7 +153,8 @@ def table(res: dict) -> str:
         t = r.get("timings_s") or {}
         gpu = (r.get("memory") or {}).get("device_peak_mb")
         cells = [f"{t[s]:.0f}" if s in t else "-" for s in stages]
-        lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['layers']} | " + " | ".join(cells)
+        label = " ".join([r["size"]] + [o for o in r.get("overrides") or [] if not o.startswith("threads=")])
+        lines.append(f"| {label} | {r['params'] / 1e9:.2f}B | {r['layers']} | " + " | ".join(cells)
                      + (f" | {gpu / 1024:.1f}" if gpu else " | -")
                      + f" | {r.get('peak_host_gb_run') or r.get('peak_host_gb')} | {r.get('trials')} | {r.get('rc')} |")
     mem = [r for r in rows if (r.get("memory") or {}).get("stages")]
@@ -199,6 +200,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        for p in parts:  # each row keeps the overrides of the run that measured it
+            for r in p["rows"]:
+                r.setdefault("overrides", p.get("overrides") or [])
         res = {**{k: v for k, v in parts[0].items() if k != "rows"}, "merged_from": a.merge,
                "rows": [r for p in parts for r in p["rows"]]}
         finish(res, a.out)
@@ -252,7 +256,11 @@ def extrapolate(rows: list) -> dict:
         full = rs[0]["slice_of"]
 
         def line(ys):
+            # a stage whose seconds fall with depth (noise around a fixed cost: loading, compiling) is
+            # taken as fixed at its largest measurement rather than extrapolated below zero
             b, mx, my = lsq([r["layers"] for r in rs], ys)
+            if b < 0:
+                return {"per_layer": 0.0, "fixed": round(max(ys), 2), "at_full_depth": round(max(ys), 1)}
             return {"per_layer": round(b, 3), "fixed": round(my - b * mx, 2), "at_full_depth": round(my + b * (full - mx), 1)}
         stages = sorted(set.intersection(*[set(r.get("timings_s") or {}) for r in rs]))
         out[size] = {"layers_measured": sorted(r["layers"] for r in rs), "full_layers": full,

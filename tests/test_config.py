@@ -61,6 +61,7 @@ def test_misspelled_key_fails_at_compose(compose):
     ("thresholds.max_kld_mean=-0.1", "KL divergence is >= 0"),
     ("quant.group_size=-2", "quant.group_size=-2"),
     ("loop.ladder=[4-64]", "is not 'bits/group'"),
+    ("device_memory_gb=-8", "device_memory_gb=-8.0: use 0 (the whole card)"),
 ])
 def test_validation_messages(compose, override, message):
     with pytest.raises(QuantfixError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
