@@ -226,7 +226,8 @@ class Config:
     device: str = "auto"
     seed: int = 0
     threads: int = 0  # 0 = torch's default
-    # GPU memory quantfix may use per card, GB (0 = the whole card): what fits an 80 GB H100 can be
+    # GPU memory quantfix may use per card, GB of 10^9 bytes (0 = the whole card; an "80 GB" H100 has
+    # 85.5): what fits an H100 can be
     # checked on a larger card (device_memory_gb=80); the caches that fill free memory obey it too
     device_memory_gb: float = 0.0
     cache_dir: Optional[str] = None  # default: $QUANTFIX_CACHE or ~/.cache/quantfix

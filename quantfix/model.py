@@ -258,6 +258,8 @@ def placement_kwargs(device_map: Optional[str], max_memory: Optional[dict] = Non
     extra = {"device_map": device_map}
     if max_memory:
         extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+    elif capped_memory():  # device_memory_gb: accelerate would place weights in all of a card's free memory
+        extra["max_memory"] = capped_memory()
     if offload_folder is None:
         offload_folder = tempfile.mkdtemp(prefix="quantfix-offload-")
         atexit.register(shutil.rmtree, offload_folder, True)
@@ -483,6 +485,22 @@ def device_room(dev, nbytes: int, reserve: float) -> bool:
     if cap < total:
         free, total = min(free, cap - torch.cuda.memory_allocated(dev)), cap
     return free - nbytes >= reserve * total
+
+
+def capped_memory() -> Optional[dict]:
+    """accelerate's max_memory under ``device_memory_gb``: per GPU the cap less what is allocated
+    already, the host's available memory for the rest; None when no GPU is capped."""
+    if not torch.cuda.is_available():
+        return None
+    caps = {i: torch.cuda.get_per_process_memory_fraction(i) * torch.cuda.get_device_properties(i).total_memory
+            for i in range(torch.cuda.device_count())}
+    if all(c >= torch.cuda.get_device_properties(i).total_memory for i, c in caps.items()):
+        return None
+    import psutil
+
+    out = {i: max(0, int(c - torch.cuda.memory_allocated(i))) for i, c in caps.items()}
+    out["cpu"] = psutil.virtual_memory().available
+    return out
 
 
 def cap_device_memory(gb: float) -> None:

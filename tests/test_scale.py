@@ -210,6 +210,13 @@ def test_device_room_obeys_the_device_memory_cap(monkeypatch):
     assert model_mod.device_room(dev, 0, 0.25)  # 20 free of 80 >= 20
     assert not model_mod.device_room(dev, 1 * GB, 0.25)
     assert not model_mod.device_room("cpu", 0, 0.0)
+    # model.device_map=auto: accelerate's weights stay within the cap (80 - 60 allocated), the rest to the host
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    mm = model_mod.placement_kwargs("auto")["max_memory"]
+    assert mm[0] == 20 * GB and mm["cpu"] > 0
+    assert model_mod.placement_kwargs("auto", {"0": "10GiB"})["max_memory"] == {0: "10GiB"}  # the user's own wins
+    state["fraction"] = 1.0
+    assert "max_memory" not in model_mod.placement_kwargs("auto")  # uncapped: accelerate's default
 
 
 def test_host_peak_starts_afresh_at_exec():
