@@ -226,9 +226,9 @@ class Config:
     device: str = "auto"
     seed: int = 0
     threads: int = 0  # 0 = torch's default
-    # GPU memory quantfix may use per card, GB of 10^9 bytes (0 = the whole card; an "80 GB" H100 has
-    # 85.5): what fits an H100 can be
-    # checked on a larger card (device_memory_gb=80); the caches that fill free memory obey it too
+    # GPU memory quantfix may use per card, in GB of 10^9 bytes (0 = the whole card). The caches that
+    # fill free memory and model.device_map=auto plan within it: device_memory_gb=80 on a 141 GB H200
+    # checks that a run fits an H100 (whose "80 GB" are 85.5 of these)
     device_memory_gb: float = 0.0
     cache_dir: Optional[str] = None  # default: $QUANTFIX_CACHE or ~/.cache/quantfix
     data_dir: Optional[str] = None  # default: $QUANTFIX_DATA or ../shared/data beside the repo

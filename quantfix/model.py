@@ -258,7 +258,7 @@ def placement_kwargs(device_map: Optional[str], max_memory: Optional[dict] = Non
     extra = {"device_map": device_map}
     if max_memory:
         extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
-    elif capped_memory():  # device_memory_gb: accelerate would place weights in all of a card's free memory
+    elif capped_memory() is not None:  # device_memory_gb: else accelerate fills each card's free memory
         extra["max_memory"] = capped_memory()
     if offload_folder is None:
         offload_folder = tempfile.mkdtemp(prefix="quantfix-offload-")
@@ -481,10 +481,16 @@ def device_room(dev, nbytes: int, reserve: float) -> bool:
         return False
     free, total = torch.cuda.mem_get_info(dev)
     free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-    cap = torch.cuda.get_per_process_memory_fraction(dev) * total  # device_memory_gb
+    cap = _memory_fraction(dev) * total  # device_memory_gb
     if cap < total:
         free, total = min(free, cap - torch.cuda.memory_allocated(dev)), cap
     return free - nbytes >= reserve * total
+
+
+def _memory_fraction(dev) -> float:
+    """torch's per-process memory fraction of a GPU (1.0 where this torch cannot tell)."""
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return float(get(dev)) if get is not None else 1.0
 
 
 def capped_memory() -> Optional[dict]:
@@ -492,7 +498,7 @@ def capped_memory() -> Optional[dict]:
     already, the host's available memory for the rest; None when no GPU is capped."""
     if not torch.cuda.is_available():
         return None
-    caps = {i: torch.cuda.get_per_process_memory_fraction(i) * torch.cuda.get_device_properties(i).total_memory
+    caps = {i: _memory_fraction(i) * torch.cuda.get_device_properties(i).total_memory
             for i in range(torch.cuda.device_count())}
     if all(c >= torch.cuda.get_device_properties(i).total_memory for i, c in caps.items()):
         return None

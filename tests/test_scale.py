@@ -169,7 +169,17 @@ def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, t
     assert all(0 < p <= one["memory"]["host_rss_peak_mb"] / 1024 + 0.01 for p in peaks)
     assert sum(v.get("host_peak_gb_rise", 0) for v in stages.values()) <= max(peaks) + 0.01
     diag = json.loads((tmp_path / "one" / "diagnosis.json").read_text())
-    assert set(diag["memory_gb"]) == {k for k in diag["timings_s"] if k != "total"}
+    parts = {k for k in diag["timings_s"] if k.startswith("sensitivity: ")}
+    assert set(diag["memory_gb"]) == {k for k in diag["timings_s"] if k != "total"} - parts
+    # the sensitivity's own parts: one Fisher pass here, one per module (each a chunk) with the tiny budget
+    many_diag = json.loads((tmp_path / "many" / "diagnosis.json").read_text())
+    n_opt = len(json.loads((tmp_path / "many" / "diagnosis_full.json").read_text())["sensitivity"]["options"])
+    assert diag["timings_s"]["sensitivity: passes"] == 1 and n_opt > 1
+    assert many_diag["timings_s"]["sensitivity: passes"] == n_opt
+    for d in (diag, many_diag):
+        t = d["timings_s"]
+        assert t["sensitivity: taylor"] + t["sensitivity: option simulation"] + t["sensitivity: fisher passes"] \
+            <= t["sensitivity"] + 0.05
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
     from quantfix.plan import Precision
