@@ -243,6 +243,64 @@ def finish(res: dict, out: str, quiet: bool = False) -> None:
     Path(out).write_text(json.dumps(res, indent=2, default=str))
     if not quiet:
         print(res["table"])
+        print(f"plot: {plot(res, Path(out).with_suffix('.png'))}")
+
+
+PLOT_STAGES = [("load model", "load"), ("float reference", "float reference"), ("calibration stats", "calibration"),
+               ("sensitivity: taylor", "diagnose: Taylor"), ("sensitivity: option simulation", "diagnose: option simulation"),
+               ("sensitivity: fisher passes", "diagnose: Fisher passes"), ("diagnose (rest)", "diagnose: activations, probes"),
+               ("trials", "trials"), ("export", "export"), ("verify (reload + evaluate)", "reload + verify"),
+               ("other", "other (data, plan, ...)")]
+
+
+def _plot_seconds(r: dict) -> dict:
+    """A row's seconds by the plot's stages (the diagnosis split into its parts where recorded)."""
+    t, d = dict(r.get("timings_s") or {}), r.get("diagnose_timings_s") or {}
+    out = {k: t.get(k, 0.0) for k in ("load model", "float reference", "calibration stats", "export",
+                                      "verify (reload + evaluate)")}
+    out["trials"] = t.get("quantize (simulated)", 0.0) + t.get("evaluate trials", 0.0)
+    parts = {k: d.get(k, 0.0) for k in ("sensitivity: taylor", "sensitivity: option simulation", "sensitivity: fisher passes")}
+    out.update(parts)
+    out["diagnose (rest)"] = max(0.0, t.get("diagnose", 0.0) - sum(parts.values()))
+    out["other"] = max(0.0, t.get("total", 0.0) - sum(out.values()))
+    return out
+
+
+def plot(res: dict, path: Path) -> Path:
+    """Stacked bars: seconds per stage for every measured row and each extrapolated full depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = []
+    for r in res["rows"]:
+        if r.get("rc") != 0 or not r.get("timings_s"):
+            continue
+        label = " ".join([r["size"] + (f" ({r['layers']} of {r['slice_of']} layers)" if r.get("slice_of") else "")]
+                         + [o for o in r.get("overrides") or [] if not o.startswith(("threads=", "model.device_map"))])
+        bars.append((label, _plot_seconds(r), r["timings_s"].get("total")))
+    for size, e in (res.get("extrapolated") or {}).items():
+        sec = {k: v["at_full_depth"] for k, v in e["seconds"].items()}
+        parts = {k: v["at_full_depth"] for k, v in (e.get("diagnose_parts") or {}).items()}
+        bars.append((f"{size} extrapolated to {e['full_layers']} layers",
+                     _plot_seconds({"timings_s": sec, "diagnose_timings_s": parts}), sec.get("total")))
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(bars) + 2.6))
+    colors = list(plt.get_cmap("tab10").colors) + ["#bbbbbb"]
+    for j, (key, name) in enumerate(PLOT_STAGES):
+        left = [sum(b[1][k] for k, _ in PLOT_STAGES[:j]) for b in bars]
+        ax.barh(range(len(bars)), [b[1][key] for b in bars], left=left, color=colors[j % len(colors)], label=name)
+    for i, (_, sec, total) in enumerate(bars):  # the label: the run's (or the fitted) total
+        ax.text(sum(sec.values()), i, f" {total or sum(sec.values()):.0f} s", va="center", fontsize=8)
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (whole loop: 3 trials, export, reload, verify)")
+    ax.set_title(f"quantfix at real sizes, {res.get('gpu') or 'CPU'}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def extrapolate(rows: list) -> dict:
@@ -267,6 +325,8 @@ def extrapolate(rows: list) -> dict:
                      "params_full": round(rs[0]["params"] + (full - rs[0]["layers"]) * (rs[-1]["params"] - rs[0]["params"])
                                           / max(1, rs[-1]["layers"] - rs[0]["layers"])),
                      "seconds": {st: line([r["timings_s"][st] for r in rs]) for st in stages},
+                     "diagnose_parts": {st: line([r["diagnose_timings_s"][st] for r in rs]) for st in sorted(
+                         set.intersection(*[set(r.get("diagnose_timings_s") or {}) for r in rs])) if st != "sensitivity: passes"},
                      "peak_host_gb": line([r.get("peak_host_gb_run") or 0 for r in rs]),
                      "peak_gpu_gb": line([((r.get("memory") or {}).get("device_peak_mb") or 0) / 1024 for r in rs])}
     return out
