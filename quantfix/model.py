@@ -258,8 +258,8 @@ def placement_kwargs(device_map: Optional[str], max_memory: Optional[dict] = Non
     extra = {"device_map": device_map}
     if max_memory:
         extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
-    elif capped_memory() is not None:  # device_memory_gb: else accelerate fills each card's free memory
-        extra["max_memory"] = capped_memory()
+    elif (capped := capped_memory()) is not None:  # device_memory_gb: else accelerate fills each card's free memory
+        extra["max_memory"] = capped
     if offload_folder is None:
         offload_folder = tempfile.mkdtemp(prefix="quantfix-offload-")
         atexit.register(shutil.rmtree, offload_folder, True)

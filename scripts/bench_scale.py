@@ -99,7 +99,9 @@ def run_loop(model_dir: Path, run_dir: Path, trials: int, timeout: int, extra: l
     wall = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, the largest child so far
     row = {"rc": rc, "wall_s": round(wall, 1), "peak_host_gb": round(rss / 2 ** 20, 2) if rss > before else None}
-    # (RUSAGE_CHILDREN only grows: a smaller later child leaves it unchanged; report.json has each run's own)
+    # (RUSAGE_CHILDREN only grows: a smaller later child leaves it unchanged, and a child's figure
+    # includes this process's own peak, carried across exec: an upper bound used only when the run
+    # wrote no report.json, whose figure is the run's own, from VmHWM)
     rep = run_dir / "report.json"
     if rep.exists():
         r = json.loads(rep.read_text())

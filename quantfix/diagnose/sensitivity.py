@@ -290,12 +290,9 @@ def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tenso
     hooks only its chunk's modules (at 8B, 18 chunks each recomputing every module's product and
     rerunning every layer took 50 s a pass)."""
     result, labels = None, {}
-    sim_s, passes, it = 0.0, 0, iter(chunks)
-    while True:
-        t = time.perf_counter()
-        chunk = next(it, None)  # the chunk's options are simulated here (a generator)
-        if chunk is None:
-            break
+    sim_s, passes = 0.0, 0
+    t = time.perf_counter()
+    for chunk in chunks:  # a generator: the chunk's options are simulated while it is fetched
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         sim_s += time.perf_counter() - t
@@ -309,6 +306,7 @@ def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tenso
         else:
             result.options.update(f.options)
             result.seconds += f.seconds
+        t = time.perf_counter()
     if result is not None:
         result.parts = {"option simulation": sim_s, "fisher passes": result.seconds, "passes": passes}
     return result if result is not None else fisher(model, windows, quantized, {}, batch_size, label_samples, seed,
