@@ -198,3 +198,9 @@ def code_version() -> str:
         h.update(f.relative_to(pkg).as_posix().encode())
         h.update(f.read_bytes())
     return f"{quantfix.__version__}+{h.hexdigest()[:12]}"
+
+
+def cache_dir(configured: Optional[str] = None) -> Path:
+    path = Path(configured or os.environ.get("QUANTFIX_CACHE") or Path.home() / ".cache" / "quantfix")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

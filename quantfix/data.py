@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.model import is_offline
+from quantfix.source import is_offline
 
 DOMAINS = ("wikitext2", "c4", "pydoc", "stdlib", "humaneval", "mbpp")
 # which broad domain each source belongs to (per-domain perplexity, calibration advice)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
-from quantfix.model import input_device
+from quantfix.weights import input_device
 
 log = logging.getLogger(__name__)
 

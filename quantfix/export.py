@@ -22,7 +22,8 @@ import torch
 from quantfix.arch import is_expert
 from quantfix.cache import is_disk_full  # noqa: F401 - also part of this module's API
 from quantfix.errors import QuantfixError
-from quantfix.model import offload_map, placement_kwargs, set_weight, weight_device, weight_of
+from quantfix.loading import placement_kwargs
+from quantfix.weights import offload_map, set_weight, weight_device, weight_of
 from quantfix.plan import Plan
 from quantfix.quantize import algorithms
 

@@ -12,7 +12,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from quantfix.model import decoder_layers, input_device
+from quantfix.arch import decoder_layers
+
+from quantfix.weights import input_device
 
 
 class _Captured(Exception):

@@ -23,10 +23,10 @@ from quantfix import export as exp
 from quantfix import report as rep
 from quantfix import search, steps, verdict
 from quantfix.errors import QuantfixError
-from quantfix.model import input_device
+from quantfix.weights import input_device
 from quantfix.planner import Ladder, initial_plan, ladder_options
 from quantfix.quantize import algorithms
-from quantfix.quantize.bank import WeightBank
+from quantfix.bank import WeightBank
 from quantfix.session import Session
 from quantfix.trials import Trials, TrialSetup
 

@@ -11,44 +11,7 @@ import yaml
 
 from quantfix.errors import QuantfixError
 from quantfix.quantize import algorithms
-from quantfix.quantize.algorithms import FLOAT_BITS
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How one module is stored. bits=16 means kept in float (not quantized)."""
-
-    bits: int = FLOAT_BITS
-    group_size: int = 0  # 0 = one scale per output channel
-    symmetric: bool = True
-    algorithm: str = "rtn"
-
-    def __post_init__(self):
-        problem = algorithms.bits_problem(self.bits, allow_float=True)
-        if problem:
-            raise QuantfixError(problem)
-        if self.algorithm not in algorithms.REGISTRY:
-            raise QuantfixError(f"algorithm={self.algorithm!r}: choose one of {', '.join(algorithms.NAMES)}")
-        if self.group_size < 0:
-            raise QuantfixError(f"group_size={self.group_size}: use 0 (per channel) or a positive size")
-
-    @property
-    def is_float(self) -> bool:
-        return self.bits >= FLOAT_BITS
-
-    @property
-    def label(self) -> str:
-        return "FP16" if self.is_float else algorithms.get(self.algorithm).label(self)
-
-    def bits_per_weight(self, in_features: int) -> float:
-        """Storage bits per weight, scales (16 bit) and zero points included."""
-        if self.is_float:
-            return float(FLOAT_BITS)
-        return algorithms.get(self.algorithm).bits_per_weight(self, in_features)
-
-    @property
-    def family(self) -> str:
-        return algorithms.get(self.algorithm).family
+from quantfix.quantize.algorithms import FLOAT_BITS, Precision
 
 
 def valid_group_size(requested: int, in_features: int, strict: bool, name: str) -> Tuple[int, Optional[str]]:

@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
-from quantfix import model as model_mod
+from quantfix import loading, source, weights
 from quantfix import cache as cache_mod
 from quantfix.config import validate
-from quantfix.quantize import calib as calib_mod
+from quantfix import calib as calib_mod
 from quantfix.runtime import RunData, Runtime
 
 log = logging.getLogger(__name__)
@@ -53,28 +53,28 @@ class Session:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.device = model_mod.resolve_device(cfg.device)
+        self.device = loading.resolve_device(cfg.device)
         if cfg.device_memory_gb and torch.cuda.is_available():
-            model_mod.cap_device_memory(cfg.device_memory_gb)
+            weights.cap_device_memory(cfg.device_memory_gb)
         if self.device.type == "cpu":
             # statistics of inputs with massive activations (the demo's 3000x channels) underflow into
             # denormal floats in the clipping searches and GPTQ, which the CPU computes ~15x slower
             # (one demo down_proj: 13.2 s -> 0.9 s); flushed to zero they change nothing measurable. Set
             # before any torch worker thread starts (they inherit it); the bank's simulation jobs set it too
             torch.set_flush_denormal(True)
-        self.dtype = model_mod.resolve_dtype(cfg.model.dtype, self.device)
-        self.cache = model_mod.cache_dir(cfg.cache_dir)
+        self.dtype = loading.resolve_dtype(cfg.model.dtype, self.device)
+        self.cache = cache_mod.cache_dir(cfg.cache_dir)
         data_dir = str(data_mod.default_data_dir(cfg.data_dir))
-        self.offline = model_mod.is_offline(cfg.offline)
+        self.offline = source.is_offline(cfg.offline)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         m = cfg.model
         with self.timer("load model"):
-            self.resolved = model_mod.resolve(m.name_or_path, self.cache, offline=self.offline, revision=m.revision)
-            model, tokenizer = model_mod.load(self.resolved, self.dtype, self.device, m.revision, m.trust_remote_code,
+            self.resolved = source.resolve(m.name_or_path, self.cache, offline=self.offline, revision=m.revision)
+            model, tokenizer = loading.load(self.resolved, self.dtype, self.device, m.revision, m.trust_remote_code,
                                               m.device_map, dict(m.max_memory) if m.max_memory else None,
                                               m.offload_folder, allow_pickle=m.allow_pickle, offline=self.offline)
-        model_mod.check_positions(model.config, {  # the diagnosis (not in mode=baseline) has its own length
+        loading.check_positions(model.config, {  # the diagnosis (not in mode=baseline) has its own length
             "eval.seq_len": cfg.eval.seq_len, "data.seq_len": cfg.data.seq_len,
             **({} if cfg.mode == "baseline" else {"diagnose.domain_seq_len": cfg.diagnose.domain_seq_len})})
         with self.timer("data"):
@@ -148,7 +148,7 @@ class Session:
         self.sim_dtype = dtype
         if dtype == self.dtype or torch.finfo(dtype).bits >= torch.finfo(self.dtype).bits:
             return
-        model_mod.round_params(self.rt.model, dtype)
+        weights.round_params(self.rt.model, dtype)
 
     def reference(self) -> ev.Reference:
         """The float model's log-probs on the eval windows (cached on disk); sets ``evaluator``."""

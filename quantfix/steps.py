@@ -107,7 +107,7 @@ def tune(s: Session, bank, trial, result, budget: Optional[float]):
     then the passing plan itself (a lower KLD at the same size); with no passing plan, the last one.
     Budget mode: the plan within the budget. A tuned plan replaces its source when it passes (or,
     in budget mode, measures a lower KLD). Returns the (possibly updated) SearchResult."""
-    from quantfix.quantize import autoround
+    from quantfix import tune as autoround
 
     cfg = s.cfg.loop
     if cfg.tune == "none":

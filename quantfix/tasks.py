@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantfix.errors import QuantfixError
-from quantfix.model import input_device
+from quantfix.weights import input_device
 
 log = logging.getLogger(__name__)
 

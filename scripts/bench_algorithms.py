@@ -18,12 +18,12 @@ import torch
 
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
-from quantfix import model as model_mod
+from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
 from quantfix.config import QuantConfig, parse_rung
 from quantfix.planner import initial_plan
 from quantfix.plan import Precision, valid_group_size
-from quantfix.quantize.bank import WeightBank
-from quantfix.quantize.calib import collect
+from quantfix.bank import WeightBank
+from quantfix.calib import collect
 
 
 def main() -> None:
@@ -39,9 +39,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/algorithms_cpu.json")
     a = ap.parse_args()
     torch.manual_seed(0)
-    device = model_mod.resolve_device(a.device)
-    dtype = model_mod.resolve_dtype("auto", device)
-    model, tok = model_mod.load(model_mod.resolve(a.model, model_mod.cache_dir()), dtype, device)
+    device = loading_mod.resolve_device(a.device)
+    dtype = loading_mod.resolve_dtype("auto", device)
+    model, tok = loading_mod.load(source_mod.resolve(a.model, cache_mod.cache_dir()), dtype, device)
     dd = str(data_mod.default_data_dir())
     windows = data_mod.eval_windows("wikitext2", dd, tok, a.windows, a.seq_len)
     samples = data_mod.calibration_samples(["c4"], dd, tok, a.calib, a.seq_len, 0)

@@ -23,12 +23,12 @@ import torch
 
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
-from quantfix import model as model_mod
+from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
 from quantfix.diagnose.sensitivity import fast
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import fake
-from quantfix.quantize.bank import WeightBank
-from quantfix.quantize.calib import collect
+from quantfix.bank import WeightBank
+from quantfix.calib import collect
 
 
 def timed(fn, device, repeats=3):
@@ -181,8 +181,8 @@ def main():
 
     bs = 16
     if not a.no_demo:
-        resolved = model_mod.resolve("demo", model_mod.cache_dir())
-        model, tok = model_mod.load(resolved, torch.bfloat16, device)
+        resolved = source_mod.resolve("demo", cache_mod.cache_dir())
+        model, tok = loading_mod.load(resolved, torch.bfloat16, device)
         dd = str(data_mod.default_data_dir())
         windows = data_mod.eval_windows("wikitext2", dd, tok, a.windows, a.seq_len)
         samples = data_mod.calibration_samples(["c4"], dd, tok, 32, a.seq_len, 0)

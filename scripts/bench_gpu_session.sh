@@ -19,7 +19,7 @@ py=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
 ngpu=$(nvidia-smi -L | wc -l)
 # convert the demo GGUF once, before parallel jobs read it
-$py -c "from quantfix import model as M; print(M.resolve('demo', M.cache_dir()).path)"
+$py -c "from quantfix import source, cache; print(source.resolve('demo', cache.cache_dir()).path)"
 
 stream() {  # stream GPU NAME ARGS...: one bench_repair section set on one GPU, bounded in time
   local gpu=$1 name=$2; shift 2

@@ -13,13 +13,13 @@ Results: benchmarks/README.md. Not used by the loop.
 import sys, time, json
 import torch
 torch.set_num_threads(2); torch.manual_seed(0)
-from quantfix import model as M, data as D, evaluate as ev
+from quantfix import cache as cache_mod, data as D, evaluate as ev, loading as loading_mod, source as source_mod
 from quantfix.config import QuantConfig
 from quantfix.planner import initial_plan
 from quantfix.plan import Plan, Precision
-from quantfix.quantize.bank import WeightBank
+from quantfix.bank import WeightBank
 from quantfix.diagnose.sensitivity import taylor, fisher
-r = M.resolve("demo", M.cache_dir()); model, tok = M.load(r, torch.float32, torch.device("cpu"))
+r = source_mod.resolve("demo", cache_mod.cache_dir()); model, tok = loading_mod.load(r, torch.float32, torch.device("cpu"))
 dd = str(D.default_data_dir())
 windows = D.eval_windows("wikitext2", dd, tok, 16, 512)
 samples = D.calibration_samples(["c4"], dd, tok, 32, 512, 0)

@@ -34,7 +34,7 @@ import torch
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
 from quantfix import export as exp
-from quantfix import model as model_mod
+from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
 from quantfix.plan import Precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,10 +64,10 @@ def main() -> None:
         print_table(merged)
         return
     torch.manual_seed(0)
-    device = model_mod.resolve_device(a.device)
-    dtype = model_mod.resolve_dtype("auto", device)
-    resolved = model_mod.resolve(a.model, model_mod.cache_dir())
-    model, tok = model_mod.load(resolved, dtype, device)
+    device = loading_mod.resolve_device(a.device)
+    dtype = loading_mod.resolve_dtype("auto", device)
+    resolved = source_mod.resolve(a.model, cache_mod.cache_dir())
+    model, tok = loading_mod.load(resolved, dtype, device)
     dd = str(data_mod.default_data_dir())
     windows = data_mod.eval_windows("wikitext2", dd, tok, a.windows, a.seq_len)
     samples = data_mod.calibration_samples(["c4"], dd, tok, a.calib, a.seq_len, 0)
@@ -180,7 +180,7 @@ def uniform_rows(model, ctx: dict) -> list:
             label = f"uniform {alg.upper()} {wname}"
             out = Path(tempfile.mkdtemp(prefix="bench-u-"))
             try:
-                fresh, _ = model_mod.load(ctx["resolved"], ctx["dtype"], ctx["device"])
+                fresh, _ = loading_mod.load(ctx["resolved"], ctx["dtype"], ctx["device"])
                 t = time.perf_counter()
                 ckpt = stock_export(fresh, ctx["tok"], alg, bits, g, ctx["samples"], out)
                 secs = time.perf_counter() - t

@@ -212,9 +212,9 @@ def main() -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_scale needs a CUDA GPU (the models are built on it); --device cpu for a smoke test")
     sys.path.insert(0, str(ROOT))
-    from quantfix import model as model_mod
+    from quantfix import cache as cache_mod, source as source_mod
 
-    tok_dir = a.tokenizer or model_mod.resolve("demo", model_mod.cache_dir()).path
+    tok_dir = a.tokenizer or source_mod.resolve("demo", cache_mod.cache_dir()).path
     work = Path(a.work)
     res = {"gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "n_gpus": torch.cuda.device_count(), "torch": torch.__version__,
            "trials": a.trials, "overrides": a.extra, "rows": []}

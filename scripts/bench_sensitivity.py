@@ -18,10 +18,10 @@ from scipy.stats import spearmanr
 
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
-from quantfix import model as model_mod
+from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
 from quantfix.diagnose import sensitivity as sens
 from quantfix.planner import initial_plan
-from quantfix.quantize.bank import WeightBank
+from quantfix.bank import WeightBank
 from quantfix.config import QuantConfig
 
 
@@ -41,11 +41,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/sensitivity.json")
     a = ap.parse_args()
     torch.manual_seed(0)
-    cache = model_mod.cache_dir()
-    resolved = model_mod.resolve(a.model, cache)
-    device = model_mod.resolve_device(a.device)
-    dtype = model_mod.resolve_dtype(a.dtype, device)
-    model, tok = model_mod.load(resolved, dtype, device)
+    cache = cache_mod.cache_dir()
+    resolved = source_mod.resolve(a.model, cache)
+    device = loading_mod.resolve_device(a.device)
+    dtype = loading_mod.resolve_dtype(a.dtype, device)
+    model, tok = loading_mod.load(resolved, dtype, device)
     windows = data_mod.eval_windows("wikitext2", str(data_mod.default_data_dir()), tok, a.windows, a.seq_len)
     q = QuantConfig(algorithm=a.algorithm, bits=a.bits, group_size=a.group_size)
     plan, _ = initial_plan(model, q, {})

@@ -35,12 +35,12 @@ def main(path: str, n_windows: int = 16, seq_len: int = 512) -> None:
     from transformers import AutoTokenizer
 
     from quantfix import data as data_mod
-    from quantfix import model as model_mod
+    from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
     from quantfix.formats import gguf_tokenizer as gt
 
     gguf = Path(path)
-    resolved = model_mod.resolve(str(gguf), model_mod.cache_dir())  # converts once, tokenizer checked
-    model, fixed = model_mod.load(resolved, torch.float32, torch.device("cpu"))
+    resolved = source_mod.resolve(str(gguf), cache_mod.cache_dir())  # converts once, tokenizer checked
+    model, fixed = loading_mod.load(resolved, torch.float32, torch.device("cpu"))
     raw = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     with tempfile.TemporaryDirectory() as d:
         raw.save_pretrained(d)

@@ -5,7 +5,7 @@ import torch
 from quantfix.config import QuantConfig
 from quantfix.plan import Precision
 from quantfix.quantize import algorithms
-from quantfix.quantize.calib import InputStats
+from quantfix.calib import InputStats
 
 
 def _inputs():

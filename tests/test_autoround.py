@@ -7,7 +7,8 @@ from quantfix.config import validate
 from quantfix.errors import QuantfixError
 from quantfix.loop import run
 from quantfix.plan import Plan, Precision
-from quantfix.quantize import autoround, scales
+from quantfix.quantize import scales
+from quantfix import tune as autoround
 from tests.conftest import tiny_llama, tiny_overrides
 
 pytest.importorskip("auto_round")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers
-from quantfix.quantize.calib import CalibStats, collect
+from quantfix.calib import CalibStats, collect
 from tests.conftest import tiny_llama
 
 
@@ -53,7 +53,7 @@ def test_weight_bank_gptq_groups_shared_inputs_like_separate_runs(monkeypatch):
     must give each module the weights a separate GPTQ run on its own would."""
     from quantfix.plan import Plan, Precision
     from quantfix.quantize import fake
-    from quantfix.quantize.bank import WeightBank
+    from quantfix.bank import WeightBank
 
     model = tiny_llama(seed=4)
     x = torch.randint(0, 384, (4, 32))
@@ -79,7 +79,7 @@ def test_weight_bank_gptq_groups_shared_inputs_like_separate_runs(monkeypatch):
 def test_collect_runs_each_layer_once_per_batch():
     """The hooked pass's outputs feed the next layer: no second forward of the same layer, and the
     statistics equal those of a model whose layers are run again (the outputs are the same)."""
-    from quantfix.model import decoder_layers
+    from quantfix.arch import decoder_layers
 
     model = tiny_llama(seed=3, layers=3)
     samples = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -105,7 +105,7 @@ def test_collect_runs_each_layer_once_per_batch():
 def test_statistics_above_the_cache_limit_are_not_written(tmp_path, monkeypatch):
     """An 8B model's Hessians take 33 GB: writing and re-reading them costs more than computing them,
     so statistics above calib.CACHE_MAX_BYTES are computed and returned but not cached."""
-    from quantfix.quantize import calib
+    from quantfix import calib
 
     model = tiny_llama(seed=3)
     x = torch.randint(0, 384, (2, 16))
@@ -123,7 +123,7 @@ def test_plan_weights_are_computed_when_asked(monkeypatch):
     """``WeightBank.quantized_weights`` hands out a mapping that simulates each module when it is
     read (an 8B plan's weights would take 14 GB at once), with the values ``simulate`` gives."""
     from quantfix.plan import Plan, Precision
-    from quantfix.quantize.bank import WeightBank
+    from quantfix.bank import WeightBank
 
     model = tiny_llama(seed=4)
     names = [n for n, m in model.named_modules() if n.endswith("proj")]
@@ -145,7 +145,7 @@ def test_only_the_diagonal_is_collected_when_no_algorithm_needs_the_hessian(comp
     (the imatrix reads E[x^2], its diagonal), so only the diagonal is collected (at 8B: a few MB
     instead of 33 GB); the run measures what it measures with the full Hessians."""
     from quantfix.loop import run
-    from quantfix.quantize import calib
+    from quantfix import calib
     from quantfix.session import Session
     from tests.conftest import tiny_overrides
 

@@ -45,10 +45,10 @@ def test_demo_gguf_q4_0_is_read_exactly_and_diagnosed(tmp_path):
     import numpy as np
     from gguf.quants import dequantize
 
-    from quantfix import model as model_mod
+    from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
     from quantfix.formats import gguf_io
 
-    src = model_mod.fetch_demo_gguf(model_mod.cache_dir())
+    src = source_mod.fetch_demo_gguf(cache_mod.cache_dir())
     dst = gguf_io.requantize(str(src), str(tmp_path / "demo.Q4_0.gguf"),
                              lambda name, t: "Q4_0" if name.startswith("blk.") and len(t.shape) == 2 else None)
     out = tmp_path / "run"
@@ -73,8 +73,8 @@ def test_demo_gguf_q4_0_is_read_exactly_and_diagnosed(tmp_path):
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config")
-    fp, _ = model_mod.load(model_mod.resolve("demo", model_mod.cache_dir()), model_mod.resolve_dtype("float32", None),
-                           model_mod.resolve_device("cpu"))
+    fp, _ = loading_mod.load(source_mod.resolve("demo", cache_mod.cache_dir()), loading_mod.resolve_dtype("float32", None),
+                           loading_mod.resolve_device("cpu"))
     plan0, _ = initial_plan(fp, cfg.quant, {})
     ext = formats.read(str(dst), plan0, fp)
     assert np.array_equal(ext.weights["model.layers.3.mlp.down_proj"].numpy(), ref)

@@ -16,7 +16,7 @@ import torch
 
 from quantfix import data as data_mod
 from quantfix import export as exp
-from quantfix import model as model_mod
+from quantfix import loading as loading_mod, source as source_mod
 from quantfix.errors import QuantfixError
 from tests.conftest import ROOT, SHARED_DATA, save_model_dir, tiny_llama, tiny_overrides
 
@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def _load(path, **kw):
-    return model_mod.load(model_mod.resolve(str(path), path.parent / "cache"), torch.float32, CPU, **kw)
+    return loading_mod.load(source_mod.resolve(str(path), path.parent / "cache"), torch.float32, CPU, **kw)
 
 
 def _one_line_error(path, match, **kw) -> str:
@@ -95,10 +95,10 @@ def test_check_positions_names_the_key_and_the_fix():
 
     with pytest.raises(QuantfixError, match=r"eval.seq_len=128 is longer than the model's 64 positions "
                                             r"\(config.json n_positions\): set eval.seq_len=64 or less"):
-        model_mod.check_positions(GPT2Config(n_positions=64), {"eval.seq_len": 128, "data.seq_len": 64})
-    model_mod.check_positions(GPT2Config(n_positions=64), {"eval.seq_len": 64, "data.seq_len": None})
+        loading_mod.check_positions(GPT2Config(n_positions=64), {"eval.seq_len": 128, "data.seq_len": 64})
+    loading_mod.check_positions(GPT2Config(n_positions=64), {"eval.seq_len": 64, "data.seq_len": None})
     with pytest.raises(QuantfixError, match="data.seq_len=600.*max_position_embeddings"):
-        model_mod.check_positions(LlamaConfig(max_position_embeddings=512), {"data.seq_len": 600})
+        loading_mod.check_positions(LlamaConfig(max_position_embeddings=512), {"data.seq_len": 600})
 
 
 def test_seq_len_beyond_positions_fails_before_any_data(compose, tiny_dir, tmp_path):
@@ -193,7 +193,7 @@ def test_offline_bare_name_is_a_missing_path_without_hub_call(tmp_path, monkeypa
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(QuantfixError, match=rf"model path not found: {name} \(offline: no hub lookup"):
-        model_mod.resolve(name, tmp_path, offline=True)
+        source_mod.resolve(name, tmp_path, offline=True)
     assert attempts == []
 
 
@@ -205,17 +205,17 @@ def test_offline_hub_id_in_the_hf_cache_loads_from_it(tmp_path, tiny_dir, monkey
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    r = model_mod.resolve("someorg/tiny", tmp_path, offline=True)
+    r = source_mod.resolve("someorg/tiny", tmp_path, offline=True)
     assert Path(r.path) == repo / "snapshots" / "abc123"
-    m, _ = model_mod.load(r, torch.float32, CPU, offline=True)
+    m, _ = loading_mod.load(r, torch.float32, CPU, offline=True)
     assert m.config.num_hidden_layers == 2
 
 
 def test_offline_follows_hf_hub_offline_unless_set(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert model_mod.is_offline(None) and not model_mod.is_offline(False)
+    assert source_mod.is_offline(None) and not source_mod.is_offline(False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert not model_mod.is_offline(None) and model_mod.is_offline(True)
+    assert not source_mod.is_offline(None) and source_mod.is_offline(True)
 
 
 def test_cli_offline_hub_id_exits_2_before_loading(tmp_path):

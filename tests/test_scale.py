@@ -151,7 +151,7 @@ def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, t
     gives."""
     from quantfix.diagnose import option_chunks
     from quantfix.loop import run
-    from quantfix.quantize.bank import WeightBank
+    from quantfix.bank import WeightBank
 
     over = {"quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
             "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,8/0,16/0]", "plan.budget.avg_bits": 4.5,
@@ -200,7 +200,7 @@ def test_device_room_obeys_the_device_memory_cap(monkeypatch):
     (torch's per-process fraction), not within what the driver reports free."""
     import torch
 
-    from quantfix import model as model_mod
+    from quantfix import loading as loading_mod, weights as weights_mod
 
     GB = 10 ** 9
     state = {"fraction": 1.0, "allocated": 60 * GB}
@@ -213,20 +213,20 @@ def test_device_room_obeys_the_device_memory_cap(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
                         lambda f, i=None: state.__setitem__("fraction", f))
     dev = torch.device("cuda", 0)
-    assert model_mod.device_room(dev, 30 * GB, 0.25)  # whole card: 81 - 30 = 51 >= 35.25
-    model_mod.cap_device_memory(80)
+    assert weights_mod.device_room(dev, 30 * GB, 0.25)  # whole card: 81 - 30 = 51 >= 35.25
+    weights_mod.cap_device_memory(80)
     assert abs(state["fraction"] - 80 / 141) < 1e-9
-    assert not model_mod.device_room(dev, 30 * GB, 0.25)  # capped: 80 - 60 - 30 < 0
-    assert model_mod.device_room(dev, 0, 0.25)  # 20 free of 80 >= 20
-    assert not model_mod.device_room(dev, 1 * GB, 0.25)
-    assert not model_mod.device_room("cpu", 0, 0.0)
+    assert not weights_mod.device_room(dev, 30 * GB, 0.25)  # capped: 80 - 60 - 30 < 0
+    assert weights_mod.device_room(dev, 0, 0.25)  # 20 free of 80 >= 20
+    assert not weights_mod.device_room(dev, 1 * GB, 0.25)
+    assert not weights_mod.device_room("cpu", 0, 0.0)
     # model.device_map=auto: accelerate's weights stay within the cap (80 - 60 allocated), the rest to the host
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    mm = model_mod.placement_kwargs("auto")["max_memory"]
+    mm = loading_mod.placement_kwargs("auto")["max_memory"]
     assert mm[0] == 20 * GB and mm["cpu"] > 0
-    assert model_mod.placement_kwargs("auto", {"0": "10GiB"})["max_memory"] == {0: "10GiB"}  # the user's own wins
+    assert loading_mod.placement_kwargs("auto", {"0": "10GiB"})["max_memory"] == {0: "10GiB"}  # the user's own wins
     state["fraction"] = 1.0
-    assert "max_memory" not in model_mod.placement_kwargs("auto")  # uncapped: accelerate's default
+    assert "max_memory" not in loading_mod.placement_kwargs("auto")  # uncapped: accelerate's default
 
 
 def test_host_peak_starts_afresh_at_exec():

@@ -106,7 +106,7 @@ def test_float_baseline_worse_than_uniform_is_a_loud_warning(compose, tiny_dir, 
 
 @pytest.mark.parametrize("mode", ["repair", "diagnose"])
 def test_nonfinite_trial_fails_and_names_the_module(compose, tiny_dir, tmp_path, monkeypatch, mode):
-    from quantfix.quantize.bank import WeightBank
+    from quantfix.bank import WeightBank
 
     bad = "model.layers.0.mlp.down_proj"
     real = WeightBank.simulate
@@ -242,7 +242,7 @@ def test_file_digest_samples_large_files(tmp_path, monkeypatch):
 def test_gguf_conversion_is_keyed_by_content_and_a_damaged_one_redone(tmp_path, tiny_dir, monkeypatch, caplog):
     import transformers
 
-    from quantfix import model as model_mod
+    from quantfix import source as source_mod
 
     calls = []  # what transformers was asked to load: the tiny model stands in for a GGUF file
     for name in ("AutoModelForCausalLM", "AutoTokenizer"):
@@ -254,20 +254,20 @@ def test_gguf_conversion_is_keyed_by_content_and_a_damaged_one_redone(tmp_path, 
     gguf = tmp_path / "a" / "tiny.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(os.urandom(3000))
-    out = model_mod.convert_gguf(gguf, tmp_path / "cache")
+    out = source_mod.convert_gguf(gguf, tmp_path / "cache")
     assert len(calls) == 2 and (out / "config.json").exists()
     copy = tmp_path / "b" / "tiny.gguf"  # another path, another mtime: the same content
     copy.parent.mkdir()
     shutil.copy(gguf, copy)
     os.utime(copy, (1, 1))
-    assert model_mod.convert_gguf(copy, tmp_path / "cache") == out and len(calls) == 2
+    assert source_mod.convert_gguf(copy, tmp_path / "cache") == out and len(calls) == 2
     st = out / "model.safetensors"
     st.write_bytes(st.read_bytes()[:1000])  # damaged: detected, converted again
     with caplog.at_level(logging.WARNING, logger="quantfix"):
-        assert model_mod.convert_gguf(copy, tmp_path / "cache") == out
+        assert source_mod.convert_gguf(copy, tmp_path / "cache") == out
     assert len(calls) == 4 and "is damaged or incomplete" in caplog.text
     copy.write_bytes(os.urandom(3000))  # other content: another directory
-    assert model_mod.convert_gguf(copy, tmp_path / "cache") != out
+    assert source_mod.convert_gguf(copy, tmp_path / "cache") != out
 
 
 def test_sensitivity_of_an_existing_checkpoint_is_not_reused_for_a_plan_with_the_same_labels(

@@ -250,7 +250,7 @@ def _routes(model, windows: torch.Tensor) -> Dict[int, torch.Tensor]:
     handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
     try:
         if handles and len(decoder_layers(model)):
-            from quantfix.model import input_device
+            from quantfix.weights import input_device
 
             for ids in windows.split(2):
                 model(input_ids=ids.to(input_device(model)), use_cache=False)

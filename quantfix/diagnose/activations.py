@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 from accelerate.utils import send_to_device
 
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
-from quantfix.model import decoder_layers, detached_copy, input_device
+from quantfix.arch import decoder_layers
+from quantfix.weights import detached_copy, input_device
 
 
 def outlier_summary(absmax: torch.Tensor, k: float = 6.0, top: int = 5) -> dict:

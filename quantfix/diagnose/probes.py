@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 from tqdm.auto import tqdm
-from quantfix.model import input_device
+from quantfix.weights import input_device
 
 REFUSAL_PHRASES = ("i can't", "i cannot", "i'm sorry", "i am sorry", "i'm not able", "i am not able",
                    "as an ai", "i won't", "i will not", "unable to help", "cannot assist", "can't assist",

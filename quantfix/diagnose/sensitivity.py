@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from accelerate.utils import send_to_device
 
-from quantfix.model import decoder_layers, detached_copy, device_room, input_device, set_weight, weight_of
+from quantfix.arch import decoder_layers
+
+from quantfix.weights import detached_copy, device_room, input_device, set_weight, weight_of
 from quantfix.plan import layer_index, module_type
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.formats import External, grid_precision
+from quantfix.formats.common import External, grid_precision
 from quantfix.plan import Plan, Precision
 
 # GGUF type -> (bits, group, symmetric) of the nearest integer grid; "exact" types store

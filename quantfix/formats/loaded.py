@@ -12,7 +12,7 @@ from typing import Dict
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.formats import External, check_group, grid_precision
+from quantfix.formats.common import External, check_group, grid_precision
 from quantfix.plan import Plan, Precision
 
 

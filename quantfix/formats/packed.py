@@ -23,7 +23,7 @@ from typing import Dict, Tuple
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.formats import External, check_group, grid_precision
+from quantfix.formats.common import External, check_group, grid_precision
 from quantfix.plan import Plan, Precision
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # the position of the k-th packed nibble of a block of 8 outputs

@@ -16,15 +16,13 @@ measured and the export needs no calibration pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from quantfix.errors import QuantfixError
 from quantfix.quantize import fake, scales
-
-if TYPE_CHECKING:  # only for type hints: plan.py imports this module
-    from quantfix.plan import Precision
-    from quantfix.quantize.calib import InputStats
+from quantfix.quantize.stats import InputStats
 
 FLOAT_BITS = 16
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -192,8 +190,6 @@ def _sim_awq(W, p, inputs: SimInputs):
 
 
 def _sim_external(W, p, inputs: SimInputs):
-    from quantfix.errors import QuantfixError
-
     raise QuantfixError(f"{p.label}: an existing checkpoint's weights come from the checkpoint (quantized.name_or_path); "
                         "a plan naming them needs that checkpoint loaded")
 
@@ -301,3 +297,40 @@ def bits_problem(bits: int, allow_float: bool = False) -> Optional[str]:
     if 2 <= bits <= 8 or (allow_float and bits == FLOAT_BITS):
         return None
     return f"bits={bits} is out of range: use 2..8" + (", or 16 to keep the module in float" if allow_float else "")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one module is stored. bits=16 means kept in float (not quantized)."""
+
+    bits: int = FLOAT_BITS
+    group_size: int = 0  # 0 = one scale per output channel
+    symmetric: bool = True
+    algorithm: str = "rtn"
+
+    def __post_init__(self):
+        problem = bits_problem(self.bits, allow_float=True)
+        if problem:
+            raise QuantfixError(problem)
+        if self.algorithm not in REGISTRY:
+            raise QuantfixError(f"algorithm={self.algorithm!r}: choose one of {', '.join(NAMES)}")
+        if self.group_size < 0:
+            raise QuantfixError(f"group_size={self.group_size}: use 0 (per channel) or a positive size")
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits >= FLOAT_BITS
+
+    @property
+    def label(self) -> str:
+        return "FP16" if self.is_float else get(self.algorithm).label(self)
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage bits per weight, scales (16 bit) and zero points included."""
+        if self.is_float:
+            return float(FLOAT_BITS)
+        return get(self.algorithm).bits_per_weight(self, in_features)
+
+    @property
+    def family(self) -> str:
+        return get(self.algorithm).family

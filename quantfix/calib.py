@@ -18,32 +18,15 @@ from tqdm.auto import tqdm
 
 from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
-from quantfix.model import decoder_layers, device_room
+from quantfix.arch import decoder_layers
+from quantfix.quantize.stats import InputStats
+from quantfix.weights import device_room
 
 log = logging.getLogger(__name__)
 
 
 HESSIAN_DEVICE_RESERVE = 0.3  # Hessians leave this share of the accelerator free (kept simulations, activations)
 CACHE_MAX_BYTES = 8 * 10 ** 9  # larger statistics are not written to the cache
-
-
-@dataclass
-class InputStats:
-    hessian: torch.Tensor  # [in, in], float32, sum over tokens of x x^T; [in]: its diagonal only
-    absmax: torch.Tensor  # [in]
-    absmean: torch.Tensor  # [in]
-    n_tokens: int
-
-    def diagonal(self) -> torch.Tensor:
-        return self.hessian if self.hessian.dim() == 1 else torch.diagonal(self.hessian)
-
-    def full(self) -> torch.Tensor:
-        """The full Hessian; collected only when an algorithm of the run needs it (``collect``'s
-        ``full_hessian``)."""
-        if self.hessian.dim() != 2:
-            raise RuntimeError("only the Hessian's diagonal was collected (no algorithm of the run needed more): "
-                               "calib.collect(full_hessian=True)")
-        return self.hessian
 
 
 @dataclass

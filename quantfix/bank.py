@@ -15,10 +15,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from quantfix.model import device_room, set_weight, weight_device, weight_of
+from quantfix.weights import device_room, set_weight, weight_device, weight_of
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import algorithms, fake
-from quantfix.quantize.calib import CalibStats
+from quantfix.calib import CalibStats
 
 log = logging.getLogger(__name__)
 

