@@ -30,7 +30,7 @@ EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _main(cfg: DictConfig) -> float:
-    from quantfix.loop import run
+    from quantfix.recipe import run
 
     hc = HydraConfig.get()
     out_dir = Path(cfg.output_dir or hc.runtime.output_dir)
@@ -56,15 +56,23 @@ def _main(cfg: DictConfig) -> float:
         print(f"run dir: {out_dir}")
         sys.exit(EXIT_INTERNAL)
     # the run printed its run dir at the end of its summary
-    fin = report.get("final") or {}
-    passed = fin.get("passed", True)  # no verdict (mode=baseline / diagnose): nothing failed
-    if single and not passed:
+    if single and not report.passed:  # no verdict (mode=baseline / diagnose): nothing failed
         sys.exit(EXIT_FAILED)
     # the return value is what a Hydra sweeper optimizes: the final average bits (inf if failed)
-    return float(fin.get("avg_bits", 0.0)) if passed else float("inf")
+    if not report.passed:
+        return float("inf")
+    return float(report.final.avg_bits) if report.final is not None else 0.0
 
 
 def main() -> None:
+    """The console entry: the command line checked first (one line and exit 2 for a config
+    problem or an unwritable run dir), then Hydra runs the job(s)."""
+    from quantfix.cli import preflight
+
+    problem = preflight(sys.argv[1:])
+    if problem:
+        print(f"quantfix: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     _main()
 
 

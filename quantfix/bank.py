@@ -134,8 +134,7 @@ class WeightBank:
     @staticmethod
     def _kept(p: Precision) -> bool:
         """A search or a sweep (not plain min/max rounding): computed once, a CPU copy kept."""
-        alg = algorithms.get(p.algorithm)
-        return alg.observer != "minmax" or alg.calibrated
+        return p.alg.kept
 
     def simulate_options(self, options: Dict[str, Dict[str, Precision]],
                          keep: bool = True) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -258,7 +257,7 @@ class WeightBank:
 
         done = []
         for n, p in plan.modules.items():
-            if p.is_float or p.algorithm != "ckpt_approx" or n not in self.external or n in self._rerounded:
+            if p.is_float or not p.alg.rerounded_at_export or n not in self.external or n in self._rerounded:
                 continue
             w, sc, z = self.external[n]
             dt = self._dtype(n)  # integers in the checkpoint's dtype, as the engine packs them
@@ -310,7 +309,7 @@ class WeightBank:
         """For every module whose algorithm exports statically: (simulated weight, scale, zero point)
         on the CPU, exactly what the trials measured, for the engine to pack."""
         todo = [(n, p) for n, p in plan.modules.items()
-                if n in self.modules and not p.is_float and algorithms.get(p.algorithm).static_export]
+                if n in self.modules and not p.is_float and p.alg.static_export]
         self.prepare(todo)
         out = {}
         for n, p in todo:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -16,7 +17,61 @@ from omegaconf import MISSING
 from quantfix.errors import QuantfixError
 from quantfix.quantize import algorithms
 
-MODES = ("repair", "diagnose", "baseline")
+
+
+class Choice(str, Enum):
+    """A choice-like config value: a misspelled one fails when the config is composed, with the
+    allowed values; it compares, formats and serializes as its plain string (``cfg.mode == "repair"``)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class Mode(Choice):
+    repair = "repair"
+    diagnose = "diagnose"
+    baseline = "baseline"
+
+
+class DType(Choice):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class DeviceMap(Choice):
+    auto = "auto"
+    balanced = "balanced"
+    balanced_low_0 = "balanced_low_0"
+    sequential = "sequential"
+
+
+class Policy(Choice):
+    predictive = "predictive"
+    greedy = "greedy"
+
+
+class Tune(Choice):
+    none = "none"
+    autoround = "autoround"
+
+
+class SensitivityMethod(Choice):
+    fast = "fast"
+    exact = "exact"
+    taylor = "taylor"
+    fisher = "fisher"
+
+
+class ExportFormat(Choice):
+    auto = "auto"  # the plan's family: compressed-tensors (llm-compressor) or bitsandbytes
+    gguf = "gguf"  # llama.cpp: the float parent as F16 GGUF, quantized per tensor by llama-quantize
+
+
+# quant.algorithm / loop.algorithms: one value per entry of the algorithm registry
+AlgorithmName = Choice("AlgorithmName", {n: n for n in algorithms.NAMES})
+MODES = tuple(m.value for m in Mode)
 
 
 @dataclass
@@ -26,7 +81,7 @@ class ModelConfig:
     name_or_path: str = "demo"
     revision: Optional[str] = None
     # auto = float32 on CPU, bfloat16 on CUDA
-    dtype: str = "auto"
+    dtype: DType = DType.auto
     trust_remote_code: bool = False
     # weights stored only as pickle files (pytorch_model.bin) are refused: unpickling can run code
     # and hides truncation; true = load them anyway (safetensors are always preferred when present)
@@ -34,7 +89,7 @@ class ModelConfig:
     # null: the whole model on `device`. "auto" / "balanced" / "sequential": accelerate spreads the
     # layers over every visible GPU (models larger than one card) and offloads the rest to the CPU
     # as the last resort; max_memory caps each device, e.g. {0: "70GiB", 1: "70GiB", cpu: "200GiB"}
-    device_map: Optional[str] = None
+    device_map: Optional[DeviceMap] = None
     max_memory: Any = None
     # where layers that fit neither the GPUs nor max_memory's cpu share go (disk offload);
     # null = a temporary folder, removed at exit
@@ -78,7 +133,7 @@ class EvalConfig:
 class QuantConfig:
     """Plan 0: how every targeted linear module starts out."""
 
-    algorithm: str = "rtn"
+    algorithm: AlgorithmName = AlgorithmName.rtn
     bits: int = 4
     group_size: int = 64  # 0 = one scale per output channel
     symmetric: bool = True
@@ -119,7 +174,7 @@ class LoopConfig:
     max_iters: int = 6
     # predictive: diagnose plan 0, predict the cheapest passing plan, verify, recalibrate on a miss;
     # greedy: promote the modules with the largest calibration output error per added bit
-    policy: str = "predictive"
+    policy: Policy = Policy.predictive
     # average bits (over the targeted modules) added per iteration when the plan fails
     bits_step: float = 0.75
     # the ladder a module climbs when promoted: "bits/group" entries, 16 = keep in float. 5- and
@@ -128,7 +183,7 @@ class LoopConfig:
     ladder: List[str] = field(default_factory=lambda: ["4/64", "4/32", "5/64", "6/64", "8/0", "16/0"])
     # predictive: the algorithms a module may move to at each rung, the planner picking per module
     # (empty: plan 0's own); imatrix and gptq_imatrix search the clipping on the calibration data
-    algorithms: List[str] = field(default_factory=lambda: ["imatrix", "gptq_imatrix"])
+    algorithms: List[AlgorithmName] = field(default_factory=lambda: [AlgorithmName.imatrix, AlgorithmName.gptq_imatrix])
     # predictive: when the diagnosis finds a domain missing from the calibration data, add it and
     # recalibrate before planning (what GPTQ / imatrix learn from the data depends on it)
     recalibrate: bool = True
@@ -136,7 +191,7 @@ class LoopConfig:
     # plan block by block (AutoRound, auto-round package), measured as one more trial and shipped if it
     # measures better; also the plan just below a passing one, which the tuning may make pass.
     # "none": ship the search's own rounding. Minutes on a GPU, slow on a CPU (tune_iters per block)
-    tune: str = "none"
+    tune: Tune = Tune.none
     tune_iters: int = 200
     tune_batch_size: int = 8
     resume: bool = False
@@ -147,7 +202,7 @@ class SensitivityConfig:
     # fast (default): layers, types and modules by a one-pass Taylor estimate of the exact
     # measurement on `windows` eval windows, precision options (planner) by one Fisher pass.
     # exact: the seed's restore-one-and-re-evaluate on all eval windows. taylor / fisher: one pass.
-    method: str = "fast"
+    method: SensitivityMethod = SensitivityMethod.fast
     windows: int = 8  # eval windows the fast/taylor/fisher methods use (exact uses all of eval)
     fisher_windows: int = 4  # eval windows of the fast method's Fisher pass (precision options)
     label_samples: int = 2
@@ -216,13 +271,16 @@ class ExportConfig:
     enabled: bool = True
     # dtype of the unquantized tensors in the checkpoint (auto = the model's 16-bit dtype, float16 for a float32
     # model); the trials round the weights as the checkpoint holds them (Session.emulate_export_dtype)
-    dtype: str = "auto"
+    dtype: DType = DType.auto
     verify: bool = True
+    # auto: the plan's checkpoint format (compressed-tensors, or bitsandbytes for llm_int8 / nf4);
+    # gguf: a llama.cpp GGUF (llama.cpp's tools: python -m quantfix.tools build)
+    format: ExportFormat = ExportFormat.auto
 
 
 @dataclass
 class Config:
-    mode: str = "repair"
+    mode: Mode = Mode.repair
     device: str = "auto"
     seed: int = 0
     threads: int = 0  # 0 = torch's default
@@ -268,8 +326,6 @@ def parse_rung(rung: str) -> tuple[int, int]:
 def validate(cfg: Any) -> None:
     """Collect every semantic problem in the config into one error."""
     p: List[str] = []
-    if cfg.mode not in MODES:
-        p.append(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         p.append(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
     if not cfg.device_memory_gb >= 0:  # NaN too
@@ -284,12 +340,8 @@ def _check_quant(cfg) -> List[str]:
     p, q = [], cfg.quant
     if q.algorithm not in algorithms.REGISTRY:
         p.append(f"quant.algorithm={q.algorithm!r}: choose one of {', '.join(algorithms.NAMES)}")
-    elif algorithms.get(q.algorithm).external:
-        p.append(f"quant.algorithm={q.algorithm} names an existing checkpoint's own weights: pass the checkpoint as "
-                 "quantized.name_or_path=<dir or .gguf> instead")
-    elif not algorithms.get(q.algorithm).per_module:
-        p.append(f"quant.algorithm={q.algorithm} tunes a whole plan: start from another algorithm and set "
-                 f"loop.tune={q.algorithm}")
+    elif algorithms.get(q.algorithm).start_problem():
+        p.append(f"quant.algorithm={algorithms.get(q.algorithm).start_problem()}")
     elif algorithms.bits_problem(q.bits):
         p.append(f"quant.{algorithms.bits_problem(q.bits)} (keep a module in float via quant.ignore)")
     elif algorithms.get(q.algorithm).check_bits(q.bits):
@@ -303,16 +355,10 @@ def _check_quant(cfg) -> List[str]:
 def _check_model(cfg) -> List[str]:
     p = []
     dm, mm = cfg.model.device_map, cfg.model.max_memory
-    if dm is not None and dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        p.append(f"model.device_map={dm!r}: use auto, balanced, balanced_low_0 or sequential (or null: all on device)")
     if mm is not None and (not isinstance(mm, Mapping) or not all(isinstance(v, (str, int)) for v in mm.values())):
         p.append(f"model.max_memory={mm!r}: give a mapping of device to size, e.g. model.max_memory={{0:70GiB,cpu:200GiB}}")
     elif mm and dm is None:
         p.append("model.max_memory is set but model.device_map is null: add model.device_map=auto")
-    if cfg.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        p.append(f"model.dtype={cfg.model.dtype!r}: use auto, float32, float16 or bfloat16")
-    if cfg.export.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        p.append(f"export.dtype={cfg.export.dtype!r}: use auto, float32, float16 or bfloat16")
     return p
 
 
@@ -332,8 +378,6 @@ def _check_data(cfg) -> List[str]:
     d = cfg.diagnose
     if d.max_outlier_findings < 1:
         p.append(f"diagnose.max_outlier_findings={d.max_outlier_findings}: use at least 1")
-    if d.sensitivity.method not in ("fast", "exact", "taylor", "fisher"):
-        p.append(f"diagnose.sensitivity.method={d.sensitivity.method!r}: use fast, exact, taylor or fisher")
     if d.sensitivity.windows < 1 or d.sensitivity.label_samples < 1:
         p.append("diagnose.sensitivity.windows and label_samples must be at least 1")
     if cfg.quantized.name_or_path and cfg.mode == "baseline":
@@ -373,25 +417,26 @@ def _check_search(cfg) -> List[str]:
         p.append(f"plan.budget.avg_bits={b}: use a value between 2 and 16 bits per weight")
     if b is not None and cfg.loop.policy != "predictive":
         p.append("plan.budget.avg_bits needs loop.policy=predictive")
-    if cfg.loop.policy not in ("predictive", "greedy"):
-        p.append(f"loop.policy={cfg.loop.policy!r}: use predictive or greedy")
     if cfg.loop.bits_step <= 0:
         p.append(f"loop.bits_step={cfg.loop.bits_step}: use a positive number of bits")
     for a in cfg.loop.algorithms:
         if a not in algorithms.REGISTRY:
             p.append(f"loop.algorithms entry {a!r}: choose from {', '.join(algorithms.NAMES)}")
-        elif algorithms.get(a).external:
-            p.append(f"loop.algorithms entry {a!r} names an existing checkpoint's own weights, not a way to round")
-        elif not algorithms.get(a).per_module:
-            p.append(f"loop.algorithms entry {a!r} tunes a whole plan, not one module: set loop.tune={a} instead")
-        elif not algorithms.get(a).mixable:
-            p.append(f"loop.algorithms entry {a!r} applies to a whole plan: use it as quant={a} instead")
-    if cfg.loop.tune not in ("none", "autoround"):
-        p.append(f"loop.tune={cfg.loop.tune!r}: use none or autoround")
-    elif cfg.loop.tune != "none" and cfg.loop.policy != "predictive":
+        elif algorithms.get(a).option_problem():
+            p.append(f"loop.algorithms entry {a!r} {algorithms.get(a).option_problem()}")
+    if cfg.loop.tune != "none" and cfg.loop.policy != "predictive":
         p.append("loop.tune=autoround needs loop.policy=predictive")
     if cfg.loop.tune_iters < 0 or cfg.loop.tune_batch_size < 1:
         p.append("loop.tune_iters must be >= 0 and loop.tune_batch_size >= 1")
+    if not cfg.loop.ladder:
+        p.append("loop.ladder is empty: a failing plan has nowhere to climb; give the rungs, e.g. "
+                 "loop.ladder=[4/64,4/32,5/64,6/64,8/0,16/0]")
+    q = cfg.quant
+    if b is not None and not cfg.quantized.name_or_path and not algorithms.bits_problem(q.bits) and q.group_size >= 0:
+        floor = q.bits + ((16 + (0 if q.symmetric else q.bits)) / q.group_size if q.group_size else 0.0)
+        if b < floor - 1e-9:
+            p.append(f"plan.budget.avg_bits={b} is below plan 0's {floor:.3g} bits per weight (quant.bits={q.bits}, "
+                     f"group {q.group_size or 'per channel'}, scales included): raise the budget or lower quant.bits")
     for rung in cfg.loop.ladder:
         try:
             bits, group = parse_rung(rung)

@@ -11,7 +11,6 @@ import hashlib
 import io
 import logging
 import math
-import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -297,45 +296,20 @@ def baseline_metrics(ref: Reference) -> Metrics:
     return summarize(ref.nll, z, torch.ones_like(ref.nll))
 
 
-def host_peak_kib() -> int:
-    """This process's peak resident memory (KiB): /proc's VmHWM, which starts afresh at exec. Linux's
-    ru_maxrss does not: a process started by one that had grown to 16 GB reported 16 GB for a 1B
-    model's whole run (bench_scale building an 8B model, then running a 1B one)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+GREEDY_PROMPT, GREEDY_NEW = 32, 16
 
 
-def memory_now_gb() -> Dict[str, float]:
-    """Host RSS now and at its peak so far, device allocator peak so far (GB): a stage's snapshot."""
-    out = {"host_peak_gb": round(host_peak_kib() / 2 ** 20, 2)}
-    try:
-        with open("/proc/self/statm") as f:
-            out["host_now_gb"] = round(int(f.read().split()[1]) * resource.getpagesize() / 2 ** 30, 2)
-    except OSError:
-        pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["device_peak_gb"] = round(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2 ** 30, 2)
-    return out
-
-
-def memory_rise(before: Dict[str, float], after: Dict[str, float],
-                earlier: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-    """``after`` (a ``memory_now_gb`` snapshot) with how much each peak rose since ``before``, plus
-    the rises ``earlier`` recorded (a stage entered again): the part with the rise made the peak."""
-    for k in ("host_peak_gb", "device_peak_gb"):
-        if k in after:
-            after[k + "_rise"] = round((earlier or {}).get(k + "_rise", 0.0) + after[k] - before.get(k, 0.0), 2)
-    return after
-
-
-def peak_memory_mb(device: torch.device) -> Dict[str, float]:
-    out = {"host_rss_peak_mb": round(host_peak_kib() / 1024, 1)}
-    if device.type == "cuda":
-        out["device_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    return out
+@torch.no_grad()
+def greedy_repeats(model, tokenizer, window: torch.Tensor) -> Optional[Tuple[int, str]]:
+    """(token id, decoded text) when the model's greedy continuation (GREEDY_NEW tokens) of the
+    window's first GREEDY_PROMPT tokens is a single token repeated, else None: a tokenizer that
+    does not match the weights, or a broken model."""
+    ids = window[:GREEDY_PROMPT].unsqueeze(0).to(input_device(model))
+    new = []
+    for _ in range(GREEDY_NEW):
+        nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        new.append(int(nxt))
+        ids = torch.cat([ids, nxt], dim=1)
+    if len(set(new)) != 1:
+        return None
+    return new[0], tokenizer.decode(new)

@@ -14,15 +14,15 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from quantfix.arch import is_expert
 from quantfix.cache import is_disk_full  # noqa: F401 - also part of this module's API
 from quantfix.errors import QuantfixError
-from quantfix.loading import placement_kwargs
 from quantfix.weights import offload_map, set_weight, weight_device, weight_of
 from quantfix.plan import Plan
 from quantfix.quantize import algorithms
@@ -109,8 +109,7 @@ def _export_llmcompressor(model, tokenizer, plan: Plan, samples: torch.Tensor, t
     if recipe:
         kwargs = {}
         _register_static_observer()
-        if any(algorithms.get(p.algorithm).calibrated and not algorithms.get(p.algorithm).static_export
-               for p in plan.modules.values() if not p.is_float):
+        if any(p.alg.calibrates_at_export for p in plan.modules.values() if not p.is_float):
             _cpu_safe_llmcompressor()
             kwargs = dict(dataset=_calibration_dataset(samples), num_calibration_samples=samples.shape[0],
                           max_seq_length=samples.shape[1], processor=tokenizer, shuffle_calibration_samples=False)
@@ -291,47 +290,72 @@ def safe_export_dtype(model, dtype: Optional[torch.dtype], static: Optional[Dict
                             f"> {limit:.0f}) into inf: the checkpoint is exported in bfloat16 instead")
 
 
-def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, fp_path: str, q,
-           export_dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
-           static: Optional[Dict[str, tuple]] = None, warnings: Optional[List[str]] = None,
-           fingerprint: Optional[str] = None) -> Path:
-    """Write ``out_dir/checkpoint`` (weights, config, tokenizer, quantfix_plan.yaml) atomically.
+@dataclass
+class ExportSpec:
+    """What the export writes: the plan, where the float parent lives (bitsandbytes reloads it), the
+    quant settings, the checkpoint dtype, the simulated weights of the statically exported modules
+    (``WeightBank.export_tensors``: module -> (weight, scale, zero point)), the calibration samples
+    (for engines that calibrate at export, AWQ) and the run's fingerprint (a resumed run re-verifies
+    only a checkpoint of its own inputs)."""
+
+    plan: Plan
+    fp_path: str
+    quant: Any
+    dtype: Optional[torch.dtype] = None
+    static: Optional[Dict[str, tuple]] = None
+    samples: Optional[torch.Tensor] = None
+    fingerprint: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+def choose_dtype(model, model_dtype: torch.dtype, want: str):
+    """(dtype the checkpoint's float parts are written in, warning or None), decided before any
+    trial so that the trials measure it. ``export.dtype=auto``: the model's dtype when it is
+    16-bit, float16 when it is float32. A 16-bit model exports in its own dtype (another 16-bit
+    dtype would round the weights the trials measured differently: said in the warning); float16
+    that would overflow becomes bfloat16 (``safe_export_dtype``)."""
+    warning = None
+    half = model_dtype if model_dtype != torch.float32 else torch.float16
+    target = half if want == "auto" else getattr(torch, want)
+    if model_dtype != torch.float32 and target not in (model_dtype, torch.float32):
+        warning = (f"export.dtype={want} ignored: the model computes in {str(model_dtype).replace('torch.', '')}, "
+                   f"which the checkpoint keeps so that it is what the trials measured; for a {want} checkpoint "
+                   f"set model.dtype={want}")
+        target = model_dtype
+    target, overflow = safe_export_dtype(model, target)
+    return target, warning or overflow
+
+
+def same_checkpoint(ckpt: Path, plan: Plan, fingerprint: str) -> bool:
+    """Whether ``ckpt`` is this plan exported by a run with this fingerprint (same model, data, config)."""
+    fp = ckpt / FINGERPRINT_FILE
+    return (ckpt / "quantfix_plan.yaml").exists() and fp.exists() and fp.read_text().strip() == fingerprint \
+        and Plan.load(ckpt / "quantfix_plan.yaml").modules == plan.modules
+
+
+def export(model, tokenizer, spec: ExportSpec, out_dir: Path) -> Tuple[Path, List[str]]:
+    """Write ``out_dir/checkpoint`` (weights, config, tokenizer, quantfix_plan.yaml) atomically;
+    returns it and the warnings the report must carry.
 
     The model passed in must hold the float weights; it is modified in place (quantized).
-    ``static``: module -> (simulated weight, scale, zero point) for the modules whose algorithm
-    exports statically (``WeightBank.export_tensors``); required when the plan has such modules.
-    An ``export_dtype`` too narrow for the weights (float16 and |x| > 65504) becomes bfloat16, said
-    in the log and appended to ``warnings``: never an inf checkpoint. ``fingerprint`` (of the run's
-    inputs) goes in ``FINGERPRINT_FILE``: a resumed run re-verifies only a checkpoint of its own inputs."""
-    needed = [n for n, p in plan.modules.items() if not p.is_float and algorithms.get(p.algorithm).static_export]
+    ``spec.static`` is required when the plan has statically exported modules. An export dtype too
+    narrow for the weights (float16 and |x| > 65504) becomes bfloat16, with a warning: never an inf
+    checkpoint."""
+    plan, static = spec.plan, spec.static
+    needed = [n for n, p in plan.modules.items() if not p.is_float and p.alg.static_export]
     missing = [n for n in needed if n not in (static or {})]
     if missing:
         raise ValueError(f"export: no simulated weights for {len(missing)} statically exported modules, e.g. {missing[0]}")
     target = out_dir / "checkpoint"
     if target.exists():
         raise QuantfixError(f"{target} already exists: pick a new output dir (hydra.run.dir=...) or remove it")
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=TEMP_PREFIX))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a checkpoint is shared like any saved model
-    except OSError as e:
-        raise QuantfixError(f"cannot write to {out_dir} ({e.strerror}): pick a writable hydra.run.dir") from e
-    export_dtype, warning = safe_export_dtype(model, export_dtype, {n: static[n] for n in needed})
+    tmp = _temp_dir(out_dir)
+    export_dtype, warning = safe_export_dtype(model, spec.dtype, {n: static[n] for n in needed})
+    warnings = [warning] if warning else []
     if warning:
         log.warning("%s", warning)
-        if warnings is not None:
-            warnings.append(warning)
     try:
-        if export_dtype is not None and export_dtype != next(model.parameters()).dtype:
-            _cast(model, export_dtype)
-        if algorithms.BITSANDBYTES in plan.families():
-            _export_bnb(fp_path, plan, tmp, export_dtype or next(model.parameters()).dtype, q, trust_remote_code)
-        else:
-            _install_static(model, {n: static[n] for n in needed})
-            _export_llmcompressor(model, tokenizer, plan, samples, tmp, q, trust_remote_code)
-        tokenizer.save_pretrained(tmp)
-        plan.save(tmp / "quantfix_plan.yaml")
-        if fingerprint:
-            (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+        _write(model, tokenizer, spec, export_dtype, {n: static[n] for n in needed}, tmp)
         os.replace(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -339,7 +363,33 @@ def export(model, tokenizer, plan: Plan, samples: torch.Tensor, out_dir: Path, f
             raise QuantfixError(f"no space left on device while writing the checkpoint to {out_dir}: free space or "
                                 "pick another hydra.run.dir (the partial checkpoint was removed)") from e
         raise
-    return target
+    return target, warnings
+
+
+def _temp_dir(out_dir: Path) -> Path:
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=TEMP_PREFIX))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a checkpoint is shared like any saved model
+    except OSError as e:
+        raise QuantfixError(f"cannot write to {out_dir} ({e.strerror}): pick a writable hydra.run.dir") from e
+    return tmp
+
+
+def _write(model, tokenizer, spec: ExportSpec, export_dtype, static: Dict[str, tuple], tmp: Path) -> None:
+    """The checkpoint's files into ``tmp``: weights (engine by plan family), tokenizer, plan, fingerprint."""
+    plan = spec.plan
+    if export_dtype is not None and export_dtype != next(model.parameters()).dtype:
+        _cast(model, export_dtype)
+    if algorithms.BITSANDBYTES in plan.families():
+        _export_bnb(spec.fp_path, plan, tmp, export_dtype or next(model.parameters()).dtype, spec.quant,
+                    spec.trust_remote_code)
+    else:
+        _install_static(model, static)
+        _export_llmcompressor(model, tokenizer, plan, spec.samples, tmp, spec.quant, spec.trust_remote_code)
+    tokenizer.save_pretrained(tmp)
+    plan.save(tmp / "quantfix_plan.yaml")
+    if spec.fingerprint:
+        (tmp / FINGERPRINT_FILE).write_text(spec.fingerprint + "\n")
 
 
 @torch.no_grad()
@@ -367,71 +417,3 @@ def _cast(model, dtype: torch.dtype) -> None:
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def reload(path: Path, dtype: torch.dtype, device: torch.device, device_map: Optional[str] = None,
-           max_memory: Optional[dict] = None, offload_folder: Optional[str] = None, trust_remote_code: bool = False,
-           problems: Optional[List[str]] = None):
-    """Load a checkpoint back with plain transformers (what a user's deployment does), with the
-    run's device map when it has one (a model larger than one card stays spread out). What the
-    load reports as missing (initialized at random), unexpected (ignored) or of the wrong shape is
-    appended to ``problems`` as one line each."""
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                       output_loading_info=True,
-                                                       **placement_kwargs(device_map, max_memory, offload_folder))
-    if problems is not None:
-        problems += load_problems(info)
-    bnb = getattr(model, "hf_quantizer", None) is not None and "bitsandbytes" in type(model.hf_quantizer).__name__.lower()
-    if not device_map and not bnb:
-        model.to(device)
-    _decompress_now(model)
-    if not device_map and not bnb:
-        _widen_to(model, dtype)
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def _widen_to(model, dtype: torch.dtype) -> None:
-    """Cast the floating tensors that transformers left narrower than the requested ``dtype``:
-    5.17 does not cast weights it renames on load (GPT-NeoX's ``embed_out`` -> ``lm_head``,
-    Mixtral's ``block_sparse_moe.gate`` -> ``mlp.gate``), so a float32 reload computes with a float16
-    head or router and fails (``expected m1 and m2 to have the same dtype``). Widening is exact."""
-    if not dtype.is_floating_point:
-        return
-    bits = torch.finfo(dtype).bits
-    for m in model.modules():
-        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
-            if t is not None and t.is_floating_point() and t.dtype != dtype and torch.finfo(t.dtype).bits < bits:
-                t.data = t.data.to(dtype)
-
-
-def load_problems(info: Dict[str, list]) -> List[str]:
-    """One line per kind of key trouble in transformers' loading info."""
-    out = []
-    for key, what in (("missing_keys", "missing from the checkpoint (initialized at random on reload)"),
-                      ("unexpected_keys", "in the checkpoint but ignored on reload"),
-                      ("mismatched_keys", "of the wrong shape (initialized at random on reload)")):
-        keys = [k if isinstance(k, str) else k[0] for k in info.get(key) or []]
-        if keys:
-            out.append(f"checkpoint weights {what}: {len(keys)}, e.g. {sorted(keys)[0]}")
-    return out
-
-
-def _decompress_now(model) -> None:
-    """compressed-tensors decompresses a loaded checkpoint in a forward pre-hook on the first call,
-    and that hook swaps accelerate's hooks for its own offloading. On a model spread over several
-    GPUs the swap happens after the top-level call already picked accelerate's forward, which then
-    fails ("no attribute '_hf_hook'"; measured on 2 H200s, transformers 5.17, compressed-tensors
-    0.19). Running that pre-hook once, outside any forward, leaves the model ready."""
-    handle = getattr(model, "ct_decompress_hook", None)
-    if handle is None:
-        return
-    hook = model._forward_pre_hooks.get(handle.id)
-    if hook is not None:
-        hook(model, ())
-    if getattr(model, "ct_decompress_hook", None) is not None:  # the hook removes itself; make sure
-        model.ct_decompress_hook.remove()
-        delattr(model, "ct_decompress_hook")

@@ -14,6 +14,7 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 
+from quantfix.config import ModelConfig
 from quantfix.errors import QuantfixError
 from quantfix.source import ResolvedModel
 from quantfix.weights import capped_memory
@@ -43,7 +44,7 @@ def placement_kwargs(device_map: Optional[str], max_memory: Optional[dict] = Non
     folder, removed at exit, unless one is given."""
     if not device_map:
         return {}
-    extra = {"device_map": device_map}
+    extra = {"device_map": str(device_map)}
     if max_memory:
         extra["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
     elif (capped := capped_memory()) is not None:  # device_memory_gb: else accelerate fills each card's free memory
@@ -169,16 +170,37 @@ def check_causal_lm(model, missing_keys, source: str) -> None:
                         "they would be random: the checkpoint is incomplete or for another architecture")
 
 
-def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revision: Optional[str] = None,
-         trust_remote_code: bool = False, device_map: Optional[str] = None, max_memory: Optional[dict] = None,
-         offload_folder: Optional[str] = None, allow_pickle: bool = False, offline: bool = False):
-    """Load the FP model and tokenizer; one clear line if it is not there, cannot be read, or is not
-    a decoder-only causal LM with a trained LM head."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, cfg: Optional[ModelConfig] = None,
+         offline: bool = False):
+    """Load the FP model and tokenizer (``cfg``: revision, custom code, placement, pickles); one
+    clear line if it is not there, cannot be read, or is not a decoder-only causal LM with a
+    trained LM head."""
+    from transformers import AutoTokenizer
 
-    common = dict(revision=revision, trust_remote_code=trust_remote_code)
+    cfg = cfg or ModelConfig()
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if offline:
         common["local_files_only"] = True
+    _check_config(resolved, common, cfg.allow_pickle)
+    model = _load_weights(resolved, dtype, common, cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, **common)
+    except Exception as e:
+        raise _load_error(resolved, e, "tokenizer", cfg.allow_pickle) from e
+    from quantfix.arch import linearize
+
+    linearize(model)  # MoE experts and Conv1D as nn.Linear: one module kind for every stage
+    if not cfg.device_map:  # with a device map, accelerate placed every layer already
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def _check_config(resolved: ResolvedModel, common: dict, allow_pickle: bool) -> None:
+    """The model's config must name a float, decoder-only model."""
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(resolved.path, **common)
     except Exception as e:
@@ -193,25 +215,21 @@ def load(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device, revi
     if config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False):
         raise QuantfixError(f"model {resolved.source!r} ({config.model_type}) is an encoder (bidirectional), not a "
                             "decoder-only causal LM: its next-token metrics would be meaningless; pick a causal LM")
+
+
+def _load_weights(resolved: ResolvedModel, dtype: torch.dtype, common: dict, cfg: ModelConfig):
+    """The model's weights (placed by accelerate when ``cfg.device_map`` is set), checked complete."""
+    from transformers import AutoModelForCausalLM
+
     try:
-        extra = placement_kwargs(device_map, max_memory, offload_folder)
-        extra.update(_weights_kwargs(resolved, allow_pickle))
+        extra = placement_kwargs(cfg.device_map, dict(cfg.max_memory) if cfg.max_memory else None,
+                                 cfg.offload_folder)
+        extra.update(_weights_kwargs(resolved, cfg.allow_pickle))
         model, info = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, output_loading_info=True,
                                                            **common, **extra)
     except QuantfixError:
         raise
     except Exception as e:
-        raise _load_error(resolved, e, "weights", allow_pickle) from e
+        raise _load_error(resolved, e, "weights", cfg.allow_pickle) from e
     check_causal_lm(model, info.get("missing_keys"), resolved.source)
-    try:
-        tok = AutoTokenizer.from_pretrained(resolved.path, **common)
-    except Exception as e:
-        raise _load_error(resolved, e, "tokenizer", allow_pickle) from e
-    from quantfix.arch import linearize
-
-    linearize(model)  # MoE experts and Conv1D as nn.Linear: one module kind for every stage
-    if not device_map:  # with a device map, accelerate placed every layer already
-        model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model, tok
+    return model

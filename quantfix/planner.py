@@ -52,6 +52,23 @@ def target_modules(model, targets: List[str], ignore: List[str], keep_embeddings
     return names
 
 
+def group_problem(model, q, ladder: List[str]) -> Optional[str]:
+    """A group size (``quant.group_size``, a ``loop.ladder`` rung) that divides none of the input
+    widths of the modules plan 0 quantizes: no module could use it (one that divides some widths is
+    replaced by the nearest divisor where it does not, with a warning). None when all are usable."""
+    names = target_modules(model, q.targets, q.ignore, q.keep_embeddings)
+    mods = dict(model.named_modules())
+    widths = sorted({int(mods[n].weight.shape[1]) for n in names})
+    wanted = [("quant.group_size", q.group_size)] if algorithms.get(q.algorithm).fixed_group is None else []
+    wanted += [(f"loop.ladder entry {r}", parse_rung(r)[1]) for r in ladder if parse_rung(r)[0] < 16]
+    for where, g in wanted:
+        if g and not any(w % g == 0 for w in widths):
+            common = [d for d in (32, 64, 128, 256) if all(w % d == 0 for w in widths)]
+            return (f"{where}: group size {g} divides none of the model's input widths ({', '.join(map(str, widths))}): "
+                    f"use {' or '.join(map(str, common)) if common else 'a divisor of them'}, or 0 (per channel)")
+    return None
+
+
 def initial_plan(model, q, calibration: Dict[str, object]) -> Tuple[Plan, List[str]]:
     """Plan 0: every targeted module at quant.bits / quant.group_size; returns (plan, warnings)."""
     names = target_modules(model, q.targets, q.ignore, q.keep_embeddings)

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List
 
+from quantfix.runreport import RunReport
+
 log = logging.getLogger(__name__)
 
 
@@ -13,41 +15,37 @@ def _fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
-def table(report: Dict[str, Any]) -> str:
-    base = report["baseline"]
+def table(report: RunReport) -> str:
+    base = report.baseline.to_dict()
     rows = [("iter", "widths", "rounding", "avg bits", "size MB", "PPL", "dPPL %", "KLD mean", "KLD p99", "top-1",
              "pass")]
-    rows.append(("fp", "float baseline", "", "16.00", _fmt(report.get("baseline_size_bytes", 0) / 1e6, ".1f"),
+    rows.append(("fp", "float baseline", "", "16.00", _fmt(report.baseline_size_bytes / 1e6, ".1f"),
                  _fmt(base["ppl"]), "0.0", "0", "0", "1.000", ""))
-    for it in report["iterations"]:
-        m = it["metrics"]
-        widths = it.get("widths", it["plan_summary"])
-        rows.append((str(it["iter"]), widths if len(widths) <= 48 else widths[:45] + "...",
-                     (it.get("rounding") or "")[:36], _fmt(it["avg_bits"], ".2f"),
-                     _fmt(it["size_bytes"] / 1e6, ".1f"), _fmt(m["ppl"]),
+    for it in report.trials:
+        m = it.metrics.to_dict()
+        widths = it.widths or it.plan_summary
+        rows.append((str(it.id), widths if len(widths) <= 48 else widths[:45] + "...",
+                     (it.rounding or "")[:36], _fmt(it.avg_bits, ".2f"),
+                     _fmt(it.size_bytes / 1e6, ".1f"), _fmt(m["ppl"]),
                      _fmt(100 * (m["ppl"] / base["ppl"] - 1), ".1f"), _fmt(m["kld_mean"], ".4f"),
-                     _fmt(m["kld_p99"], ".3f"), _fmt(m["top1"]), "yes" if it["passed"] else "no"))
-    fin = report.get("final") or {}
-    vm = fin.get("verified_metrics")
-    if vm:
-        rows.append(("ckpt", "reloaded from disk", "", _fmt(fin.get("avg_bits"), ".2f"),
-                     _fmt(fin.get("checkpoint_bytes", 0) / 1e6, ".1f"), _fmt(vm["ppl"]),
+                     _fmt(m["kld_p99"], ".3f"), _fmt(m["top1"]), "yes" if it.passed else "no"))
+    fin = report.final
+    v = fin.verification if fin is not None else None
+    if v is not None and v.metrics is not None:
+        vm = v.metrics.to_dict()
+        rows.append(("ckpt", "reloaded from disk", "", _fmt(fin.avg_bits, ".2f"),
+                     _fmt(v.checkpoint_bytes / 1e6, ".1f"), _fmt(vm["ppl"]),
                      _fmt(100 * (vm["ppl"] / base["ppl"] - 1), ".1f"), _fmt(vm["kld_mean"], ".4f"),
-                     _fmt(vm["kld_p99"], ".3f"), _fmt(vm["top1"]), "yes" if fin.get("passed") else "no"))
+                     _fmt(vm["kld_p99"], ".3f"), _fmt(vm["top1"]), "yes" if fin.passed else "no"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def write_json(report: Dict[str, Any], out_dir: Path) -> Path:
-    path = out_dir / "report.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    return path
-
-
-def plot_iterations(report: Dict[str, Any], out_dir: Path) -> Path | None:
+def plot_iterations(run: RunReport, out_dir: Path) -> Path | None:
     """Average bits vs KLD (and PPL) of every evaluated plan; the final one circled."""
+    report = run.to_dict()
     its: List[Dict[str, Any]] = report["iterations"]
     if not its:
         return None
@@ -325,8 +323,9 @@ def render_html(blocks: List[tuple], out_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def write_human(report: Dict[str, Any], out_dir: Path, diagnosis=None) -> None:
+def write_human(run: RunReport, out_dir: Path, diagnosis=None) -> None:
     """report.md and report.html (plots embedded) from the report and, when there is one, the diagnosis."""
+    report = run.to_dict()
     blocks = _blocks(report, out_dir, diagnosis)
     (out_dir / "report.md").write_text(render_markdown(blocks, out_dir))
     (out_dir / "report.html").write_text(render_html(blocks, out_dir))

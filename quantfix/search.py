@@ -16,64 +16,62 @@ from quantfix.config import LoopConfig, ThresholdsConfig
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision
 from quantfix.planner import GreedyPlanner, Ladder, PredictivePlanner
+from quantfix.runreport import TrialRecord
 from quantfix.trials import Trials
 
 
 @dataclass
 class SearchResult:
-    best: Optional[Plan]  # the smallest passing plan (None: none passed)
-    last: Plan  # the last plan tried
+    best: Optional[TrialRecord]  # the smallest passing plan's trial (None: none passed)
+    last: TrialRecord  # the last plan tried
     reason: str  # why the search stopped
     frontier: List[Tuple[float, float]] = field(default_factory=list)  # predicted (avg bits, KLD)
-    below: Optional[Plan] = None  # the largest measured plan below ``best`` that failed (None: plan 0 or none)
+    below: Optional[TrialRecord] = None  # the largest measured plan below ``best`` that failed (None: plan 0 or none)
 
     @property
-    def chosen(self) -> Plan:
+    def chosen(self) -> TrialRecord:
         return self.best or self.last
 
 
-def bisect(trial: Trials, make, lo: int, hi: int, best: Plan, prev: Plan) -> Tuple[Plan, str]:
+def bisect(trial: Trials, make, lo: int, hi: int, best: TrialRecord, prev: Plan) -> Tuple[TrialRecord, str]:
     """Smallest passing prefix between lo (fails) and hi (passes) while trials are left. ``make`` is
     a PredictivePlanner (each trial records its prediction and refits it) or a function k -> Plan."""
     planner = make if isinstance(make, PredictivePlanner) else None
     while hi - lo > 1 and trial.left > 0:
         mid = (lo + hi) // 2
         if planner is not None:
-            cand = planner.plan_at(mid)
-            predicted = planner.predict(mid)
-            fails = trial(cand, prev, _extra(planner, mid))
-            _record_error(trial, predicted)
-            planner.calibrate(mid, trial.last_metrics.kld_mean)
+            rec = trial(planner.plan_at(mid), prev, **_why(planner, mid))
+            planner.calibrate(mid, rec.metrics.kld_mean)
         else:
-            cand = make(mid)
-            fails = trial(cand, prev)
-        if fails:
+            rec = trial(make(mid), prev)
+        if rec.failed:
             lo = mid
         else:
-            hi, best = mid, cand
+            hi, best = mid, rec
     return best, ("passed; bisection converged" if hi - lo <= 1 else "passed; loop.max_iters reached while bisecting")
 
 
 def greedy(trial: Trials, plan0: Plan, loop: LoopConfig, output_error: Callable[[str, Precision], float],
            timer) -> SearchResult:
     planner = GreedyPlanner(Ladder.parse(list(loop.ladder)), output_error, loop.bits_step)
-    plan = plan0
+    plan, last = plan0, trial.last
     while trial.left > 0:
         with timer("plan"):
             step = planner.next_plan(plan)
         if step is None:
-            return SearchResult(None, plan, "every module is at the top of loop.ladder and the plan still fails")
+            return SearchResult(None, last, "every module is at the top of loop.ladder and the plan still fails")
         new, changes = step
-        if trial(new, plan):
+        last = trial(new, plan)
+        if last.failed:
             plan = new
             continue
 
         def make(k, plan=plan, changes=changes, n=len(changes)):
             return plan.with_changes(dict(changes[:k]), note=f"bisect: first {k} of {n} promotions")
 
-        best, reason = bisect(trial, make, 0, len(changes), new, plan)
+        best, reason = bisect(trial, make, 0, len(changes), last, plan)
         return SearchResult(best, best, reason)
-    return SearchResult(None, plan, f"loop.max_iters={loop.max_iters} reached without a passing plan")
+    return SearchResult(None, last, f"loop.max_iters={loop.max_iters} reached without a passing plan")
 
 
 def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]],
@@ -83,7 +81,7 @@ def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[st
     sens = diagnosis.sensitivity
     with timer("plan"):
         planner = PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options, diagnosis.findings)
-    planner.calibrate(0, trial.last_metrics.kld_mean)
+    planner.calibrate(0, trial.last.metrics.kld_mean)
     if budget is not None and budget < plan0.avg_bits:
         raise QuantfixError(f"plan.budget.avg_bits={budget} is below plan 0's {plan0.avg_bits:.2f} average bits: "
                             "lower quant.bits or raise the budget")
@@ -93,16 +91,11 @@ def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[st
     return result
 
 
-def _extra(planner: PredictivePlanner, k: int, **more) -> dict:
-    """What the report says of a predicted plan: the prediction, the findings that drove its
+def _why(planner: PredictivePlanner, k: int, **more) -> dict:
+    """What the record says of a predicted plan: the prediction, the findings that drove its
     changes, and the changes themselves (counted by kind)."""
-    return {"predicted_kld": round(planner.predict(k), 5), **more,
+    return {"predicted": planner.predict(k), **more,
             "drivers": {r: len(v) for r, v in planner.drivers(k).items()}, "actions": planner.actions(k)}
-
-
-def _record_error(trial: Trials, predicted: float) -> None:
-    m = trial.last_metrics
-    trial.iterations[-1]["prediction_error_pct"] = round(100 * (predicted / max(m.kld_mean, 1e-12) - 1), 1)
 
 
 def _within_budget(trial: Trials, planner: PredictivePlanner, plan0: Plan, budget: float) -> SearchResult:
@@ -113,14 +106,11 @@ def _within_budget(trial: Trials, planner: PredictivePlanner, plan0: Plan, budge
     k = planner.largest_within(budget)
     if k > 1 and trial.left > 1:
         kp = probe_step(planner, k)
-        trial(planner.plan_at(kp), plan0, _extra(planner, kp, probe=True))
-        _record_error(trial, planner.predict(kp))
-        planner.calibrate(kp, trial.last_metrics.kld_mean)
-    cand = planner.plan_at(k)
-    fails = trial(cand, plan0, _extra(planner, k, budget_avg_bits=budget))
-    _record_error(trial, planner.predict(k))
-    reason = f"lowest predicted KLD within plan.budget.avg_bits={budget}" + ("; thresholds not met" if fails else "")
-    return SearchResult(None if fails else cand, cand, reason)
+        rec = trial(planner.plan_at(kp), plan0, **_why(planner, kp, probe=True))
+        planner.calibrate(kp, rec.metrics.kld_mean)
+    rec = trial(planner.plan_at(k), plan0, **_why(planner, k, budget_avg_bits=budget))
+    reason = f"lowest predicted KLD within plan.budget.avg_bits={budget}" + ("; thresholds not met" if rec.failed else "")
+    return SearchResult(None if rec.failed else rec, rec, reason)
 
 
 def probe_step(planner: PredictivePlanner, k: int) -> int:
@@ -131,62 +121,59 @@ def probe_step(planner: PredictivePlanner, k: int) -> int:
 
 
 def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: ThresholdsConfig, target: float,
-            lo: int, hi: int, best: Plan) -> Tuple[Plan, str, int]:
-    """After a pass at step ``hi`` (``lo`` failed or is plan 0): the predictor, refit on every
-    trial, proposes the smallest plan it expects to pass in between; it is measured; repeat. Where
-    the prediction would not move, the midpoint is tried instead. Stops when the failing and the
-    passing plan are within 0.05 average bits, or no trial is left."""
+            lo: Tuple[int, Optional[TrialRecord]], hi: int, best: TrialRecord) -> Tuple[TrialRecord, str, Optional[TrialRecord]]:
+    """After a pass at step ``hi`` (``lo``: the failing step and its trial, or plan 0's step 0): the
+    predictor, refit on every trial, proposes the smallest plan it expects to pass in between; it
+    is measured; repeat. Where the prediction would not move, the midpoint is tried instead. Stops
+    when the failing and the passing plan are within 0.05 average bits, or no trial is left.
+    Returns (the smallest passing trial, why it stopped, the largest failing trial below it)."""
     base = trial.base
-    planner.calibrate(hi, trial.last_metrics.kld_mean)
+    (lo, lo_rec) = lo
+    planner.calibrate(hi, best.metrics.kld_mean)
     while hi - lo > 1 and trial.left > 0:
         if planner.bits_at(hi) - planner.bits_at(lo) < 0.05:
-            return best, "passed; converged (the smallest passing plan is within 0.05 bits of a failing one)", lo
+            return best, "passed; converged (the smallest passing plan is within 0.05 bits of a failing one)", lo_rec
         k = planner.first_passing(target, margin=0.97, after=lo)
         if k is None or k >= hi:
             k = (lo + hi) // 2
-        cand, predicted = planner.plan_at(k), planner.predict(k)
-        fails = trial(cand, plan0, _extra(planner, k, kld_target=round(target, 5)))
-        m = trial.last_metrics
-        _record_error(trial, predicted)
-        planner.calibrate(k, m.kld_mean)
-        if not (trial.last_task_fails and len(trial.last_task_fails) == len(fails)):
-            target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(m, base))
-        if fails:
-            lo = k
+        rec = trial(planner.plan_at(k), plan0, **_why(planner, k, kld_target=round(target, 5)))
+        planner.calibrate(k, rec.metrics.kld_mean)
+        if not (rec.task_failed and len(rec.task_failed) == len(rec.failed)):
+            target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(rec.metrics, base))
+        if rec.failed:
+            lo, lo_rec = k, rec
         else:
-            hi, best = k, cand
+            hi, best = k, rec
     if hi - lo <= 1:
-        return best, "passed; converged (one upgrade step from a failing plan)", lo
-    return best, "passed; loop.max_iters reached while refining", lo
+        return best, "passed; converged (one upgrade step from a failing plan)", lo_rec
+    return best, "passed; loop.max_iters reached while refining", lo_rec
 
 
 def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
                       thresholds: ThresholdsConfig) -> SearchResult:
     base = trial.base
-    target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(trial.last_metrics, base))
-    lo, plan = 0, plan0
+    last = trial.last
+    target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(last.metrics, base))
+    lo, lo_rec = 0, None
     while trial.left > 0:
         k = planner.first_passing(target, after=lo)
         if k is None:
             k = len(planner.steps)
             if k <= lo:
-                return SearchResult(None, plan, "no plan on loop.ladder is predicted to pass, and the largest one failed")
-        cand = planner.plan_at(k)
-        predicted = planner.predict(k)
-        fails = trial(cand, plan0, _extra(planner, k, kld_target=round(target, 5)))
-        m = trial.last_metrics
-        _record_error(trial, predicted)
-        if not fails:
-            best, reason, lo = _refine(trial, planner, plan0, thresholds, target, lo, k, cand)
-            return SearchResult(best, best, reason, below=planner.plan_at(lo) if lo > 0 else None)
+                return SearchResult(None, last, "no plan on loop.ladder is predicted to pass, and the largest one failed")
+        last = trial(planner.plan_at(k), plan0, **_why(planner, k, kld_target=round(target, 5)))
+        m = last.metrics
+        if not last.failed:
+            best, reason, below = _refine(trial, planner, plan0, thresholds, target, (lo, lo_rec), k, last)
+            return SearchResult(best, best, reason, below=below)
         # missed: refit the prediction and the NLL/KLD ratio on this measurement, then replan
         planner.calibrate(k, m.kld_mean)
-        if trial.last_task_fails and len(trial.last_task_fails) == len(fails):
+        if last.task_failed and len(last.task_failed) == len(last.failed):
             # only a task failed: the KLD that passes PPL is not enough for the task; ask for less
             target = min(target, m.kld_mean) * 0.7
         else:
             target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(m, base))
-        lo, plan = k, cand
+        lo, lo_rec = k, last
         if k >= len(planner.steps):
-            return SearchResult(None, cand, "every module is at the top of loop.ladder and the plan still fails")
-    return SearchResult(None, plan, f"loop.max_iters={trial.setup.max_iters} reached without a passing plan")
+            return SearchResult(None, last, "every module is at the top of loop.ladder and the plan still fails")
+    return SearchResult(None, last, f"loop.max_iters={trial.setup.max_iters} reached without a passing plan")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from quantfix.cache import CACHE_VERSION, atomic_write, digest, file_digest, load_entry
+from quantfix.config import EvalConfig
 from quantfix.errors import QuantfixError
 from quantfix.weights import input_device
 
@@ -367,8 +369,10 @@ def score_lm_eval(model, tokenizer, tasks: List[str], limit: Optional[int], batc
     return {t: _from_lm_eval(t, out, seconds) for t in tasks if t in out.get("results", {})}
 
 
-def score_tasks(model, tokenizer, tasks: List[str], data_dir: str, limit: Optional[int], seed: int = 0,
-                batch_size: int = 8, paths: Optional[Dict[str, str]] = None, progress: bool = True) -> Dict[str, TaskResult]:
+def score_tasks(model, tokenizer, tasks: List[str], data_dir: str, cfg: EvalConfig,
+                progress: bool = True) -> Dict[str, TaskResult]:
+    """Every task of ``tasks`` scored on ``model``: local tasks (``LOCAL_TASKS``) from ``data_dir``
+    (or ``cfg.task_paths``) on a seeded subset of ``cfg.task_limit`` documents, others through lm-eval."""
     results: Dict[str, TaskResult] = {}
     remote = [t for t in tasks if t not in LOCAL_TASKS]
     if remote:  # fail before spending time on the local ones
@@ -377,15 +381,42 @@ def score_tasks(model, tokenizer, tasks: List[str], data_dir: str, limit: Option
         except ImportError:
             raise QuantfixError(f"task {remote[0]} is not a local task ({', '.join(LOCAL_TASKS)}) and lm-eval is "
                                 f"not installed: pip install lm-eval") from None
+    paths = dict(cfg.task_paths)
     for task in tasks:
         if task in LOCAL_TASKS:
-            docs = load_docs(task, data_dir, limit=limit, seed=seed, paths=paths)
-            results[task] = score_task(model, tokenizer, task, docs, batch_size=batch_size, progress=progress)
+            docs = load_docs(task, data_dir, limit=cfg.task_limit, seed=cfg.task_seed, paths=paths)
+            results[task] = score_task(model, tokenizer, task, docs, batch_size=cfg.task_batch_size, progress=progress)
             log.info("%s: %s (n=%d, %.1fs)", task, {k: round(v, 4) for k, v in results[task].metrics.items()},
                      results[task].n, results[task].seconds)
     if remote:
-        results.update(score_lm_eval(model, tokenizer, remote, limit, batch_size))
+        results.update(score_lm_eval(model, tokenizer, remote, cfg.task_limit, cfg.task_batch_size))
     return {t: results[t] for t in tasks if t in results}
+
+
+def cached_baseline(model, tokenizer, cfg: EvalConfig, data_dir: str, cache: Path, key: list) -> Dict[str, TaskResult]:
+    """The float model's task results on ``cfg.tasks``, cached in ``cache`` per task, keyed by
+    ``key`` (the model's content fingerprint and dtype), the task's subset and its data file."""
+    out, todo = {}, []
+    for t in cfg.tasks:
+        path = cache / f"{_baseline_key(t, cfg, data_dir, key)}.json"
+        cached = load_entry(path, lambda b: TaskResult.from_dict(json.loads(b)))
+        if cached is not None:
+            out[t] = cached
+        else:
+            todo.append((t, path))
+    if todo:
+        fresh = score_tasks(model, tokenizer, [t for t, _ in todo], data_dir, cfg)
+        for t, path in todo:
+            atomic_write(path, lambda tmp, r=fresh[t]: tmp.write_text(json.dumps(r.to_dict(per_doc=True))))
+            out[t] = fresh[t]
+    return out
+
+
+def _baseline_key(task: str, cfg: EvalConfig, data_dir: str, key: list) -> str:
+    """A float task result's key: ``key``, the task's subset and its data file's content."""
+    f = task_path(task, data_dir, dict(cfg.task_paths)) if task in LOCAL_TASKS else None
+    data = file_digest(f) if f is not None and f.is_file() else str(dict(cfg.task_paths).get(task))
+    return digest([f"tasks-v{CACHE_VERSION}", *key, task, cfg.task_limit, cfg.task_seed, data])[:16]
 
 
 # --------------------------------------------------------------------------------------- compare

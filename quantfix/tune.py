@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision
-from quantfix.quantize import algorithms, scales
+from quantfix.quantize import scales
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,7 @@ NAME = "autoround"
 def tunable(p: Precision) -> bool:
     """Whether AutoRound can tune this module's precision: integer weights in compressed-tensors,
     not an existing checkpoint's own (a repair keeps the modules it leaves alone exactly)."""
-    alg = algorithms.get(p.algorithm)
-    return not p.is_float and alg.family == algorithms.COMPRESSED_TENSORS and not alg.external
+    return not p.is_float and p.alg.tunable
 
 
 def tuned_plan(plan: Plan) -> Plan:
@@ -81,12 +81,23 @@ def _static_of(mod, p: Precision, dtype: torch.dtype, out_dtype: torch.dtype) ->
     return Wq, scale, zero
 
 
-def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, iters: int, dtype: torch.dtype,
-         lr: Optional[float] = None, batch_size: int = 8, seed: int = 0) -> Dict[str, Tuple[torch.Tensor, ...]]:
+@dataclass
+class TuneSettings:
+    """AutoRound's knobs: iterations per block, batch size, seed, learning rate (None: its default)."""
+
+    iters: int = 200
+    batch_size: int = 8
+    seed: int = 0
+    lr: Optional[float] = None
+
+
+def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype,
+         settings: TuneSettings = TuneSettings()) -> Dict[str, Tuple[torch.Tensor, ...]]:
     """AutoRound on a copy of ``model`` (float weights in, the live model untouched) with the plan's
     widths, calibrated on ``samples`` ([n, seq_len] token ids). Returns module -> (weight, scale,
     zero point) of every tunable module, on the CPU: the weight in the model's dtype, the scale and
     zero point in ``dtype`` (the checkpoint's)."""
+    iters, batch_size, seed, lr = settings.iters, settings.batch_size, settings.seed, settings.lr
     try:
         from auto_round import AutoRound
     except ImportError as e:

@@ -2,6 +2,7 @@
 (read and written through its hook's weights map), and how much room an accelerator has left."""
 from __future__ import annotations
 
+import gc
 from typing import Optional
 
 import torch
@@ -141,3 +142,10 @@ def detached_copy(module, device: torch.device, weights: Optional[dict] = None):
                 value = p
             m._parameters[pname] = torch.nn.Parameter(value.to(device, p.dtype), requires_grad=False)
     return other
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what was freed: Python's garbage, and the accelerator's cached blocks."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

@@ -64,7 +64,7 @@ def _err(e: BaseException) -> str:
 
 def one(arch: str, tok, work: Path) -> dict:
     from quantfix.errors import QuantfixError
-    from quantfix.loop import run
+    from quantfix.recipe import run
     from quantfix.plan import Plan
 
     model_dir = save_tiny(arch, tok, work / f"model_{arch}")

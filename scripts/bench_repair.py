@@ -130,7 +130,7 @@ def quantfix_row(budget: float, label: str, ladder: str, extra: list, ctx: dict)
     from hydra.core.global_hydra import GlobalHydra
 
     from quantfix.config import register
-    from quantfix.loop import run
+    from quantfix.recipe import run
 
     a = ctx["a"]
     out = Path(tempfile.mkdtemp(prefix="bench-qf-"))

@@ -87,3 +87,10 @@ def tiny_overrides(tiny_dir: Path, cache: Path, **extra) -> list:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_report(cfg, out_dir) -> dict:
+    """A run (quantfix.recipe.run) and its report as report.json holds it."""
+    from quantfix.recipe import run
+
+    return run(cfg, out_dir).to_dict()

@@ -91,7 +91,7 @@ def test_mse_clipping_beats_minmax_and_matches_llmcompressor():
 def test_mse_plan_exports_what_was_simulated(compose, tiny_dir, tmp_path):
     import json
 
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
     from tests.conftest import tiny_overrides
 
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{

@@ -147,7 +147,7 @@ def arch_dirs(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_matrix_full_loop_reloads_every_weight(name, arch_dirs, compose, tmp_path):
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     cfg = compose(tiny_overrides(arch_dirs[name], tmp_path / "cache", **MATRIX))
     out = tmp_path / "run"
@@ -175,7 +175,7 @@ def test_matrix_full_loop_reloads_every_weight(name, arch_dirs, compose, tmp_pat
 
 
 def test_gpt2_diagnoses_and_runs_without_export(arch_dirs, compose, tmp_path):
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     cfg = compose(tiny_overrides(arch_dirs["gpt2"], tmp_path / "cache",
                                  **dict(MATRIX, **{"export.enabled": "false", "loop.max_iters": 1})))
@@ -184,7 +184,7 @@ def test_gpt2_diagnoses_and_runs_without_export(arch_dirs, compose, tmp_path):
 
 
 def test_moe_diagnosis_reports_routing_changes_and_expert_sensitivity(arch_dirs, compose, tmp_path):
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     cfg = compose(tiny_overrides(arch_dirs["qwen3_moe"], tmp_path / "cache",
                                  **dict(MATRIX, mode="diagnose", **{"quant.bits": 2})))
@@ -200,7 +200,7 @@ def test_moe_diagnosis_reports_routing_changes_and_expert_sensitivity(arch_dirs,
 
 
 def test_dense_model_has_no_routing_section(arch_dirs, compose, tmp_path):
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     run(compose(tiny_overrides(arch_dirs["opt"], tmp_path / "cache", **dict(MATRIX, mode="diagnose"))),
         tmp_path / "run")

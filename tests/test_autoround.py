@@ -5,7 +5,7 @@ import torch
 
 from quantfix.config import validate
 from quantfix.errors import QuantfixError
-from quantfix.loop import run
+from tests.conftest import run_report as run
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import scales
 from quantfix import tune as autoround
@@ -28,7 +28,7 @@ def test_tuned_weights_are_on_the_checkpoint_grid(tokenizer):
     plan = _plan(model)
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     samples = torch.randint(2, 384, (4, 32), generator=torch.Generator().manual_seed(0))
-    out = autoround.tune(model, tokenizer, plan, samples, iters=2, dtype=torch.float16, batch_size=2)
+    out = autoround.tune(model, tokenizer, plan, samples, torch.float16, autoround.TuneSettings(iters=2, batch_size=2))
     # the live model is not touched; the float module is not tuned
     assert all(torch.equal(m.weight, before[n]) for n, m in model.named_modules() if n in before)
     quantized = [n for n, p in plan.modules.items() if not p.is_float]

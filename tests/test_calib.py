@@ -144,9 +144,9 @@ def test_only_the_diagonal_is_collected_when_no_algorithm_needs_the_hessian(comp
     """quant=rtn with loop.algorithms=[imatrix]: nothing in the run needs a full [in, in] Hessian
     (the imatrix reads E[x^2], its diagonal), so only the diagonal is collected (at 8B: a few MB
     instead of 33 GB); the run measures what it measures with the full Hessians."""
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
     from quantfix import calib
-    from quantfix.session import Session
+    from quantfix.recipe import Recipe
     from tests.conftest import tiny_overrides
 
     seen = []
@@ -155,7 +155,7 @@ def test_only_the_diagonal_is_collected_when_no_algorithm_needs_the_hessian(comp
     over = {"loop.algorithms": "[imatrix]", "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
             "plan.budget.avg_bits": 4.5, "quant.bits": 3, "loop.max_iters": 3}
     diag = run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **over)), tmp_path / "diag")
-    monkeypatch.setattr(Session, "needs_full_hessian", lambda self: True)
+    monkeypatch.setattr(Recipe, "needs_full_hessian", lambda self: True)
     full = run(compose(tiny_overrides(tiny_dir, tmp_path / "c2", **over)), tmp_path / "full")
     assert [st.hessian.dim() for st in seen[0].inputs.values()] == [1] * len(seen[0].inputs)
     assert {st.hessian.dim() for st in seen[1].inputs.values()} == {2}

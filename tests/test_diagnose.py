@@ -11,7 +11,7 @@ from quantfix.diagnose.findings import Diagnosis
 from quantfix.diagnose.rules import root_causes
 from quantfix.diagnose.sensitivity import Sensitivity
 from quantfix.diagnose.sensitivity import fisher
-from quantfix.loop import run
+from tests.conftest import run_report as run
 from quantfix.plan import Plan
 from quantfix.quantize import fake
 from tests.conftest import save_model_dir, tiny_llama, tiny_overrides

@@ -191,7 +191,7 @@ def test_repair_starts_from_a_gptq_checkpoint_and_keeps_its_weights(compose, tin
     """Without mode=diagnose the loop starts from the checkpoint: plan 0 is its scheme with its own
     weights, the repair requantizes some modules from the float parent, and the modules it leaves
     alone reach the exported compressed-tensors checkpoint bit for bit."""
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
     from quantfix.plan import Plan
     from tests.conftest import tiny_overrides
 
@@ -229,7 +229,7 @@ def test_diagnose_and_repair_a_gguf_against_its_float_parent(compose, tiny_dir, 
     """A Q4_0 GGUF of the tiny model: diagnosed against the float parent (its calibration set
     unknown), repaired, exported and verified; the llama.cpp overrides name the changed tensors
     and the command that applies them."""
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
     from quantfix.plan import Plan
     from tests.conftest import tiny_overrides
 
@@ -289,7 +289,7 @@ def test_repair_of_nf4_measures_kept_modules_as_exported(compose, tiny_dir, tmp_
     kept modules reach the checkpoint exactly as trialled."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
     from quantfix.plan import Plan
     from quantfix.quantize import scales
     from tests.conftest import tiny_overrides

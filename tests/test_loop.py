@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from quantfix.loop import run
+from tests.conftest import run_report as run
 from quantfix.plan import Plan
 from tests.conftest import ROOT, tiny_overrides
 

@@ -102,7 +102,7 @@ def test_check_positions_names_the_key_and_the_fix():
 
 
 def test_seq_len_beyond_positions_fails_before_any_data(compose, tiny_dir, tmp_path):
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{"eval.seq_len": 1024, "mode": "baseline"}))
     with pytest.raises(QuantfixError, match="eval.seq_len=1024 is longer than the model's 512 positions"):
@@ -254,7 +254,7 @@ def test_binary_calibration_file_is_one_line_naming_it(tmp_path, tokenizer, name
 # --- 5. export: trust_remote_code, full disk, stale temp dirs, permissions ------------------------
 
 def test_custom_code_model_exports_and_reloads(compose, tmp_path, tokenizer):
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     d = _custom_code_dir(tmp_path / "custom", tokenizer)
     cfg = compose(tiny_overrides(d, tmp_path / "cache", **{
@@ -322,7 +322,7 @@ def test_checkpoint_dir_is_world_readable(compose, tiny_dir, tmp_path, monkeypat
 
 
 def test_stale_checkpoint_temp_dirs_are_removed_at_start(compose, tiny_dir, tmp_path):
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     out = tmp_path / "run"
     stale = out / ".checkpoint-k1ll3d"
@@ -355,9 +355,9 @@ def test_cli_exit_0_when_passed_or_no_verdict(tmp_path, tiny_dir, extra):
 
 def _cli_with_run_raising(tmp_path, exc: str):
     """The CLI with loop.run replaced by one that raises ``exc`` (interrupt / bug, deterministically)."""
-    code = ("import runpy, sys, quantfix.loop\n"
+    code = ("import runpy, sys, quantfix.recipe\n"
             f"def run(cfg, out_dir):\n    raise {exc}\n"
-            "quantfix.loop.run = run\n"
+            "quantfix.recipe.run = run\n"
             f"sys.argv = ['quantfix', 'hydra.run.dir={tmp_path}/run']\n"
             "runpy.run_module('quantfix', run_name='__main__')\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,

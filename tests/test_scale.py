@@ -78,7 +78,7 @@ def test_offloaded_model_gives_the_same_run(compose, tiny_dir, tmp_path):
     small for the whole model, layers go to disk and sit on the meta device between forwards. The
     loop must read, swap and restore their weights through the offload map and reach exactly the
     result of the run with the model in memory, down to the exported checkpoint."""
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     common = {"quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
               "thresholds.max_kld_mean": 0.002, "loop.ladder": "[3/0,8/0,16/0]", "loop.bits_step": 2.0,
@@ -115,7 +115,7 @@ def test_out_of_memory_halves_the_batch_size_and_keeps_the_result(compose, tiny_
     """eval.batch_size=0 is auto (4 on the CPU); a CUDA out-of-memory error halves it and retries,
     which must not change any metric. The OOM is simulated: batches larger than 2 windows 'do not fit'."""
     from quantfix import evaluate as ev
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
 
     common = {"thresholds.max_ppl_increase_pct": 1000, "loop.max_iters": 1, "export.enabled": "false",
               "diagnose.probes": "false"}
@@ -150,7 +150,7 @@ def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, t
     handed back and dropped), and the run (option scores, plans, trials) is the one a single pass
     gives."""
     from quantfix.diagnose import option_chunks
-    from quantfix.loop import run
+    from tests.conftest import run_report as run
     from quantfix.bank import WeightBank
 
     over = {"quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
@@ -237,7 +237,7 @@ def test_host_peak_starts_afresh_at_exec():
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parent.parent)
-    child = ("import sys; sys.path.insert(0, %r); import resource; from quantfix.evaluate import host_peak_kib; "
+    child = ("import sys; sys.path.insert(0, %r); import resource; from quantfix.timing import host_peak_kib; "
              "print(host_peak_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % root)
     parent = ("import os, sys; b = bytearray(2 ** 30); b[::4096] = b'x' * len(b[::4096]); "
               "os.execv(sys.executable, [sys.executable, '-c', %r])" % child)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from quantfix.loop import run
+from tests.conftest import run_report as run
 from tests.conftest import SHARED_DATA, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "arc_easy").exists(), reason="needs ../shared/data")

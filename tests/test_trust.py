@@ -22,7 +22,7 @@ from quantfix import export as exp
 from quantfix import verdict
 from quantfix.config import ThresholdsConfig
 from quantfix.errors import QuantfixError
-from quantfix.loop import run
+from tests.conftest import run_report as run
 from tests.conftest import ROOT, save_model_dir, tiny_llama, tiny_overrides
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -18,7 +18,7 @@ import torch
 
 from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix import data as data_mod
-from quantfix.evaluate import memory_now_gb, memory_rise
+from quantfix.timing import memory_now_gb, memory_rise
 from quantfix.config import DiagnoseConfig, ProbesConfig, SensitivityConfig
 from quantfix.diagnose import activations, probes, sensitivity
 from quantfix.diagnose.findings import Diagnosis, Finding
@@ -27,7 +27,7 @@ from quantfix.diagnose.rules import root_causes
 from quantfix.plan import Plan, Precision, layer_index
 from quantfix.runtime import RunData, Runtime
 
-__all__ = ["Diagnosis", "Finding", "run", "measure_sensitivity", "sensitivity_cache_key"]
+__all__ = ["Diagnosis", "Files", "Finding", "Subject", "run", "measure_sensitivity", "sensitivity_cache_key"]
 log = logging.getLogger(__name__)
 Options = Dict[str, Dict[str, Precision]]
 
@@ -121,59 +121,94 @@ def _exact(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tensor, scfg: Sens
     return sensitivity.exact(kld, quantized, scfg.per_module_exact, progress)
 
 
-def run(rt: Runtime, data: RunData, bank, plan: Plan, ref, base, qmetrics, stats, cfg: DiagnoseConfig,
-        probes_cfg: ProbesConfig, out_dir: Path, options: Optional[Options] = None,
-        sens_cache: Optional[Path] = None, progress: bool = True) -> Diagnosis:
-    """Full diagnosis of ``plan`` (applied through ``bank``) against the float model. Writes plots
-    under ``out_dir/plots``; leaves the plan applied."""
+@dataclass
+class Subject:
+    """What a diagnosis looks at: ``plan`` (applied through the bank) and its measured ``metrics``,
+    against the float model's ``reference`` log-probs and ``base`` metrics; ``stats`` are the
+    calibration statistics, ``options`` the precision options the planner may choose (scored too)."""
+
+    plan: Plan
+    metrics: Any
+    reference: Any
+    base: Any
+    stats: Any = None
+    options: Optional[Options] = None
+
+
+@dataclass
+class Files:
+    """Where a diagnosis writes: its plots, and its sensitivity measurement's cache entry."""
+
+    plots: Path
+    sensitivity_cache: Optional[Path] = None
+    progress: bool = True
+
+
+def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunData, bank, subject: Subject,
+        files: Files) -> Diagnosis:
+    """Full diagnosis of ``subject.plan`` (applied through ``bank``) against the float model. Writes
+    plots under ``files.plots``; leaves the plan applied."""
     t0 = time.perf_counter()
-    timings: Dict[str, float] = {}
-    memory: Dict[str, Dict[str, float]] = {}
-    last = [memory_now_gb()]
-
-    def lap(name, t):
-        timings[name] = round(time.perf_counter() - t, 2)
-        now = memory_now_gb()
-        memory[name], last[0] = memory_rise(last[0], dict(now)), now
-
-    t = time.perf_counter()
-    sens = measure_sensitivity(rt, bank, plan, ref, data.windows, cfg.sensitivity, options, sens_cache, progress)
-    lap("sensitivity", t)
-    timings.update({f"sensitivity: {k}": round(v, 2) for k, v in sens.parts.items()})
+    plan, progress = subject.plan, files.progress
+    parts = _Laps()
+    sens = measure_sensitivity(rt, bank, plan, subject.reference, data.windows, cfg.sensitivity, subject.options,
+                               files.sensitivity_cache, progress)
+    parts.lap("sensitivity")
+    parts.timings.update({f"sensitivity: {k}": round(v, 2) for k, v in sens.parts.items()})
     names = [n for n, p in plan.modules.items() if not p.is_float]
-    prompts = [dict(p) for p in probes_cfg.prompts] if cfg.probes else []
-    domain_sets = _domain_windows(rt, data, cfg)
+    side = _Side(rt, data, cfg, names, _domain_windows(rt, data, cfg),
+                 [asdict(p) if not isinstance(p, dict) else dict(p) for p in probes_cfg.prompts] if cfg.probes else [],
+                 probes_cfg.max_new_tokens, progress)
     # float side (the bank is restored: float weights live), then the quantized side
-    t = time.perf_counter()
-    fp = _measure_side(rt, data, cfg, names, domain_sets, prompts, probes_cfg.max_new_tokens, progress,
-                       channels_of=bank.quantized_weights(plan))
-    lap("float side (activations, channels, probes, domains)", t)
-    t = time.perf_counter()
+    fp = side.measure(channels_of=bank.quantized_weights(plan))
+    parts.lap("float side (activations, channels, probes, domains)")
     bank.apply(plan, progress=False)
-    q = _measure_side(rt, data, cfg, names, domain_sets, prompts, probes_cfg.max_new_tokens, progress,
-                      domain_refs=fp["domains"])
-    lap("quantized side (activations, probes, domains)", t)
-    routing = _routing(fp.get("routes") or {}, q.get("routes") or {}, sens.modules)
-    check = _calibration_check(rt, data, bank, plan, ref, qmetrics)
-    outliers = _outlier_rows(fp["absmax"], q["absmax"], stats, names, sens, cfg.outlier_k)
-    hist_names = [r["input_of"][0] for r in outliers[: cfg.histograms]]
-    plots = out_dir / "plots"
-    hist_paths = activations.plot_histograms(fp["absmax"], q["absmax"], hist_names, plots, cfg.outlier_k)
-    diag = Diagnosis(
+    q = side.measure(domain_refs=fp["domains"])
+    parts.lap("quantized side (activations, probes, domains)")
+    diag = _assemble(subject, sens, fp, q, side, rt, data, bank, cfg)
+    diag.plots["histograms"] = activations.plot_histograms(
+        fp["absmax"], q["absmax"], [r["input_of"][0] for r in diag.outliers[: cfg.histograms]], files.plots,
+        cfg.outlier_k)
+    diag.findings = root_causes(diag, cfg)
+    diag.plots.update(plot_diagnosis(diag, files.plots))
+    diag.timings_s = dict(parts.timings, total=round(time.perf_counter() - t0, 2))
+    diag.memory_gb = parts.memory
+    return diag
+
+
+class _Laps:
+    """Seconds and the memory snapshot per part of the diagnosis."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.timings: Dict[str, float] = {}
+        self.memory: Dict[str, Dict[str, float]] = {}
+        self.last = memory_now_gb()
+
+    def lap(self, name: str) -> None:
+        self.timings[name] = round(time.perf_counter() - self.t, 2)
+        now = memory_now_gb()
+        self.memory[name], self.last = memory_rise(self.last, dict(now)), now
+        self.t = time.perf_counter()
+
+
+def _assemble(subject: Subject, sens, fp, q, side: "_Side", rt: Runtime, data: RunData, bank,
+              cfg: DiagnoseConfig) -> Diagnosis:
+    """The Diagnosis of the measurements (findings and plots are added by ``run``)."""
+    plan, base, qmetrics = subject.plan, subject.base, subject.metrics
+    outliers = _outlier_rows(fp["absmax"], q["absmax"], subject.stats, side.names, sens, cfg.outlier_k)
+    domain_sets = side.domain_sets
+    return Diagnosis(
         plan_summary=plan.summary_str(), avg_bits=round(plan.avg_bits, 4),
         metrics={"baseline": base.to_dict(), "quantized": qmetrics.to_dict(),
                  "ppl_increase_pct": round(100 * (qmetrics.ppl / base.ppl - 1), 3)},
         sensitivity=sens, outliers=outliers, channel_errors={str(k): v for k, v in fp["channels"].items()},
         domains={k: probes.domain_metrics(domain_sets[k], fp["domains"][k], q["domains"][k]) for k in domain_sets},
-        generations=probes.compare_generations(rt.tokenizer, prompts, fp["gen"], q["gen"]) if prompts else [],
+        generations=probes.compare_generations(rt.tokenizer, side.prompts, fp["gen"], q["gen"]) if side.prompts else [],
         calibration_domains=[] if data.external_checkpoint else list(data.calibration_domains),
-        plots={"histograms": hist_paths},
-        eval_source=data.eval_source, calibration_check=check, routing=routing)
-    diag.findings = root_causes(diag, cfg)
-    diag.plots.update(plot_diagnosis(diag, plots))
-    diag.timings_s = dict(timings, total=round(time.perf_counter() - t0, 2))
-    diag.memory_gb = memory
-    return diag
+        plots={}, eval_source=data.eval_source,
+        calibration_check=_calibration_check(rt, data, bank, plan, subject.reference, qmetrics),
+        routing=_routing(fp.get("routes") or {}, q.get("routes") or {}, sens.modules))
 
 
 def _calibration_check(rt: Runtime, data: RunData, bank, plan: Plan, ref, qmetrics) -> Dict[str, Any]:
@@ -181,12 +216,10 @@ def _calibration_check(rt: Runtime, data: RunData, bank, plan: Plan, ref, qmetri
     measured on the eval windows (one evaluation). Calibration that does no better than none is the
     signature of calibration data unlike the deployment text. Leaves the plan applied."""
     from quantfix import evaluate as ev
-    from quantfix.quantize import algorithms
 
     external = data.external_checkpoint  # how it was made is unknown: RTN at its own scheme is the reference
     calibrated = {n: p for n, p in plan.modules.items() if not p.is_float and
-                  (external or (algorithms.get(p.algorithm).calibrated and
-                                algorithms.get(p.algorithm).family == algorithms.COMPRESSED_TENSORS))}
+                  (external or p.alg.learns_from_data)}
     if not calibrated:
         return {}
     if external:  # the bank serves the checkpoint's own weights for these precisions: RTN afresh
@@ -211,23 +244,36 @@ def _domain_windows(rt: Runtime, data: RunData, cfg: DiagnoseConfig) -> Dict[str
     return out
 
 
-def _measure_side(rt: Runtime, data: RunData, cfg: DiagnoseConfig, names: List[str], domain_sets, prompts,
-                  max_new_tokens: int, progress: bool, channels_of: Optional[Dict[str, torch.Tensor]] = None,
-                  domain_refs: Optional[Dict[str, Any]] = None):
-    """Input absmax, per-domain float references (or, given ``domain_refs``, metrics against them)
-    and probe generations of the model as it is now; with ``channels_of`` (the quantized weights;
-    float model live) also the per-channel output error."""
-    bs = rt.batch_size
-    out: Dict[str, Any] = {"absmax": activations.input_absmax(rt.model, data.samples[: cfg.absmax_samples], names,
-                                                               bs, progress)}
-    if channels_of is not None:
-        out["channels"] = activations.channel_errors(rt.model, data.windows[: cfg.channel_windows], channels_of, bs,
-                                                     progress)
-    out["domains"] = {k: probes.domain_reference(rt.model, w, bs) if domain_refs is None else
-                      probes.domain_eval(rt.model, w, domain_refs[k], bs) for k, w in domain_sets.items()}
-    out["routes"] = _routes(rt.model, data.windows[: cfg.channel_windows])
-    out["gen"] = probes.generate(rt.model, rt.tokenizer, prompts, max_new_tokens, progress) if prompts else []
-    return out
+@dataclass
+class _Side:
+    """The measurements taken once with the float weights live and once with the plan's: input
+    absmax, per-domain references (or metrics against them), routes and probe generations."""
+
+    rt: Runtime
+    data: RunData
+    cfg: DiagnoseConfig
+    names: List[str]
+    domain_sets: Dict[str, torch.Tensor]
+    prompts: List[dict]
+    max_new_tokens: int
+    progress: bool
+
+    def measure(self, channels_of: Optional[Dict[str, torch.Tensor]] = None,
+                domain_refs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The model as it is now; with ``channels_of`` (the quantized weights; float model live)
+        also the per-channel output error; with ``domain_refs``, per-domain metrics against them."""
+        rt, data, cfg, bs = self.rt, self.data, self.cfg, self.rt.batch_size
+        out: Dict[str, Any] = {"absmax": activations.input_absmax(rt.model, data.samples[: cfg.absmax_samples],
+                                                                   self.names, bs, self.progress)}
+        if channels_of is not None:
+            out["channels"] = activations.channel_errors(rt.model, data.windows[: cfg.channel_windows], channels_of, bs,
+                                                         self.progress)
+        out["domains"] = {k: probes.domain_reference(rt.model, w, bs) if domain_refs is None else
+                          probes.domain_eval(rt.model, w, domain_refs[k], bs) for k, w in self.domain_sets.items()}
+        out["routes"] = _routes(rt.model, data.windows[: cfg.channel_windows])
+        out["gen"] = probes.generate(rt.model, rt.tokenizer, self.prompts, self.max_new_tokens, self.progress) \
+            if self.prompts else []
+        return out
 
 
 @torch.no_grad()

@@ -15,15 +15,14 @@ gguf dequantizes) read against their float parent.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import torch
 
 from quantfix.errors import QuantfixError
 from quantfix.formats.common import CKPT, CKPT_APPROX, External, check_group, grid_precision  # noqa: F401
 from quantfix.plan import Plan
+
 
 def detect(path: str) -> str:
     p = Path(path).expanduser()

@@ -168,7 +168,7 @@ def overrides(plan: Plan, ext: External) -> Tuple[Dict[str, str], str]:
     base_type = base[0][0] if base else "Q8_0"
     out = {}
     for n, p in plan.modules.items():
-        if n not in ext.gguf_names or p.algorithm in ("ckpt", "ckpt_approx") or ext.plan.modules.get(n) == p:
+        if n not in ext.gguf_names or p.alg.external or ext.plan.modules.get(n) == p:
             continue
         want = "f16" if p.is_float else OVERRIDE_TYPES[p.bits]
         if want.upper() != ext.source_types.get(n, "").upper():

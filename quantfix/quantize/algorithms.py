@@ -97,6 +97,59 @@ class Algorithm:
     def export_observer(self) -> str:
         return "static" if self.static_export else self.observer
 
+    # ---- questions callers ask (instead of combining the flags above) -------------------------
+    @property
+    def exports_exactly(self) -> bool:
+        """The checkpoint holds the trial's weights bit for bit: compressed-tensors, written as
+        simulated (static) or by an engine observer the simulation reproduces (data-free RTN)."""
+        return self.family == COMPRESSED_TENSORS and self.exact_export and (self.static_export or not self.calibrated)
+
+    @property
+    def kept(self) -> bool:
+        """Its simulation is a search or a sweep (not plain min/max rounding): computed once and kept."""
+        return self.observer != "minmax" or self.calibrated
+
+    @property
+    def rerounded_at_export(self) -> bool:
+        """An existing checkpoint's weights on a grid compressed-tensors cannot hold (re-rounded at export)."""
+        return self.external and not self.exact_export
+
+    @property
+    def tunable(self) -> bool:
+        """AutoRound may tune it: integer weights in compressed-tensors, not an existing checkpoint's own
+        (a repair keeps the modules it leaves alone exactly)."""
+        return self.family == COMPRESSED_TENSORS and not self.external
+
+    @property
+    def learns_from_data(self) -> bool:
+        """A compressed-tensors rounding that learns from the calibration data (its benefit over plain
+        RTN at the same width is what a calibration mismatch removes)."""
+        return self.calibrated and self.family == COMPRESSED_TENSORS
+
+    @property
+    def calibrates_at_export(self) -> bool:
+        """The engine quantizes it again from calibration data at export (AWQ's smoothing)."""
+        return self.calibrated and not self.static_export
+
+    def start_problem(self) -> Optional[str]:
+        """Why it cannot be plan 0's algorithm (``quant.algorithm``), or None."""
+        if self.external:
+            return (f"{self.name} names an existing checkpoint's own weights: pass the checkpoint as "
+                    "quantized.name_or_path=<dir or .gguf> instead")
+        if not self.per_module:
+            return f"{self.name} tunes a whole plan: start from another algorithm and set loop.tune={self.name}"
+        return None
+
+    def option_problem(self) -> Optional[str]:
+        """Why it cannot be one of the roundings a module moves to (``loop.algorithms``), or None."""
+        if self.external:
+            return "names an existing checkpoint's own weights, not a way to round"
+        if not self.per_module:
+            return f"tunes a whole plan, not one module: set loop.tune={self.name} instead"
+        if not self.mixable:
+            return f"applies to a whole plan: use it as quant={self.name} instead"
+        return None
+
     def check_bits(self, bits: int) -> Optional[str]:
         if bits in self.bits:
             return None
@@ -309,6 +362,7 @@ class Precision:
     algorithm: str = "rtn"
 
     def __post_init__(self):
+        object.__setattr__(self, "algorithm", str(self.algorithm))  # a config choice becomes its plain name
         problem = bits_problem(self.bits, allow_float=True)
         if problem:
             raise QuantfixError(problem)
@@ -320,6 +374,11 @@ class Precision:
     @property
     def is_float(self) -> bool:
         return self.bits >= FLOAT_BITS
+
+    @property
+    def alg(self) -> Algorithm:
+        """Its algorithm's registry entry."""
+        return get(self.algorithm)
 
     @property
     def label(self) -> str:

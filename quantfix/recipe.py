@@ -1,0 +1,620 @@
+"""The recipe: the one owner of a run. set up -> (baseline | diagnose | repair) -> finish.
+
+repair: plan 0 (from ``quant``, or an existing checkpoint) -> trial (simulated quantization,
+evaluated against the cached float reference) -> if it fails, diagnose it and search for the
+smallest passing plan (or the best within a budget) -> optionally tune it -> export the chosen plan
+with the real engine -> reload it from disk -> verify -> report.
+
+Every piece of run state lives on ``Recipe``: the config, the model and data, the caches' keys,
+the weight bank, the trials and the ``RunReport``. Stages are functions (and the ``Trials`` and
+``WeightBank`` objects the recipe owns) that take what they need as arguments and return typed
+results; none of them writes the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from quantfix import arch, cache as cache_mod, data as data_mod, evaluate as ev, export as exp, loading, report as rep
+from quantfix import calib, search, source, verdict, verify, weights
+from quantfix.bank import WeightBank
+from quantfix.calib import CalibStats
+from quantfix.config import Config, validate
+from quantfix.diagnose import Diagnosis, Files, Subject, sensitivity_cache_key
+from quantfix.diagnose import journal as diagnose_journal
+from quantfix.diagnose import run as run_diagnosis
+from quantfix.errors import QuantfixError
+from quantfix.existing import ExistingCheckpoint
+from quantfix.plan import Plan
+from quantfix.planner import Ladder, group_problem, initial_plan, ladder_options
+from quantfix.quantize import algorithms
+from quantfix.runreport import DiagnosisSummary, Outcome, Recalibration, RunReport, TrialRecord
+from quantfix.runtime import RunData, Runtime
+from quantfix.timing import Timer, peak_memory_mb
+from quantfix.trials import Trials, TrialSetup
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg, out_dir: Path) -> RunReport:
+    """Run ``cfg.mode`` and write the run dir; returns the report. A run that fails once under way
+    (an error, an interrupt, a bug) still writes report.json with ``final.stop_reason``, then the
+    exception goes on to the CLI, which maps it to the exit code; input refused while the run is
+    set up (config, model, data) writes none."""
+    recipe = Recipe(cfg, out_dir)
+    try:
+        recipe.setup()
+        recipe.run()
+    except BaseException as e:
+        recipe.fail(e)
+        raise
+    return recipe.finish()
+
+
+def typed(cfg) -> Config:
+    """The composed config as its dataclasses (choices as enums); a Config passes through."""
+    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+
+
+class Recipe:
+    """One run: ``setup`` (device, model, data, fingerprints, float reference), ``run`` (the mode),
+    ``finish`` (report.json, plots, report.md/html, the console summary) or ``fail``."""
+
+    def __init__(self, cfg, out_dir: Path):
+        self.cfg: Config = typed(cfg)
+        self.out_dir = Path(out_dir)
+        self.timer = Timer()
+        self.t_start = time.perf_counter()
+        container = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True, enum_to_str=True)
+        self.report = RunReport(model=self.cfg.model.name_or_path, config=container)
+        self.set_up = False  # input refused before this is bad input: no report.json
+        self.trials: Optional[Trials] = None
+        self.bank: Optional[WeightBank] = None
+        self.existing: Optional[ExistingCheckpoint] = None
+        self.diagnosis: Optional[Diagnosis] = None
+        self.sim_dtype: Optional[torch.dtype] = None  # the dtype the trials round weights in (the export's)
+
+    # ---- set up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        validate(cfg)
+        _check_writable(self.out_dir)
+        exp.clean_stale_temp(self.out_dir)
+        self._runtime()
+        self._load()
+        if cfg.mode != "baseline":
+            problem = group_problem(self.rt.model, cfg.quant, list(cfg.loop.ladder))
+            if problem:
+                raise QuantfixError(problem)
+        self.set_up = True
+        self._check_exportable()
+        self.reference = self._reference()
+        self.base = ev.baseline_metrics(self.reference)
+        self.report.baseline = self.base
+        self._check_baseline()
+        log.info("float baseline: PPL %.3f on %d tokens of %s", self.base.ppl, self.base.n_tokens, cfg.eval.source)
+        placement = getattr(self.rt.model, "hf_device_map", None)
+        if placement and len(set(map(str, placement.values()))) > 1:  # spread by accelerate: say where
+            self.report.placement = dict(Counter(str(v) for v in placement.values()))
+            log.info("device map: %s", ", ".join(f"{n} modules on {d}" for d, n in self.report.placement.items()))
+
+    def _runtime(self) -> None:
+        """Threads, seed, device, dtype, cache and offline mode."""
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = loading.resolve_device(cfg.device)
+        if cfg.device_memory_gb and torch.cuda.is_available():
+            weights.cap_device_memory(cfg.device_memory_gb)
+        if self.device.type == "cpu":
+            # statistics of inputs with massive activations (the demo's 3000x channels) underflow into
+            # denormal floats in the clipping searches and GPTQ, which the CPU computes ~15x slower
+            # (one demo down_proj: 13.2 s -> 0.9 s); flushed to zero they change nothing measurable. Set
+            # before any torch worker thread starts (they inherit it); the bank's simulation jobs set it too
+            torch.set_flush_denormal(True)
+        self.dtype = loading.resolve_dtype(cfg.model.dtype, self.device)
+        self.sim_dtype = self.dtype
+        self.cache = cache_mod.cache_dir(cfg.cache_dir)
+        self.offline = source.is_offline(cfg.offline)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _load(self) -> None:
+        """The float model, the eval windows and calibration samples, the content fingerprints."""
+        cfg, m = self.cfg, self.cfg.model
+        data_dir = str(data_mod.default_data_dir(cfg.data_dir))
+        with self.timer("load model"):
+            self.resolved = source.resolve(m.name_or_path, self.cache, offline=self.offline, revision=m.revision)
+            model, tokenizer = loading.load(self.resolved, self.dtype, self.device, m, offline=self.offline)
+        loading.check_positions(model.config, {  # the diagnosis (not in mode=baseline) has its own length
+            "eval.seq_len": cfg.eval.seq_len, "data.seq_len": cfg.data.seq_len,
+            **({} if cfg.mode == "baseline" else {"diagnose.domain_seq_len": cfg.diagnose.domain_seq_len})})
+        with self.timer("data"):
+            windows = data_mod.eval_windows(cfg.eval.source, data_dir, tokenizer, cfg.eval.n_windows, cfg.eval.seq_len,
+                                            offline=self.offline)
+            samples = data_mod.calibration_samples(list(cfg.data.domains), data_dir, tokenizer, cfg.data.n_samples,
+                                                   cfg.data.seq_len, cfg.data.seed, offline=self.offline,
+                                                   holdout=self._holdout())
+        with self.timer("fingerprint"):  # content keys of every cache entry and of the resume journal
+            self.model_fp = cache_mod.model_fingerprint(self.resolved.path, m.revision)
+            q = cfg.quantized.name_or_path
+            self.quantized_fp = (cache_mod.model_fingerprint(q) if Path(q).is_dir() else
+                                 cache_mod.file_digest(Path(q)) if Path(q).is_file() else None) if q else None
+            self.fingerprint = self._run_fingerprint(windows, samples)
+        # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
+        bs = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)
+        self.rt = Runtime(model, tokenizer, self.device, bs, cfg.seed)
+        self.data = RunData(windows, samples, data_dir, tuple(cfg.data.domains), self.offline, cfg.eval.source)
+        self.report.model_path, self.report.device, self.report.dtype = self.resolved.path, str(self.device), str(self.dtype)
+
+    def _check_exportable(self) -> None:
+        """Refuse before any measurement what the export could not write."""
+        cfg = self.cfg
+        if cfg.mode != "repair" or not cfg.export.enabled:
+            return
+        if self.device.type != "cuda" and algorithms.get(cfg.quant.algorithm).export_needs_cuda:
+            raise QuantfixError(f"quant={cfg.quant.algorithm} exports through llm-compressor's "
+                                f"{str(cfg.quant.algorithm).upper()}, which needs a CUDA device (it fails on the CPU): "
+                                "run with device=cuda, pick quant=gptq, or set export.enabled=false")
+        blocker = arch.export_blocker(self.rt.model)
+        if blocker:
+            raise QuantfixError(f"{blocker}: run with export.enabled=false (the trials and the diagnosis work), or "
+                                "mode=diagnose")
+
+    def _run_fingerprint(self, windows: torch.Tensor, samples: torch.Tensor) -> str:
+        """What a journaled trial or diagnosis depends on: model and checkpoint content, eval windows,
+        calibration samples, dtype and device, thresholds, loop / quant / eval / diagnose settings
+        and the code. ``loop.resume`` and ``loop.max_iters`` are left out: a resumed run may go on
+        for more iterations."""
+        c = self.report.config
+        loop = {k: v for k, v in c["loop"].items() if k not in ("resume", "max_iters")}
+        return cache_mod.digest({
+            "model": self.model_fp, "quantized": self.quantized_fp, "windows": cache_mod.tensor_digest(windows),
+            "samples": cache_mod.tensor_digest(samples), "dtype": str(self.dtype), "device": self.device.type,
+            "thresholds": c["thresholds"], "loop": loop, "quant": c["quant"], "eval": c["eval"], "data": c["data"],
+            "diagnose": c["diagnose"], "probes": c["probes"], "plan": c["plan"], "seed": c["seed"],
+            "code": cache_mod.code_version()})[:20]
+
+    def _weights_key(self) -> str:
+        """What decides the quantized weights besides the float model and the plan: the calibration
+        samples in use (they change on recalibration), the algorithm settings, and the content of an
+        existing checkpoint whose weights are diagnosed (``quantized.name_or_path``)."""
+        q = self.cfg.quant
+        return cache_mod.digest({
+            "samples": cache_mod.tensor_digest(self.data.samples), "quantized": self.quantized_fp,
+            "knobs": [q.gptq_dampening, q.gptq_block_size, q.awq_grid, q.llm_int8_threshold],
+            "dtype": str(self.dtype), "sim_dtype": str(self.sim_dtype), "device": self.device.type})[:20]
+
+    def _holdout(self) -> Dict[str, int]:
+        """Calibration never sees the eval windows (the first n_windows x seq_len tokens of eval.source)."""
+        return {self.cfg.eval.source: self.cfg.eval.n_windows * self.cfg.eval.seq_len}
+
+    def _reference(self) -> ev.Reference:
+        """The float model's log-probs on the eval windows (cached on disk); sets the evaluator."""
+        e = self.cfg.eval
+        key = ev.cache_key(self.model_fp, self.data.windows, e.topk, e.full_max_mb, self.dtype)
+        with self.timer("float reference"):
+            ref = self.rt.batched(lambda bs: ev.reference(self.rt.model, self.data.windows, bs, e.topk, e.full_max_mb,
+                                                          cache_path=self.cache / "reference" / f"{key}.pt"))
+        self.evaluator = ev.Evaluator(ref, compile=e.compile)
+        return ref
+
+    def _check_baseline(self) -> None:
+        """The float model must give finite log-probs (else nothing can be measured against it); one
+        worse than a uniform guess over its vocabulary, or whose greedy continuation is one token
+        repeated, is said loudly."""
+        base, model = self.base, self.rt.model
+        if not math.isfinite(base.nll):
+            where = ev.locate_nonfinite(model, self.data.windows[:1])
+            raise QuantfixError(f"the float model gives non-finite log-probs: its mean NLL on the eval windows is "
+                                f"{base.nll}" + (f"; non-finite values start at {where}" if where else "") +
+                                "; check the model's weights (a NaN/Inf value) or load it in float32 (model.dtype=float32)")
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if base.ppl > vocab:
+            self._warn(f"the float model's PPL {base.ppl:.1f} is worse than a uniform guess over its {vocab}-token "
+                       f"vocabulary: it looks untrained, or {self.cfg.eval.source} is not text it models; its "
+                       "quantization results mean little")
+        repeated = ev.greedy_repeats(model, self.rt.tokenizer, self.data.windows[0])
+        if repeated is not None:
+            token, text = repeated
+            self._warn(f"the float model's greedy continuation of an eval window is one token repeated ({text!r}, "
+                       f"token {token}): the tokenizer may not match the weights (a converted GGUF tokenizer, a missing "
+                       "BOS) or the model is broken; its quantization results mean little")
+
+    def _warn(self, msg: str) -> None:
+        log.warning("%s", msg)
+        self.report.warnings.append(msg)
+
+    # ---- modes -------------------------------------------------------------------------------
+    def run(self) -> None:
+        mode = self.cfg.mode
+        if mode == "diagnose":
+            self._diagnose_only()
+        elif mode == "repair":
+            self._repair()
+
+    def _diagnose_only(self) -> None:
+        plan0 = self._setup_trials()
+        rec = self.trials(plan0)
+        if verdict.nonfinite(rec.metrics):  # the diagnosis compares finite outputs: nothing to measure
+            self._warn("plan 0 gives non-finite values: not diagnosed (its failed list names where they start)")
+        else:
+            self.diagnosis = self._diagnose(plan0, rec, None)
+        self.bank.restore()
+
+    def _repair(self) -> None:
+        cfg = self.cfg
+        budget = cfg.plan.budget.avg_bits
+        plan0 = self._setup_trials()
+        rec = self.trials(plan0)
+        if not rec.failed and budget is None and self._reround_kept(plan0):
+            rec = self.trials(plan0, fresh=True)  # the checkpoint passed as downloaded: does it as exported?
+        if not rec.failed and budget is None:
+            result = search.SearchResult(rec, rec, "plan 0 passed")
+        elif verdict.nonfinite(rec.metrics):  # no diagnosis or error ranking works from NaN/Inf
+            result = search.SearchResult(None, rec, "plan 0 gives non-finite values, so no search from it "
+                                                    "(quant.ignore can keep the module named below in float)")
+        elif cfg.loop.policy == "greedy":
+            self._reround_kept(plan0)
+            result = search.greedy(self.trials, plan0, cfg.loop, self.bank.output_error, self.timer)
+        else:
+            result = self._predictive(plan0, rec)
+        if result.best is None and self.trials.records:
+            result.reason += "; the last trial failed on: " + "; ".join(self.trials.last.failed)
+        self._ship(result)
+
+    def _predictive(self, plan0: Plan, rec: TrialRecord) -> search.SearchResult:
+        """Diagnose plan 0, recalibrate on a domain gap, search, tune."""
+        cfg = self.cfg
+        options = ladder_options(plan0, Ladder.parse(list(cfg.loop.ladder)), [str(a) for a in cfg.loop.algorithms])
+        self.diagnosis = self._diagnose(plan0, rec, options)
+        plan0 = self._recalibrate_on_domain_gap(plan0, options)
+        self._reround_kept(plan0)
+        result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds,
+                                   cfg.plan.budget.avg_bits, self.timer)
+        return self._tune(result)
+
+    # ---- the pieces of a repair ------------------------------------------------------------------
+    def _setup_trials(self) -> Plan:
+        """Plan 0, calibration statistics, the weight bank and the trial runner."""
+        cfg = self.cfg
+        calibration = {"domains": list(cfg.data.domains), "n_samples": cfg.data.n_samples, "seq_len": cfg.data.seq_len,
+                       "seed": cfg.data.seed}
+        plan0, warnings = initial_plan(self.rt.model, cfg.quant, calibration)
+        self.report.warnings += warnings
+        self.report.baseline_size_bytes = int(16 * (plan0.n_params + plan0.other_params) / 8)
+        self.report.ppl_limit = verdict.ppl_limit(self.base, cfg.thresholds)
+        self.report.kld_limit = cfg.thresholds.max_kld_mean
+        self.task_base = self._task_baseline() if cfg.eval.tasks else {}
+        if self.task_base:
+            self.report.baseline_tasks = {t: r.to_dict() for t, r in self.task_base.items()}
+        export_dtype, warning = exp.choose_dtype(self.rt.model, self.dtype, str(cfg.export.dtype))
+        if warning:
+            self._warn(warning)
+        self.report.export_dtype = str(export_dtype).replace("torch.", "")
+        self._emulate_export_dtype(export_dtype)  # the trials measure the weights the checkpoint will hold
+        self.stats = self._calib_stats(list(plan0.modules))
+        q = cfg.quant
+        self.bank = WeightBank(self.rt.model, list(plan0.modules), self.stats, q.gptq_dampening, q.gptq_block_size,
+                               q.awq_grid, q.llm_int8_threshold, sim_dtype=export_dtype)
+        if cfg.quantized.name_or_path:  # plan 0 is an existing checkpoint: its scheme and its own weights
+            plan0 = self._load_existing(plan0)
+        setup = TrialSetup(self.bank, lambda desc: self._evaluate(desc=desc), self.base, cfg.thresholds,
+                           cfg.loop.max_iters, self.out_dir / "trials.jsonl", cfg.loop.resume, self.timer,
+                           self.task_base, self._task_results, fingerprint=self.fingerprint,
+                           locate_nonfinite=lambda: ev.locate_nonfinite(self.rt.model, self.data.windows[:1]))
+        self.trials = Trials(setup)
+        return plan0
+
+    def _load_existing(self, template: Plan) -> Plan:
+        """``quantized.name_or_path`` as plan 0: its scheme, its own weights served by the bank; the
+        diagnosis then treats its calibration set as unknown."""
+        with self.timer("read checkpoint"):
+            self.existing = ExistingCheckpoint.read(self.cfg.quantized.name_or_path, template, self.rt.model)
+        self.existing.serve(self.bank)
+        self.data.external_checkpoint = True
+        self.report.quantized = self.existing.info
+        for w in self.existing.warnings:
+            self._warn(w)
+        return self.existing.plan0
+
+    def _reround_kept(self, plan0: Plan) -> int:
+        """From here on the trials measure an existing checkpoint's approximate-grid modules (NF4, ...)
+        as the export re-rounds them, not as downloaded (the diagnosis described the download)."""
+        changed = self.existing.reround_for_trials(self.bank, plan0) if self.existing is not None else 0
+        if changed:
+            self.trials.vary("ckpt_approx re-rounded")  # the same plan now measures differently
+        return changed
+
+    def _diagnose(self, plan: Plan, rec: TrialRecord, options, journal: str = "diagnosis_full.json") -> Diagnosis:
+        """The diagnosis of ``plan`` (replayed from ``journal`` on resume), written to diagnosis.json."""
+        saved = self.out_dir / journal
+        diag = None
+        if self.cfg.loop.resume:
+            diag, warning = diagnose_journal.load(saved, self.fingerprint)
+            if warning:
+                self._warn(warning)
+        if diag is None:
+            key = sensitivity_cache_key(self.model_fp, plan, self.data.windows, self.cfg.diagnose.sensitivity, options,
+                                        self._weights_key())
+            subject = Subject(plan, rec.metrics, self.reference, self.base, self.stats, options)
+            files = Files(self.out_dir / "plots", self.cache / "sensitivity" / f"{key}.json")
+            with self.timer("diagnose"):
+                diag = run_diagnosis(self.cfg.diagnose, self.cfg.probes, self.rt, self.data, self.bank, subject, files)
+            diagnose_journal.save(saved, diag, self.fingerprint)
+        (self.out_dir / "diagnosis.json").write_text(json.dumps(diag.to_dict(with_options=False), indent=2, default=str))
+        self.report.diagnosis = DiagnosisSummary(
+            findings=[f.to_dict() for f in diag.findings], top_layers=diag.top_layers(5),
+            sensitivity_method=diag.sensitivity.method, sensitivity_seconds=diag.sensitivity.seconds,
+            domains=diag.domains, plots=diag.plots)
+        return diag
+
+    def _recalibrate_on_domain_gap(self, plan0: Plan, options) -> Plan:
+        """The action for a calibration_mismatch or domain_gap finding: calibrate on the deployment
+        text (held out from the eval windows) or the missing domain too, re-measure plan 0 when its
+        algorithm learns from the calibration data, and diagnose again (the options' scores depend
+        on the statistics). Returns plan 0 with the calibration it is now measured with."""
+        findings = self.diagnosis.findings
+        gap = next((f for f in findings if f.kind == "calibration_mismatch"), None) or \
+            next((f for f in findings if f.kind == "domain_gap"), None)
+        calibrated = any(p.alg.calibrated for o in [plan0.modules] + list(options.values())
+                         for p in o.values() if not p.is_float)
+        if gap is None or not self.cfg.loop.recalibrate or not calibrated or gap.source in self.data.calibration_domains:
+            return plan0
+        before = list(self.data.calibration_domains)
+        log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)
+        self.stats = self._recalibrate(gap.source)
+        self.bank.use_stats(self.stats)
+        action = f"recalibrate: data.domains {before} + {gap.source}"
+        self.report.recalibration = Recalibration(gap.finding, before, list(self.data.calibration_domains),
+                                                  self.diagnosis.domains)
+        self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
+        if not self.existing:  # plan 0's own calibration record; an existing checkpoint keeps its provenance
+            plan0 = dataclasses.replace(plan0, calibration=dict(plan0.calibration,
+                                                                domains=list(self.data.calibration_domains)))
+        rec = self.trials.last
+        if any(p.alg.calibrated for p in plan0.modules.values() if not p.is_float):
+            rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1})
+        self.diagnosis = self._diagnose(plan0, rec, options, journal="diagnosis_full_recalibrated.json")
+        self.report.recalibration.domains_after_ppl = self.diagnosis.domains
+        return plan0
+
+    def _tune(self, result: search.SearchResult) -> search.SearchResult:
+        """loop.tune=autoround, the search's last step: AutoRound tunes the rounding and scales of a
+        measured plan (its widths kept) and the result is measured as one more trial. Threshold
+        mode: first the largest failing plan below the passing one (tuning may make the smaller plan
+        pass), then the passing plan itself; with no passing plan, the last one. Budget mode: the
+        plan within the budget. A tuned plan replaces its source when it passes (or, in budget mode,
+        measures a lower KLD)."""
+        from quantfix import tune
+
+        cfg, budget = self.cfg.loop, self.cfg.plan.budget.avg_bits
+        if cfg.tune == "none":
+            return result
+        if budget is not None:
+            sources = [result.chosen]
+        elif result.best is not None:
+            sources = [r for r in (result.below, result.best) if r is not None]
+        else:
+            sources = [result.last]
+        settings = tune.TuneSettings(cfg.tune_iters, cfg.tune_batch_size, self.cfg.data.seed)
+        for src in sources:
+            tuned_plan = tune.tuned_plan(src.plan)
+            if tuned_plan == src.plan:
+                continue
+            self.bank.restore()
+            with self.timer("autoround tuning"):
+                tuned = tune.tune(self.rt.model, self.rt.tokenizer, src.plan, self.data.samples, self.sim_dtype, settings)
+            self.bank.use_tuned(tuned_plan, {n: w for n, (w, _, _) in tuned.items()},
+                                {n: (sc, z) for n, (_, sc, z) in tuned.items()})
+            action = f"AutoRound tuning ({cfg.tune_iters} iterations per block) of trial {src.id}"
+            rec = self.trials(tuned_plan, src.plan, fresh=True, action=action, tuned_from=src.id, drivers={"tune": 1})
+            src_kld, kld = src.metrics.kld_mean, rec.metrics.kld_mean
+            better = kld < src_kld if budget is not None else not rec.failed and (src is not result.best or kld < src_kld)
+            log.info("AutoRound tuning of trial %s: KLD %.5f -> %.5f (%s)", src.id, src_kld, kld,
+                     "kept" if better else "not kept")
+            if better:
+                result.reason += f"; {action}: KLD {src_kld:.5f} -> {kld:.5f}"
+                if budget is not None:
+                    result.best, result.last = (None if rec.failed else rec), rec
+                else:
+                    result.best = result.last = rec
+                return result
+        return result
+
+    def _ship(self, result: search.SearchResult) -> None:
+        """Save the chosen plan, export it with the real engine, reload and verify it; the verdict."""
+        cfg, chosen = self.cfg, result.chosen
+        plan = chosen.plan
+        plan.save(self.out_dir / "plan.yaml")
+        self.report.pareto = {"measured": [[t.avg_bits, t.metrics.kld_mean, t.metrics.ppl] for t in self.trials.records]}
+        if result.frontier:
+            self.report.pareto["predicted"] = [[round(b, 4), round(k, 6)] for b, k in result.frontier]
+        static = self.bank.export_tensors(plan) if cfg.export.enabled else {}  # what the trials measured, to ship
+        self.bank.restore()
+        self.bank.release()  # the float copies and kept simulations: the export and the reload need the memory
+        self.bank = None
+        self.report.final = Outcome(plan.summary_str(), round(plan.avg_bits, 4), plan.size_bytes, result.best is not None,
+                                    result.reason, len(self.trials.records), chosen_trial=chosen.id)
+        if cfg.export.enabled:
+            self.report.final.verification = self._export_and_verify(plan, chosen, static)
+        if self.existing is not None:
+            path = self.existing.write_overrides(plan, self.out_dir, cfg.model.name_or_path)
+            self.report.final.llama_quantize_overrides = str(path) if path else None
+        self._verdict()
+
+    def _export_and_verify(self, plan: Plan, trial: TrialRecord, static) -> verify.Verification:
+        cfg = self.cfg
+        existing = self.out_dir / "checkpoint"
+        if cfg.loop.resume and exp.same_checkpoint(existing, plan, self.fingerprint):
+            ckpt = existing  # exported before the interruption: verify it again
+        else:
+            spec = exp.ExportSpec(plan, self.resolved.path, cfg.quant, self.sim_dtype, static, self.data.samples,
+                                  self.fingerprint, cfg.model.trust_remote_code)
+            with self.timer("export"):
+                ckpt, warnings = exp.export(self.rt.model, self.rt.tokenizer, spec, self.out_dir)
+            for w in warnings:
+                self.report.warnings.append(w)
+        if static:
+            static.clear()  # the exported weights (kept simulations: up to the model's size) are written
+        self.rt.model = None  # free the working model before loading the checkpoint: never two models on the device
+        weights.free_memory(self.device)
+        if not cfg.export.verify:
+            return verify.Verification(str(ckpt), exp.dir_size(ckpt))
+        with self.timer("verify (reload + evaluate)"):
+            v, warnings = verify.verify(ckpt, self._reload_spec(), self._measure_checkpoint, trial, cfg.thresholds,
+                                        self.base)
+        for w in warnings:
+            self._warn(w)
+        return v
+
+    def _reload_spec(self) -> verify.ReloadSpec:
+        return verify.ReloadSpec(self.dtype, self.device, self.cfg.model)
+
+    def _measure_checkpoint(self, model):
+        """(metrics, task rows, task failures, where it turns non-finite) of a reloaded checkpoint."""
+        m = self._evaluate(model, desc="verify checkpoint")
+        rows, fails = {}, []
+        if self.task_base:
+            rows, fails = verdict.task_checks(self.task_base, self._task_results(model), self.cfg.thresholds)
+        where = ev.locate_nonfinite(model, self.data.windows[:1]) if verdict.nonfinite(m) else None
+        return m, rows, fails, where
+
+    def _verdict(self) -> None:
+        """The one place a run's verdict is decided: the search passed and, when the checkpoint was
+        verified, the reloaded checkpoint passes too."""
+        fin = self.report.final
+        v = fin.verification
+        fails = v.failed if v is not None and v.metrics is not None else []
+        fin.passed = fin.search_passed and not fails
+        if fin.search_passed and fails:
+            fin.stop_reason += "; but the reloaded checkpoint fails: " + "; ".join(fails)
+
+    # ---- measurements and caches -------------------------------------------------------------
+    def _evaluate(self, model=None, desc: str = "evaluate"):
+        """The metrics of ``model`` (default: the live one) against the float reference."""
+        model = self.rt.model if model is None else model
+        return self.rt.batched(lambda bs: self.evaluator(model, self.data.windows, bs, True, desc))
+
+    def _task_results(self, model=None):
+        """Task metrics of ``model`` (default: the live one) on eval.tasks."""
+        from quantfix import tasks
+
+        with self.timer("tasks"):
+            return tasks.score_tasks(self.rt.model if model is None else model, self.rt.tokenizer,
+                                     list(self.cfg.eval.tasks), self.data.data_dir, self.cfg.eval)
+
+    def _task_baseline(self):
+        """Float task metrics, cached on disk per (model, tasks, subset)."""
+        from quantfix import tasks
+
+        with self.timer("tasks"):
+            return tasks.cached_baseline(self.rt.model, self.rt.tokenizer, self.cfg.eval, self.data.data_dir,
+                                         self.cache / "tasks", [self.model_fp, str(self.dtype)])
+
+    def _emulate_export_dtype(self, dtype: torch.dtype) -> None:
+        """Round the live model's weights to ``dtype`` (kept in the compute dtype: float16 values in
+        float32 on the CPU), so that every trial computes with the weights the checkpoint will hold;
+        simulations then round in ``dtype`` too. The float reference stays the unrounded model: the
+        rounding is part of the measured error."""
+        self.sim_dtype = dtype
+        if dtype == self.dtype or torch.finfo(dtype).bits >= torch.finfo(self.dtype).bits:
+            return
+        weights.round_params(self.rt.model, dtype)
+
+    def needs_full_hessian(self) -> bool:
+        """Whether an algorithm the run can simulate (plan 0's, loop.algorithms) or the greedy
+        policy (its output errors) needs the full calibration Hessian; else its diagonal suffices."""
+        c = self.cfg
+        return c.loop.policy == "greedy" or any(algorithms.get(a).needs_hessian
+                                                for a in [c.quant.algorithm, *c.loop.algorithms])
+
+    def _calib_stats(self, names: List[str]) -> CalibStats:
+        self._calib_names = list(names)
+        full = self.needs_full_hessian()
+        key = calib.cache_key(self.model_fp + str(self.dtype) + str(self.sim_dtype), self.data.samples, names, full)
+        with self.timer("calibration stats"):
+            return self.rt.batched(lambda bs: calib.collect(self.rt.model, self.data.samples, names, bs,
+                                                            cache_path=self.cache / "calib" / f"{key}.pt",
+                                                            full_hessian=full))
+
+    def _recalibrate(self, add_domain: str) -> CalibStats:
+        """A repair action: add ``add_domain`` to the calibration domains (same number of samples,
+        drawn round-robin), then recompute the calibration statistics for the same modules."""
+        d = self.cfg.data
+        domains = list(self.data.calibration_domains) + [add_domain]
+        with self.timer("data"):
+            self.data.samples = data_mod.calibration_samples(domains, self.data.data_dir, self.rt.tokenizer, d.n_samples,
+                                                             d.seq_len, d.seed, offline=self.offline,
+                                                             holdout=self._holdout())
+        self.data.calibration_domains = tuple(domains)
+        return self._calib_stats(self._calib_names)
+
+    # ---- the end -----------------------------------------------------------------------------
+    def _collect(self) -> None:
+        """What the trials said into the report, with the timings and memory."""
+        if self.trials is not None:
+            self.report.trials = list(self.trials.records)
+            self.report.warnings += [w for w in self.trials.warnings if w not in self.report.warnings]
+        self.report.timings_s = dict(self.timer.stages, total=round(time.perf_counter() - self.t_start, 2))
+
+    def fail(self, e: BaseException) -> None:
+        """report.json of a run that stopped under way: the stop reason (the error's line,
+        "interrupted", or the internal error's type) and whatever was measured until then; never
+        masks the exception. Input refused while setting up writes none."""
+        if not self.set_up and isinstance(e, QuantfixError):
+            return
+        if isinstance(e, QuantfixError):
+            reason = str(e)
+        elif isinstance(e, KeyboardInterrupt):
+            reason = "interrupted"
+        else:
+            reason = f"internal error: {type(e).__name__}"
+        self._collect()
+        fin = self.report.final or Outcome("", 0.0, 0, False, reason, 0)
+        fin.passed, fin.stop_reason, fin.trials = False, reason, len(self.report.trials)
+        self.report.final = fin
+        try:
+            self.report.save(self.out_dir)
+        except Exception as err:  # noqa: BLE001 - the original error is what the user needs to see
+            log.warning("could not write report.json after the failure: %s", err)
+
+    def finish(self) -> RunReport:
+        """report.json, the plots, report.md/html and the console summary."""
+        r = self.report
+        self._collect()
+        r.memory = dict(peak_memory_mb(self.device), stages=self.timer.memory)
+        r.eval_batch_size = self.rt.batch_size
+        r.save(self.out_dir)
+        if r.trials:
+            rep.plot_iterations(r, self.out_dir)
+        rep.write_human(r, self.out_dir, self.diagnosis)
+        print("\n" + rep.table(r) if r.trials else f"\nfloat baseline PPL {r.baseline.ppl:.3f}")
+        fin = r.final
+        if fin:
+            print(f"\nresult: {'PASSED' if fin.passed else 'FAILED'} ({fin.stop_reason}); "
+                  f"{fin.trials} trials; plan {fin.plan_summary}")
+            if fin.verification is not None:
+                print(f"checkpoint: {fin.verification.checkpoint} ({fin.verification.checkpoint_bytes / 1e6:.1f} MB)")
+        print(f"run dir: {self.out_dir}")
+        return r
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-test").touch()
+        (out_dir / ".write-test").unlink()
+    except OSError as e:
+        raise QuantfixError(f"cannot write the output directory {out_dir} ({e.strerror}): "
+                            "pick a writable hydra.run.dir or output_dir") from e
