@@ -29,7 +29,7 @@ from quantfix import calib, search, source, verdict, verify, weights
 from quantfix.bank import WeightBank
 from quantfix.calib import CalibStats
 from quantfix.config import Config, validate
-from quantfix.diagnose import Diagnosis, Files, Subject, sensitivity_cache_key
+from quantfix.diagnose import Diagnosis, Files, Subject, measure_like, sensitivity_cache_key
 from quantfix.diagnose import journal as diagnose_journal
 from quantfix.diagnose import run as run_diagnosis
 from quantfix.errors import QuantfixError
@@ -481,14 +481,17 @@ class Recipe:
     def _reload_spec(self) -> verify.ReloadSpec:
         return verify.ReloadSpec(self.dtype, self.device, self.cfg.model)
 
-    def _measure_checkpoint(self, model):
-        """(metrics, task rows, task failures, where it turns non-finite) of a reloaded checkpoint."""
+    def _measure_checkpoint(self, model) -> verify.Measured:
+        """A reloaded checkpoint measured as the trials were (and the tasks), and as the diagnosis
+        measured plan 0 (per-domain perplexity, probe generations)."""
         m = self._evaluate(model, desc="verify checkpoint")
         rows, fails = {}, []
         if self.task_base:
             rows, fails = verdict.task_checks(self.task_base, self._task_results(model), self.cfg.thresholds)
         where = ev.locate_nonfinite(model, self.data.windows[:1]) if verdict.nonfinite(m) else None
-        return m, rows, fails, where
+        like = measure_like(self.diagnosis, model, self.rt.tokenizer, self.rt.batch_size) \
+            if self.diagnosis is not None and where is None else {}
+        return verify.Measured(m, rows, fails, where, like.get("domains"), like.get("generations"))
 
     def _verdict(self) -> None:
         """The one place a run's verdict is decided: the search passed and, when the checkpoint was

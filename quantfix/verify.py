@@ -71,24 +71,39 @@ def reload(ckpt: Path, spec: ReloadSpec, problems: Optional[List[str]] = None):
     return model
 
 
-Measure = Callable[[object], Tuple[Metrics, dict, List[str], Optional[str]]]
+@dataclass
+class Measured:
+    """A reloaded checkpoint's measurements: its metrics, task rows and task failures, where it
+    turns non-finite (None: nowhere), and per-domain metrics and probe generations."""
+
+    metrics: Metrics
+    tasks: Dict[str, dict]
+    task_failed: List[str]
+    nonfinite_at: Optional[str] = None
+    domains: Dict[str, dict] = None
+    generations: List[dict] = None
+
+
+Measure = Callable[[object], Measured]
 
 
 def verify(ckpt: Path, spec: ReloadSpec, measure: Measure, trial: TrialRecord, thresholds: ThresholdsConfig,
            base: Metrics) -> Tuple[Verification, List[str]]:
     """Reload ``ckpt``, measure it (``measure(model)`` -> metrics, task rows, task failures, where
-    it turns non-finite or None) and judge it against the thresholds and its ``trial``.
+    it turns non-finite or None: ``Measured``) and judge it against the thresholds and its ``trial``.
     Returns the verification and the warnings the report must carry."""
     problems: List[str] = []
     model = reload(ckpt, spec, problems)
-    m, task_rows, task_fails, where = measure(model)
+    got = measure(model)
     del model
+    m, where = got.metrics, got.nonfinite_at
     gap, agree_fails, warnings = agreement(trial, m)
-    fails = problems + verdict.check(m, base, thresholds) + task_fails + agree_fails
+    fails = problems + verdict.check(m, base, thresholds) + got.task_failed + agree_fails
     if where is not None:
         warnings.append(f"the reloaded checkpoint gives non-finite values, starting at {where}")
         fails.append(f"checkpoint non-finite at {where}")
-    return Verification(str(ckpt), exp.dir_size(ckpt), m, fails, task_rows, gap), warnings
+    return Verification(str(ckpt), exp.dir_size(ckpt), m, fails, got.tasks, gap, got.domains or {},
+                        got.generations or []), warnings
 
 
 def agreement(trial: TrialRecord, m: Metrics) -> Tuple[Optional[float], List[str], List[str]]:

@@ -171,6 +171,8 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
         cfg.outlier_k)
     diag.findings = root_causes(diag, cfg)
     diag.plots.update(plot_diagnosis(diag, files.plots))
+    diag.sides = {"domain_windows": side.domain_sets, "domain_refs": fp["domains"], "prompts": side.prompts,
+                  "float_generations": fp["gen"], "max_new_tokens": side.max_new_tokens}
     diag.timings_s = dict(parts.timings, total=round(time.perf_counter() - t0, 2))
     diag.memory_gb = parts.memory
     return diag
@@ -338,3 +340,20 @@ def _outlier_rows(fp_absmax, q_absmax, stats, names: List[str], sens, k: float) 
                      "sensitivity": sum(sens.modules.get(m, 0.0) for m in members)})
     rows.sort(key=lambda r: -r["float"]["ratio"])
     return rows
+
+
+def measure_like(diag: Diagnosis, model, tokenizer, batch_size: int) -> Dict[str, Any]:
+    """Another model (the shipped checkpoint) measured as the diagnosis measured plan 0: per-domain
+    perplexity and KLD against the same float references, probe generations against the float
+    model's. {} when the diagnosis was replayed from its journal (the references are not kept)."""
+    s = diag.sides
+    if not s:
+        return {}
+    domains = {k: probes.domain_metrics(w, s["domain_refs"][k], probes.domain_eval(model, w, s["domain_refs"][k],
+                                                                                   batch_size))
+               for k, w in s["domain_windows"].items()}
+    gens = []
+    if s["prompts"]:
+        ids = probes.generate(model, tokenizer, s["prompts"], s["max_new_tokens"], progress=False)
+        gens = probes.compare_generations(tokenizer, s["prompts"], s["float_generations"], ids)
+    return {"domains": domains, "generations": gens}

@@ -55,6 +55,9 @@ class Diagnosis:
     # MoE: per decoder layer the share of tokens whose top-k experts change when quantized, and the
     # most sensitive experts ({"layers": {layer: share}, "mean": .., "experts": [{expert, kld}, ...]})
     routing: Dict[str, Any] = field(default_factory=dict)
+    # in memory only (not in diagnosis.json): what measuring the shipped checkpoint the same way needs
+    # (per-domain windows and float references, float probe generations); None after a resume
+    sides: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
 
     def kinds(self) -> List[str]:
         return [f.kind for f in self.findings]
