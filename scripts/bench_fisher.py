@@ -29,7 +29,7 @@ opts = {n: {l: fake.rtn(mods[n].weight.detach().float(), b, g, True).cpu() for l
 out = {"gpu": torch.cuda.get_device_name(0), "model": "random Llama 16x2048 (0.85B), bf16", "windows": "4x512, batch 2, 2 label samples, 3 options per module"}
 for tag, mod in (("old", old), ("new", new), ("old", old), ("new", new)):
     torch.cuda.synchronize(); t = time.perf_counter()
-    s = mod.fisher(model, win, q, opts, batch_size=2, label_samples=2, progress=False)
+    s = mod.fisher(model, win, q, opts, mod.PassSettings(batch_size=2, label_samples=2, progress=False))
     torch.cuda.synchronize(); out[f"{tag}_s"] = round(time.perf_counter() - t, 2)
     print(tag, out[f"{tag}_s"], flush=True)
 json.dump(out, open(os.environ["OUT"] + "/fisher_gpu.json", "w"), indent=2)

@@ -24,7 +24,7 @@ import torch
 from quantfix import data as data_mod
 from quantfix import evaluate as ev
 from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
-from quantfix.diagnose.sensitivity import fast
+from quantfix.diagnose.sensitivity import PassSettings, fast
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import fake
 from quantfix.bank import WeightBank
@@ -111,7 +111,7 @@ def bench_model(name, model, windows, samples, device, bs, with_llmc=False, path
     bank.apply(plan, progress=False)
     sync(device)
     t = time.perf_counter()
-    fast(model, windows[:8], ref, fw, qd, batch_size=bs, progress=False)
+    fast(model, windows[:8], ref, fw, qd, PassSettings(batch_size=bs, progress=False))
     sync(device)
     res["sensitivity_fast_s"] = round(time.perf_counter() - t, 2)
     bank.current.clear()  # fast() leaves the float weights live

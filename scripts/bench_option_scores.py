@@ -19,7 +19,7 @@ from quantfix.planner import initial_plan
 from quantfix.planner import Ladder, ladder_options, PredictivePlanner
 from quantfix.bank import WeightBank
 from quantfix.calib import collect
-from quantfix.diagnose.sensitivity import fisher, taylor
+from quantfix.diagnose.sensitivity import PassSettings, fisher, taylor
 r = source_mod.resolve("demo", cache_mod.cache_dir()); model, tok = loading_mod.load(r, torch.float32, torch.device("cpu"))
 dd = str(D.default_data_dir())
 windows = D.eval_windows("wikitext2", dd, tok, 16, 512)
@@ -35,10 +35,10 @@ options = ladder_options(plan3, Ladder.parse(["3/64", "4/64", "4/32", "8/0", "16
 opt_w = {n: {lab: bank.simulate(n, p).cpu() for lab, p in o.items()} for n, o in options.items()}
 qw = bank.quantized_weights(plan3)
 fw = {n: bank.originals[n].clone() for n in names}
-t = time.perf_counter(); F_ = fisher(model, windows[:2], qw, opt_w, batch_size=2, progress=False); tf = time.perf_counter() - t
+t = time.perf_counter(); F_ = fisher(model, windows[:2], qw, opt_w, PassSettings(batch_size=2, progress=False)); tf = time.perf_counter() - t
 bank.apply(plan3, progress=False)
 m3 = ev.evaluate(model, windows, ref, 4, progress=False)
-t = time.perf_counter(); T = taylor(model, windows[:8], ref, fw, opt_w, batch_size=4, progress=False); tt = time.perf_counter() - t
+t = time.perf_counter(); T = taylor(model, windows[:8], ref, fw, opt_w, PassSettings(batch_size=4, progress=False)); tt = time.perf_counter() - t
 bank.restore()
 print(f"plan0 KLD {m3.kld_mean:.4f}; fisher {tf:.1f}s taylor {tt:.1f}s", flush=True)
 variants = {

@@ -18,7 +18,7 @@ from quantfix.config import QuantConfig
 from quantfix.planner import initial_plan
 from quantfix.plan import Plan, Precision
 from quantfix.bank import WeightBank
-from quantfix.diagnose.sensitivity import taylor, fisher
+from quantfix.diagnose.sensitivity import PassSettings, taylor, fisher
 r = source_mod.resolve("demo", cache_mod.cache_dir()); model, tok = loading_mod.load(r, torch.float32, torch.device("cpu"))
 dd = str(D.default_data_dir())
 windows = D.eval_windows("wikitext2", dd, tok, 16, 512)
@@ -70,7 +70,7 @@ for rnd in range(4):
     cur = {n: plan.modules[n] for n in names}
     opts = {n: {p.label: sim[(n, p)] for p in rungs if p != cur[n]} for n in names}
     t = time.perf_counter()
-    T = taylor(model, windows[:8], ref, fw, opts, batch_size=4, progress=False)
+    T = taylor(model, windows[:8], ref, fw, opts, PassSettings(batch_size=4, progress=False))
     est = {}
     if mode == "first":  # signed first order only: the remaining contribution at each rung
         for n in names:
@@ -83,7 +83,7 @@ for rnd in range(4):
         bank.restore()
         fake = {n: {p.label: fw[n] - (sim_cur(n, p) - sim_cur(n, cur[n]))
                     for p in rungs + [Precision(16, 0, True, "rtn")] if p != cur[n]} for n in names}
-        Fs = fisher(model, windows[:4], {n: sim_cur(n, cur[n]) for n in names}, fake, batch_size=2, progress=False)
+        Fs = fisher(model, windows[:4], {n: sim_cur(n, cur[n]) for n in names}, fake, PassSettings(batch_size=2, progress=False))
         for n in names:
             e = {cur[n]: 0.0}
             for p in rungs + [Precision(16, 0, True, "rtn")]:

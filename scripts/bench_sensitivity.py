@@ -80,12 +80,12 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         if method == "fast":
-            fa = sens.fast(model, windows[:fw], ref, fweights, qweights, batch_size=2, progress=False)
+            fa = sens.fast(model, windows[:fw], ref, fweights, qweights, sens.PassSettings(batch_size=2, progress=False))
             bank.current.clear()
         elif method == "taylor":
-            fa = sens.taylor(model, windows[:fw], ref, fweights, batch_size=2, progress=False)
+            fa = sens.taylor(model, windows[:fw], ref, fweights, None, sens.PassSettings(batch_size=2, progress=False))
         else:
-            fa = sens.fisher(model, windows[:fw], qweights, batch_size=2, label_samples=ls, progress=False)
+            fa = sens.fisher(model, windows[:fw], qweights, None, sens.PassSettings(batch_size=2, label_samples=ls, progress=False))
         sync()
         t_fast = time.perf_counter() - t
         rho = spearmanr([ex.layers[i] for i in layers], [fa.layers[i] for i in layers]).statistic

@@ -120,7 +120,7 @@ def test_simulated_gptq_equals_llmcompressors_sweep():
     H = X.T @ X
     for bits, group in ((4, 32), (8, 0), (3, 64)):
         s, z = scales.search_qparams(W, bits, group, True, "imatrix", importance=(X ** 2).mean(0))
-        ours = fake.gptq(W, H, bits, group, True, scale=s, zero=z)
+        ours = fake.gptq(W, H, bits, group, True, (s, z))
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group" if group else "channel",
                                 group_size=group or None, actorder="static")
         lib, _, _ = quantize_weight(W[None].clone(), H[None].clone(), s[None], z[None].to(torch.int8), None, args,

@@ -10,7 +10,7 @@ from quantfix.diagnose import probes
 from quantfix.diagnose.findings import Diagnosis
 from quantfix.diagnose.rules import root_causes
 from quantfix.diagnose.sensitivity import Sensitivity
-from quantfix.diagnose.sensitivity import fisher
+from quantfix.diagnose.sensitivity import PassSettings, fisher
 from tests.conftest import run_report as run
 from quantfix.plan import Plan
 from quantfix.quantize import fake
@@ -110,7 +110,7 @@ def test_fisher_ranks_the_planted_layer_first():
     names = [n for n, m in model.named_modules() if n.endswith("proj")]
     qw = {n: fake.rtn(dict(model.named_modules())[n].weight.detach(), 4, 16, True) for n in names}
     s = fisher(model, torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0)), qw,
-               batch_size=2, progress=False)
+               settings=PassSettings(batch_size=2, progress=False))
     assert s.ranked_layers()[0] == LAYER
     top_module = max(s.modules, key=s.modules.get)
     assert f"layers.{LAYER}.self_attn" in top_module
@@ -125,8 +125,8 @@ def test_fisher_in_chunks_scores_the_options_of_one_pass():
     qw = {n: fake.rtn(mods[n].weight.detach(), 4, 16, True) for n in names}
     opts = {n: {f"W{b}": fake.rtn(mods[n].weight.detach(), b, 16, True) for b in (5, 8)} for n in names}
     ids = torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0))
-    one = fisher(model, ids, qw, opts, batch_size=2, progress=False)
-    split = fisher_chunks(model, ids, qw, [{n: opts[n]} for n in names], batch_size=2, progress=False)
+    one = fisher(model, ids, qw, opts, PassSettings(batch_size=2, progress=False))
+    split = fisher_chunks(model, ids, qw, [{n: opts[n]} for n in names], PassSettings(batch_size=2, progress=False))
     assert split.modules == one.modules
     assert set(split.options) == set(one.options)
     for n in names:

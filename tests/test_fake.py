@@ -47,7 +47,7 @@ def test_gptq_with_identity_hessian_is_rtn():
     torch.manual_seed(1)
     W = torch.randn(16, 64)
     H = torch.eye(64)  # no correlation: nothing to compensate
-    assert torch.allclose(fake.gptq(W, H, 4, 32, True, damp=0.0), fake.rtn(W, 4, 32, True), atol=1e-6)
+    assert torch.allclose(fake.gptq(W, H, 4, 32, True, opts=fake.GPTQOptions(damp=0.0)), fake.rtn(W, 4, 32, True), atol=1e-6)
 
 
 def test_gptq_beats_rtn_on_output_error():

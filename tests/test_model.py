@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from quantfix import loading as loading_mod, source as source_mod
+from quantfix.config import ModelConfig
 from quantfix.errors import QuantfixError
 
 
@@ -68,7 +69,7 @@ def test_cuda_requested_without_cuda():
 
 def test_device_map_load_places_layers_with_accelerate(tiny_dir, tmp_path):
     r = source_mod.resolve(str(tiny_dir), tmp_path)
-    m, _ = loading_mod.load(r, torch.float32, torch.device("cpu"), device_map="auto", max_memory={"cpu": "2GiB"})
+    m, _ = loading_mod.load(r, torch.float32, torch.device("cpu"), ModelConfig(device_map="auto", max_memory={"cpu": "2GiB"}))
     assert all(p.device.type == "cpu" for p in m.parameters())
     x = torch.randint(0, 384, (1, 8))
     ref, _ = loading_mod.load(r, torch.float32, torch.device("cpu"))

@@ -17,14 +17,17 @@ import torch
 from quantfix import data as data_mod
 from quantfix import export as exp
 from quantfix import loading as loading_mod, source as source_mod
+from quantfix.config import ModelConfig
 from quantfix.errors import QuantfixError
 from tests.conftest import ROOT, SHARED_DATA, save_model_dir, tiny_llama, tiny_overrides
 
 CPU = torch.device("cpu")
 
 
-def _load(path, **kw):
-    return loading_mod.load(source_mod.resolve(str(path), path.parent / "cache"), torch.float32, CPU, **kw)
+def _load(path, offline: bool = False, **kw):
+    """The model at ``path`` loaded as a run does (``kw``: model.* settings)."""
+    return loading_mod.load(source_mod.resolve(str(path), path.parent / "cache"), torch.float32, CPU, ModelConfig(**kw),
+                            offline=offline)
 
 
 def _one_line_error(path, match, **kw) -> str:
@@ -69,7 +72,7 @@ def test_cli_bert_checkpoint_is_refused_with_exit_2(tmp_path, tokenizer):
 
 def test_bidirectional_attention_is_refused_without_the_family_list(tmp_path, tokenizer, monkeypatch):
     # the attention modules' own is_causal flags catch encoders the list does not name
-    monkeypatch.setattr(model_mod, "ENCODER_TYPES", frozenset())
+    monkeypatch.setattr(loading_mod, "ENCODER_TYPES", frozenset())
     bert = _tiny_bert(tmp_path / "bert", tokenizer)
     _one_line_error(bert, "has bidirectional attention")
 

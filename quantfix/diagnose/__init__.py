@@ -48,38 +48,37 @@ def sensitivity_cache_key(model_fp: str, plan: Plan, windows: torch.Tensor, scfg
     return h.hexdigest()[:16]
 
 
-def measure_sensitivity(rt: Runtime, bank, plan: Plan, ref, windows: torch.Tensor, scfg: SensitivityConfig,
-                        options: Optional[Options] = None, cache_path: Optional[Path] = None,
-                        progress: bool = True) -> sensitivity.Sensitivity:
-    """Sensitivity of the plan's parts (cached at ``cache_path``). ``options``: module -> label ->
-    precision to also score (fast / taylor / fisher). Leaves the float weights live."""
+def measure_sensitivity(rt: Runtime, bank, subject: "Subject", windows: torch.Tensor, scfg: SensitivityConfig,
+                        cache_path: Optional[Path] = None, progress: bool = True) -> sensitivity.Sensitivity:
+    """Sensitivity of the subject plan's parts (cached at ``cache_path``), its precision options
+    (``subject.options``: module -> label -> precision) scored too (fast / taylor / fisher).
+    Leaves the float weights live."""
     cached = load_entry(cache_path, lambda b: sensitivity.Sensitivity.from_dict(json.loads(b))) \
         if cache_path is not None else None
     if cached is not None:
         log.info("sensitivity: cached (%s)", cache_path.name)
         bank.restore()
         return cached
-    bs = min(2, rt.batch_size)
+    plan, ref, options = subject.plan, subject.reference, subject.options or {}
+    settings = sensitivity.PassSettings(min(2, rt.batch_size), scfg.label_samples, rt.seed, progress)
     if scfg.method == "exact":
         result = _exact(rt, bank, plan, ref, windows, scfg, progress)
     elif scfg.method in ("fast", "taylor"):
-        opts = bank.simulate_options(options or {}) if scfg.method == "taylor" else None
+        opts = bank.simulate_options(options) if scfg.method == "taylor" else None
         bank.apply(plan, progress=False)
         fw, sub = bank.float_weights(plan), windows[: scfg.windows]
         if scfg.method == "fast":
-            result = sensitivity.fast(rt.model, sub, ref, fw, bank.quantized_weights(plan), None, bs,
-                                      scfg.label_samples, rt.seed, progress=progress,
+            result = sensitivity.fast(rt.model, sub, ref, fw, bank.quantized_weights(plan), settings,
                                       fisher_windows=windows[: scfg.fisher_windows],
-                                      option_chunks=option_chunks(bank, options or {}, scfg.options_memory_gb))
+                                      option_chunks=option_chunks(bank, options, scfg.options_memory_gb))
             bank.forget_applied()  # fast() leaves the float weights live
         else:
-            result = sensitivity.taylor(rt.model, sub, ref, fw, opts, bs, progress=progress)
+            result = sensitivity.taylor(rt.model, sub, ref, fw, opts, settings)
     else:
         qw = bank.quantized_weights(plan)
         bank.restore()
         result = sensitivity.fisher_chunks(rt.model, windows[: scfg.windows], qw,
-                                           option_chunks(bank, options or {}, scfg.options_memory_gb), bs,
-                                           scfg.label_samples, rt.seed, progress)
+                                           option_chunks(bank, options, scfg.options_memory_gb), settings)
     bank.restore()
     if cache_path is not None:
         atomic_write(cache_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict())))
@@ -151,8 +150,7 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     t0 = time.perf_counter()
     plan, progress = subject.plan, files.progress
     parts = _Laps()
-    sens = measure_sensitivity(rt, bank, plan, subject.reference, data.windows, cfg.sensitivity, subject.options,
-                               files.sensitivity_cache, progress)
+    sens = measure_sensitivity(rt, bank, subject, data.windows, cfg.sensitivity, files.sensitivity_cache, progress)
     parts.lap("sensitivity")
     parts.timings.update({f"sensitivity: {k}": round(v, 2) for k, v in sens.parts.items()})
     names = [n for n, p in plan.modules.items() if not p.is_float]
@@ -165,7 +163,7 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     bank.apply(plan, progress=False)
     q = side.measure(domain_refs=fp["domains"])
     parts.lap("quantized side (activations, probes, domains)")
-    diag = _assemble(subject, sens, fp, q, side, rt, data, bank, cfg)
+    diag = _assemble(subject, sens, (fp, q), side, bank)
     diag.plots["histograms"] = activations.plot_histograms(
         fp["absmax"], q["absmax"], [r["input_of"][0] for r in diag.outliers[: cfg.histograms]], files.plots,
         cfg.outlier_k)
@@ -194,10 +192,11 @@ class _Laps:
         self.t = time.perf_counter()
 
 
-def _assemble(subject: Subject, sens, fp, q, side: "_Side", rt: Runtime, data: RunData, bank,
-              cfg: DiagnoseConfig) -> Diagnosis:
-    """The Diagnosis of the measurements (findings and plots are added by ``run``)."""
+def _assemble(subject: Subject, sens, sides, side: "_Side", bank) -> Diagnosis:
+    """The Diagnosis of the measurements (``sides``: the float and the quantized side's); findings
+    and plots are added by ``run``."""
     plan, base, qmetrics = subject.plan, subject.base, subject.metrics
+    (fp, q), rt, data, cfg = sides, side.rt, side.data, side.cfg
     outliers = _outlier_rows(fp["absmax"], q["absmax"], subject.stats, side.names, sens, cfg.outlier_k)
     domain_sets = side.domain_sets
     return Diagnosis(

@@ -179,22 +179,45 @@ def _layer_weights(model, weights) -> Dict[int, Mapping]:
             for i, p in _layer_prefix(model).items()}
 
 
-def _gradient_pass(model, windows: torch.Tensor, batch_size: int, modules, layer_w, on_module, on_layer,
-                   backward, desc: str, progress: bool) -> None:
-    """The scaffolding the one-pass estimators share: for every batch, ``backward(ids)`` runs the
-    forward pass and calls .backward(); meanwhile ``on_module(name, grad_out, input)`` fires for
-    every named module and ``on_layer(i, grad_out, delta)`` for every decoder layer with weights in
-    ``layer_w`` (delta = the layer's output with those weights minus its live output)."""
+@dataclass(frozen=True)
+class PassSettings:
+    """How a one-pass estimate runs: windows per forward pass, sampled labels per token (Fisher),
+    the seed of the label sampling, and whether to show a progress bar."""
+
+    batch_size: int = 4
+    label_samples: int = 2
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class _Hooks:
+    """What a gradient pass calls: ``backward(ids)`` runs the forward pass and .backward();
+    ``on_module(name, grad_out, input)`` fires for every module in ``modules``;
+    ``on_layer(i, grad_out, delta)`` for every decoder layer with weights in ``layer_w`` (delta =
+    the layer's output with those weights minus its live output)."""
+
+    modules: Sequence[str]
+    layer_w: Dict[int, Mapping]
+    on_module: Callable
+    on_layer: Callable
+    backward: Callable
+
+
+def _gradient_pass(model, windows: torch.Tensor, settings: PassSettings, hooks: _Hooks, desc: str) -> None:
+    """The scaffolding the one-pass estimators share: every batch through ``hooks.backward`` with
+    the module and layer hooks in place."""
     state: Dict[str, object] = {}
 
     def layer_hook(i):
-        return _layer_delta_hook(layer_w[i], state, lambda h_out, d, i=i: h_out.register_hook(
-            lambda g: on_layer(i, g, d)))
+        return _layer_delta_hook(hooks.layer_w[i], state, lambda h_out, d, i=i: h_out.register_hook(
+            lambda g: hooks.on_layer(i, g, d)))
 
-    layer_ids = [i for i, w in layer_w.items() if w]
-    with _gradient_hooks(model, modules, _input_grad_hook(state, on_module), layer_ids, layer_hook):
-        for ids in tqdm(list(windows.split(batch_size)), desc=desc, unit="batch", disable=not progress, leave=False):
-            backward(ids)
+    layer_ids = [i for i, w in hooks.layer_w.items() if w]
+    with _gradient_hooks(model, hooks.modules, _input_grad_hook(state, hooks.on_module), layer_ids, layer_hook):
+        for ids in tqdm(list(windows.split(settings.batch_size)), desc=desc, unit="batch",
+                        disable=not settings.progress, leave=False):
+            hooks.backward(ids)
 
 
 def _per_type(modules: Dict[str, float]) -> Dict[str, float]:
@@ -204,35 +227,35 @@ def _per_type(modules: Dict[str, float]) -> Dict[str, float]:
     return types
 
 
-@torch.enable_grad()
-def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
-           options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
-           label_samples: int = 2, seed: int = 0, progress: bool = True, plan_scores: bool = True,
-           layer_scores: bool = True, labels: Optional[dict] = None) -> Sensitivity:
-    """One-pass second-order estimate. ``model`` must hold the float weights; ``quantized`` maps
-    module name -> its quantized (dequantized) weight; ``options`` maps module name -> label ->
-    alternative quantized weight, scored in the same pass. Without ``plan_scores`` only the
-    options' modules are hooked (the plan's module scores are left out); without ``layer_scores``
-    the decoder layers are not rerun with the plan's weights (no layer scores): a later pass over
-    another chunk of options then costs one forward + backward and the chunk's own products.
-    ``labels``: (batch, sample) -> sampled labels, filled by the first pass and reused by later
-    ones (the same labels the seeded generator would draw again; on the CPU drawing them from a
-    128k vocabulary took 2.2 s a batch)."""
-    t0 = time.perf_counter()
-    options = options or {}
-    mods = dict(model.named_modules())
-    layer_q = _layer_weights(model, quantized) if layer_scores else {}
-    hooked = list(quantized) if plan_scores else [n for n in options if n in quantized]
-    dev = input_device(model)
-    gen = [torch.Generator(device="cpu").manual_seed(seed)]
-    # sums stay on the device (one host copy at the end, no sync per module and option)
-    acc_mod: Dict[str, object] = {n: 0.0 for n in quantized} if plan_scores else {}
-    acc_opt: Dict[str, Dict[str, object]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
-    acc_layer: Dict[int, object] = {i: 0.0 for i, q in layer_q.items() if q}
-    weight_deltas = _DeltaCache()
-    n_tokens = [0]
+@dataclass
+class FisherScope:
+    """What a Fisher pass scores besides the options: the plan's modules (``plan_scores``) and its
+    decoder layers (``layer_scores``, by rerunning each layer with the plan's weights); ``labels``
+    ((batch, sample) -> sampled labels) is filled by a first pass and reused by later ones (the
+    same labels the seeded generator would draw again; on the CPU drawing them from a 128k
+    vocabulary took 2.2 s a batch)."""
 
-    def on_module(name, g, x):
+    plan_scores: bool = True
+    layer_scores: bool = True
+    labels: Optional[dict] = None
+
+
+class _FisherSums:
+    """The running sums of one Fisher pass (kept on the device: one host copy at the end)."""
+
+    def __init__(self, model, quantized, options, settings: PassSettings, scope: FisherScope):
+        self.model, self.quantized, self.options, self.s, self.scope = model, quantized, options, settings, scope
+        self.mods = dict(model.named_modules())
+        self.mod: Dict[str, object] = {n: 0.0 for n in quantized} if scope.plan_scores else {}
+        self.opt: Dict[str, Dict[str, object]] = {n: {k: 0.0 for k in o} for n, o in options.items()}
+        self.layer_q = _layer_weights(model, quantized) if scope.layer_scores else {}
+        self.layer: Dict[int, object] = {i: 0.0 for i, q in self.layer_q.items() if q}
+        self.deltas = _DeltaCache()
+        self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+        self.n_tokens, self.batch = 0, 0
+        self.dev = input_device(model)
+
+    def on_module(self, name, g, x):
         # per sequence b, g_b . (x_b dW^T) = <dW, G_b^T X_b>: one [out, in] product per sequence
         # serves the plan and every option. An MoE expert sees its routed tokens flattened
         # ([tokens, features], sequences mixed): they count as one sequence
@@ -240,52 +263,68 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
             g, x = g.unsqueeze(0), x.unsqueeze(0)
         M = torch.einsum("blo,bli->boi", g.float(), x.float())
         dev = M.device
-        w = lambda: weight_of(mods[name]).to(dev).float()  # noqa: E731
-        deltas = {"__plan__": lambda: w() - quantized[name].to(dev).float()} if plan_scores else {}
-        for label, wo in options.get(name, {}).items():
+        w = lambda: weight_of(self.mods[name]).to(dev).float()  # noqa: E731
+        deltas = {"__plan__": lambda: w() - self.quantized[name].to(dev).float()} if self.scope.plan_scores else {}
+        for label, wo in self.options.get(name, {}).items():
             deltas[label] = lambda wo=wo: w() - wo.to(dev).float()
         for label, make in deltas.items():
-            dW = weight_deltas.get((name, label), dev, make)
+            dW = self.deltas.get((name, label), dev, make)
             val = 0.5 * ((M.reshape(M.shape[0], -1) @ dW.reshape(-1)) ** 2).sum()  # per sequence
             if label == "__plan__":
-                acc_mod[name] = acc_mod[name] + val
+                self.mod[name] = self.mod[name] + val
             else:
-                acc_opt[name][label] = acc_opt[name][label] + val
+                self.opt[name][label] = self.opt[name][label] + val
 
-    def on_layer(i, g, d):
-        acc_layer[i] = acc_layer[i] + 0.5 * ((g.float() * d).sum(dim=(1, 2)) ** 2).sum()
+    def on_layer(self, i, g, d):
+        self.layer[i] = self.layer[i] + 0.5 * ((g.float() * d).sum(dim=(1, 2)) ** 2).sum()
 
-    batch = [0]
-
-    def backward(ids):
-        logp = F.log_softmax(model(input_ids=ids.to(dev), use_cache=False).logits[:, :-1].float(), dim=-1)
-        n_tokens[0] += logp.shape[0] * logp.shape[1]
-        b, batch[0] = batch[0], batch[0] + 1
-        probs = None
-        for k in range(label_samples):
+    def backward(self, ids):
+        logp = F.log_softmax(self.model(input_ids=ids.to(self.dev), use_cache=False).logits[:, :-1].float(), dim=-1)
+        self.n_tokens += logp.shape[0] * logp.shape[1]
+        b, self.batch = self.batch, self.batch + 1
+        probs, labels, k_all = None, self.scope.labels, self.s.label_samples
+        for k in range(k_all):
             y = labels.get((b, k)) if labels is not None else None
             if y is None:  # sampled once; a later pass (same float model, same windows) reuses them
                 if probs is None:
                     probs = logp.detach().exp().reshape(-1, logp.shape[-1])
-                    if gen[0].device != probs.device:  # sample where the model runs (a device generator on CUDA)
-                        gen[0] = torch.Generator(device=probs.device).manual_seed(seed)
-                y = torch.multinomial(probs, 1, generator=gen[0]).view(logp.shape[0], logp.shape[1], 1)
+                    if self.gen.device != probs.device:  # sample where the model runs (a device generator on CUDA)
+                        self.gen = torch.Generator(device=probs.device).manual_seed(self.s.seed)
+                y = torch.multinomial(probs, 1, generator=self.gen).view(logp.shape[0], logp.shape[1], 1)
                 if labels is not None:
                     labels[(b, k)] = y
-            logp.gather(-1, y.to(logp.device)).sum().backward(retain_graph=k < label_samples - 1)
+            logp.gather(-1, y.to(logp.device)).sum().backward(retain_graph=k < k_all - 1)
 
-    _gradient_pass(model, windows, batch_size, hooked, layer_q, on_module, on_layer, backward,
-                   "sensitivity (fisher)", progress)
-    norm = 1.0 / (label_samples * max(1, n_tokens[0]))
-    modules = {n: v * norm for n, v in _to_floats(acc_mod).items()}
-    return Sensitivity("fisher", {i: v * norm for i, v in _to_floats(acc_layer).items()}, _per_type(modules), modules,
-                       {n: {k: v * norm for k, v in _to_floats(o).items()} for n, o in acc_opt.items()},
-                       time.perf_counter() - t0, n_tokens[0])
+    def result(self, seconds: float) -> "Sensitivity":
+        norm = 1.0 / (self.s.label_samples * max(1, self.n_tokens))
+        modules = {n: v * norm for n, v in _to_floats(self.mod).items()}
+        return Sensitivity("fisher", {i: v * norm for i, v in _to_floats(self.layer).items()}, _per_type(modules),
+                           modules, {n: {k: v * norm for k, v in _to_floats(o).items()} for n, o in self.opt.items()},
+                           seconds, self.n_tokens)
 
 
-def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor], chunks, batch_size: int = 4,
-                  label_samples: int = 2, seed: int = 0, progress: bool = True,
-                  layer_scores: bool = True) -> Sensitivity:
+@torch.enable_grad()
+def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
+           options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, settings: PassSettings = PassSettings(),
+           scope: FisherScope = FisherScope()) -> Sensitivity:
+    """One-pass second-order estimate. ``model`` must hold the float weights; ``quantized`` maps
+    module name -> its quantized (dequantized) weight; ``options`` maps module name -> label ->
+    alternative quantized weight, scored in the same pass. Without ``scope.plan_scores`` only the
+    options' modules are hooked (the plan's module scores are left out); without
+    ``scope.layer_scores`` the decoder layers are not rerun with the plan's weights (no layer
+    scores): a later pass over another chunk of options then costs one forward + backward and the
+    chunk's own products."""
+    t0 = time.perf_counter()
+    options = options or {}
+    sums = _FisherSums(model, quantized, options, settings, scope)
+    hooked = list(quantized) if scope.plan_scores else [n for n in options if n in quantized]
+    _gradient_pass(model, windows, settings, _Hooks(hooked, sums.layer_q, sums.on_module, sums.on_layer,
+                                                    sums.backward), "sensitivity (fisher)")
+    return sums.result(time.perf_counter() - t0)
+
+
+def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor], chunks,
+                  settings: PassSettings = PassSettings(), layer_scores: bool = True) -> Sensitivity:
     """``fisher`` with the options given in chunks (an iterable of module -> label -> weight dicts):
     one pass per chunk, so the options' weights need not all be in memory at once. The plan's
     module scores (and with ``layer_scores`` the layers') come from the first pass; a later pass
@@ -299,8 +338,8 @@ def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tenso
             torch.cuda.synchronize()
         sim_s += time.perf_counter() - t
         first = result is None
-        f = fisher(model, windows, quantized, chunk, batch_size, label_samples, seed, progress,
-                   plan_scores=first, layer_scores=layer_scores and first, labels=labels)
+        f = fisher(model, windows, quantized, chunk, settings,
+                   FisherScope(plan_scores=first, layer_scores=layer_scores and first, labels=labels))
         del chunk  # its weights go before the next chunk is simulated: one chunk in memory at a time
         passes += 1
         if first:
@@ -311,8 +350,8 @@ def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tenso
         t = time.perf_counter()
     if result is not None:
         result.parts = {"option simulation": sim_s, "fisher passes": result.seconds, "passes": passes}
-    return result if result is not None else fisher(model, windows, quantized, {}, batch_size, label_samples, seed,
-                                                    progress, layer_scores=layer_scores)
+    return result if result is not None else fisher(model, windows, quantized, {}, settings,
+                                                    FisherScope(layer_scores=layer_scores))
 
 
 def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_module: bool = False,
@@ -339,8 +378,8 @@ def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_
 
 @torch.enable_grad()
 def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
-           options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, batch_size: int = 4,
-           progress: bool = True) -> Sensitivity:
+           options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+           settings: PassSettings = PassSettings()) -> Sensitivity:
     """First-order estimate of the seed's exact measurement, in one forward + backward pass of the
     quantized model. ``model`` must hold the quantized weights; ``float_weights`` maps each
     quantized module to its float weight. The mean KLD from the cached float reference is
@@ -385,8 +424,8 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
         rows[0] += q_logp.shape[0]
         (_kld_rows(ref, sl, q_logp).sum() / total).backward()  # the mean KLD over all windows
 
-    _gradient_pass(model, windows, batch_size, float_weights, layer_fp, on_module, on_layer, backward,
-                   "sensitivity (taylor)", progress)
+    _gradient_pass(model, windows, settings, _Hooks(list(float_weights), layer_fp, on_module, on_layer, backward),
+                   "sensitivity (taylor)")
     modules = _to_floats(acc_mod)
     # per option: the contribution that remains at that option (what the planner consumes)
     opts = {n: {k: max(modules[n] - v, 0.0) for k, v in _to_floats(o).items()} for n, o in acc_opt.items()}
@@ -395,26 +434,25 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
 
 
 def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
-         quantized: Dict[str, torch.Tensor], options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
-         batch_size: int = 4, label_samples: int = 2, seed: int = 0, progress: bool = True,
+         quantized: Dict[str, torch.Tensor], settings: PassSettings = PassSettings(),
          fisher_windows: Optional[torch.Tensor] = None, option_chunks=None) -> Sensitivity:
     """The default. Layers, module types and single modules by the one-pass Taylor estimate of the
     seed's exact measurement (on the demo model, 8 windows: Spearman 0.94 against exact at 14x
-    less wall time, see benchmarks/); when ``options`` are given, each module's precision options
-    by one Fisher pass (float context), which predicted plans better than Taylor in the repair loop;
-    ``option_chunks`` (an iterable of such dicts) scores them in one pass per chunk instead.
-    ``model`` holds the quantized weights on entry and the float ones on exit."""
+    less wall time, see benchmarks/); each module's precision options (``option_chunks``: an
+    iterable of module -> label -> weight dicts, one Fisher pass each, float context) by Fisher,
+    which predicted plans better than Taylor in the repair loop. ``model`` holds the quantized
+    weights on entry and the float ones on exit."""
     t0 = time.perf_counter()
-    t = taylor(model, windows, ref, float_weights, None, batch_size, progress)
+    t = taylor(model, windows, ref, float_weights, None, settings)
     mods = dict(model.named_modules())
     with torch.no_grad():
         for n, w in float_weights.items():
             set_weight(mods[n], w)
     opts, base, parts = {}, {}, {}
-    chunks = option_chunks if option_chunks is not None else ([options] if options else [])
+    chunks = option_chunks if option_chunks is not None else []
     if chunks:
         f = fisher_chunks(model, windows if fisher_windows is None else fisher_windows, quantized, chunks,
-                          batch_size, label_samples, seed, progress, layer_scores=False)  # layers: Taylor's
+                          settings, layer_scores=False)  # layers: Taylor's
         opts, base, parts = f.options, f.modules, f.parts
     return Sensitivity(method="fast", layers=t.layers, types=t.types, modules=t.modules, options=opts,
                        seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base,

@@ -222,7 +222,7 @@ def _gptq_sweep(W, H, p, scale, zero, damp: float, block: int):
         from compressed_tensors.quantization import QuantizationArgs
         from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     except ImportError:  # the engine is optional for simulation
-        return fake.gptq(W, H, p.bits, p.group_size, p.symmetric, damp, block, scale=scale, zero=zero)
+        return fake.gptq(W, H, p.bits, p.group_size, p.symmetric, (scale, zero), fake.GPTQOptions(damp, block))
     args = QuantizationArgs(num_bits=p.bits, type="int", symmetric=p.symmetric,
                             strategy="group" if p.group_size else "channel", group_size=p.group_size or None,
                             actorder="static")

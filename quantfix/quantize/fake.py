@@ -9,6 +9,7 @@ the per-input-channel scale exponent on the same Hessian, since ||dW X||^2 = tr(
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -73,18 +74,27 @@ def _hinv_upper(H: Tensor, W: Tensor, damp: float) -> Tuple[Tensor, Tensor]:
     raise RuntimeError("GPTQ: the Hessian is not positive definite even after dampening")
 
 
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's knobs: Hessian dampening (share of its mean diagonal), columns per block, and the
+    column order (descending diag(H): the engine's default "static" activation order)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    actorder: bool = True
+
+
 def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = 0, symmetric: bool = True,
-         damp: float = 0.01, block_size: int = 128, actorder: bool = True,
-         scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
+         qparams_: Optional[Tuple[Tensor, Tensor]] = None, opts: GPTQOptions = GPTQOptions()) -> Tensor:
     """GPTQ (Frantar et al. 2022) as llm-compressor 0.14 runs it: per-group scales fixed before the
-    sweep (``scale``/``zero`` [out, n_groups], default min/max of the original weights), columns
-    visited in descending diag(H) order (``actorder``, the engine's default "static"), each
-    column keeping its original group's scale."""
+    sweep (``qparams_`` = (scale, zero) [out, n_groups], default min/max of the original weights),
+    columns visited in descending diag(H) order (``opts.actorder``), each column keeping its
+    original group's scale."""
+    damp, block_size, actorder = opts.damp, opts.block_size, opts.actorder
     out_f, in_f = W.shape
     g = group_size or in_f
     W0 = W.float()
-    if scale is None:
-        scale, zero = qparams(W0, bits, group_size, symmetric)  # [out, n_groups]
+    scale, zero = qparams_ if qparams_ is not None else qparams(W0, bits, group_size, symmetric)  # [out, n_groups]
     scale, zero = scale.float().to(W0.device), zero.float().to(W0.device)
     H = H.float().to(W.device)
     perm = torch.argsort(torch.diagonal(H), descending=True) if actorder else None

@@ -151,10 +151,10 @@ def _search_mse(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, patie
 
 
 @torch.no_grad()
-def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, patience: int,
-                    grid: float, norm: float, expand: float,
-                    imp: Tensor | None) -> tuple[Tensor, Tensor]:
-    """llmcompressor.observers.imatrix._grid_search."""
+def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None,
+                    kwargs: dict) -> tuple[Tensor, Tensor]:
+    """llmcompressor.observers.imatrix._grid_search (``kwargs``: maxshrink, patience, grid, norm, expand)."""
+    maxshrink, patience, grid, norm, expand = (kwargs[k] for k in ("maxshrink", "patience", "grid", "norm", "expand"))
     if grid <= 0 or patience < 0 or not (0 <= maxshrink <= 1) or not (
             isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0):
         raise ValueError(f"bad imatrix observer kwargs: maxshrink={maxshrink} grid={grid} "
@@ -218,8 +218,7 @@ def search_qparams(W: Tensor, bits: int, group_size: int, symmetric: bool, metho
         mn, mx = _search_mse(obs, bits, symmetric, **_kwargs(_MSE_DEFAULTS, observer_kwargs))
     elif method == "imatrix":
         imp = _prepare_importance(importance, W, group_size)
-        mn, mx = _search_imatrix(obs, bits, symmetric, imp=imp,
-                                 **_kwargs(_IMATRIX_DEFAULTS, observer_kwargs))
+        mn, mx = _search_imatrix(obs, bits, symmetric, imp, _kwargs(_IMATRIX_DEFAULTS, observer_kwargs))
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     scale, zp = _calc_qparams(mn, mx, bits, symmetric)

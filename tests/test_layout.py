@@ -1,0 +1,127 @@
+"""The house rules, checked on the source: imports go down the layers (none upward, no cycle,
+function-level and type-hint imports included), and no function is over 60 lines or takes more
+than 8 parameters."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "quantfix"
+
+# bottom to top: a component may import components of its own layer's predecessors only (and its
+# own package's modules); a new module must be placed here
+LAYERS: List[List[str]] = [
+    ["errors", "logs", "timing", "weights", "__init__"],
+    ["quantize", "cache", "arch", "runtime"],
+    ["config", "layerwise"],
+    ["plan"],
+    ["formats"],
+    ["source", "llamacpp"],
+    ["loading", "data", "evaluate", "tasks", "calib"],
+    ["verdict", "runreport", "tune", "export", "bank"],
+    ["trials", "verify", "existing", "diagnose", "explain"],
+    ["planner"],
+    ["search", "report"],
+    ["recipe"],
+    ["cli", "tools"],
+    ["__main__"],
+]
+LAYER = {c: i for i, layer in enumerate(LAYERS) for c in layer}
+
+
+def _modules() -> Dict[str, Path]:
+    out = {}
+    for f in PKG.rglob("*.py"):
+        parts = list(f.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def _imports(f: Path, mods: Dict[str, Path]) -> Set[str]:
+    """quantfix modules imported anywhere in ``f`` (functions and TYPE_CHECKING blocks included)."""
+    found = set()
+    for node in ast.walk(ast.parse(f.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        for n in names:
+            if n.startswith("quantfix"):
+                while n not in mods and "." in n:
+                    n = n.rsplit(".", 1)[0]
+                found.add(n)
+    return found
+
+
+def _component(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+GRAPH = {m: _imports(f, _modules()) - {m} for m, f in _modules().items()}
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({_component(m) for m in GRAPH} - set(LAYER))
+    assert not missing, f"place these in tests/test_layout.py LAYERS: {missing}"
+
+
+def test_nothing_imports_upward():
+    bad = []
+    for m, deps in GRAPH.items():
+        for d in deps:
+            a, b = _component(m), _component(d)
+            if a != b and d != "quantfix" and LAYER.get(b, 99) >= LAYER.get(a, -1):
+                bad.append(f"{m} -> {d} (layer {LAYER.get(a)} -> {LAYER.get(b)})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_no_import_cycle():
+    seen: Dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(m, stack):
+        seen[m] = 1
+        for d in GRAPH.get(m, ()):
+            if d == "quantfix" or d not in GRAPH:
+                continue
+            assert seen.get(d) != 1, "import cycle: " + " -> ".join(stack + [m, d])
+            if d not in seen:
+                visit(d, stack + [m])
+        seen[m] = 2
+
+    for m in GRAPH:
+        if m not in seen:
+            visit(m, [])
+
+
+def _functions():
+    for f in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield f.relative_to(PKG.parent), node
+
+
+@pytest.mark.parametrize("limit_lines,limit_params", [(60, 8)])
+def test_functions_are_short(limit_lines, limit_params):
+    bad = []
+    for f, node in _functions():
+        a = node.args
+        params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+        lines = node.end_lineno - node.lineno + 1
+        if lines > limit_lines or len(params) > limit_params:
+            bad.append(f"{f}:{node.lineno} {node.name}: {lines} lines, {len(params)} parameters")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layout_check_catches_an_upward_import(tmp_path):
+    """The check itself can fail: an import from plan (layer 3) of recipe (layer 10) is upward."""
+    assert LAYER["recipe"] > LAYER["plan"]
+    fake = tmp_path / "x.py"
+    fake.write_text("def f():\n    from quantfix.recipe import run\n")
+    assert "quantfix.recipe" in _imports(fake, _modules())
