@@ -1,6 +1,9 @@
 """AutoRound as the loop's last step (loop.tune=autoround): the tuned weights sit on the grid the
 checkpoint stores, float modules stay untouched, and the export reloads to exactly the trial."""
 import pytest
+from hydra.errors import ConfigCompositionException
+
+from quantfix.cli import preflight
 import torch
 
 from quantfix.config import validate
@@ -53,8 +56,9 @@ def test_tuned_weights_are_on_the_checkpoint_grid(tokenizer):
 def test_autoround_is_not_a_per_module_option(compose, tiny_dir, tmp_path):
     with pytest.raises(QuantfixError, match="loop.tune=autoround"):
         validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.algorithms": "[autoround]"})))
-    with pytest.raises(QuantfixError, match="loop.tune"):
-        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.tune": "awq"})))
+    with pytest.raises(ConfigCompositionException):  # a choice: refused when the config is composed
+        compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.tune": "awq"}))
+    assert preflight(["loop.tune=awq"]) == "loop.tune=awq: choose one of none, autoround"
     with pytest.raises(QuantfixError, match="quantized.name_or_path"):
         validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"quant.algorithm": "ckpt"})))
 
