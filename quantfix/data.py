@@ -31,11 +31,23 @@ DOMAIN_KIND = {"wikitext2": "prose", "pydoc": "prose", "c4": "web", "stdlib": "c
 
 
 def default_data_dir(configured: Optional[str] = None) -> Path:
-    if configured:
-        return Path(configured).expanduser()
-    if os.environ.get("QUANTFIX_DATA"):
-        return Path(os.environ["QUANTFIX_DATA"]).expanduser()
+    """``data_dir`` (or $QUANTFIX_DATA, else ../shared/data beside the repo). A folder the user
+    named must exist: a typo is a local error, never a hub download of the corpora it should hold."""
+    named = configured or os.environ.get("QUANTFIX_DATA")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_dir():
+            key = "data_dir" if configured else "$QUANTFIX_DATA"
+            raise QuantfixError(f"{key}={named} is not a directory: point it at the folder holding wikitext2/, c4/, ... "
+                                "(or leave it unset)")
+        return path
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def _holds_corpora(data_dir: Path) -> bool:
+    """A data folder of ours: one of the named corpora's folders is in it (then a missing one is a
+    local error, not a hub download)."""
+    return data_dir.is_dir() and any((data_dir / d).is_dir() for d in DOMAINS)
 
 
 # what reading a binary, truncated or mislabelled (.gz that is not gzip) file as text raises
@@ -87,8 +99,9 @@ def _read_jsonl_rows(path: Path, field: str, limit: Optional[int]) -> List[str]:
     return out
 
 
-def _no_hub(name: str, local: Path, data_dir: Path) -> QuantfixError:
-    return QuantfixError(f"{name} not found at {local} and offline is on (no hub download): set data_dir=<folder "
+def _no_hub(name: str, local: Path, data_dir: Path, offline: bool = True) -> QuantfixError:
+    why = "offline is on (no hub download)" if offline else "data_dir holds other corpora but not this one"
+    return QuantfixError(f"{name} not found at {local} and {why}: set data_dir=<folder "
                          f"with {local.relative_to(data_dir)}> (data_dir is {data_dir})")
 
 
@@ -96,8 +109,8 @@ def _wikitext2(data_dir: Path, offline: bool = False) -> str:
     local = data_dir / "wikitext2" / "wiki.test.raw"
     if local.exists():
         return _read_text(local)
-    if offline:
-        raise _no_hub("WikiText-2", local, data_dir)
+    if offline or _holds_corpora(data_dir):
+        raise _no_hub("WikiText-2", local, data_dir, offline)
     try:
         import datasets
 
@@ -112,8 +125,8 @@ def _c4(data_dir: Path, offline: bool = False) -> str:
     local = data_dir / "c4" / "c4-train.00000-of-01024.head1000.jsonl"
     if local.exists():
         return "\n\n".join(_read_jsonl(local, "text"))
-    if offline:
-        raise _no_hub("C4 sample", local, data_dir)
+    if offline or _holds_corpora(data_dir):
+        raise _no_hub("C4 sample", local, data_dir, offline)
     try:
         import datasets
 
@@ -232,6 +245,9 @@ def eval_windows(source: str, data_dir: str, tokenizer, n_windows: int, seq_len:
     ids = _strip_bos(tokens(source, data_dir, tokenizer, offline), bos)
     per = seq_len - (bos is not None)
     need = n_windows * per
+    if ids.numel() < per:
+        raise QuantfixError(f"eval text {source!r} holds {ids.numel()} tokens, not even one window of eval.seq_len="
+                            f"{seq_len}: point eval.source at a text with content")
     if ids.numel() < need:
         raise QuantfixError(
             f"eval text {source!r} has {ids.numel()} tokens but eval.n_windows x eval.seq_len = {n_windows} x {seq_len} "

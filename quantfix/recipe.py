@@ -91,6 +91,7 @@ class Recipe:
         exp.clean_stale_temp(self.out_dir)
         self._runtime()
         self._load()
+        self._check_run_dir()
         if cfg.mode != "baseline":
             problem = group_problem(self.rt.model, cfg.quant, list(cfg.loop.ladder))
             if problem:
@@ -151,11 +152,26 @@ class Recipe:
             self.quantized_fp = (cache_mod.model_fingerprint(q) if Path(q).is_dir() else
                                  cache_mod.file_digest(Path(q)) if Path(q).is_file() else None) if q else None
             self.fingerprint = self._run_fingerprint(windows, samples)
+        self.report.fingerprint = self.fingerprint
         # eval.batch_size=0 (auto): 4 on the CPU; on CUDA as many windows as fit, up to 32
         bs = cfg.eval.batch_size or (min(cfg.eval.n_windows, 32) if self.device.type == "cuda" else 4)
         self.rt = Runtime(model, tokenizer, self.device, bs, cfg.seed)
         self.data = RunData(windows, samples, data_dir, tuple(cfg.data.domains), self.offline, cfg.eval.source)
         self.report.model_path, self.report.device, self.report.dtype = self.resolved.path, str(self.device), str(self.dtype)
+
+    def _check_run_dir(self) -> None:
+        """A run dir that holds a finished run takes only a resume of that same run (its fingerprint:
+        same model, data, settings and code), never a second run beside it (a folder that mixes two
+        runs' report, plan and checkpoint)."""
+        prior = prior_run(self.out_dir)
+        if prior is None or not prior[1]:
+            return  # a new dir, or an interrupted run: resume replays its own trials and ignores the rest
+        if not self.cfg.loop.resume:
+            raise QuantfixError(f"{self.out_dir} holds a finished run: pick a new hydra.run.dir=<dir> (or "
+                                "loop.resume=true with that run's settings to verify it again)")
+        if prior[0] != self.fingerprint:
+            raise QuantfixError(f"{self.out_dir} holds a finished run of another model, data or config (loop.resume "
+                                "replays only its own run): use a new run dir, hydra.run.dir=<dir>")
 
     def _check_exportable(self) -> None:
         """Refuse before any measurement what the export could not write."""
@@ -584,6 +600,7 @@ class Recipe:
         else:
             reason = f"internal error: {type(e).__name__}"
         self._collect()
+        self.report.status = "stopped"
         fin = self.report.final or Outcome("", 0.0, 0, False, reason, 0)
         fin.passed, fin.stop_reason, fin.trials = False, reason, len(self.report.trials)
         self.report.final = fin
@@ -596,6 +613,7 @@ class Recipe:
         """report.json, the plots, report.md/html and the console summary."""
         r = self.report
         self._collect()
+        r.status = "finished"
         r.memory = dict(peak_memory_mb(self.device), stages=self.timer.memory)
         r.eval_batch_size = self.rt.batch_size
         r.save(self.out_dir)
@@ -621,3 +639,19 @@ def _check_writable(out_dir: Path) -> None:
     except OSError as e:
         raise QuantfixError(f"cannot write the output directory {out_dir} ({e.strerror}): "
                             "pick a writable hydra.run.dir or output_dir") from e
+
+
+def prior_run(out_dir: Path):
+    """(fingerprint, finished) of the run a run dir already holds, or None: finished when its
+    report.json says so (or, from before that was recorded, when it holds a checkpoint)."""
+    report, ckpt = out_dir / "report.json", out_dir / "checkpoint"
+    try:
+        d = json.loads(report.read_text()) if report.exists() else {}
+    except (OSError, ValueError):
+        d = {}
+    fp = d.get("fingerprint") or ""
+    if not fp and (ckpt / exp.FINGERPRINT_FILE).exists():
+        fp = (ckpt / exp.FINGERPRINT_FILE).read_text().strip()
+    if not d and not ckpt.exists():
+        return None
+    return fp, d.get("status") == "finished" or (not d.get("status") and ckpt.exists())

@@ -180,6 +180,8 @@ class RunReport:
 
     model: str
     config: Dict[str, Any]
+    status: str = "running"  # "finished" (finish() wrote it) or "stopped" (an error or interrupt under way)
+    fingerprint: str = ""  # of the run's inputs (model, data, settings, code): a resume checks it
     model_path: str = ""
     device: str = ""
     dtype: str = ""
@@ -210,8 +212,9 @@ class RunReport:
         return next((t for t in self.trials if t.id == trial_id), None) if trial_id is not None else None
 
     def to_dict(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {"model": self.model, "model_path": self.model_path, "device": self.device,
-                             "dtype": self.dtype, "config": self.config}
+        d: Dict[str, Any] = {"model": self.model, "status": self.status, "fingerprint": self.fingerprint,
+                             "model_path": self.model_path, "device": self.device, "dtype": self.dtype,
+                             "config": self.config}
         if self.baseline is not None:
             d["baseline"] = self.baseline.to_dict()
         d.update(iterations=[t.to_dict() for t in self.trials], warnings=list(self.warnings),
@@ -229,7 +232,8 @@ class RunReport:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "RunReport":
         return cls(
-            model=d["model"], config=d.get("config") or {}, model_path=d.get("model_path", ""),
+            model=d["model"], config=d.get("config") or {}, status=d.get("status", ""),
+            fingerprint=d.get("fingerprint", ""), model_path=d.get("model_path", ""),
             device=d.get("device", ""), dtype=d.get("dtype", ""), baseline=_metrics(d.get("baseline")),
             baseline_size_bytes=d.get("baseline_size_bytes", 0), ppl_limit=d.get("ppl_limit"),
             kld_limit=d.get("kld_limit"), baseline_tasks=d.get("baseline_tasks") or {},

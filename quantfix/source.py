@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,6 +197,22 @@ def _from_hub_cache(name: str, revision: Optional[str]) -> Optional[str]:
         return None
 
 
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".gguf", ".onnx")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a name that is not on disk can only have been meant as a local path, so that it is a
+    local error and no hub request: it starts like a path, has more than one slash, names a file,
+    is not a valid hub id, or its first component is a folder here (``models/tiny`` when
+    ``models/`` exists)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(WEIGHT_SUFFIXES):
+        return True
+    if not HUB_ID.match(name):
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
 def resolve(name_or_path: str, cache: Path, offline: bool = False, revision: Optional[str] = None) -> ResolvedModel:
     """Where the model lives. Offline, a name that is neither a local path nor in the hub cache fails
     here, before any hub request."""
@@ -213,8 +230,7 @@ def resolve(name_or_path: str, cache: Path, offline: bool = False, revision: Opt
             raise QuantfixError(f"{p} is not a Hugging Face model directory (no config.json): pass a directory "
                                 "written by save_pretrained, a .gguf file, or a hub id")
         return ResolvedModel(name_or_path, str(p.resolve()))
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_like_path:
+    if looks_like_path(name_or_path):
         raise QuantfixError(f"model path not found: {name_or_path}; check model.name_or_path")
     if offline:  # `org/name` or `name`: only the hub cache may provide it
         snapshot = _from_hub_cache(name_or_path, revision)
