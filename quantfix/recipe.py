@@ -456,18 +456,30 @@ class Recipe:
         self.report.pareto = {"measured": [[t.avg_bits, t.metrics.kld_mean, t.metrics.ppl] for t in self.trials.records]}
         if result.frontier:
             self.report.pareto["predicted"] = [[round(b, 4), round(k, 6)] for b, k in result.frontier]
+        like = self._measure_like(plan)
         static = self.bank.export_tensors(plan) if cfg.export.enabled else {}  # what the trials measured, to ship
         self.bank.restore()
         self.bank.release()  # the float copies and kept simulations: the export and the reload need the memory
         self.bank = None
         self.report.final = Outcome(plan.summary_str(), round(plan.avg_bits, 4), plan.size_bytes, result.best is not None,
                                     result.reason, len(self.trials.records), chosen_trial=chosen.id)
+        self.report.final.domains, self.report.final.generations = like.get("domains") or {}, like.get("generations") or []
         if cfg.export.enabled:
             self.report.final.verification = self._export_and_verify(plan, chosen, static)
         if self.existing is not None:
             path = self.existing.write_overrides(plan, self.out_dir, cfg.model.name_or_path)
             self.report.final.llama_quantize_overrides = str(path) if path else None
         self._verdict()
+
+    def _measure_like(self, plan: Plan) -> dict:
+        """The shipped plan (its trial's weights: what the checkpoint holds) measured as the diagnosis
+        measured plan 0: per-domain perplexity and KLD, probe generations. Done on the live model,
+        before the export: a reloaded compressed checkpoint generates tokens far slower."""
+        if self.diagnosis is None or not self.diagnosis.sides:
+            return {}
+        self.bank.apply(plan, progress=False)
+        with self.timer("shipped plan: domains and probes"):
+            return measure_like(self.diagnosis, self.rt.model, self.rt.tokenizer, self.rt.batch_size)
 
     def _export_and_verify(self, plan: Plan, trial: TrialRecord, static) -> verify.Verification:
         cfg = self.cfg
@@ -498,16 +510,13 @@ class Recipe:
         return verify.ReloadSpec(self.dtype, self.device, self.cfg.model)
 
     def _measure_checkpoint(self, model) -> verify.Measured:
-        """A reloaded checkpoint measured as the trials were (and the tasks), and as the diagnosis
-        measured plan 0 (per-domain perplexity, probe generations)."""
+        """A reloaded checkpoint measured as the trials were (and the tasks)."""
         m = self._evaluate(model, desc="verify checkpoint")
         rows, fails = {}, []
         if self.task_base:
             rows, fails = verdict.task_checks(self.task_base, self._task_results(model), self.cfg.thresholds)
         where = ev.locate_nonfinite(model, self.data.windows[:1]) if verdict.nonfinite(m) else None
-        like = measure_like(self.diagnosis, model, self.rt.tokenizer, self.rt.batch_size) \
-            if self.diagnosis is not None and where is None else {}
-        return verify.Measured(m, rows, fails, where, like.get("domains"), like.get("generations"))
+        return verify.Measured(m, rows, fails, where)
 
     def _verdict(self) -> None:
         """The one place a run's verdict is decided: the search passed and, when the checkpoint was

@@ -119,8 +119,6 @@ class Verification:
     failed: List[str] = field(default_factory=list)
     tasks: Dict[str, dict] = field(default_factory=dict)
     export_gap_pct: Optional[float] = None  # |KLD - its trial's KLD| / trial's KLD
-    domains: Dict[str, Any] = field(default_factory=dict)  # per-domain metrics, measured as the diagnosis did
-    generations: List[dict] = field(default_factory=list)  # probe generations vs the float model's
 
 
 @dataclass
@@ -138,6 +136,10 @@ class Outcome:
     verification: Optional[Verification] = None
     llama_quantize_overrides: Optional[str] = None
     plan: str = "plan.yaml"
+    # the shipped plan (its trial's weights: what the checkpoint holds) measured as the diagnosis
+    # measured plan 0: per-domain metrics, probe generations vs the float model's
+    domains: Dict[str, Any] = field(default_factory=dict)
+    generations: List[dict] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"plan": self.plan, "plan_summary": self.plan_summary, "avg_bits": self.avg_bits,
@@ -152,12 +154,13 @@ class Outcome:
                 d["verified_tasks"] = v.tasks
             if v.export_gap_pct is not None:
                 d["export_gap_pct"] = v.export_gap_pct
-            if v.domains:
-                d["verified_domains"] = v.domains
-            if v.generations:
-                d["verified_generations"] = v.generations
+
         if self.llama_quantize_overrides:
             d["llama_quantize_overrides"] = self.llama_quantize_overrides
+        if self.domains:
+            d["domains"] = self.domains
+        if self.generations:
+            d["generations"] = self.generations
         d["passed"] = self.passed
         return d
 
@@ -166,11 +169,11 @@ class Outcome:
         v = None
         if d.get("checkpoint"):
             v = Verification(d["checkpoint"], d.get("checkpoint_bytes", 0), _metrics(d.get("verified_metrics")),
-                             list(d.get("verified_failed") or []), d.get("verified_tasks") or {}, d.get("export_gap_pct"),
-                             d.get("verified_domains") or {}, list(d.get("verified_generations") or []))
+                             list(d.get("verified_failed") or []), d.get("verified_tasks") or {}, d.get("export_gap_pct"))
         return cls(d.get("plan_summary", ""), d.get("avg_bits", 0.0), d.get("size_bytes", 0),
                    d.get("search_passed", False), d.get("stop_reason", ""), d.get("trials", 0), d.get("passed", False),
-                   d.get("chosen_trial"), v, d.get("llama_quantize_overrides"), d.get("plan", "plan.yaml"))
+                   d.get("chosen_trial"), v, d.get("llama_quantize_overrides"), d.get("plan", "plan.yaml"),
+                   d.get("domains") or {}, list(d.get("generations") or []))
 
 
 @dataclass
