@@ -292,7 +292,8 @@ def _search_words(report: RunReport) -> str:
     fin, chosen = report.final, _chosen(report)
     max_iters = report.config["loop"]["max_iters"] if "loop" in report.config else None
     budget = report.config["plan"]["budget"]["avg_bits"] if "plan" in report.config else None
-    n = f"{fin.trials} plans measured" + (f" (loop.max_iters={max_iters})" if max_iters else "")
+    n = f"{fin.trials} plan{'s' if fin.trials != 1 else ''} measured" + \
+        (f" (loop.max_iters={max_iters})" if max_iters else "")
     if chosen is None:
         return f"Search: {n}; {fin.stop_reason}."
     which = f"the best within plan.budget.avg_bits={budget:g}" if budget is not None else \
