@@ -96,7 +96,7 @@ def plot_iterations(run: RunReport, out_dir: Path) -> Optional[Path]:
                 label="measured frontier")
         _limit_lines(ax, run, key)
         if key == "kld_mean":
-            pred = [p for p in run.pareto.get("predicted", []) if lo <= p[0] <= hi]
+            pred = [p for p in (run.pareto["predicted"] if "predicted" in run.pareto else []) if lo <= p[0] <= hi]
             if pred:
                 ax.plot([p[0] for p in pred], [p[1] for p in pred], color="tab:purple", ls="--", lw=1,
                         label="predicted by the diagnosis")
@@ -403,7 +403,8 @@ def _why(g: ChangeGroup, shown: int = 2) -> str:
         parts.append(f"{r.text}: {where}" if len(r.modules) < g.count else r.text)
     more = g.reasons[shown:]
     if more:
-        parts.append(f"{len(more)} more findings ({len({m for r in more for m in r.modules})} modules)")
+        parts.append(f"{len(more)} more finding{'s' if len(more) > 1 else ''} "
+                     f"({len({m for r in more for m in r.modules})} modules)")
     rest = explain.unexplained(g)
     if rest:
         why = "same size, less KLD measured (a free rounding swap)" if g.kind == "other rounding" else \
@@ -437,7 +438,22 @@ def _findings(report: RunReport, findings: List[Finding], universe: List[str]) -
                      _applied(report, f, named, groups)])
     header = ["kind", "finding", "evidence", "recommended fix", "applied" if report.final else "applied (none: "
               "diagnosis only)"]
-    return [("h2", "Root causes and fixes: recommended, and applied"), ("table", header, rows)]
+    b: List[tuple] = [("h2", "Root causes and fixes: recommended, and applied"), ("table", header, rows)]
+    if report.final is not None and any(f.kind == "outlier_channels" for f in findings):
+        b.append(("small", _whole_plan_note(report)))
+    return b
+
+
+def _whole_plan_note(report: RunReport) -> str:
+    """Why an outlier's recommended AWQ / LLM.int8 is not what was applied."""
+    from quantfix.quantize import algorithms
+
+    whole = [explain.ROUNDING[a] for a in ("awq", "llm_int8") if not algorithms.get(a).mixable]
+    loop = report.config["loop"] if "loop" in report.config else {}
+    allowed = ", ".join(loop["algorithms"] if "algorithms" in loop else []) or "plan 0's own"
+    return (f"{' and '.join(whole)} apply to a whole plan only (one algorithm per checkpoint), so a repair that "
+            "changes module by module gives the modules an outlier feeds more bits instead, rounded with one of "
+            f"loop.algorithms ({allowed}); quant=awq or quant=llm_int8 make the whole plan AWQ or LLM.int8.")
 
 
 def _short_names(text: str) -> str:
@@ -476,8 +492,10 @@ def evidence_words(f: Finding) -> str:
         return "; ".join(_short_names(x) for x in e.get("findings", []))
     if f.kind == "concentrated_layers":
         return "; ".join(f"layer {k}: {v:.4f}" for k, v in e["sensitivity"].items()) + " (KLD removed if restored)"
-    if f.kind in ("spread_evenly", "embeddings_sensitive"):
-        return f"share {100 * e['share']:.0f}%"
+    if f.kind == "spread_evenly":
+        return f"the top 10% of layers hold {100 * e['share']:.0f}% of the layer sensitivity"
+    if f.kind == "embeddings_sensitive":
+        return f"{100 * e['share']:.0f}% of the module sensitivity"
     if f.kind == "ppl_hides_damage":
         return f"PPL {e['ppl_increase_pct']:+.2f}% while mean KLD is {e['kld_mean']:.3g} and top-1 agreement {e['top1']:.3f}"
     if f.kind == "divergence":

@@ -50,7 +50,7 @@ def test_changes_group_modules_by_labels_with_kind_and_the_findings_that_name_th
     assert reasons["outlier_channels"].text == "outlier channel 1229 (1,798x the median)"
     assert reasons["concentrated_layers"].modules == ["model.layers.2.mlp.down_proj"]
     assert explain.unexplained(six) == 0
-    assert [g.kind for g in groups][0] == "kept in float"  # listed first
+    assert groups[0].kind == "kept in float"  # listed first
     # a model-wide finding explains the kind of change it asks for: spread_evenly -> smaller groups
     assert by_pair[("W4g64", "W4g32")].kind == "smaller group"
     assert [r.kind for r in by_pair[("W4g64", "W4g32")].reasons] == ["spread_evenly"]

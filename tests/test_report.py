@@ -4,10 +4,10 @@ verdict of a failure, evidence in words, probe text, the checkpoint's bytes by p
 table and the iteration plot, on reports built by hand."""
 import json
 import re
-from html import unescape
 import shutil
 import subprocess
 import sys
+from html import unescape
 
 import pytest
 import torch
@@ -56,7 +56,7 @@ def test_first_screen_of_a_real_run(tiny_run, tiny_dir):
     screen = first_screen(html)
     assert f"quantfix report: {tiny_dir.name}" in screen  # the model is named
     kld = report.final.verification.metrics.kld_mean
-    assert f"PASSED: the reloaded checkpoint's perplexity" in screen
+    assert "PASSED: the reloaded checkpoint's perplexity" in screen
     assert f"mean KLD {kld:.3g} (limit 0.002)" in screen  # the verdict against its limit
     ratio = report.baseline_size_bytes / report.final.size_bytes
     assert f"{report.final.avg_bits:.2f} average bits per weight" in screen and f"{ratio:.2f}x smaller" in screen
@@ -71,7 +71,7 @@ def test_first_screen_of_a_real_run(tiny_run, tiny_dir):
 
 
 def test_rest_of_a_real_report(tiny_run):
-    report, out = tiny_run
+    _, out = tiny_run
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     assert "Root causes and fixes" in md and "| recommended fix | applied |" in md
@@ -152,10 +152,10 @@ def test_time_and_memory_as_one_small_table(tmp_path):
     (Finding("outlier_channels", "", "", {"channel": 507, "ratio": 40.8, "layers": [1, 2, 8, 29],
                                           "sensitivity_share": 0.0692, "per_input": [{"a": 1}, {"b": 2}]}),
      "channel 507 reaches up to 40.8x the median in 2 inputs (layers 1-2, 8, 29); 6.9% of the sensitivity"),
-    (Finding("outlier_channels", "", "", {"ratio": 24.0, "findings": ["outlier channel 175 feeds model.layers.0."
-                                                                      "self_attn.o_proj"]}),
+    (Finding("outlier_channels", "", "", {"ratio": 24.0,
+                                          "findings": ["outlier channel 175 feeds model.layers.0.self_attn.o_proj"]}),
      "outlier channel 175 feeds layer 0 o_proj"),
-    (Finding("spread_evenly", "", "", {"share": 0.314}), "share 31%"),
+    (Finding("spread_evenly", "", "", {"share": 0.314}), "the top 10% of layers hold 31% of the layer sensitivity"),
     (Finding("domain_gap", "", "", {"prose": 46.25, "code": 34.45}), "PPL increase: prose +46.2%, code +34.5%"),
     (Finding("calibration_mismatch", "", "", {"kld": 0.05, "rtn_kld": 0.04, "algorithms": ["gptq"],
                                               "per_domain_ppl_increase": {"prose": 3.1}}),
