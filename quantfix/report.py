@@ -199,7 +199,8 @@ def _first_screen(report: RunReport, out_dir: Path, diag: Optional[Diagnosis]) -
     b.append(("verdict", None if report.final is None else report.final.passed, _verdict_words(report)))
     if report.final is not None:
         b.append(("p", _shipped_words(report, out_dir)))
-        b += _changes_blocks(report)
+        if _chosen(report) is not None:
+            b += _changes_blocks(report)
     return b
 
 
@@ -223,7 +224,8 @@ def limit_words(m: Metrics, base: Metrics, lim: Limits) -> Tuple[List[str], List
     """The metrics against their limits in words: (within their limits, over them, by how much)."""
     ok, bad = [], []
     inc = _pct(m, base)
-    ppl = f"perplexity {m.ppl:.2f} is {inc:+.1f}% over float's {base.ppl:.2f}"
+    ppl = f"perplexity {m.ppl:.2f} is " + (f"+{inc:.1f}% over" if inc >= 0 else f"{-inc:.1f}% under") + \
+        f" float's {base.ppl:.2f}"
     if lim.ppl_pct is not None:
         (bad if inc > lim.ppl_pct else ok).append(
             f"{ppl} (limit +{lim.ppl_pct:g}%" + (f": {inc - lim.ppl_pct:.1f} points over)" if inc > lim.ppl_pct else ")"))
@@ -314,7 +316,7 @@ def _shipped_words(report: RunReport, out_dir: Path) -> str:
     fin = report.final
     chosen = _chosen(report)
     if chosen is None:
-        return "**Shipped**: nothing (no plan was measured)."
+        return "**Shipped**: nothing (the run stopped before a plan was chosen)."
     ratio = report.baseline_size_bytes / fin.size_bytes if fin.size_bytes else 0
     text = (f"**Shipped**: {fin.avg_bits:.2f} average bits per weight over the quantized modules "
             f"({chosen.avg_bits_model:.2f} over the whole model, embeddings and norms at 16 bits): "
@@ -381,9 +383,9 @@ def _changes_blocks(report: RunReport) -> List[tuple]:
     """What was changed and why: one row per change group, and the legend of the labels."""
     groups = report.changes
     if not groups:
-        chosen = report.trial(report.final.chosen_trial)
-        return [("p", "**What was changed**: nothing; plan 0 shipped as it was." if chosen is not None and chosen.id == 0
-                 else "**What was changed**: not recorded in this report.")]
+        same = report.trials and report.final.plan_summary == report.trials[0].plan_summary
+        return [("p", "**What was changed**: nothing; plan 0 shipped as it was." if same
+                 else "**What was changed**: not recorded in this report (written before change groups were).")]
     n = sum(g.count for g in groups)
     rows = [[g.count, Nowrap(f"{g.before} → {g.after}"), g.what, _why(g)] for g in groups]
     labels = [g.before for g in groups] + [g.after for g in groups]
