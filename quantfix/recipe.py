@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from quantfix import arch, cache as cache_mod, data as data_mod, evaluate as ev, export as exp, loading, report as rep
-from quantfix import calib, search, source, verdict, verify, weights
+from quantfix import calib, explain, search, source, verdict, verify, weights
 from quantfix.bank import WeightBank
 from quantfix.calib import CalibStats
 from quantfix.config import Config, validate
@@ -464,6 +464,8 @@ class Recipe:
         self.report.final = Outcome(plan.summary_str(), round(plan.avg_bits, 4), plan.size_bytes, result.best is not None,
                                     result.reason, len(self.trials.records), chosen_trial=chosen.id)
         self.report.final.domains, self.report.final.generations = like.get("domains") or {}, like.get("generations") or []
+        self.report.changes = explain.changes(self.trials.records[0].plan, plan,
+                                              self.diagnosis.findings if self.diagnosis is not None else [])
         if cfg.export.enabled:
             self.report.final.verification = self._export_and_verify(plan, chosen, static)
         if self.existing is not None:

@@ -110,6 +110,38 @@ class Recalibration:
 
 
 @dataclass
+class Reason:
+    """A finding that names some modules of a change group (or their decoder layers)."""
+
+    kind: str
+    text: str  # short: "outlier channel 1229 (1,798x the median)"
+    modules: List[str] = field(default_factory=list)  # the group's modules it names
+
+
+@dataclass
+class ChangeGroup:
+    """Modules that plan 0 and the shipped plan store differently, one group per (plan-0 label ->
+    shipped label); ``kind`` says how (more bits, fewer bits, smaller group, larger group, other
+    rounding, kept in float, other), ``what`` in words; ``reasons`` are the findings that name them."""
+
+    before: str
+    after: str
+    kind: str
+    what: str
+    modules: List[str]
+    reasons: List[Reason] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.modules)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ChangeGroup":
+        return cls(d["before"], d["after"], d["kind"], d["what"], list(d["modules"]),
+                   [Reason(**r) for r in d.get("reasons") or []])
+
+
+@dataclass
 class Verification:
     """The exported checkpoint, reloaded from disk and measured."""
 
@@ -201,6 +233,7 @@ class RunReport:
     recalibration: Optional[Recalibration] = None
     pareto: Dict[str, list] = field(default_factory=dict)
     final: Optional[Outcome] = None
+    changes: List[ChangeGroup] = field(default_factory=list)  # plan 0 -> the shipped plan (explain.changes)
     warnings: List[str] = field(default_factory=list)
     timings_s: Dict[str, float] = field(default_factory=dict)
     memory: Dict[str, Any] = field(default_factory=dict)
@@ -229,6 +262,8 @@ class RunReport:
             if getattr(self, key) is not None:
                 d[key] = asdict(getattr(self, key))
         d["final"] = self.final.to_dict() if self.final is not None else None
+        if self.changes:
+            d["changes"] = [asdict(g) for g in self.changes]
         d.update(timings_s=self.timings_s, memory=self.memory, eval_batch_size=self.eval_batch_size)
         return d
 
@@ -246,6 +281,7 @@ class RunReport:
             diagnosis=DiagnosisSummary(**d["diagnosis"]) if d.get("diagnosis") else None,
             recalibration=Recalibration(**d["recalibration"]) if d.get("recalibration") else None,
             pareto=d.get("pareto") or {}, final=Outcome.from_dict(d["final"]) if d.get("final") else None,
+            changes=[ChangeGroup.from_dict(g) for g in d.get("changes") or []],
             warnings=list(d.get("warnings") or []), timings_s=d.get("timings_s") or {}, memory=d.get("memory") or {},
             eval_batch_size=d.get("eval_batch_size"))
 
