@@ -19,7 +19,7 @@ import torch
 from quantfix import cache as cache_mod
 from quantfix import evaluate as ev
 from quantfix import export as exp
-from quantfix import verdict
+from quantfix import verdict, verify
 from quantfix.config import ThresholdsConfig
 from quantfix.errors import QuantfixError
 from tests.conftest import run_report as run
@@ -398,12 +398,12 @@ def test_resume_with_other_thresholds_measures_again(compose, tiny_dir, tmp_path
                                          "no space left on device while writing the checkpoint")],
                          ids=["interrupt", "bug", "error"])
 def test_failed_run_writes_report_with_the_stop_reason(compose, tiny_dir, tmp_path, monkeypatch, exc, reason):
-    from quantfix import steps
+    from quantfix.recipe import Recipe
 
     def export_fails(*a, **k):
         raise exc
 
-    monkeypatch.setattr(steps, "export_and_verify", export_fails)
+    monkeypatch.setattr(Recipe, "_export_and_verify", export_fails)
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{"loop.max_iters": 1, "loop.policy": "greedy",
                                                                    "thresholds.max_ppl_increase_pct": 1000}))
     with pytest.raises(type(exc)):
@@ -440,12 +440,12 @@ def _tamper_after_export(monkeypatch, edit):
     real = exp.export
 
     def export(*a, **k):
-        ckpt = real(*a, **k)
+        ckpt, warnings = real(*a, **k)
         f = ckpt / "model.safetensors"
         tensors = load_file(f)
         edit(tensors)
         save_file(tensors, f, metadata={"format": "pt"})
-        return ckpt
+        return ckpt, warnings
 
     monkeypatch.setattr(exp, "export", export)
 
@@ -484,7 +484,7 @@ def test_an_untampered_checkpoint_agrees_with_its_trial(compose, tiny_dir, tmp_p
 
 
 def test_load_problems_one_line_per_kind():
-    lines = exp.load_problems({"missing_keys": ["b.w", "a.w"], "unexpected_keys": [],
+    lines = verify.load_problems({"missing_keys": ["b.w", "a.w"], "unexpected_keys": [],
                                "mismatched_keys": [("c.w", (2, 2), (3, 3))], "error_msgs": []})
     assert lines == ["checkpoint weights missing from the checkpoint (initialized at random on reload): 2, e.g. a.w",
                      "checkpoint weights of the wrong shape (initialized at random on reload): 1, e.g. c.w"]
