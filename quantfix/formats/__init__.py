@@ -14,7 +14,6 @@ gguf dequantizes) read against their float parent.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -56,10 +55,9 @@ def detect(path: str) -> str:
     if not cfg.exists():
         raise QuantfixError(f"quantized checkpoint not found: {path} (no config.json, not a .gguf file); check "
                             "quantized.name_or_path")
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError as e:
-        raise QuantfixError(f"{cfg} is not valid JSON ({e.msg}): re-download the checkpoint") from e
+    from quantfix.formats.files import quantization_config
+
+    qc = quantization_config(p)
     method = str(qc.get("quant_method") or "").lower()
     if not method and (p / "quantize_config.json").exists():  # AutoGPTQ's own file, older checkpoints
         method = "gptq"

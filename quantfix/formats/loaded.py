@@ -4,7 +4,6 @@ from the quantization config (compressed-tensors: its stored scales and zero poi
 checkpoint quantfix wrote reads back as the exact grid)."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Dict
@@ -12,7 +11,7 @@ from typing import Dict
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.formats import External, check_group, grid_precision
+from quantfix.formats import External, check_group, files, grid_precision
 from quantfix.plan import Plan, Precision
 
 
@@ -53,20 +52,14 @@ def dense_weight(mod, shape, name: str, path: str) -> torch.Tensor:
 
 
 def _stored(root: Path, names) -> Dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(root.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                if k.endswith((".weight_scale", ".weight_zero_point")) and k.rsplit(".", 1)[0] in names:
-                    out[k] = st.get_tensor(k)
-    return out
+    return files.read_tensors(root, lambda k: k.endswith((".weight_scale", ".weight_zero_point")) and
+                              k.rsplit(".", 1)[0] in names)
 
 
 def _load(path: str, **kw):
     from transformers import AutoModelForCausalLM
 
+    files.safetensors_files(Path(path).expanduser())  # a damaged file is named before transformers reads it
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kw)
     except Exception as e:  # noqa: BLE001 - loaders raise many types; one line names it
@@ -76,7 +69,7 @@ def _load(path: str, **kw):
 
 def read(path: str, plan0: Plan, model_fp, fmt: str) -> External:
     root = Path(path).expanduser()
-    qc = json.loads((root / "config.json").read_text()).get("quantization_config") or {}
+    qc = files.quantization_config(root)
     mods = dict(model_fp.named_modules())
     schemes: Dict[str, Precision] = {}
     types: Dict[str, str] = {}

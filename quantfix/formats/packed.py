@@ -16,32 +16,22 @@ tests/test_formats.py:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.formats import External, check_group, grid_precision
+from quantfix.formats import External, check_group, files, grid_precision
 from quantfix.plan import Plan, Precision
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # the position of the k-th packed nibble of a block of 8 outputs
 
 
 def _tensors(path: Path, wanted_suffixes=(".qweight", ".qzeros", ".scales", ".g_idx")) -> Dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not sorted(path.glob("*.safetensors")):
         raise QuantfixError(f"{path}: no .safetensors files; quantfix reads GPTQ/AWQ checkpoints in safetensors")
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                if k.endswith(wanted_suffixes):
-                    out[k] = st.get_tensor(k)
-    return out
+    return files.read_tensors(path, lambda k: k.endswith(wanted_suffixes))
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -86,9 +76,9 @@ def awq_ints(qweight, qzeros, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def read(path: str, plan0: Plan, fmt: str) -> External:
     root = Path(path).expanduser()
-    qc = json.loads((root / "config.json").read_text()).get("quantization_config") or {}
+    qc = files.quantization_config(root)
     if fmt == "gptq" and (root / "quantize_config.json").exists() and not qc:
-        qc = json.loads((root / "quantize_config.json").read_text())
+        qc = files.read_json(root / "quantize_config.json")
     if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
         raise QuantfixError(f"{path}: AWQ version {qc.get('version')!r}; quantfix reads the GEMM layout (the default)")
     v1 = str(qc.get("checkpoint_format") or qc.get("meta", {}).get("checkpoint_format") or "gptq") != "gptq_v2"
@@ -101,7 +91,7 @@ def read(path: str, plan0: Plan, fmt: str) -> External:
             modules[name] = Precision(16)
             continue
         found += 1
-        qweight, qzeros, sc = t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"]
+        qweight, qzeros, sc = files.require(t, (f"{name}.qweight", f"{name}.qzeros", f"{name}.scales"), root)
         if sc.shape[-1] != out_f:
             raise QuantfixError(f"{path}: {name}.scales has shape {tuple(sc.shape)}, but the float model's module is "
                                 f"{out_f}x{in_f}: model.name_or_path must be this checkpoint's float parent")
