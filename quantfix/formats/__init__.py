@@ -36,6 +36,7 @@ class External:
     source_types: Dict[str, str] = field(default_factory=dict)  # module -> the format's own type (Q4_K, nf4...)
     gguf_names: Dict[str, str] = field(default_factory=dict)  # module -> GGUF tensor name (GGUF only)
     notes: list = field(default_factory=list)
+    parent_agreement: Optional[float] = None  # the lowest module's sign agreement with the float parent (parent.py)
 
     def summary(self) -> str:
         types = {}
@@ -75,7 +76,9 @@ def detect(path: str) -> str:
 
 def read(path: str, plan0: Plan, model_fp, gguf_parent_ok: bool = True) -> External:
     """The checkpoint at ``path`` as plan 0 plus its dequantized weights (module names and shapes
-    those of the float parent ``model_fp``, whose planned modules ``plan0`` lists)."""
+    those of the float parent ``model_fp``, whose planned modules ``plan0`` lists). Refused in one
+    line when a file is damaged (``files``) or a module's weight is not a quantization of the float
+    parent's (``parent``: a checkpoint of another model of the same shapes)."""
     fmt = detect(path)
     if fmt == "gguf":
         from quantfix.formats import gguf_io
@@ -95,6 +98,10 @@ def read(path: str, plan0: Plan, model_fp, gguf_parent_ok: bool = True) -> Exter
                                 f"{tuple(plan0.shapes[name])}: model.name_or_path must be this checkpoint's float parent")
         if not torch.isfinite(w).all():
             raise QuantfixError(f"{path}: the dequantized weight of {name} holds NaN/Inf: the checkpoint is damaged")
+    from quantfix.formats import parent
+
+    agree = parent.check(path, ext.weights, model_fp)
+    ext.parent_agreement = min(agree.values()) if agree else None
     return ext
 
 
