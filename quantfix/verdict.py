@@ -79,3 +79,34 @@ def kld_target(t: ThresholdsConfig, base_ppl: float, nll_per_kld: float) -> floa
     if t.max_ppl_increase_abs is not None:
         targets.append(math.log1p(t.max_ppl_increase_abs / base_ppl) / nll_per_kld)
     return min(targets) if targets else float("inf")
+
+
+# different_model: how far a checkpoint's metrics may fall behind plain RTN at its own widths on
+# the same windows before they say it is another model's (measured: see different_model)
+OTHER_MODEL_KLD_X = 4.0
+OTHER_MODEL_TOP1_X = 2.0
+
+
+def different_model(m: Metrics, rtn: Metrics) -> Optional[str]:
+    """One line when an existing checkpoint's metrics ``m`` say it is not a quantization of this
+    model: its KLD more than OTHER_MODEL_KLD_X times that of plain RTN at the checkpoint's own
+    widths (``rtn``, measured on the same windows) and its top-1 agreement below RTN's divided by
+    OTHER_MODEL_TOP1_X. None otherwise, also when either is not finite (``nonfinite`` says that).
+
+    Measured (KLD / top-1; the checkpoint's divided by RTN's):
+    - tiny Llama (hidden 64, 16 x 64 pydoc tokens), A's own GPTQ (pydoc or random-token
+      calibration), mse, AWQ, NF4, Q4_0 and a Q2_K-like grid at W2g32 ... W8: KLD 0.74-1.23x,
+      top-1 0.64-1.3x; model B's RTN at the same widths: KLD 1.7x (2-bit) / 6.4x (3-bit) / 22x+
+      (4-bit) / 3900x (8-bit), top-1 0.02-0.14x.
+    A calibrated checkpoint is about as good as RTN or better; one 4x worse in KLD that has also
+    lost half of RTN's top-1 agreement is not a quantization of this model. At widths where RTN
+    itself destroys the model (2 bits: KLD within 2x of another model's) the metrics cannot tell,
+    and the weight check (``formats.parent``) is what refuses another model's checkpoint."""
+    if nonfinite(m) or nonfinite(rtn):
+        return None
+    if m.kld_mean > OTHER_MODEL_KLD_X * rtn.kld_mean and m.top1 < rtn.top1 / OTHER_MODEL_TOP1_X:
+        ratio = m.kld_mean / max(rtn.kld_mean, 1e-12)
+        return (f"not a quantization of this model: KLD {m.kld_mean:.4f} is {ratio:.1f}x "
+                f"plain RTN's at its widths ({rtn.kld_mean:.4f}) and top-1 {m.top1:.3f} against RTN's {rtn.top1:.3f}: "
+                "model.name_or_path must be the float model this checkpoint was quantized from")
+    return None

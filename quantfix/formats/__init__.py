@@ -87,7 +87,7 @@ def read(path: str, plan0: Plan, model_fp, gguf_parent_ok: bool = True) -> Exter
     elif fmt in ("gptq", "awq"):
         from quantfix.formats import packed
 
-        ext = packed.read(path, plan0, fmt)
+        ext = packed.read(path, plan0, fmt, model_fp)
     else:
         from quantfix.formats import loaded
 

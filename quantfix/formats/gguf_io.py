@@ -104,7 +104,8 @@ def read(path: str, plan0: Plan, model_fp) -> External:
         try:
             arr = dequantize(t.data, t.tensor_type)
         except Exception as e:  # noqa: BLE001 - a tensor whose bytes do not match its type and shape
-            raise files.damaged(Path(path).expanduser(), e, f"holds tensor {t.name}, which cannot be dequantized") from e
+            raise files.damaged(Path(path).expanduser(), e,
+                                f"holds tensor {t.name}, which cannot be dequantized") from e
         arr = processor.process(weights=arr, name=t.name, tensor_key_mapping=mapping, parsed_parameters={}).weights
         W = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         if tuple(W.shape) != tuple(plan0.shapes[hf]):

@@ -22,7 +22,7 @@ from typing import Dict, Tuple
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.formats import External, check_group, files, grid_precision
+from quantfix.formats import External, check_group, files, grid_precision, parent
 from quantfix.plan import Plan, Precision
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # the position of the k-th packed nibble of a block of 8 outputs
@@ -74,7 +74,7 @@ def awq_ints(qweight, qzeros, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return unpack(qweight), unpack(qzeros)
 
 
-def read(path: str, plan0: Plan, fmt: str) -> External:
+def read(path: str, plan0: Plan, fmt: str, model_fp=None) -> External:
     root = Path(path).expanduser()
     qc = files.quantization_config(root)
     if fmt == "gptq" and (root / "quantize_config.json").exists() and not qc:
@@ -124,5 +124,6 @@ def read(path: str, plan0: Plan, fmt: str) -> External:
     if not found:
         raise QuantfixError(f"{path}: no packed module (.qweight) matches the float model's planned modules (e.g. "
                             f"{next(iter(plan0.modules))}): model.name_or_path must be this checkpoint's float parent")
+    smoothed = parent.smoothing_note(files.read_tensors(root, lambda k: k.endswith(("norm.weight", ".bias"))), model_fp)
     plan = plan0.with_changes(modules, note=f"existing {fmt} checkpoint {path}")
-    return External(plan, weights, qps, fmt, types, notes=notes)
+    return External(plan, weights, qps, fmt, types, notes=notes + ([smoothed] if smoothed else []))

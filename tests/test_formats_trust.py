@@ -1,0 +1,296 @@
+"""Trust, round 2: an existing checkpoint must be a quantization of its float parent (a checkpoint
+of another model of the same shapes is refused in one line), every read of a checkpoint file is
+guarded (a damaged file is one line naming it and the fix), and a run's metrics can say when a
+checkpoint is not a quantization of the model (``verdict.different_model``). Tiny models only."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantfix import formats, verdict
+from quantfix.config import QuantConfig
+from quantfix.errors import QuantfixError
+from quantfix.formats import parent
+from quantfix.planner import initial_plan
+from quantfix.quantize import fake, scales
+from tests.conftest import ROOT, save_model_dir, tiny_llama, tiny_overrides
+from tests.test_formats import GGUF_TYPES, write_tiny_gguf
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def _plan0(model):
+    plan, _ = initial_plan(model, QuantConfig(group_size=32), {})
+    return plan
+
+
+def _gptq_checkpoint(model, tokenizer, path: Path, bits: int = 4, group: int = 32, shards: int = 1) -> Path:
+    """A GPTQ-format checkpoint of ``model`` (round-to-nearest on the GPTQ grid), packed by AutoRound's
+    own QuantLinear (v1 zero points, as AutoGPTQ writes them); ``shards`` > 1 splits the tensors
+    over that many files with an index, as the hub stores large models."""
+    qlin = pytest.importorskip("auto_round_extension.torch.qlinear_torch_zp")
+    from safetensors.torch import save_file
+
+    save_model_dir(model, tokenizer, path)
+    (path / "model.safetensors").unlink()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name in _plan0(model).modules:
+        W = sd.pop(f"{name}.weight").float()
+        out_f, in_f = W.shape
+        s, z = fake.qparams(W, bits, group, True)
+        s = s.half().float()
+        lin = torch.nn.Linear(in_f, out_f, bias=False)
+        lin.weight.data = scales.quantize_with(W, s, z, bits, group)
+        ql = qlin.QuantLinear(bits, group, in_f, out_f, bias=False, g_idx=True)
+        ql.pack(lin, s, (z + 2 ** (bits - 1)).round().to(torch.int32))
+        for k in ("qweight", "qzeros", "scales", "g_idx"):
+            sd[f"{name}.{k}"] = getattr(ql, k).contiguous()
+    keys = sorted(sd)
+    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)] if shards > 1 else \
+        ["model.safetensors"]
+    weight_map = {k: files[i * shards // len(keys)] for i, k in enumerate(keys)}
+    for f in files:
+        save_file({k: sd[k] for k in keys if weight_map[k] == f}, str(path / f), metadata={"format": "pt"})
+    if shards > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": True,
+                                  "desc_act": False, "checkpoint_format": "gptq"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _refused(path, model) -> str:
+    with pytest.raises(QuantfixError) as info:
+        formats.read(str(path), _plan0(model), model)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+# --- 1. a checkpoint of another model of the same shapes is refused ---------------------------------
+
+def test_gptq_checkpoint_of_another_model_is_refused(tmp_path, tokenizer):
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)  # the same config, other weights
+    own = _gptq_checkpoint(a, tokenizer, tmp_path / "a")
+    ext = formats.read(str(own), _plan0(a), a)
+    assert ext.format == "gptq" and ext.parent_agreement == 1.0  # RTN with zero on the grid flips no sign
+    msg = _refused(_gptq_checkpoint(b, tokenizer, tmp_path / "b"), a)
+    assert msg.startswith(f"{tmp_path / 'b'} is not a quantization of the float model: {Q_PROJ} keeps")
+    assert "14 of 14 modules below" in msg
+    assert msg.endswith("model.name_or_path must be the float model this checkpoint was quantized from")
+
+
+def test_gguf_of_another_model_is_refused(tmp_path):
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)
+    types = dict(GGUF_TYPES, down_proj="Q4_1")  # Q4_1 / Q5_1: a float minimum, small weights may flip sign
+    ext = formats.read(str(write_tiny_gguf(a, tmp_path / "a.gguf", types)), _plan0(a), a)
+    assert ext.parent_agreement > 0.99
+    msg = _refused(write_tiny_gguf(b, tmp_path / "b.gguf", types), a)
+    assert "is not a quantization of the float model" in msg and "model.name_or_path must be" in msg
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_dir):
+    """quantfix's own compressed-tensors export of the tiny model: GPTQ 2-bit per channel, the
+    harshest width an honest checkpoint comes in (the weight check must still accept it)."""
+    from tests.conftest import CONF
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from quantfix.config import register
+    from quantfix.loop import run
+
+    tmp = tmp_path_factory.mktemp("export")
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=tiny_overrides(tiny_dir, tmp / "cache", **{
+            "quant": "gptq", "quant.bits": 2, "quant.group_size": 0, "loop.max_iters": 1,
+            "thresholds.max_ppl_increase_pct": 1e9}))
+    GlobalHydra.instance().clear()
+    run(cfg, tmp / "run")
+    return tmp / "run" / "checkpoint"
+
+
+def test_exported_checkpoint_read_against_a_reinitialized_parent_is_refused(exported, tiny_dir):
+    """The demo's case in miniature: a checkpoint quantfix exported from model A, given with a
+    freshly initialized model of A's config as its parent."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    ext = formats.read(str(exported), _plan0(a), a)
+    assert ext.format == "compressed-tensors" and ext.parent_agreement > 0.9  # 2-bit GPTQ: measured 0.988
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tiny_dir)))
+    msg = _refused(exported, fresh)
+    assert "is not a quantization of the float model" in msg and "14 of 14 modules below" in msg
+
+
+def test_agreement_is_blind_to_awq_smoothing_and_separates_another_weight():
+    """AWQ checkpoints store Q(W diag(s)): far from W by relative error, yet every kept sign is W's."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.distributions.StudentT(3.0).sample((256, 512)) * 0.02  # heavy-tailed like trained weights
+    s = torch.exp(1.5 * torch.randn(512, generator=g))  # activation-derived scales spanning ~100x
+    stored = fake.rtn(W * s, 4, 32, False)
+    assert (stored - W).norm() / W.norm() > 1  # relative error cannot tell this from another model
+    assert parent.agreement(stored, W) == 1.0
+    x = torch.randn(2048, 512, generator=g)
+    H = x.T @ x
+    assert parent.agreement(fake.gptq(W, H, 2, 0, True), W) > 0.85  # GPTQ's feedback flips small weights only
+    other = fake.rtn(torch.distributions.StudentT(3.0).sample((256, 512)) * 0.02, 4, 32, False)
+    assert abs(parent.agreement(other, W)) < 0.05
+    assert parent.agreement(torch.zeros_like(W), W) is None  # nothing kept: no evidence either way
+
+
+# --- 2. every read of a checkpoint file is guarded --------------------------------------------------
+
+def _cut(f: Path, frac: float = 0.5) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: int(len(data) * frac)])
+
+
+def test_gptq_safetensors_cut_in_half_is_one_line_naming_the_file(tmp_path, tokenizer):
+    a = tiny_llama()
+    path = _gptq_checkpoint(a, tokenizer, tmp_path / "a")
+    _cut(path / "model.safetensors")
+    msg = _refused(path, a)  # before: SafetensorError from packed.py, rc 3 "internal error"
+    assert msg.startswith(f"{path / 'model.safetensors'} is damaged or incomplete (SafetensorError")
+    assert msg.endswith("re-download the checkpoint")
+
+
+def test_sharded_checkpoint_missing_a_shard_is_refused(tmp_path, tokenizer):
+    """A shard the index names but the folder lacks: before, its modules were silently read as float."""
+    a = tiny_llama()
+    path = _gptq_checkpoint(a, tokenizer, tmp_path / "a", shards=2)
+    assert len(formats.read(str(path), _plan0(a), a).weights) == 14
+    (path / "model-00002-of-00002.safetensors").unlink()
+    msg = _refused(path, a)
+    assert "model.safetensors.index.json names 1 shard(s) the folder lacks" in msg
+    assert "model-00002-of-00002.safetensors" in msg and msg.endswith("re-download the checkpoint")
+
+
+@pytest.mark.parametrize("damage", ["cut", "header"])
+def test_corrupt_gguf_is_one_line_naming_the_file_and_the_fix(tmp_path, damage):
+    a = tiny_llama()
+    path = write_tiny_gguf(a, tmp_path / "a.gguf", GGUF_TYPES)
+    if damage == "cut":
+        _cut(path)
+    else:
+        data = bytearray(path.read_bytes())
+        data[4:64] = b"\xff" * 60  # version and counts
+        path.write_bytes(bytes(data))
+    msg = _refused(path, a)
+    assert msg.startswith(f"{path} is not a readable GGUF file (damaged or incomplete) (ValueError")
+    assert msg.endswith("re-download the checkpoint")
+
+
+@pytest.mark.parametrize("file,content,says", [
+    ("config.json", b"\xff\xfe garbage", "cannot be read (UnicodeDecodeError"),
+    ("config.json", b"[1, 2]", "holds a JSON list, not an object"),
+    ("config.json", b'{"quantization_config": "gptq"}', "quantization_config is a str, not an object"),
+    ("quantize_config.json", b"{oops", "is not valid JSON"),
+], ids=["binary", "list", "qc-string", "quantize_config"])
+def test_broken_json_is_one_line_naming_the_file(tmp_path, tokenizer, file, content, says):
+    a = tiny_llama()
+    path = _gptq_checkpoint(a, tokenizer, tmp_path / "a")
+    if file == "quantize_config.json":  # older AutoGPTQ checkpoints: the scheme in its own file
+        cfg = json.loads((path / "config.json").read_text())
+        del cfg["quantization_config"]
+        (path / "config.json").write_text(json.dumps(cfg))
+    (path / file).write_bytes(content)
+    msg = _refused(path, a)
+    assert msg.startswith(f"{path / file}") and says in msg and msg.endswith("re-download the checkpoint")
+
+
+def test_bitsandbytes_checkpoint_with_a_truncated_shard_names_the_shard(tmp_path, tiny_dir):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = AutoModelForCausalLM.from_pretrained(str(tiny_dir), device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    q.save_pretrained(tmp_path / "nf4", max_shard_size="100KB")
+    shards = sorted((tmp_path / "nf4").glob("*.safetensors"))
+    assert len(shards) > 1
+    _cut(shards[1], 0.6)
+    a = tiny_llama()
+    msg = _refused(tmp_path / "nf4", a)  # before: "could not load the quantized checkpoint <dir> (...)"
+    assert msg.startswith(f"{shards[1]} is damaged or incomplete") and msg.endswith("re-download the checkpoint")
+
+
+# --- 3. the metrics of a checkpoint of another model ------------------------------------------------
+
+def _metrics(model, windows, ref, weights):
+    from quantfix import evaluate as ev
+
+    mods = dict(model.named_modules())
+    saved = {n: mods[n].weight.detach().clone() for n in weights}
+    with torch.no_grad():
+        for n, w in weights.items():
+            mods[n].weight.copy_(w)
+        m = ev.evaluate(model, windows, ref, 4, progress=False)
+        for n, w in saved.items():
+            mods[n].weight.copy_(w)
+    return m
+
+
+def test_different_model_on_measured_metrics(tokenizer):
+    """Measured here on the tiny models: plain RTN of A, A's GPTQ (its own calibration and random
+    tokens) and B's RTN, every one at the same widths and on the same windows."""
+    from quantfix import data as data_mod
+    from quantfix import evaluate as ev
+    from quantfix.quantize import calib
+    from tests.conftest import SHARED_DATA
+
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)
+    windows = data_mod.eval_windows("pydoc", str(SHARED_DATA), tokenizer, 8, 64)
+    ref = ev.reference(a, windows, 4, 8, 256, progress=False)
+    names = list(_plan0(a).modules)
+    wa = {n: a.get_submodule(n).weight.detach() for n in names}
+    wb = {n: b.get_submodule(n).weight.detach() for n in names}
+    x = torch.randint(2, 384, (8, 64), generator=torch.Generator().manual_seed(1))  # random-token calibration
+    stats = calib.collect(a, x, names, 4, progress=False)
+    for bits in (2, 3, 4):
+        rtn = _metrics(a, windows, ref, {n: fake.rtn(w, bits, 32, True) for n, w in wa.items()})
+        gptq = _metrics(a, windows, ref, {n: fake.gptq(w, stats.of(n).full(), bits, 32, True) for n, w in wa.items()})
+        other = _metrics(a, windows, ref, {n: fake.rtn(w, bits, 32, True) for n, w in wb.items()})
+        assert verdict.different_model(rtn, rtn) is None
+        assert verdict.different_model(gptq, rtn) is None, (bits, gptq, rtn)
+        why = verdict.different_model(other, rtn)
+        if bits == 2:  # RTN itself is halfway to another model (KLD 0.22 vs 0.38): the metrics cannot tell
+            assert other.kld_mean < verdict.OTHER_MODEL_KLD_X * rtn.kld_mean
+            continue
+        assert why is not None and why.startswith("not a quantization of this model:"), (bits, other, rtn)
+        assert "\n" not in why and why.endswith("the float model this checkpoint was quantized from")
+
+
+@pytest.mark.parametrize("kld,top1,rtn_kld,rtn_top1,flagged", [
+    # SmolLM2-135M on 8 x 256 pydoc tokens (numbers measured, see verdict.different_model)
+    (0.0, 0.0, 0.0, 0.0, False),
+])
+def test_different_model_on_smollm2_numbers(kld, top1, rtn_kld, rtn_top1, flagged):
+    from quantfix.evaluate import Metrics
+
+    def m(k, t):
+        return Metrics(ppl=20.0, nll=3.0, kld_mean=k, kld_p99=k, kld_max=k, top1=t, n_tokens=2048)
+
+    assert (verdict.different_model(m(kld, top1), m(rtn_kld, rtn_top1)) is not None) == flagged
+
+
+# --- 4. the CLI: one line, exit code 2 ---------------------------------------------------------------
+
+def test_cli_refuses_a_checkpoint_of_another_model(tmp_path, tiny_dir, tokenizer):
+    ckpt = _gptq_checkpoint(tiny_llama(seed=1), tokenizer, tmp_path / "b")
+    args = tiny_overrides(tiny_dir, tmp_path / "cache", **{"quantized.name_or_path": str(ckpt),
+                                                           "hydra.run.dir": str(tmp_path / "run")})
+    r = subprocess.run([sys.executable, "-m", "quantfix", *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2, r.stderr[-2000:]
+    errs = [ln for ln in r.stderr.splitlines() if ln.startswith("quantfix: error:")]
+    assert len(errs) == 1 and f"{ckpt} is not a quantization of the float model" in errs[0], r.stderr[-2000:]
