@@ -16,7 +16,6 @@ import torch
 from quantfix import formats, verdict
 from quantfix.config import QuantConfig
 from quantfix.errors import QuantfixError
-from quantfix.formats import parent
 from quantfix.planner import initial_plan
 from quantfix.quantize import fake, scales
 from tests.conftest import ROOT, save_model_dir, tiny_llama, tiny_overrides
@@ -78,22 +77,21 @@ def _refused(path, model) -> str:
 
 def test_gptq_checkpoint_of_another_model_is_refused(tmp_path, tokenizer):
     a, b = tiny_llama(seed=0), tiny_llama(seed=1)  # the same config, other weights
-    own = _gptq_checkpoint(a, tokenizer, tmp_path / "a")
-    ext = formats.read(str(own), _plan0(a), a)
-    assert ext.format == "gptq" and ext.parent_agreement == 1.0  # RTN with zero on the grid flips no sign
-    msg = _refused(_gptq_checkpoint(b, tokenizer, tmp_path / "b"), a)
+    msg = _refused(_gptq_checkpoint(b, tokenizer, tmp_path / "b"), a)  # before: read, then PASSED at top-1 0.000
     assert msg.startswith(f"{tmp_path / 'b'} is not a quantization of the float model: {Q_PROJ} keeps")
     assert "14 of 14 modules below" in msg
     assert msg.endswith("model.name_or_path must be the float model this checkpoint was quantized from")
+    ext = formats.read(str(_gptq_checkpoint(a, tokenizer, tmp_path / "a")), _plan0(a), a)
+    assert ext.format == "gptq" and ext.parent_agreement == 1.0  # RTN with zero on the grid flips no sign
 
 
 def test_gguf_of_another_model_is_refused(tmp_path):
     a, b = tiny_llama(seed=0), tiny_llama(seed=1)
     types = dict(GGUF_TYPES, down_proj="Q4_1")  # Q4_1 / Q5_1: a float minimum, small weights may flip sign
-    ext = formats.read(str(write_tiny_gguf(a, tmp_path / "a.gguf", types)), _plan0(a), a)
-    assert ext.parent_agreement > 0.99
     msg = _refused(write_tiny_gguf(b, tmp_path / "b.gguf", types), a)
     assert "is not a quantization of the float model" in msg and "model.name_or_path must be" in msg
+    ext = formats.read(str(write_tiny_gguf(a, tmp_path / "a.gguf", types)), _plan0(a), a)
+    assert ext.parent_agreement > 0.99
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +122,40 @@ def test_exported_checkpoint_read_against_a_reinitialized_parent_is_refused(expo
     freshly initialized model of A's config as its parent."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    a = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    ext = formats.read(str(exported), _plan0(a), a)
-    assert ext.format == "compressed-tensors" and ext.parent_agreement > 0.9  # 2-bit GPTQ: measured 0.988
     torch.manual_seed(0)
     fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tiny_dir)))
     msg = _refused(exported, fresh)
     assert "is not a quantization of the float model" in msg and "14 of 14 modules below" in msg
+    a = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    ext = formats.read(str(exported), _plan0(a), a)
+    assert ext.format == "compressed-tensors" and ext.parent_agreement > 0.9  # 2-bit GPTQ: measured 0.988
+    assert not ext.notes  # GPTQ folds nothing into the norms
+
+
+def test_checkpoint_with_smoothing_folded_into_its_norms_is_noted(exported, tiny_dir, tmp_path):
+    """AWQ / SmoothQuant divide a norm by the scales its linears were multiplied by: the weights
+    still pass the check (same signs), and the read says its metrics pair them with the parent's norms."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tmp_path / "smoothed"
+    shutil.copytree(exported, ckpt)
+    f = next(ckpt.glob("*.safetensors"))
+    t = load_file(str(f))
+    t["model.layers.1.input_layernorm.weight"] = t["model.layers.1.input_layernorm.weight"] / 1.2
+    save_file(t, str(f), metadata={"format": "pt"})
+    a = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    ext = formats.read(str(ckpt), _plan0(a), a)
+    assert ext.notes and ext.notes[0].startswith("1 norm/bias tensors of the checkpoint differ from the float "
+                                                 "parent's (e.g. model.layers.1.input_layernorm.weight)")
 
 
 def test_agreement_is_blind_to_awq_smoothing_and_separates_another_weight():
     """AWQ checkpoints store Q(W diag(s)): far from W by relative error, yet every kept sign is W's."""
+    from quantfix.formats import parent
+
     g = torch.Generator().manual_seed(0)
     W = torch.distributions.StudentT(3.0).sample((256, 512)) * 0.02  # heavy-tailed like trained weights
     s = torch.exp(1.5 * torch.randn(512, generator=g))  # activation-derived scales spanning ~100x
@@ -146,7 +167,8 @@ def test_agreement_is_blind_to_awq_smoothing_and_separates_another_weight():
     assert parent.agreement(fake.gptq(W, H, 2, 0, True), W) > 0.85  # GPTQ's feedback flips small weights only
     other = fake.rtn(torch.distributions.StudentT(3.0).sample((256, 512)) * 0.02, 4, 32, False)
     assert abs(parent.agreement(other, W)) < 0.05
-    assert parent.agreement(torch.zeros_like(W), W) is None  # nothing kept: no evidence either way
+    assert parent.agreement(torch.zeros_like(W), W) == 0.0  # a weight zeroed whole is no quantization of W
+    assert parent.agreement(W, torch.zeros_like(W)) is None  # a zero float weight: no evidence either way
 
 
 # --- 2. every read of a checkpoint file is guarded --------------------------------------------------
@@ -207,6 +229,31 @@ def test_broken_json_is_one_line_naming_the_file(tmp_path, tokenizer, file, cont
     (path / file).write_bytes(content)
     msg = _refused(path, a)
     assert msg.startswith(f"{path / file}") and says in msg and msg.endswith("re-download the checkpoint")
+
+
+@pytest.mark.parametrize("damage", ["missing", "shape"])
+def test_compressed_tensors_with_a_lost_or_misshapen_tensor_is_one_line(exported, tiny_dir, tmp_path, damage):
+    """Valid files, wrong content: a packed weight the file lacks (before: transformers initialized it
+    at random, and the read went on) or a stored shape that does not fit (before: RuntimeError)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tmp_path / damage
+    shutil.copytree(exported, ckpt)
+    f = next(ckpt.glob("*.safetensors"))
+    t = load_file(str(f))
+    if damage == "missing":
+        del t[f"{Q_PROJ}.weight_packed"]
+    else:
+        t[f"{Q_PROJ}.weight_shape"] = torch.tensor([7, 9])
+    save_file(t, str(f), metadata={"format": "pt"})
+    a = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    msg = _refused(ckpt, a)
+    assert msg.endswith("re-download the checkpoint")
+    assert (f"{Q_PROJ}.weight_packed" in msg) if damage == "missing" else msg.startswith(
+        f"the packed weights of {ckpt} do not decompress (RuntimeError")
 
 
 def test_bitsandbytes_checkpoint_with_a_truncated_shard_names_the_shard(tmp_path, tiny_dir):

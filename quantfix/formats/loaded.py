@@ -56,15 +56,33 @@ def _stored(root: Path, names) -> Dict[str, torch.Tensor]:
                               k.rsplit(".", 1)[0] in names)
 
 
-def _load(path: str, **kw):
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+
+
+def _load(path: str, decompress: bool = False, **kw):
+    """The checkpoint loaded by transformers; a damaged file, a tensor its files lack (transformers
+    would initialize it at random) or packed weights that do not decompress: one line."""
     from transformers import AutoModelForCausalLM
 
     files.safetensors_files(Path(path).expanduser())  # a damaged file is named before transformers reads it
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kw)
     except Exception as e:  # noqa: BLE001 - loaders raise many types; one line names it
-        raise QuantfixError(f"could not load the quantized checkpoint {path} ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from e
+        raise QuantfixError(f"could not load the quantized checkpoint {path} ({_first_line(e)})") from e
+    lost = list(info.get("missing_keys") or []) + [k[0] if isinstance(k, tuple) else k
+                                                    for k in info.get("mismatched_keys") or []]
+    if lost:
+        raise QuantfixError(f"{path}: {len(lost)} tensors are missing from its files or of the wrong shape (e.g. "
+                            f"{sorted(lost)[0]}): the checkpoint is incomplete; {files.REDOWNLOAD}")
+    if decompress:  # compressed-tensors decompresses packed weights on the first forward
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.zeros(1, 1, dtype=torch.long))
+        except Exception as e:  # noqa: BLE001 - packed tensors whose stored shapes or values do not fit
+            raise QuantfixError(f"the packed weights of {path} do not decompress ({_first_line(e)}): the checkpoint "
+                                f"is damaged; {files.REDOWNLOAD}") from e
+    return model
 
 
 def _ct_schemes(qc: dict, plan0: Plan, mods: dict, path: str) -> Dict[str, Precision]:
@@ -111,9 +129,7 @@ def read(path: str, plan0: Plan, model_fp, fmt: str) -> External:
     if fmt == "compressed-tensors":
         schemes = _ct_schemes(qc, plan0, dict(model_fp.named_modules()), path)
         types = {n: f"compressed-tensors {p.label}" for n, p in schemes.items() if not p.is_float}
-        qmodel = _load(path, dtype=torch.float32)
-        with torch.no_grad():  # compressed-tensors decompresses packed weights on the first forward
-            qmodel(input_ids=torch.zeros(1, 1, dtype=torch.long))
+        qmodel = _load(path, decompress=True, dtype=torch.float32)
     else:  # bitsandbytes
         qmodel = _load(path, dtype=torch.float32, device_map="cpu")
         schemes, kind = _bnb_schemes(qc, plan0, qmodel)

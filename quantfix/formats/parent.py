@@ -46,11 +46,15 @@ MAX_ROWS = 256
 
 
 def agreement(Q: torch.Tensor, W: torch.Tensor) -> Optional[float]:
-    """|W|-weighted sign agreement of Q with W over the values Q keeps (None: no such value)."""
+    """|W|-weighted sign agreement of Q with W over the values Q keeps; 0 when Q keeps none of a
+    nonzero W (min/max scales put the largest weight of every group on a nonzero level: no
+    quantizer zeroes a whole weight); None when W is all zero (no evidence)."""
     W = W.float()
     sq = torch.sign(Q).float()
     total = float((W.abs() * sq.abs()).sum())
-    return float((sq * W).sum()) / total if total > 0 else None  # |W| sign(W) = W
+    if total > 0:
+        return float((sq * W).sum()) / total  # |W| sign(W) = W
+    return 0.0 if bool((W != 0).any()) else None
 
 
 def _rows(n: int) -> torch.Tensor:
@@ -85,7 +89,8 @@ def check(path: str, weights: Dict[str, torch.Tensor], model_fp) -> Dict[str, fl
             f"{path} is not a quantization of the float model: {name} keeps the float weight's signs at {v:.3f} "
             f"(|W|-weighted; a 2-8 bit quantization of it gives 0.9-1, another model's weight ~0; limit {LIMIT}; "
             f"{len(bad)} of {len(a)} modules below): model.name_or_path must be the float model this checkpoint "
-            "was quantized from")
+            "was quantized from" + ("" if len(bad) == len(a) else " (if it is: some modules only, the checkpoint is "
+                                    "damaged; re-download it)"))
     return a
 
 
