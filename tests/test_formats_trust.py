@@ -198,6 +198,27 @@ def test_sharded_checkpoint_missing_a_shard_is_refused(tmp_path, tokenizer):
     assert "model-00002-of-00002.safetensors" in msg and msg.endswith("re-download the checkpoint")
 
 
+@pytest.mark.parametrize("damage", ["no-qzeros", "qzeros-rows", "g_idx-range"])
+def test_gptq_tensors_missing_or_not_fitting_are_one_line(tmp_path, tokenizer, damage):
+    """Valid files, wrong content: before, a KeyError or an IndexError deep in the unpacking (rc 3)."""
+    from safetensors.torch import load_file, save_file
+
+    a = tiny_llama()
+    path = _gptq_checkpoint(a, tokenizer, tmp_path / "a")
+    t = load_file(str(path / "model.safetensors"))
+    if damage == "no-qzeros":
+        del t[f"{Q_PROJ}.qzeros"]
+    elif damage == "qzeros-rows":
+        t[f"{Q_PROJ}.qzeros"] = t[f"{Q_PROJ}.qzeros"][:1].contiguous()
+    else:
+        t[f"{Q_PROJ}.g_idx"] = t[f"{Q_PROJ}.g_idx"] + 5
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    msg = _refused(path, a)
+    assert msg.startswith(f"{path}: ") and msg.endswith("re-download the checkpoint")
+    assert (f"tensor {Q_PROJ}.qzeros is missing" in msg) if damage == "no-qzeros" else \
+        (f"the packed tensors of {Q_PROJ} do not fit one 64x64 module" in msg)
+
+
 @pytest.mark.parametrize("damage", ["cut", "header"])
 def test_corrupt_gguf_is_one_line_naming_the_file_and_the_fix(tmp_path, damage):
     a = tiny_llama()

@@ -74,6 +74,19 @@ def awq_ints(qweight, qzeros, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return unpack(qweight), unpack(qzeros)
 
 
+def _check_layout(name: str, q, z, sc, g_idx, shape: Tuple[int, int], path: str) -> None:
+    """Unpacked integers, zero points, scales and group indices that fit one [out, in] module."""
+    out_f, in_f = shape
+    n_groups = sc.shape[0]
+    fits = tuple(q.shape) == (in_f, out_f) and z.shape[0] == n_groups and z.shape[1] >= out_f and \
+        (g_idx is None or (g_idx.numel() == in_f and 0 <= int(g_idx.min()) and int(g_idx.max()) < n_groups))
+    if not fits:
+        raise QuantfixError(f"{path}: the packed tensors of {name} do not fit one {out_f}x{in_f} module (integers "
+                            f"{tuple(q.shape)}, zero points {tuple(z.shape)}, scales {tuple(sc.shape)}"
+                            f"{'' if g_idx is None else f', g_idx {tuple(g_idx.shape)}'}): the checkpoint is damaged; "
+                            f"{files.REDOWNLOAD}")
+
+
 def read(path: str, plan0: Plan, fmt: str, model_fp=None) -> External:
     root = Path(path).expanduser()
     qc = files.quantization_config(root)
@@ -81,7 +94,8 @@ def read(path: str, plan0: Plan, fmt: str, model_fp=None) -> External:
         qc = files.read_json(root / "quantize_config.json")
     if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
         raise QuantfixError(f"{path}: AWQ version {qc.get('version')!r}; quantfix reads the GEMM layout (the default)")
-    v1 = str(qc.get("checkpoint_format") or qc.get("meta", {}).get("checkpoint_format") or "gptq") != "gptq_v2"
+    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+    v1 = str(qc.get("checkpoint_format") or meta.get("checkpoint_format") or "gptq") != "gptq_v2"
     t = _tensors(root)
     modules, weights, qps, types, notes = {}, {}, {}, {}, []
     found = 0
@@ -105,9 +119,10 @@ def read(path: str, plan0: Plan, fmt: str, model_fp=None) -> External:
         else:
             bits = int(qc.get("bits") or qc.get("w_bit") or 4)
             q, z = awq_ints(qweight, qzeros, bits)
+        g_idx = t.get(f"{name}.g_idx")
+        _check_layout(name, q, z, sc, g_idx, (out_f, in_f), path)
         z = z[:, :out_f]
         group = in_f // n_groups if n_groups > 1 else 0
-        g_idx = t.get(f"{name}.g_idx")
         trivial = torch.arange(in_f) // (group or in_f)
         act_order = g_idx is not None and not torch.equal(g_idx.long(), trivial)
         gi = g_idx.long() if act_order else trivial
