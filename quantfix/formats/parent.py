@@ -96,7 +96,7 @@ def check(path: str, weights: Dict[str, torch.Tensor], model_fp) -> Dict[str, fl
 
 def smoothing_note(stored: Dict[str, torch.Tensor], model_fp, tol: float = 0.01) -> Optional[str]:
     """A note when the checkpoint's own 1-D tensors (norm weights, biases) differ from the float
-    parent's by more than ``tol`` of their largest value (a 16-bit copy differs by <= 0.001): AWQ or
+    parent's by more than ``tol`` of their largest value (a bfloat16 copy differs by <= 0.004): AWQ or
     SmoothQuant folded their scales into them, so the stored linear weights belong with those
     tensors, while quantfix measures them with the parent's (an llm-compressor AWQ checkpoint of the
     tiny Llama measured KLD 0.0170 so against 0.0136 loaded whole)."""
