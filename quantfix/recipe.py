@@ -261,7 +261,7 @@ class Recipe:
 
     def _diagnose_only(self) -> None:
         plan0 = self._setup_trials()
-        rec = self.trials(plan0)
+        rec = self._plan0_trial(plan0)
         if verdict.nonfinite(rec.metrics):  # the diagnosis compares finite outputs: nothing to measure
             self._warn("plan 0 gives non-finite values: not diagnosed (its failed list names where they start)")
         else:
@@ -272,7 +272,7 @@ class Recipe:
         cfg = self.cfg
         budget = cfg.plan.budget.avg_bits
         plan0 = self._setup_trials()
-        rec = self.trials(plan0)
+        rec = self._plan0_trial(plan0)
         if not rec.failed and budget is None and self._reround_kept(plan0):
             rec = self.trials(plan0, fresh=True)  # the checkpoint passed as downloaded: does it as exported?
         if not rec.failed and budget is None:
@@ -331,6 +331,24 @@ class Recipe:
                            locate_nonfinite=lambda: ev.locate_nonfinite(self.rt.model, self.data.windows[:1]))
         self.trials = Trials(setup)
         return plan0
+
+    def _plan0_trial(self, plan0: Plan) -> TrialRecord:
+        """Plan 0 measured. An existing checkpoint is also held against plain RTN at its own widths
+        (one more evaluation): one whose KLD and top-1 say it behaves like another model fails,
+        whatever its perplexity says (``verdict.different_model``)."""
+        rec = self.trials(plan0)
+        if self.existing is None or verdict.nonfinite(rec.metrics):
+            return rec
+        quantized = {n: p for n, p in plan0.modules.items() if not p.is_float}
+        self.bank.apply_rtn(quantized)
+        with self.timer("evaluate trials"):
+            rtn = self._evaluate(desc="plain RTN at the checkpoint's widths")
+        self.bank.apply(plan0, progress=False)
+        problem = verdict.different_model(rec.metrics, rtn)
+        if problem:
+            self._warn(f"{self.existing.path} {problem}")
+            rec.failed.append(f"the checkpoint {problem.split(':')[0]}")
+        return rec
 
     def _load_existing(self, template: Plan) -> Plan:
         """``quantized.name_or_path`` as plan 0: its scheme, its own weights served by the bank; the
