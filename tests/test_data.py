@@ -18,8 +18,16 @@ def test_eval_windows_are_deterministic_and_contiguous(tokenizer):
 
 def test_eval_text_too_short_names_the_fix(tokenizer, tmp_path):
     f = tmp_path / "short.txt"
+    f.write_text("only a few words here " * 6)
+    with pytest.raises(QuantfixError, match=r"lower eval.n_windows \(at most \d\) or eval.seq_len"):
+        data.eval_windows(str(f), str(SHARED_DATA), tokenizer, 4, 24)
+    f = tmp_path / "shorter.txt"  # another file: texts are read once per path
     f.write_text("only a few words here")
-    with pytest.raises(QuantfixError, match="lower eval.n_windows"):
+    with pytest.raises(QuantfixError, match=r"not even one window of eval.seq_len=64: lower eval.seq_len \(at most "):
+        data.eval_windows(str(f), str(SHARED_DATA), tokenizer, 4, 64)
+    f = tmp_path / "empty.txt"
+    f.write_text("")  # an empty file advised "eval.n_windows (at most 0)"
+    with pytest.raises(QuantfixError, match="holds 0 tokens"):
         data.eval_windows(str(f), str(SHARED_DATA), tokenizer, 4, 64)
 
 

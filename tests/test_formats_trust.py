@@ -103,7 +103,7 @@ def exported(tmp_path_factory, tiny_dir):
     from hydra.core.global_hydra import GlobalHydra
 
     from quantfix.config import register
-    from quantfix.loop import run
+    from quantfix.recipe import run
 
     tmp = tmp_path_factory.mktemp("export")
     register()
@@ -313,7 +313,7 @@ def test_different_model_on_measured_metrics(tokenizer):
     tokens) and B's RTN, every one at the same widths and on the same windows."""
     from quantfix import data as data_mod
     from quantfix import evaluate as ev
-    from quantfix.quantize import calib
+    from quantfix import calib
     from tests.conftest import SHARED_DATA
 
     a, b = tiny_llama(seed=0), tiny_llama(seed=1)

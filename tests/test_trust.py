@@ -366,7 +366,15 @@ def test_resume_with_another_model_measures_again(compose, tokenizer, tiny_dir, 
     # the same inputs: trial 0 and the diagnosis are replayed
     same = run(compose(tiny_overrides(tiny_dir, cache, **DIAG, **{"loop.resume": "true"})), tmp_path / "run")
     assert same["iterations"][0].get("resumed") and not same["warnings"][1:], same["warnings"]
-    # another model in a copy of the run dir: nothing is replayed, and the report says why
+    # another model in a copy of the finished run dir: refused at start, the folder left as it was
+    before = sorted(p.name for p in (tmp_path / "copy").iterdir())
+    with pytest.raises(QuantfixError, match="holds a finished run of another model, data or config"):
+        run(compose(tiny_overrides(other, cache, **DIAG, **{"loop.resume": "true"})), tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == before
+    # an interrupted run's dir (its report says "stopped") resumed with another model: nothing is
+    # replayed, and the report says why
+    rep = json.loads((tmp_path / "copy" / "report.json").read_text())
+    (tmp_path / "copy" / "report.json").write_text(json.dumps(dict(rep, status="stopped")))
     moved = run(compose(tiny_overrides(other, cache, **DIAG, **{"loop.resume": "true"})), tmp_path / "copy")
     it = moved["iterations"][0]
     assert not it.get("resumed")
@@ -379,14 +387,16 @@ def test_resume_with_another_model_measures_again(compose, tokenizer, tiny_dir, 
     assert len(lines) == 1 and json.loads(lines[0])["metrics"]["ppl"] == pytest.approx(it["metrics"]["ppl"])
 
 
-def test_resume_with_other_thresholds_measures_again(compose, tiny_dir, tmp_path):
+def test_a_finished_run_dir_takes_only_a_resume_of_that_same_run(compose, tiny_dir, tmp_path):
     cache = tmp_path / "cache"
     run(compose(tiny_overrides(tiny_dir, cache, **FAST)), tmp_path / "run")
-    again = run(compose(tiny_overrides(tiny_dir, cache, **FAST, **{"loop.resume": "true",
-                                                                   "thresholds.max_kld_mean": 0.5})), tmp_path / "run")
-    assert not again["iterations"][0].get("resumed")
+    with pytest.raises(QuantfixError, match="holds a finished run: pick a new hydra.run.dir"):
+        run(compose(tiny_overrides(tiny_dir, cache, **FAST)), tmp_path / "run")  # a second run beside it
+    with pytest.raises(QuantfixError, match="holds a finished run of another model, data or config"):
+        run(compose(tiny_overrides(tiny_dir, cache, **FAST, **{"loop.resume": "true",
+                                                             "thresholds.max_kld_mean": 0.5})), tmp_path / "run")
     more = run(compose(tiny_overrides(tiny_dir, cache, **dict(FAST, **{
-        "loop.resume": "true", "loop.max_iters": 3, "thresholds.max_kld_mean": 0.5}))), tmp_path / "run")
+        "loop.resume": "true", "loop.max_iters": 3}))), tmp_path / "run")
     assert more["iterations"][0].get("resumed")  # more iterations is the same run, going on
 
 
