@@ -236,6 +236,8 @@ def kld(quant_gguf: Path, base_file: Path, cache: Optional[Path] = None, threads
     cmd = [str(find("llama-perplexity", cache)), "-m", str(quant_gguf), "--kl-divergence-base", str(base_file),
            "--kl-divergence", "-c", str(n_ctx), "-t", str(threads)]
     text = _run(cmd, "llama-perplexity --kl-divergence", _timeout(quant_gguf) + 60 * n_chunks)
+    if "inconsistent vocabulary" in text:  # the tool says so, then goes on comparing other tokens
+        raise QuantfixError(f"{quant_gguf} and {base_file} do not share a vocabulary: {_reason(text)}")
     return parse_kld(text, n_ctx)
 
 

