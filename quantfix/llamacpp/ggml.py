@@ -81,7 +81,10 @@ def effective_type(name: str, n_per_row: int) -> str:
     """The type llama-quantize actually writes when asked for ``name`` on rows of ``n_per_row``
     values (``tensor_type_fallback``: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0,
     IQ* 256-block types -> IQ4_NL; F16 when even the fallback's block does not divide the row).
-    It applies to every quantized target, --tensor-type overrides included."""
+    It applies to every quantized target, --tensor-type overrides included. Measured with
+    llama-quantize Q4_K_M: SmolLM2-135M (hidden 576) gets Q5_0 for attn_q/k/output and ffn_gate/up,
+    Q8_0 or Q5_0 for attn_v, Q6_K / Q4_K only for ffn_down (1536 = 6 x 256); Gemma-3-270M's shapes
+    (hidden 640) keep K-quants only in attn_output (1024) and ffn_down (2048)."""
     t = type_name(name)
     block = BLOCKS[t][0]
     if t in FLOAT_TYPES or n_per_row % block == 0:

@@ -9,10 +9,11 @@ Why a build of our own: quantfix must simulate exactly what ``llama-quantize`` w
 ``python -m quantfix.tools build`` downloads it, builds only the three targets with cmake
 (Release, ``GGML_NATIVE=OFF``: the CPU backend gets the portable AVX/AVX2/FMA/F16C/BMI2 baseline,
 not ``-march=native``; ``libggml-base`` itself has no ISA flags; shared libraries with an
-``$ORIGIN`` rpath, OpenSSL off; one logging fix, ``PATCHES``) and installs ``bin/`` (tools + libraries), ``py/`` (the converter
-and its own gguf-py) and ``manifest.json`` into ``<cache>/llama.cpp/<version>/`` by one rename of a
-finished directory, under a file lock: a second process waits, then finds the finished install.
-Measured: 12 min 13 s on 2 shared CPU cores (146 ninja steps).
+``$ORIGIN`` rpath, OpenSSL off; one logging fix, ``PATCHES``) and installs ``bin/`` (tools +
+libraries), ``py/`` (the converter and its own gguf-py) and ``manifest.json`` into
+``<cache>/llama.cpp/<version>/`` by one rename of a finished directory, under a file lock: a second
+process waits, then finds the finished install. Measured on 2 CPU cores (146 ninja steps, ~7 min
+40 s of CPU): 12 min 13 s wall, 14 min 41 s and 16 min 13 s while other jobs shared the cores.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ CMAKE_FLAGS = (
 )
 # llama-perplexity and llama-imatrix print through common/log.cpp's queue, whose worker thread is
 # never flushed before exit (llama.cpp issue #22142): their last lines, the KL-divergence
-# statistics included, were lost in 2 of 3 piped runs here. One line at each entry point drains
+# statistics included, were lost in 2 of 3 runs on a loaded machine (1 of 10 on a quieter one). One line at each entry point drains
 # the queue at exit; nothing else is changed.
 _FLUSH = "    std::atexit([] { common_log_pause(common_log_main()); });  // quantfix: drain the log at exit\n"
 PATCHES = {
