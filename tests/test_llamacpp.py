@@ -19,8 +19,8 @@ import pytest
 from quantfix.errors import QuantfixError
 from quantfix.llamacpp import convert, ggml, imatrix, run, tools
 
-# a type per tensor, cycled: K-quants, legacy quants, IQ4_NL
-CYCLE = ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q3_K", "Q2_K", "IQ4_NL", "Q5_K", "Q4_0", "Q4_1", "Q5_1"]
+# a type per tensor, cycled: K-quants, legacy quants, IQ types that need no imatrix
+CYCLE = ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q3_K", "Q2_K", "IQ4_NL", "Q5_K", "Q4_0", "Q4_1", "Q5_1", "IQ4_XS", "IQ3_S"]
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +73,14 @@ def _tensors(path: Path):
     return {t.name: t for t in GGUFReader(str(path)).tensors}
 
 
-def _overrides(f16: Path):
+def _overrides(f16: Path, narrow=("Q6_K", "IQ3_S"), odd=("Q4_K", "Q8_0")):
+    """A type for every 2-D tensor: CYCLE, except the rows of 160 (attn_output: ``narrow``, which
+    fall back to 32-block types) and of 304 (ffn_down: ``odd``, which end F16)."""
     names = sorted(n for n, t in run.read_types(f16).items() if t == "F16")
-    return {n: CYCLE[i % len(CYCLE)] for i, n in enumerate(names)}
+    out = {n: CYCLE[i % len(CYCLE)] for i, n in enumerate(names)}
+    out.update({f"blk.{i}.attn_output.weight": t for i, t in enumerate(narrow)})
+    out.update({f"blk.{i}.ffn_down.weight": t for i, t in enumerate(odd)})
+    return out
 
 
 # --- without a build -------------------------------------------------------------------------
@@ -197,10 +202,10 @@ def test_llama_quantize_is_bit_exact_with_and_without_imatrix(tiny_f16, llama_im
     of ours), is ggml.simulate's type and bytes for the same F16 values and importance."""
     stats = imatrix.read(llama_imatrix)
     ours = imatrix.write(tmp_path / "ours.imatrix.gguf", stats, ["pydoc.txt"], chunk_count=4, chunk_size=128)
-    tt = _overrides(tiny_f16)
     src = _tensors(tiny_f16)
     fallbacks = set()
-    for im in (None, ours):
+    for im, narrow in ((None, ("Q6_K", "IQ3_S")), (ours, ("Q4_K", "Q2_K"))):
+        tt = _overrides(tiny_f16, narrow)
         out, types = run.quantize(tiny_f16, tmp_path / f"q{im is not None}.gguf", "Q8_0", tt, imatrix=im)
         written = _tensors(out)
         for name, asked in tt.items():
@@ -209,8 +214,10 @@ def test_llama_quantize_is_bit_exact_with_and_without_imatrix(tiny_f16, llama_im
             want_type, want = ggml.simulate(asked, W, weights)
             assert types[name] == want_type == ggml.effective_type(asked, W.shape[1]), name
             assert np.asarray(written[name].data).tobytes() == want, (name, asked, want_type)
-            fallbacks.add((asked, want_type)) if asked != want_type else None
-    assert {("Q6_K", "Q8_0"), ("Q3_K", "F16")} <= fallbacks, fallbacks
+            if asked != want_type:
+                fallbacks.add((asked, want_type))
+    assert fallbacks == {("Q6_K", "Q8_0"), ("IQ3_S", "IQ4_NL"), ("Q4_K", "Q5_0"), ("Q2_K", "Q4_0"),
+                         ("Q4_K", "F16"), ("Q8_0", "F16")}
     assert (tmp_path / "qTrue.gguf.tensor-types.txt").read_text().startswith("^blk\\.0\\.attn_k\\.weight$=")
 
 
