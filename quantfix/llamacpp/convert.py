@@ -90,7 +90,7 @@ def hf_to_gguf(model_dir: Path, out: Path, source: Path, outtype: str = "f16",
     return out
 
 
-def _float_type(t, gguf) -> "gguf.GGMLQuantizationType":
+def _float_type(t, gguf):
     """The type a tensor gets in the float file: float types stay, quantized 1-D tensors, norms and
     non-weights F32 (as convert_hf_to_gguf stores them), other quantized tensors F16."""
     Q = gguf.GGMLQuantizationType

@@ -21,7 +21,7 @@ import re
 import struct
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from quantfix.errors import QuantfixError
 from quantfix.llamacpp import ggml

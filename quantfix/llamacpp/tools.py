@@ -66,7 +66,7 @@ Log = Callable[[str], None]
 
 def default_cache() -> Path:
     """quantfix's cache dir (``$QUANTFIX_CACHE`` or ~/.cache/quantfix)."""
-    from quantfix.model import cache_dir
+    from quantfix.cache import cache_dir
 
     return cache_dir()
 
