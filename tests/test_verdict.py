@@ -120,3 +120,55 @@ def test_different_model_on_smollm2_numbers(case):
 
     ckpt, rtn, flagged = SMOLLM2[case]
     assert (verdict.different_model(m(*ckpt), m(*rtn)) is not None) == flagged
+
+
+# --- the thresholds, the KLD target and the task gates on hand-made numbers -----------------------
+
+def test_check_names_each_threshold_it_fails_with_the_numbers():
+    base = _metrics(kld_mean=0.0, top1=1.0)
+    m = _metrics(ppl=11.0, nll=math.log(11.0), kld_mean=0.02, top1=0.9)
+    t = ThresholdsConfig(max_ppl_increase_pct=5.0, max_ppl_increase_abs=0.5, max_kld_mean=0.01, min_top1=0.95)
+    assert verdict.check(m, base, t) == ["PPL +10.00% > 5.0%", "PPL +1.000 > 0.5", "KLD 0.0200 > 0.01",
+                                         "top-1 0.900 < 0.95"]
+    assert verdict.check(m, base, ThresholdsConfig(max_ppl_increase_pct=10.5)) == []  # under the limit passes
+    assert verdict.check(m, base, ThresholdsConfig(max_ppl_increase_pct=None)) == []  # nothing set: nothing fails
+
+
+def test_ppl_limit_is_the_tightest_ppl_threshold():
+    base = _metrics(ppl=20.0)
+    assert verdict.ppl_limit(base, ThresholdsConfig(max_ppl_increase_pct=5.0)) == pytest.approx(21.0)
+    assert verdict.ppl_limit(base, ThresholdsConfig(max_ppl_increase_pct=10.0, max_ppl_increase_abs=0.5)) == 20.5
+    assert verdict.ppl_limit(base, ThresholdsConfig(max_ppl_increase_pct=None, max_kld_mean=0.1)) is None
+
+
+def test_nll_per_kld_is_the_measured_ratio_floored():
+    base = _metrics(nll=2.0)
+    assert verdict.nll_per_kld(_metrics(nll=2.03, kld_mean=0.02), base) == pytest.approx(1.5)
+    assert verdict.nll_per_kld(_metrics(nll=2.001, kld_mean=0.02), base) == 0.2  # floored: NLL barely moved
+    assert verdict.nll_per_kld(_metrics(nll=1.9, kld_mean=0.0), base) == 0.2  # NLL fell, no KLD
+
+
+def _task(name, per_doc, metric="acc_norm"):
+    from quantfix import tasks as tasks_mod
+
+    n = len(per_doc)
+    return tasks_mod.TaskResult(name, {metric: sum(per_doc) / n}, {metric: tasks_mod.mean_stderr(per_doc)},
+                                {metric: list(per_doc)}, n, 2.0, list(range(n)))
+
+
+def test_task_checks_gate_only_the_tasks_with_a_threshold():
+    from quantfix.config import TaskThreshold
+
+    base = {"arc_easy": _task("arc_easy", [1.0] * 60 + [0.0] * 40), "piqa": _task("piqa", [1.0] * 50 + [0.0] * 50)}
+    quant = {"arc_easy": _task("arc_easy", [1.0] * 40 + [0.0] * 60), "piqa": _task("piqa", [1.0] * 30 + [0.0] * 70)}
+    t = ThresholdsConfig(tasks={"arc_easy": TaskThreshold(max_drop=2.0)})
+    rows, fails = verdict.task_checks(base, quant, t)
+    assert rows["arc_easy"]["checked"] and rows["arc_easy"]["metric"] == "acc_norm"  # the task's primary metric
+    assert rows["arc_easy"]["delta"] == pytest.approx(-20.0) and rows["arc_easy"]["seconds"] == 2.0
+    assert not rows["piqa"]["checked"] and not rows["piqa"]["failed"]  # reported, not checked: no threshold
+    assert len(fails) == 1 and fails[0].startswith("arc_easy acc_norm dropped")
+    # a drop within z standard errors is noise; a lax max_drop passes
+    lax = ThresholdsConfig(tasks={"arc_easy": TaskThreshold(max_drop=25.0)})
+    assert verdict.task_checks(base, quant, lax)[1] == []
+    noisy = ThresholdsConfig(tasks={"arc_easy": TaskThreshold(max_drop=0.0, z=10.0)})
+    assert verdict.task_checks(base, quant, noisy)[1] == []

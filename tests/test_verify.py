@@ -2,10 +2,11 @@
 keys its reload reports, and its KLD against the trial that measured its plan (``agreement``)."""
 from __future__ import annotations
 
-import pytest
-
 from quantfix import export as exp
 from quantfix import verify
+from quantfix.evaluate import Metrics
+from quantfix.plan import Plan, Precision
+from quantfix.runreport import TrialRecord
 from tests.conftest import run_report as run
 from tests.conftest import tiny_overrides
 
@@ -65,3 +66,50 @@ def test_an_untampered_checkpoint_agrees_with_its_trial(compose, tiny_dir, tmp_p
         "thresholds.max_ppl_increase_pct": 1000, "loop.max_iters": 1}))
     fin = run(cfg, tmp_path / "run")["final"]
     assert fin["passed"] and fin["export_gap_pct"] <= 0.01 and not fin["verified_failed"]
+
+
+# --- agreement: the reloaded checkpoint against its trial, on hand-made numbers ---------------------
+
+def _trial_of(algorithms, kld):
+    mods = {f"model.layers.{i}.mlp.down_proj": Precision(16) if a == "float" else Precision(4, 32, True, a)
+            for i, a in enumerate(algorithms)}
+    plan = Plan(mods, {n: (64, 64) for n in mods})
+    m = Metrics(10.0, 2.3, kld, kld, kld, 0.9, 100)
+    return TrialRecord(0, plan.summary_str(), "", "", "", plan.avg_bits, plan.avg_bits, plan.size_bytes, m, [], 0.1,
+                       plan=plan)
+
+
+def _kld(kld):
+    return Metrics(10.0, 2.3, kld, kld, kld, 0.9, 100)
+
+
+def test_an_exact_export_must_measure_what_its_trial_did():
+    trial = _trial_of(["rtn", "gptq_imatrix", "float"], 0.01)  # float modules are not exported quantized
+    assert verify.agreement(trial, _kld(0.0101)) == (1.0, [], [])
+    gap, fails, warnings = verify.agreement(trial, _kld(0.0105))
+    assert gap == 5.0 and not warnings
+    assert fails == ["the reloaded checkpoint's KLD 0.01050 differs from its trial's 0.01000 by 5.0% (> 2% for an "
+                     "exact export): the checkpoint is not what was measured"]
+    assert verify.agreement(trial, _kld(0.0095))[1]  # below is as wrong as above
+
+
+def test_a_near_float_plan_is_judged_against_an_absolute_floor():
+    # a trial KLD of 1e-6: a 1e-6 difference is 100% of it, but 1% of the 1e-4 floor
+    trial = _trial_of(["rtn"], 1e-6)
+    assert verify.agreement(trial, _kld(2e-6)) == (1.0, [], [])
+    assert verify.agreement(trial, _kld(1e-5))[1]  # 9% of the floor: fails
+
+
+def test_an_inexact_export_is_warned_about_past_a_large_gap_only():
+    for algs in (["awq", "awq"], ["ckpt", "ckpt_approx"]):  # AWQ smooths again at export; ckpt~ is re-rounded
+        trial = _trial_of(algs, 0.01)
+        assert verify.agreement(trial, _kld(0.012)) == (20.0, [], [])
+        gap, fails, warnings = verify.agreement(trial, _kld(0.013))
+        assert gap == 30.0 and not fails
+        assert warnings == [f"the reloaded checkpoint's KLD 0.01300 differs from its trial's 0.01000 by 30% "
+                            f"({trial.plan.rounding_str()}: not all exported as simulated)"]
+
+
+def test_no_agreement_without_a_trial_or_a_finite_kld():
+    assert verify.agreement(None, _kld(0.01)) == (None, [], [])
+    assert verify.agreement(_trial_of(["rtn"], 0.01), _kld(float("nan"))) == (None, [], [])
