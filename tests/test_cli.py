@@ -231,3 +231,31 @@ def test_cli_engine_logs_go_to_engine_log_unless_verbose(tmp_path, tiny_dir):
     assert "Compression lifecycle" in (sweep / "0" / "engine.log").read_text()
     assert "Compression lifecycle" in verbose  # job 1 (verbose) shows them on the console
     assert not (sweep / "1" / "engine.log").exists()
+
+
+# --- preflight, in process ---------------------------------------------------------------------------
+
+def test_preflight_leaves_hydras_own_flags_and_a_good_command_line_to_hydra(tmp_path):
+    assert cli.preflight(["--help"]) is None and cli.preflight(["--cfg", "job", "quant.bitz=4"]) is None
+    assert cli.preflight(["quant.bits=3", "thresholds.max_kld_mean=0.01", f"hydra.run.dir={tmp_path}/run"]) is None
+
+
+def test_preflight_in_a_sweep_checks_every_value_but_leaves_bad_values_to_their_job(tmp_path):
+    # a value validate refuses fails its own job only (the others run): not refused up front
+    assert cli.preflight(["-m", "quant.bits=12,4", f"hydra.sweep.dir={tmp_path}/s"]) is None
+    assert "quant.bits=12 is out of range" in cli.preflight(["quant.bits=12"])
+    # what cannot compose is refused, also a sweep's second value
+    assert cli.preflight(["-m", "quant.bitz=3,4"]).startswith("quant.bitz is not a config key")
+    assert cli.preflight(["-m", "quant=rtn,magic"]).startswith("quant=magic: no such option; choose one of")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert cli.preflight(["-m", "quant.bits=3,4", f"hydra.sweep.dir={blocker}/s"]) == \
+        f"hydra.sweep.dir={blocker}/s is not writable (the run's logs and results go there): pick a writable " \
+        "hydra.sweep.dir=<dir>"
+
+
+def test_sweep_combinations_try_each_value_once():
+    assert cli._combinations(["seed=1", "quant=rtn,gptq", "quant.group_size=16,32,64"]) == [
+        ["seed=1", "quant=rtn", "quant.group_size=16"], ["seed=1", "quant=gptq", "quant.group_size=16"],
+        ["seed=1", "quant=rtn", "quant.group_size=32"], ["seed=1", "quant=rtn", "quant.group_size=64"]]
+    assert cli._combinations(["seed=1"]) == [["seed=1"]]

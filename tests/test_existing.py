@@ -11,9 +11,48 @@ import pytest
 import torch
 
 from quantfix import formats
+from quantfix.bank import WeightBank
+from quantfix.existing import ExistingCheckpoint
+from quantfix.plan import Precision
 from tests.conftest import run_report as run
 from tests.conftest import tiny_llama, tiny_overrides
-from tests.tiny_checkpoints import GGUF_TYPES, autoround_checkpoint, plan0, write_tiny_gguf
+from tests.tiny_checkpoints import GGUF_TYPES, autoround_checkpoint, gptq_checkpoint, plan0, write_tiny_gguf
+
+
+# --- ExistingCheckpoint.read and what it hands on, without a run -----------------------------------
+
+def test_a_gptq_checkpoint_is_plan_0_and_its_provenance_the_calibration(tmp_path, tokenizer):
+    model = tiny_llama()
+    path = gptq_checkpoint(model, tokenizer, tmp_path / "gptq")
+    ec = ExistingCheckpoint.read(str(path), plan0(model), model)
+    assert ec.plan0.calibration == {"checkpoint": str(path), "format": "gptq"}
+    assert {p.label for p in ec.plan0.modules.values()} == {"W4g32-ckpt"} and len(ec.plan0.modules) == 14
+    info = ec.info
+    assert (info.path, info.format, info.modules_exact_grid, info.modules_approx_grid) == (str(path), "gptq", 14, 0)
+    assert info.summary == ec.ext.summary() and not ec.warnings
+    assert ec.write_overrides(ec.plan0, tmp_path, str(tmp_path / "parent")) is None  # llama.cpp overrides: GGUF only
+    bank = WeightBank(model, list(ec.plan0.modules))
+    ec.serve(bank)
+    assert set(bank.external) == set(ec.plan0.modules)
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(bank.external[name][0], ec.ext.weights[name])
+    assert ec.reround_for_trials(bank, ec.plan0) == 0 and info.modules_rerounded_for_trials == 0  # an exact grid
+
+
+def test_a_gguf_with_approximate_grids_is_warned_about_and_rerounded_once(tmp_path):
+    model = tiny_llama()
+    path = write_tiny_gguf(model, tmp_path / "tiny.gguf", GGUF_TYPES)  # o_proj Q4_1, up_proj Q5_1: a float minimum
+    ec = ExistingCheckpoint.read(str(path), plan0(model), model)
+    info = ec.info
+    assert info.format == "gguf" and (info.modules_exact_grid, info.modules_approx_grid) == (8, 4)  # down_proj: F32
+    assert ec.warnings and ec.warnings[0].startswith(f"4 modules of {path} use a grid compressed-tensors cannot store")
+    bank = WeightBank(model, list(ec.plan0.modules))
+    ec.serve(bank)
+    assert ec.reround_for_trials(bank, ec.plan0) == 4 and info.modules_rerounded_for_trials == 4
+    assert ec.reround_for_trials(bank, ec.plan0) == 0 and info.modules_rerounded_for_trials == 4  # once
+    repaired = ec.plan0.with_changes({"model.layers.0.mlp.gate_proj": Precision(8, 0, True, "rtn")})
+    f = ec.write_overrides(repaired, tmp_path, "parent.gguf")
+    assert f.name == "llama_quantize_overrides.txt" and "blk.0.ffn_gate.weight=" in f.read_text()
 
 
 # --- a repair from an existing checkpoint, end to end ------------------------------------------------

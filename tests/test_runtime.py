@@ -2,8 +2,32 @@
 import pytest
 import torch
 
+from quantfix.errors import QuantfixError
 from quantfix.runtime import Runtime
 from tests.conftest import tiny_overrides
+
+
+def test_batched_halves_the_batch_size_on_out_of_memory_and_keeps_it():
+    rt = Runtime(model=None, tokenizer=None, device=torch.device("cpu"), batch_size=8)
+    seen = []
+
+    def fits_two(bs):
+        seen.append(bs)
+        if bs > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return 10 * bs
+
+    assert rt.batched(fits_two) == 20 and seen == [8, 4, 2] and rt.batch_size == 2
+    assert rt.batched(fits_two) == 20 and seen[3:] == [2]  # kept for the rest of the run
+    with pytest.raises(ValueError):  # any other error is not a reason to shrink
+        rt.batched(lambda bs: int("x"))
+    assert rt.batch_size == 2
+
+    def never(bs):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    with pytest.raises(QuantfixError, match="out of GPU memory at eval.batch_size=1: lower eval.seq_len"):
+        rt.batched(never)
 
 
 def test_out_of_memory_halves_the_batch_size_and_keeps_the_result(compose, tiny_dir, tmp_path, monkeypatch):

@@ -4,7 +4,56 @@ map gives the run in memory)."""
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+from quantfix import weights
 from tests.conftest import tiny_llama, tiny_overrides
+
+
+def test_set_weight_and_weight_of_round_trip_on_the_cpu():
+    lin = torch.nn.Linear(8, 4)
+    w = torch.randn(4, 8)
+    weights.set_weight(lin, w)
+    assert torch.equal(weights.weight_of(lin), w) and not weights.weight_of(lin).requires_grad
+    assert weights.offload_map(lin) is None and weights.weight_device(lin) == torch.device("cpu")
+    half = torch.nn.Linear(8, 4).half()  # written in the module's own dtype
+    weights.set_weight(half, w)
+    assert weights.weight_of(half).dtype == torch.float16 and torch.equal(weights.weight_of(half), w.half())
+    assert weights.input_device(tiny_llama()) == torch.device("cpu")
+
+
+def test_device_room_is_never_on_the_cpu():
+    assert not weights.device_room("cpu", 0, 0.0)
+    assert not weights.device_room(torch.device("cpu"), 1, 0.5)
+    if not torch.cuda.is_available():
+        assert weights.capped_memory() is None  # no GPU: accelerate's max_memory stays its own
+
+
+def test_offloaded_weights_are_read_and_written_through_the_offload_map():
+    """accelerate's cpu_offload leaves the weights on the meta device between forwards; reads, writes,
+    rounding and copies go through the hook's weights map, and the forward computes with them."""
+    from accelerate import cpu_offload
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    w0, b0, b1 = (t.detach().clone() for t in (model[0].weight, model[0].bias, model[1].bias))
+    x = torch.randn(2, 8)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    lin = model[1]
+    assert lin.weight.device.type == "meta" and weights.offload_map(lin) is not None
+    assert weights.weight_device(lin) == torch.device("cpu")  # where it computes
+    new = torch.randn(4, 8)
+    weights.set_weight(lin, new)
+    assert torch.equal(weights.weight_of(lin), new) and lin.weight.device.type == "meta"
+    with torch.no_grad():
+        assert torch.allclose(model(x), F.linear(F.linear(x, w0, b0), new, b1), atol=1e-6)
+    weights.round_params(model, torch.bfloat16)  # bfloat16 values, kept in float32
+    got = weights.weight_of(lin)
+    assert got.dtype == torch.float32 and torch.equal(got, new.bfloat16().float())
+    copy = weights.detached_copy(lin, torch.device("cpu"))  # no hooks, weights loaded from the map
+    assert not hasattr(copy, "_hf_hook") and torch.equal(copy.weight, got)
+    swapped = weights.detached_copy(lin, torch.device("cpu"), {"weight": torch.zeros(4, 8)})
+    assert not swapped.weight.any() and torch.equal(weights.weight_of(lin), got)  # the original untouched
 
 
 def test_device_room_obeys_the_device_memory_cap(monkeypatch):
