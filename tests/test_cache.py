@@ -68,8 +68,7 @@ def test_file_digest_samples_large_files(tmp_path, monkeypatch):
     assert cache_mod.file_digest(f) != a
 
 
-# --- corrupt entries: detected, removed, recomputed -------------------------------------------------
-
+# --- corrupt entries: detected, removed, recomputed -----------------------------------------------
 
 def _entries(cache: Path):
     return {kind: sorted((cache / kind).glob(pat)) for kind, pat in

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from hydra.errors import ConfigCompositionException
 
 from quantfix import cli
@@ -28,8 +27,7 @@ def _errors(r) -> list:
     return [line for line in r.stderr.splitlines() if line.startswith("quantfix: error:")]
 
 
-# --- preflight: one line naming the key and the fix -------------------------------------------------
-
+# --- preflight: one line naming the key and the fix -----------------------------------------------
 
 @pytest.mark.parametrize("override,message", [
     ("quant.algorithm=magic", "quant.algorithm=magic: choose one of rtn, mse, imatrix, gptq"),
@@ -54,8 +52,7 @@ def test_choices_and_keys_fail_when_composed_with_one_line(compose, override, me
     assert problem is not None and message in problem and "\n" not in problem, problem
 
 
-# --- exit 2: bad input, one line ---------------------------------------------------------------------
-
+# --- exit 2: bad input, one line ------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,msg", [
     (["model.name_or_path=/no/such/dir"], "model path not found: /no/such/dir"),
@@ -125,8 +122,7 @@ def test_cli_disk_full_during_export_exits_2_with_report(tmp_path, tiny_dir):
     assert fin["stop_reason"].startswith("no space left on device") and fin["passed"] is False
 
 
-# --- exit 0, 1, 3, 130 -------------------------------------------------------------------------------
-
+# --- exit 0, 1, 3, 130 ----------------------------------------------------------------------------
 
 def test_cli_exit_1_when_thresholds_are_not_met(tmp_path, tiny_dir):
     r = _cli(*tiny_overrides(tiny_dir, tmp_path / "cache"), "thresholds.max_kld_mean=1e-9", "loop.max_iters=1",
@@ -169,8 +165,7 @@ def test_cli_internal_error_is_not_exit_1(tmp_path):
     assert f"run dir: {tmp_path}/run" in r.stdout
 
 
-# --- sweeps and launchers ----------------------------------------------------------------------------
-
+# --- sweeps and launchers -------------------------------------------------------------------------
 
 def test_cli_sweep_writes_one_run_dir_per_job(tmp_path, tiny_dir):
     sweep = tmp_path / "sweep"

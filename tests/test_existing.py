@@ -55,8 +55,7 @@ def test_a_gguf_with_approximate_grids_is_warned_about_and_rerounded_once(tmp_pa
     assert f.name == "llama_quantize_overrides.txt" and "blk.0.ffn_gate.weight=" in f.read_text()
 
 
-# --- a repair from an existing checkpoint, end to end ------------------------------------------------
-
+# --- a repair from an existing checkpoint, end to end ---------------------------------------------
 
 def test_repair_starts_from_a_gptq_checkpoint_and_keeps_its_weights(compose, tiny_dir, tokenizer, tmp_path):
     """Without mode=diagnose the loop starts from the checkpoint: plan 0 is its scheme with its own

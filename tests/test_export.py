@@ -21,8 +21,7 @@ from tests.conftest import run_report as run
 from tests.conftest import custom_code_dir, load_model, model_dir, tiny_llama, tiny_overrides
 
 
-# --- the llm-compressor recipe of a plan -----------------------------------------------------------
-
+# --- the llm-compressor recipe of a plan ----------------------------------------------------------
 
 def _plan(alg="rtn"):
     mods = {
@@ -124,8 +123,7 @@ def test_export_recipe_names_experts_with_re_targets():
     assert "model.layers.0.self_attn.q_proj" in targets
 
 
-# --- each engine's checkpoint: reloaded, measured as simulated --------------------------------------
-
+# --- each engine's checkpoint: reloaded, measured as simulated ------------------------------------
 
 def test_gptq_plan_exports_through_llmcompressor(compose, tiny_dir, tmp_path):
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
@@ -217,8 +215,7 @@ def test_custom_code_model_exports_and_reloads(compose, tmp_path, tokenizer):
     assert (tmp_path / "run" / "checkpoint" / "modeling_tiny.py").exists()
 
 
-# --- the float16 export never overflows silently ----------------------------------------------------
-
+# --- the float16 export never overflows silently --------------------------------------------------
 
 def _big_embedding(m):
     m.model.embed_tokens.weight[:, 0] = 1e5  # beyond float16's 65504, harmless in float32
@@ -263,8 +260,7 @@ def test_float16_export_of_a_large_weight(compose, tokenizer, tmp_path, monkeypa
         assert any("reloaded checkpoint gives non-finite values" in w for w in report["warnings"])
 
 
-# --- complete or nothing: disk full, stale temp dirs, permissions ------------------------------------
-
+# --- complete or nothing: disk full, stale temp dirs, permissions ---------------------------------
 
 def test_no_partial_checkpoint_on_failure(compose, tiny_dir, tmp_path, monkeypatch):
     from quantfix import export as exp

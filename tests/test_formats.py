@@ -14,13 +14,13 @@ import torch
 from quantfix import formats
 from quantfix.errors import QuantfixError
 from tests.conftest import save_model_dir, tiny_llama, tiny_overrides
-from tests.tiny_checkpoints import GGUF_TYPES, autoround_checkpoint, gguf_permute, gptq_checkpoint, plan0, write_tiny_gguf
+from tests.tiny_checkpoints import (GGUF_TYPES, autoround_checkpoint, gguf_permute, gptq_checkpoint, plan0,
+                                     write_tiny_gguf)
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 
-# --- every format reads back its scheme and the library's weights -------------------------------------
-
+# --- every format reads back its scheme and the library's weights ---------------------------------
 
 def _library_gptq(path, name, bits, group, in_f, out_f):
     """AutoRound's own GPTQ QuantLinear (the module its writer packs with) on the identity."""
@@ -137,7 +137,6 @@ def test_wrong_parent_and_unknown_format_are_refused(tmp_path, tokenizer):
 
 # --- a checkpoint of another model of the same shapes is refused ----------------------------------
 
-
 def _refused(path, model) -> str:
     with pytest.raises(QuantfixError) as info:
         formats.read(str(path), plan0(model), model)
@@ -223,8 +222,7 @@ def test_checkpoint_with_smoothing_folded_into_its_norms_is_noted(exported, tiny
                                                  "parent's (e.g. model.layers.1.input_layernorm.weight)")
 
 
-# --- every read of a checkpoint file is guarded --------------------------------------------------
-
+# --- every read of a checkpoint file is guarded ---------------------------------------------------
 
 def _cut(f: Path, frac: float = 0.5) -> None:
     data = f.read_bytes()

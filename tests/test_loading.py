@@ -48,8 +48,7 @@ def test_device_map_load_places_layers_with_accelerate(tiny_dir, tmp_path):
         assert torch.allclose(m(x).logits, ref(x).logits)
 
 
-# --- a causal LM with its trained head, checked up front ----------------------------------------------
-
+# --- a causal LM with its trained head, checked up front ------------------------------------------
 
 def _one_line_error(path, match, **kw) -> str:
     with pytest.raises(QuantfixError, match=match) as info:
@@ -112,8 +111,7 @@ def test_check_positions_names_the_key_and_the_fix():
         loading_mod.check_positions(LlamaConfig(max_position_embeddings=512), {"data.seq_len": 600})
 
 
-# --- load errors: one line each, safetensors preferred, pickles opt-in --------------------------------
-
+# --- load errors: one line each, safetensors preferred, pickles opt-in ----------------------------
 
 def test_pickle_only_weights_need_allow_pickle(tmp_path, tokenizer):
     model = tiny_llama()

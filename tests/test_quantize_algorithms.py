@@ -1,4 +1,5 @@
-"""The per-algorithm registry (``quantfix.quantize.algorithms``): every entry simulates, sizes, labels and exports consistently."""
+"""The per-algorithm registry (``quantfix.quantize.algorithms``): every entry simulates, sizes, labels
+and exports consistently."""
 import pytest
 import torch
 

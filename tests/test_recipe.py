@@ -25,8 +25,7 @@ FAST = {"loop.policy": "greedy", "loop.max_iters": 1, "export.enabled": "false"}
 DIAG = {"mode": "diagnose", "diagnose.probes": "false", "diagnose.domain_seq_len": 64}
 
 
-# --- the repair loop ----------------------------------------------------------------------------------
-
+# --- the repair loop ------------------------------------------------------------------------------
 
 def test_loop_repairs_and_exports_a_verified_checkpoint(compose, tiny_dir, tmp_path):
     # plan 0 at 3 bits per channel fails a tight KLD bound; W8 modules make it pass
@@ -142,8 +141,7 @@ def test_tasks_are_scored_per_trial_and_gate_the_loop(compose, tiny_dir, tmp_pat
     assert again["baseline_tasks"] == report["baseline_tasks"]
 
 
-# --- inputs checked before any work; NaN never passes --------------------------------------------------
-
+# --- inputs checked before any work; NaN never passes ---------------------------------------------
 
 def test_seq_len_beyond_positions_fails_before_any_data(compose, tiny_dir, tmp_path):
     from tests.conftest import run_report as run
@@ -205,8 +203,7 @@ def test_nonfinite_trial_fails_and_names_the_module(compose, tiny_dir, tmp_path,
         assert report.get("diagnosis") is None and any("not diagnosed" in w for w in report["warnings"])
 
 
-# --- resume: never another run's results --------------------------------------------------------------
-
+# --- resume: never another run's results ----------------------------------------------------------
 
 def test_resume_with_another_model_measures_again(compose, tokenizer, tiny_dir, tmp_path):
     other = model_dir(tmp_path / "other", tokenizer, seed=1)
@@ -296,8 +293,7 @@ def test_resume_after_kill_gives_the_same_result(tmp_path, tiny_dir):
     assert (run_dir / "checkpoint" / "config.json").exists()
 
 
-# --- a failed or interrupted run still writes report.json ---------------------------------------------
-
+# --- a failed or interrupted run still writes report.json -----------------------------------------
 
 @pytest.mark.parametrize("exc,reason", [(KeyboardInterrupt(), "interrupted"),
                                         (ZeroDivisionError("x"), "internal error: ZeroDivisionError"),

@@ -32,7 +32,8 @@ def full_report() -> RunReport:
     verification = Verification("/runs/x/checkpoint", 700_000, M, ["KLD 0.0120 > 0.01"],
                                 {"arc_easy": {"metric": "acc_norm", "delta": -0.5}}, 1.3)
     final = Outcome("W8ch x14", 8.25, 1_300_000, True, "passed; bisection converged", 3, False, 1, verification,
-                    "llama_quantize_overrides.txt", "plan.yaml", {"code": {"ppl": 12.0}}, [{"prompt": "def f", "text": "x"}])
+                    "llama_quantize_overrides.txt", "plan.yaml", {"code": {"ppl": 12.0}},
+                    [{"prompt": "def f", "text": "x"}])
     changes = [ChangeGroup("W4g64", "W8ch", "more bits", "4→8 bits", ["m.0"],
                            [Reason("outlier_channels", "outlier channel 7 (90x the median)", ["m.0"])])]
     return RunReport(

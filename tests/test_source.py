@@ -34,8 +34,7 @@ def test_dir_without_config(tmp_path):
         source_mod.resolve(str(d), tmp_path)
 
 
-# --- offline ------------------------------------------------------------------------------------------
-
+# --- offline --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["someorg/no-such-model", "models/foo", "gpt2-typo"])
 def test_offline_bare_name_is_a_missing_path_without_hub_call(tmp_path, monkeypatch, name):
@@ -75,8 +74,7 @@ def test_offline_follows_hf_hub_offline_unless_set(monkeypatch):
     assert not source_mod.is_offline(None) and source_mod.is_offline(True)
 
 
-# --- GGUF conversion ----------------------------------------------------------------------------------
-
+# --- GGUF conversion ------------------------------------------------------------------------------
 
 def test_gguf_conversion_is_keyed_by_content_and_a_damaged_one_redone(tmp_path, tiny_dir, monkeypatch, caplog):
     import transformers

@@ -75,7 +75,7 @@ def test_the_journal_replays_only_a_run_of_its_own_fingerprint(tmp_path):
     assert rec.resumed and calls == [] and rec.metrics == measured and not again.warnings
     # another run's journal: nothing replayed, said once, the journal keeps only this run's lines
     other, calls = _trials(tmp_path, fingerprint="run-b", resume=True)
-    assert other.warnings and other.warnings[0].startswith("resume: 2 trials in trials.jsonl were measured by another run")
+    assert other.warnings[0].startswith("resume: 2 trials in trials.jsonl were measured by another run")
     assert not (tmp_path / "trials.jsonl").exists()
     assert not other(PLAN0).resumed and calls == ["trial 0"]
     assert [json.loads(x)["fingerprint"] for x in (tmp_path / "trials.jsonl").read_text().splitlines()] == ["run-b"]
@@ -112,7 +112,8 @@ def test_a_nonfinite_trial_names_where_it_starts(tmp_path):
     def nan(label):
         return Metrics(float("nan"), float("nan"), float("nan"), 0.0, 0.0, 0.0, 100)
 
-    trials, _ = _trials(tmp_path, measure=nan, locate_nonfinite=lambda: "model.layers.1.mlp.down_proj.weight (3 inf values)")
+    where = "model.layers.1.mlp.down_proj.weight (3 inf values)"
+    trials, _ = _trials(tmp_path, measure=nan, locate_nonfinite=lambda: where)
     r = trials(PLAN0)
     assert r.failed == ["PPL is nan (non-finite)", "KLD is nan (non-finite)",
                         "non-finite at model.layers.1.mlp.down_proj.weight (3 inf values)"]

@@ -42,8 +42,7 @@ def test_kld_target_maps_ppl_thresholds_through_the_nll_ratio():
     assert kld_target(ThresholdsConfig(max_ppl_increase_pct=None), 30.0, 1.0) == float("inf")
 
 
-# --- the metrics of a checkpoint of another model ------------------------------------------------
-
+# --- the metrics of a checkpoint of another model -------------------------------------------------
 
 def _measured(model, windows, ref, weights):
     from quantfix import evaluate as ev
