@@ -202,6 +202,43 @@ def test_exported_checkpoint_read_against_a_reinitialized_parent_is_refused(expo
     assert not ext.notes  # GPTQ folds nothing into the norms
 
 
+def test_asymmetric_export_reads_back_with_its_packed_zero_points(tiny_dir, tmp_path):
+    """An asymmetric compressed-tensors export (zero points packed into int32 along the output
+    dimension) reads back as the weights the library decompresses, at its own scheme (the demo's
+    3-bit asymmetric export once failed to read: 'shape [576, -1] is invalid for input of size 486')."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from transformers import AutoModelForCausalLM
+
+    from quantfix.config import register
+    from quantfix.recipe import run
+    from tests.conftest import CONF
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=tiny_overrides(tiny_dir, tmp_path / "cache", **{
+            "quant.bits": 3, "quant.group_size": 32, "quant.symmetric": False, "loop.max_iters": 1,
+            "thresholds.max_ppl_increase_pct": 1e9}))
+    GlobalHydra.instance().clear()
+    run(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint"
+    from safetensors import safe_open
+
+    with safe_open(str(next(ckpt.glob("*.safetensors"))), "pt") as f:
+        zp = f.get_tensor(f"{Q_PROJ}.weight_zero_point")
+    a = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    assert zp.dtype == torch.int32 and zp.numel() < a.get_submodule(Q_PROJ).weight.numel() // 32  # packed
+    ext = formats.read(str(ckpt), plan0(a), a)
+    p = ext.plan.modules[Q_PROJ]
+    assert (p.bits, p.group_size, p.symmetric) == (3, 32, False) and ext.parent_agreement > 0.9
+    from transformers import CompressedTensorsConfig
+
+    lib = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32,
+                                               quantization_config=CompressedTensorsConfig(run_compressed=False))
+    assert torch.allclose(ext.weights[Q_PROJ].float(), lib.get_submodule(Q_PROJ).weight.float(), atol=1e-6)
+
+
 def test_checkpoint_with_smoothing_folded_into_its_norms_is_noted(exported, tiny_dir, tmp_path):
     """AWQ / SmoothQuant divide a norm by the scales its linears were multiplied by: the weights
     still pass the check (same signs), and the read says its metrics pair them with the parent's norms."""

@@ -124,6 +124,16 @@ def _bnb_schemes(qc: dict, plan0: Plan, qmodel) -> Tuple[Dict[str, Precision], s
     return schemes, kind
 
 
+def _zero_points(z: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """An asymmetric module's zero points as integers: compressed-tensors packs those of group and
+    channel schemes into int32 along the output dimension (``bits`` per value), others are stored whole."""
+    if z.dtype != torch.int32 or z.numel() == shape.numel():
+        return z
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    return unpack_from_int32(z, bits, shape, packed_dim=0)
+
+
 def read(path: str, plan0: Plan, model_fp, fmt: str) -> External:
     root = Path(path).expanduser()
     qc = files.quantization_config(root)
@@ -148,7 +158,7 @@ def read(path: str, plan0: Plan, model_fp, fmt: str) -> External:
         if f"{name}.weight_scale" in stored:
             s = stored[f"{name}.weight_scale"].float().reshape(out_f, -1)
             z = stored.get(f"{name}.weight_zero_point")
-            z = torch.zeros_like(s) if z is None else z.float().reshape(out_f, -1)
+            z = torch.zeros_like(s) if z is None else _zero_points(z, p.bits, s.shape).float().reshape(out_f, -1)
             native = (s, z)
         elif fmt == "bitsandbytes" and p.bits == 8:  # LLM.int8: W = q * absmax / 127 per row
             s = W.abs().amax(1, keepdim=True) / 127
