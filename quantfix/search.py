@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from quantfix import verdict
-from quantfix.config import LoopConfig, ThresholdsConfig
+from quantfix.config import THRESHOLD_LADDER, LoopConfig, ThresholdsConfig
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision
 from quantfix.planner import GreedyPlanner, Ladder, PredictivePlanner
@@ -53,7 +53,7 @@ def bisect(trial: Trials, make, lo: int, hi: int, best: TrialRecord, prev: Plan)
 
 def greedy(trial: Trials, plan0: Plan, loop: LoopConfig, output_error: Callable[[str, Precision], float],
            timer) -> SearchResult:
-    planner = GreedyPlanner(Ladder.parse(list(loop.ladder)), output_error, loop.bits_step)
+    planner = GreedyPlanner(Ladder.parse(list(loop.ladder or THRESHOLD_LADDER)), output_error, loop.bits_step)
     plan, last = plan0, trial.last
     while trial.left > 0:
         with timer("plan"):

@@ -25,6 +25,7 @@ LAYERS: List[List[str]] = [
     ["trials", "verify", "existing", "diagnose", "explain"],
     ["planner"],
     ["search", "report"],
+    ["budget"],
     ["recipe"],
     ["cli", "tools"],
     ["__main__"],
