@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from quantfix.config import parse_rung
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision
-from quantfix.planner import Ladder, PredictivePlanner, Space, fit_power
+from quantfix.planner import PRIOR_POWER, Ladder, PredictivePlanner, Space, fit_power
 from quantfix.runreport import TrialRecord
 from quantfix.search import SearchResult
 from quantfix.trials import Trials, plan_key
@@ -96,14 +96,17 @@ class BudgetSearch:
         return scale * raw ** power if raw > 0 else 0.0
 
     def _refit(self) -> Tuple[float, float]:
-        """The low-bit multiplier and the power law that best explain the measured plans (with fewer
-        than 3 measured plans, or none that differ in their low-bit share, the multiplier stays)."""
+        """The low-bit multiplier and the power law that best explain the measured plans. Two points
+        fit the multiplier with the prior power (they cannot fit both); three or more fit both; the
+        multiplier moves only when the measured plans differ in their low-bit share."""
         pts = [(plan, kld) for plan, kld in self.measured if kld > 0]
         if not pts:
-            return 1.0, 0.65
-        if len(pts) >= 3:
-            self.weight = min(WEIGHT_GRID, key=lambda w: _log_sse([(self.raw(p, w), k) for p, k in pts]))
-        return fit_power([(self.raw(p), k) for p, k in pts])
+            return 1.0, PRIOR_POWER
+        fixed = PRIOR_POWER if len(pts) < 3 else None
+        shares = {round(self.raw(p, 2.0) - self.raw(p, 1.0), 9) for p, _ in pts}
+        if len(pts) >= 2 and len(shares) > 1:
+            self.weight = min(WEIGHT_GRID, key=lambda w: _log_sse([(self.raw(p, w), k) for p, k in pts], fixed))
+        return _fit([(self.raw(p), k) for p, k in pts], fixed)
 
     # ---- candidates -------------------------------------------------------------------------
     def candidates(self) -> List[Candidate]:
@@ -154,7 +157,7 @@ class BudgetSearch:
             if not todo:
                 break
             c, best = todo[0], self._best(recs)
-            if best is not None and self.predict(c.raw) > GIVE_UP * best.metrics.kld_mean:
+            if len(self.measured) >= 3 and best is not None and self.predict(c.raw) > GIVE_UP * best.metrics.kld_mean:
                 log.info("budget search: the next candidate (%s) is predicted %.4f, far above the best measured %.4f: "
                          "stopping", c.name, self.predict(c.raw), best.metrics.kld_mean)
                 break
@@ -194,7 +197,15 @@ def _kinds(plan0: Plan, plan: Plan) -> Dict[str, int]:
     return dict(sorted(out.items(), key=lambda t: -t[1]))
 
 
-def _log_sse(pts: List[Tuple[float, float]]) -> float:
+def _fit(pts: List[Tuple[float, float]], power: Optional[float] = None) -> Tuple[float, float]:
+    """(scale, power) through ``pts``: ``fit_power``, or with the power given, through the last point."""
+    if power is None:
+        return fit_power(pts)
+    raw, meas = pts[-1]
+    return meas / raw ** power, power
+
+
+def _log_sse(pts: List[Tuple[float, float]], power: Optional[float] = None) -> float:
     """Squared log error of the power law fit through ``pts`` (raw, measured)."""
-    scale, power = fit_power(pts)
+    scale, power = _fit(pts, power)
     return sum((math.log(max(scale * r ** power, 1e-12)) - math.log(k)) ** 2 for r, k in pts if r > 0)
