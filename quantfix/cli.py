@@ -21,7 +21,9 @@ MULTIRUN = ("-m", "--multirun")
 
 def preflight(argv: List[str]) -> Optional[str]:
     """The first problem with the command line ``argv`` (without the program name) as one line, or
-    None (also when Hydra's own flags ask for help or another config: Hydra answers those)."""
+    None (also when Hydra's own flags ask for help or another config: Hydra answers those). In a
+    sweep (-m) only keys, types, choices and the sweep dir are checked here: a job whose values
+    ``validate`` refuses fails alone, and the others run."""
     if any(a.split("=")[0] in HYDRA_FLAGS for a in argv):
         return None
     multirun = any(a in MULTIRUN for a in argv)
@@ -94,10 +96,11 @@ def _compose_problem(overrides: List[str], multirun: bool) -> Optional[str]:
     problem = _unknown_top_level(cfg)
     if problem:
         return problem
-    try:
-        validate(cfg)
-    except QuantfixError as e:
-        return str(e)
+    if not multirun:  # in a sweep, a job whose values are refused fails alone and the others run
+        try:
+            validate(cfg)
+        except QuantfixError as e:
+            return str(e)
     return _run_dir_problem(cfg, multirun)
 
 

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from quantfix import arch, cache as cache_mod, data as data_mod, evaluate as ev, export as exp, loading, report as rep
-from quantfix import calib, search, source, verdict, verify, weights
+from quantfix import calib, explain, search, source, verdict, verify, weights
 from quantfix.bank import WeightBank
 from quantfix.calib import CalibStats
 from quantfix.budget import BudgetSearch, prune_ladder
@@ -262,7 +262,7 @@ class Recipe:
 
     def _diagnose_only(self) -> None:
         plan0 = self._setup_trials()
-        rec = self.trials(plan0)
+        rec = self._plan0_trial(plan0)
         if verdict.nonfinite(rec.metrics):  # the diagnosis compares finite outputs: nothing to measure
             self._warn("plan 0 gives non-finite values: not diagnosed (its failed list names where they start)")
         else:
@@ -273,7 +273,7 @@ class Recipe:
         cfg = self.cfg
         budget = cfg.plan.budget.avg_bits
         plan0 = self._setup_trials()
-        rec = self.trials(plan0)
+        rec = self._plan0_trial(plan0)
         if not rec.failed and budget is None and self._reround_kept(plan0):
             rec = self.trials(plan0, fresh=True)  # the checkpoint passed as downloaded: does it as exported?
         if not rec.failed and budget is None:
@@ -339,6 +339,24 @@ class Recipe:
                            locate_nonfinite=lambda: ev.locate_nonfinite(self.rt.model, self.data.windows[:1]))
         self.trials = Trials(setup)
         return plan0
+
+    def _plan0_trial(self, plan0: Plan) -> TrialRecord:
+        """Plan 0 measured. An existing checkpoint is also held against plain RTN at its own widths
+        (one more evaluation): one whose KLD and top-1 say it behaves like another model fails,
+        whatever its perplexity says (``verdict.different_model``)."""
+        rec = self.trials(plan0)
+        if self.existing is None or verdict.nonfinite(rec.metrics):
+            return rec
+        quantized = {n: p for n, p in plan0.modules.items() if not p.is_float}
+        self.bank.apply_rtn(quantized)
+        with self.timer("evaluate trials"):
+            rtn = self._evaluate(desc="plain RTN at the checkpoint's widths")
+        self.bank.apply(plan0, progress=False)
+        problem = verdict.different_model(rec.metrics, rtn)
+        if problem:
+            self._warn(f"{self.existing.path} {problem}")
+            rec.failed.append(f"the checkpoint {problem.split(':')[0]}")
+        return rec
 
     def _load_existing(self, template: Plan) -> Plan:
         """``quantized.name_or_path`` as plan 0: its scheme, its own weights served by the bank; the
@@ -464,18 +482,32 @@ class Recipe:
         self.report.pareto = {"measured": [[t.avg_bits, t.metrics.kld_mean, t.metrics.ppl] for t in self.trials.records]}
         if result.frontier:
             self.report.pareto["predicted"] = [[round(b, 4), round(k, 6)] for b, k in result.frontier]
+        like = self._measure_like(plan)
         static = self.bank.export_tensors(plan) if cfg.export.enabled else {}  # what the trials measured, to ship
         self.bank.restore()
         self.bank.release()  # the float copies and kept simulations: the export and the reload need the memory
         self.bank = None
         self.report.final = Outcome(plan.summary_str(), round(plan.avg_bits, 4), plan.size_bytes, result.best is not None,
                                     result.reason, len(self.trials.records), chosen_trial=chosen.id)
+        self.report.final.domains, self.report.final.generations = like.get("domains") or {}, like.get("generations") or []
+        self.report.changes = explain.changes(self.trials.records[0].plan, plan,
+                                              self.diagnosis.findings if self.diagnosis is not None else [])
         if cfg.export.enabled:
             self.report.final.verification = self._export_and_verify(plan, chosen, static)
         if self.existing is not None:
             path = self.existing.write_overrides(plan, self.out_dir, cfg.model.name_or_path)
             self.report.final.llama_quantize_overrides = str(path) if path else None
         self._verdict()
+
+    def _measure_like(self, plan: Plan) -> dict:
+        """The shipped plan (its trial's weights: what the checkpoint holds) measured as the diagnosis
+        measured plan 0: per-domain perplexity and KLD, probe generations. Done on the live model,
+        before the export: a reloaded compressed checkpoint generates tokens far slower."""
+        if self.diagnosis is None or not self.diagnosis.sides:
+            return {}
+        self.bank.apply(plan, progress=False)
+        with self.timer("shipped plan: domains and probes"):
+            return measure_like(self.diagnosis, self.rt.model, self.rt.tokenizer, self.rt.batch_size)
 
     def _export_and_verify(self, plan: Plan, trial: TrialRecord, static) -> verify.Verification:
         cfg = self.cfg
@@ -506,16 +538,13 @@ class Recipe:
         return verify.ReloadSpec(self.dtype, self.device, self.cfg.model)
 
     def _measure_checkpoint(self, model) -> verify.Measured:
-        """A reloaded checkpoint measured as the trials were (and the tasks), and as the diagnosis
-        measured plan 0 (per-domain perplexity, probe generations)."""
+        """A reloaded checkpoint measured as the trials were (and the tasks)."""
         m = self._evaluate(model, desc="verify checkpoint")
         rows, fails = {}, []
         if self.task_base:
             rows, fails = verdict.task_checks(self.task_base, self._task_results(model), self.cfg.thresholds)
         where = ev.locate_nonfinite(model, self.data.windows[:1]) if verdict.nonfinite(m) else None
-        like = measure_like(self.diagnosis, model, self.rt.tokenizer, self.rt.batch_size) \
-            if self.diagnosis is not None and where is None else {}
-        return verify.Measured(m, rows, fails, where, like.get("domains"), like.get("generations"))
+        return verify.Measured(m, rows, fails, where)
 
     def _verdict(self) -> None:
         """The one place a run's verdict is decided: the search passed and, when the checkpoint was

@@ -110,6 +110,38 @@ class Recalibration:
 
 
 @dataclass
+class Reason:
+    """A finding that names some modules of a change group (or their decoder layers)."""
+
+    kind: str
+    text: str  # short: "outlier channel 1229 (1,798x the median)"
+    modules: List[str] = field(default_factory=list)  # the group's modules it names
+
+
+@dataclass
+class ChangeGroup:
+    """Modules that plan 0 and the shipped plan store differently, one group per (plan-0 label ->
+    shipped label); ``kind`` says how (more bits, fewer bits, smaller group, larger group, other
+    rounding, kept in float, other), ``what`` in words; ``reasons`` are the findings that name them."""
+
+    before: str
+    after: str
+    kind: str
+    what: str
+    modules: List[str]
+    reasons: List[Reason] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.modules)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ChangeGroup":
+        return cls(d["before"], d["after"], d["kind"], d["what"], list(d["modules"]),
+                   [Reason(**r) for r in d.get("reasons") or []])
+
+
+@dataclass
 class Verification:
     """The exported checkpoint, reloaded from disk and measured."""
 
@@ -119,8 +151,6 @@ class Verification:
     failed: List[str] = field(default_factory=list)
     tasks: Dict[str, dict] = field(default_factory=dict)
     export_gap_pct: Optional[float] = None  # |KLD - its trial's KLD| / trial's KLD
-    domains: Dict[str, Any] = field(default_factory=dict)  # per-domain metrics, measured as the diagnosis did
-    generations: List[dict] = field(default_factory=list)  # probe generations vs the float model's
 
 
 @dataclass
@@ -138,6 +168,10 @@ class Outcome:
     verification: Optional[Verification] = None
     llama_quantize_overrides: Optional[str] = None
     plan: str = "plan.yaml"
+    # the shipped plan (its trial's weights: what the checkpoint holds) measured as the diagnosis
+    # measured plan 0: per-domain metrics, probe generations vs the float model's
+    domains: Dict[str, Any] = field(default_factory=dict)
+    generations: List[dict] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"plan": self.plan, "plan_summary": self.plan_summary, "avg_bits": self.avg_bits,
@@ -152,12 +186,13 @@ class Outcome:
                 d["verified_tasks"] = v.tasks
             if v.export_gap_pct is not None:
                 d["export_gap_pct"] = v.export_gap_pct
-            if v.domains:
-                d["verified_domains"] = v.domains
-            if v.generations:
-                d["verified_generations"] = v.generations
+
         if self.llama_quantize_overrides:
             d["llama_quantize_overrides"] = self.llama_quantize_overrides
+        if self.domains:
+            d["domains"] = self.domains
+        if self.generations:
+            d["generations"] = self.generations
         d["passed"] = self.passed
         return d
 
@@ -166,11 +201,11 @@ class Outcome:
         v = None
         if d.get("checkpoint"):
             v = Verification(d["checkpoint"], d.get("checkpoint_bytes", 0), _metrics(d.get("verified_metrics")),
-                             list(d.get("verified_failed") or []), d.get("verified_tasks") or {}, d.get("export_gap_pct"),
-                             d.get("verified_domains") or {}, list(d.get("verified_generations") or []))
+                             list(d.get("verified_failed") or []), d.get("verified_tasks") or {}, d.get("export_gap_pct"))
         return cls(d.get("plan_summary", ""), d.get("avg_bits", 0.0), d.get("size_bytes", 0),
                    d.get("search_passed", False), d.get("stop_reason", ""), d.get("trials", 0), d.get("passed", False),
-                   d.get("chosen_trial"), v, d.get("llama_quantize_overrides"), d.get("plan", "plan.yaml"))
+                   d.get("chosen_trial"), v, d.get("llama_quantize_overrides"), d.get("plan", "plan.yaml"),
+                   d.get("domains") or {}, list(d.get("generations") or []))
 
 
 @dataclass
@@ -198,6 +233,7 @@ class RunReport:
     recalibration: Optional[Recalibration] = None
     pareto: Dict[str, list] = field(default_factory=dict)
     final: Optional[Outcome] = None
+    changes: List[ChangeGroup] = field(default_factory=list)  # plan 0 -> the shipped plan (explain.changes)
     warnings: List[str] = field(default_factory=list)
     timings_s: Dict[str, float] = field(default_factory=dict)
     memory: Dict[str, Any] = field(default_factory=dict)
@@ -226,6 +262,8 @@ class RunReport:
             if getattr(self, key) is not None:
                 d[key] = asdict(getattr(self, key))
         d["final"] = self.final.to_dict() if self.final is not None else None
+        if self.changes:
+            d["changes"] = [asdict(g) for g in self.changes]
         d.update(timings_s=self.timings_s, memory=self.memory, eval_batch_size=self.eval_batch_size)
         return d
 
@@ -243,6 +281,7 @@ class RunReport:
             diagnosis=DiagnosisSummary(**d["diagnosis"]) if d.get("diagnosis") else None,
             recalibration=Recalibration(**d["recalibration"]) if d.get("recalibration") else None,
             pareto=d.get("pareto") or {}, final=Outcome.from_dict(d["final"]) if d.get("final") else None,
+            changes=[ChangeGroup.from_dict(g) for g in d.get("changes") or []],
             warnings=list(d.get("warnings") or []), timings_s=d.get("timings_s") or {}, memory=d.get("memory") or {},
             eval_batch_size=d.get("eval_batch_size"))
 

@@ -73,15 +73,13 @@ def reload(ckpt: Path, spec: ReloadSpec, problems: Optional[List[str]] = None):
 
 @dataclass
 class Measured:
-    """A reloaded checkpoint's measurements: its metrics, task rows and task failures, where it
-    turns non-finite (None: nowhere), and per-domain metrics and probe generations."""
+    """A reloaded checkpoint's measurements: its metrics, task rows and task failures, and where it
+    turns non-finite (None: nowhere)."""
 
     metrics: Metrics
     tasks: Dict[str, dict]
     task_failed: List[str]
     nonfinite_at: Optional[str] = None
-    domains: Dict[str, dict] = None
-    generations: List[dict] = None
 
 
 Measure = Callable[[object], Measured]
@@ -102,8 +100,7 @@ def verify(ckpt: Path, spec: ReloadSpec, measure: Measure, trial: TrialRecord, t
     if where is not None:
         warnings.append(f"the reloaded checkpoint gives non-finite values, starting at {where}")
         fails.append(f"checkpoint non-finite at {where}")
-    return Verification(str(ckpt), exp.dir_size(ckpt), m, fails, got.tasks, gap, got.domains or {},
-                        got.generations or []), warnings
+    return Verification(str(ckpt), exp.dir_size(ckpt), m, fails, got.tasks, gap), warnings
 
 
 def agreement(trial: TrialRecord, m: Metrics) -> Tuple[Optional[float], List[str], List[str]]:

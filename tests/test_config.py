@@ -53,9 +53,31 @@ def test_misspelled_key_fails_at_compose(compose):
 
 
 @pytest.mark.parametrize("override,message", [
+    ("quant.algorithm=magic", "quant.algorithm=magic: choose one of rtn, mse, imatrix, gptq"),
+    ("mode=fix", "mode=fix: choose one of repair, diagnose, baseline"),
+    ("model.device_map=everywhere", "model.device_map=everywhere: choose one of auto, balanced"),
+    ("diagnose.sensitivity.method=slow", "diagnose.sensitivity.method=slow: choose one of fast, exact, taylor, fisher"),
+    ("export.formt=x", "export.formt is not a config key (ExportConfig has no 'formt')"),
+    ("quant.bits=four", "quant.bits=four: expected an integer"),
+    ("quant=foo", "quant=foo: no such option; choose one of awq, gptq"),
+    ("+foo=1", "foo is not a config key"),
+    ("loop.ladder=[4/64", "is not valid override syntax"),
+])
+def test_choices_and_keys_fail_when_composed_with_one_line(compose, override, message):
+    """A choice-like field is an enum: a wrong value fails at compose time; the command line turns
+    every composition error into one line naming the key and the fix (``cli.preflight``)."""
+    from quantfix.cli import preflight
+
+    if not override.startswith(("+", "loop.ladder", "quant=")):
+        with pytest.raises(ConfigCompositionException):
+            compose([override])
+    problem = preflight([override])
+    assert problem is not None and message in problem and "\n" not in problem, problem
+
+
+@pytest.mark.parametrize("override,message", [
     ("quant.bits=9", "quant.bits=9 is out of range: use 2..8"),
     ("quant.bits=1", "quant.bits=1 is out of range"),
-    ("quant.algorithm=magic", "quant.algorithm='magic': choose one of rtn, mse, "),
     ("thresholds.max_ppl_increase_pct=-1", "is impossible: use a value >= 0"),
     ("thresholds.min_top1=1.5", "thresholds.min_top1=1.5 is impossible"),
     ("thresholds.max_kld_mean=-0.1", "KL divergence is >= 0"),

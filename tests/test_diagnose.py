@@ -276,3 +276,16 @@ def test_calibration_mismatch_when_calibrated_rounding_is_no_better_than_rtn():
     diag.calibration_check = {"kld": 0.50, "rtn_kld": 0.45, "algorithms": ["gptq"]}
     diag.calibration_domains = ["pydoc", "wikitext2"]  # already calibrated on the deployment text
     assert "calibration_mismatch" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
+
+
+def test_histograms_show_the_most_sensitive_inputs_too():
+    """By ratio alone the demo drew layer 9's input and not layer 29 down_proj's, the most
+    sensitive module (the same 54x ratio, 51 outlier channels)."""
+    from quantfix.diagnose import histogram_inputs
+
+    rows = [{"input_of": [f"model.layers.{i}.mlp.down_proj"], "sensitivity": s}
+            for i, s in ((11, 0.094), (28, 0.017), (2, 0.028), (9, 0.014), (29, 0.096), (1, 0.010))]
+    assert histogram_inputs(rows, 4) == ["model.layers.11.mlp.down_proj", "model.layers.29.mlp.down_proj",
+                                         "model.layers.28.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    assert histogram_inputs(rows, 1) == ["model.layers.11.mlp.down_proj"]
+    assert histogram_inputs(rows[:1], 4) == ["model.layers.11.mlp.down_proj"]

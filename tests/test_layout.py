@@ -22,8 +22,8 @@ LAYERS: List[List[str]] = [
     ["source", "llamacpp"],
     ["loading", "data", "evaluate", "tasks", "calib"],
     ["verdict", "runreport", "tune", "export", "bank"],
-    ["trials", "verify", "existing", "diagnose", "explain"],
-    ["planner"],
+    ["trials", "verify", "existing", "diagnose"],
+    ["planner", "explain"],
     ["search", "report"],
     ["budget"],
     ["recipe"],
@@ -51,7 +51,11 @@ def _imports(f: Path, mods: Dict[str, Path]) -> Set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            # "from pkg import submodule" needs the submodule; "from module import name" the module
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            names = [s for s in subs if s in mods] or [node.module]
+            if len(names) < len(subs):
+                names.append(node.module)
         for n in names:
             if n.startswith("quantfix"):
                 while n not in mods and "." in n:

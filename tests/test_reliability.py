@@ -297,7 +297,7 @@ def test_disk_full_during_export_is_one_line_and_leaves_nothing(compose, tiny_di
     monkeypatch.setattr(exp, "_export_llmcompressor", _partial_then(error))
     with pytest.raises(QuantfixError, match=rf"no space left on device while writing the checkpoint to {out}: "
                                             "free space or pick another hydra.run.dir"):
-        exp.export(model, tok, plan, torch.zeros(1, 8, dtype=torch.long), out, str(tiny_dir), cfg.quant)
+        exp.export(model, tok, exp.ExportSpec(plan, str(tiny_dir), cfg.quant, samples=torch.zeros(1, 8, dtype=torch.long)), out)
     assert not (out / "checkpoint").exists() and not list(out.glob(".checkpoint-*"))
 
 
@@ -305,7 +305,7 @@ def test_other_export_errors_are_not_called_disk_full(compose, tiny_dir, tmp_pat
     model, tok, plan, out, cfg = _export_setup(compose, tiny_dir, tmp_path)
     monkeypatch.setattr(exp, "_export_llmcompressor", _partial_then(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        exp.export(model, tok, plan, torch.zeros(1, 8, dtype=torch.long), out, str(tiny_dir), cfg.quant)
+        exp.export(model, tok, exp.ExportSpec(plan, str(tiny_dir), cfg.quant, samples=torch.zeros(1, 8, dtype=torch.long)), out)
     assert not list(out.glob(".checkpoint-*"))
 
 
@@ -318,7 +318,7 @@ def test_checkpoint_dir_is_world_readable(compose, tiny_dir, tmp_path, monkeypat
     monkeypatch.setattr(exp, "_export_llmcompressor", fake_export)
     old = os.umask(0o022)
     try:
-        ckpt = exp.export(model, tok, plan, torch.zeros(1, 8, dtype=torch.long), out, str(tiny_dir), cfg.quant)
+        ckpt, _ = exp.export(model, tok, exp.ExportSpec(plan, str(tiny_dir), cfg.quant, samples=torch.zeros(1, 8, dtype=torch.long)), out)
     finally:
         os.umask(old)
     assert ckpt.stat().st_mode & 0o777 == 0o755

@@ -7,6 +7,8 @@ import math
 import sys
 
 import pytest
+
+from quantfix.config import EvalConfig
 import torch
 import torch.nn.functional as F
 
@@ -246,7 +248,7 @@ def test_non_local_task_without_lm_eval(monkeypatch, model, tok):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     with pytest.raises(QuantfixError, match=r"task hellaswag is not a local task \(lambada_openai, arc_easy, "
                                             r"piqa\) and lm-eval is not installed: pip install lm-eval"):
-        tasks.score_tasks(model, tok, ["arc_easy", "hellaswag"], DATA, limit=2)
+        tasks.score_tasks(model, tok, ["arc_easy", "hellaswag"], DATA, EvalConfig(task_limit=2))
 
 
 def test_lm_eval_results_conversion():

@@ -19,7 +19,7 @@ import torch
 from quantfix import cache as cache_mod
 from quantfix import evaluate as ev
 from quantfix import export as exp
-from quantfix import verdict
+from quantfix import verdict, verify
 from quantfix.config import ThresholdsConfig
 from quantfix.errors import QuantfixError
 from tests.conftest import run_report as run
@@ -398,12 +398,12 @@ def test_resume_with_other_thresholds_measures_again(compose, tiny_dir, tmp_path
                                          "no space left on device while writing the checkpoint")],
                          ids=["interrupt", "bug", "error"])
 def test_failed_run_writes_report_with_the_stop_reason(compose, tiny_dir, tmp_path, monkeypatch, exc, reason):
-    from quantfix import steps
+    from quantfix.recipe import Recipe
 
     def export_fails(*a, **k):
         raise exc
 
-    monkeypatch.setattr(steps, "export_and_verify", export_fails)
+    monkeypatch.setattr(Recipe, "_export_and_verify", export_fails)
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{"loop.max_iters": 1, "loop.policy": "greedy",
                                                                    "thresholds.max_ppl_increase_pct": 1000}))
     with pytest.raises(type(exc)):
@@ -440,12 +440,12 @@ def _tamper_after_export(monkeypatch, edit):
     real = exp.export
 
     def export(*a, **k):
-        ckpt = real(*a, **k)
+        ckpt, warnings = real(*a, **k)
         f = ckpt / "model.safetensors"
         tensors = load_file(f)
         edit(tensors)
         save_file(tensors, f, metadata={"format": "pt"})
-        return ckpt
+        return ckpt, warnings
 
     monkeypatch.setattr(exp, "export", export)
 
@@ -484,7 +484,42 @@ def test_an_untampered_checkpoint_agrees_with_its_trial(compose, tiny_dir, tmp_p
 
 
 def test_load_problems_one_line_per_kind():
-    lines = exp.load_problems({"missing_keys": ["b.w", "a.w"], "unexpected_keys": [],
+    lines = verify.load_problems({"missing_keys": ["b.w", "a.w"], "unexpected_keys": [],
                                "mismatched_keys": [("c.w", (2, 2), (3, 3))], "error_msgs": []})
     assert lines == ["checkpoint weights missing from the checkpoint (initialized at random on reload): 2, e.g. a.w",
                      "checkpoint weights of the wrong shape (initialized at random on reload): 1, e.g. c.w"]
+
+
+def test_a_checkpoint_that_behaves_like_another_model_never_passes(compose, tiny_dir, tmp_path):
+    """Its weights keep the float parent's signs (formats.read accepts them) but every scale is
+    shrunk 20x: a quantization that destroys the model. Thresholds that only look at PPL would let
+    it pass (they are set loose here); the floor against plain RTN at its widths fails it."""
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "cache"
+    run(compose(tiny_overrides(tiny_dir, cache, **{"quant.group_size": 32, "loop.max_iters": 1,
+                                                   "thresholds.max_ppl_increase_pct": 1e6})), tmp_path / "export")
+    ckpt = tmp_path / "export" / "checkpoint"
+    import shutil
+
+    shutil.copytree(ckpt, _honest_copy(tmp_path))
+    f = ckpt / "model.safetensors"
+    tensors = load_file(f)
+    for k in [k for k in tensors if k.endswith("weight_scale")]:
+        tensors[k] = tensors[k] * 0.05
+    save_file(tensors, f, metadata={"format": "pt"})
+    over = {"quantized.name_or_path": str(ckpt), "thresholds.max_ppl_increase_pct": 1e6, "loop.max_iters": 1,
+            "export.enabled": "false"}
+    report = run(compose(tiny_overrides(tiny_dir, cache, **over)), tmp_path / "repair")
+    first = report["iterations"][0]
+    assert not first["passed"] and any("behaves like another model" in f for f in first["failed"]), first["failed"]
+    assert report["final"]["passed"] is False
+    assert any("behaves like another model" in w for w in report["warnings"])
+    honest = run(compose(tiny_overrides(tiny_dir, cache, **{**over, "quantized.name_or_path": str(
+        _honest_copy(tmp_path))})), tmp_path / "honest")
+    assert honest["final"]["passed"] is True  # the same checkpoint, untampered, passes
+
+
+def _honest_copy(tmp_path: Path) -> Path:
+    """The untampered export (re-exported: the first one was edited in place)."""
+    return tmp_path / "export2" / "checkpoint"

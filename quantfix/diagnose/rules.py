@@ -156,7 +156,7 @@ def _calibration_mismatch(diag: Diagnosis) -> List[Finding]:
         return []
     kind = data_mod.DOMAIN_KIND.get(diag.eval_source, diag.eval_source)
     evidence = {**c, "per_domain_ppl_increase": {d: v["ppl_increase_pct"] for d, v in diag.domains.items()}}
-    pattern = ", ".join(f"{d} +{v}%" for d, v in evidence["per_domain_ppl_increase"].items())
+    pattern = ", ".join(f"{d} {v:+g}%" for d, v in evidence["per_domain_ppl_increase"].items())
     if not diag.calibration_domains:  # an existing checkpoint: its calibration set is unknown
         return [Finding("calibration_mismatch", domain=kind, source=diag.eval_source, evidence=evidence,
                         finding=f"the checkpoint does no better than plain RTN at its own scheme on the "
@@ -189,8 +189,8 @@ def _domain_gap(diag: Diagnosis, dcfg) -> List[Finding]:
         return []
     calib = ", ".join(diag.calibration_domains)
     return [Finding("domain_gap", domain=worst, source=src,
-                    finding=f"the worst domain, {worst} (PPL +{w['ppl_increase_pct']}%), is absent from the "
-                            f"calibration data ({calib}); {best}: +{b['ppl_increase_pct']}%",
+                    finding=f"the worst domain, {worst} (PPL {w['ppl_increase_pct']:+g}%), is absent from the "
+                            f"calibration data ({calib}); {best}: {b['ppl_increase_pct']:+g}%",
                     evidence={d: v["ppl_increase_pct"] for d, v in diag.domains.items()},
                     fix=f"calibrate on {worst} data too: data.domains=[{calib}, {src}]")]
 
@@ -214,7 +214,7 @@ def _ppl_hides_damage(diag: Diagnosis, dcfg) -> List[Finding]:
     if not (m["ppl_increase_pct"] < dcfg.ppl_ok_pct and (q["kld_mean"] > dcfg.kld_bad or q["top1"] < dcfg.top1_bad)):
         return []
     return [Finding("ppl_hides_damage",
-                    finding=f"perplexity looks fine (+{m['ppl_increase_pct']:.2f}%) but the distribution moved: "
+                    finding=f"perplexity looks fine ({m['ppl_increase_pct']:+.2f}%) but the distribution moved: "
                             f"KLD {q['kld_mean']:.4f}, top-1 agreement {q['top1']:.3f}",
                     evidence={"ppl_increase_pct": m["ppl_increase_pct"], "kld_mean": q["kld_mean"], "top1": q["top1"]},
                     fix="gate on KLD / top-1 and task metrics, not perplexity alone")]

@@ -14,7 +14,6 @@ gguf dequantizes) read against their float parent.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -34,10 +33,9 @@ def detect(path: str) -> str:
     if not cfg.exists():
         raise QuantfixError(f"quantized checkpoint not found: {path} (no config.json, not a .gguf file); check "
                             "quantized.name_or_path")
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError as e:
-        raise QuantfixError(f"{cfg} is not valid JSON ({e.msg}): re-download the checkpoint") from e
+    from quantfix.formats.files import quantization_config
+
+    qc = quantization_config(p)
     method = str(qc.get("quant_method") or "").lower()
     if not method and (p / "quantize_config.json").exists():  # AutoGPTQ's own file, older checkpoints
         method = "gptq"
@@ -55,7 +53,9 @@ def detect(path: str) -> str:
 
 def read(path: str, plan0: Plan, model_fp, gguf_parent_ok: bool = True) -> External:
     """The checkpoint at ``path`` as plan 0 plus its dequantized weights (module names and shapes
-    those of the float parent ``model_fp``, whose planned modules ``plan0`` lists)."""
+    those of the float parent ``model_fp``, whose planned modules ``plan0`` lists). Refused in one
+    line when a file is damaged (``files``) or a module's weight is not a quantization of the float
+    parent's (``parent``: a checkpoint of another model of the same shapes)."""
     fmt = detect(path)
     if fmt == "gguf":
         from quantfix.formats import gguf_io
@@ -64,7 +64,7 @@ def read(path: str, plan0: Plan, model_fp, gguf_parent_ok: bool = True) -> Exter
     elif fmt in ("gptq", "awq"):
         from quantfix.formats import packed
 
-        ext = packed.read(path, plan0, fmt)
+        ext = packed.read(path, plan0, fmt, model_fp)
     else:
         from quantfix.formats import loaded
 
@@ -75,4 +75,8 @@ def read(path: str, plan0: Plan, model_fp, gguf_parent_ok: bool = True) -> Exter
                                 f"{tuple(plan0.shapes[name])}: model.name_or_path must be this checkpoint's float parent")
         if not torch.isfinite(w).all():
             raise QuantfixError(f"{path}: the dequantized weight of {name} holds NaN/Inf: the checkpoint is damaged")
+    from quantfix.formats import parent
+
+    agree = parent.check(path, ext.weights, model_fp)
+    ext.parent_agreement = min(agree.values()) if agree else None
     return ext

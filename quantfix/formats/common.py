@@ -23,6 +23,7 @@ class External:
     source_types: Dict[str, str] = field(default_factory=dict)  # module -> the format's own type (Q4_K, nf4...)
     gguf_names: Dict[str, str] = field(default_factory=dict)  # module -> GGUF tensor name (GGUF only)
     notes: list = field(default_factory=list)
+    parent_agreement: Optional[float] = None  # the lowest module's sign agreement with the float parent (parent.py)
 
     def summary(self) -> str:
         types = {}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from quantfix.errors import QuantfixError
+from quantfix.formats import files
 from quantfix.formats.common import External, grid_precision
 from quantfix.plan import Plan, Precision
 
@@ -42,7 +43,11 @@ def _arch(reader) -> str:
     f = reader.fields.get("general.architecture")
     if f is None:
         raise QuantfixError("the GGUF file has no general.architecture: not a model file")
-    return str(f.contents())
+    try:
+        return str(f.contents())
+    except Exception as e:  # noqa: BLE001 - a field whose bytes do not decode
+        raise QuantfixError(f"the GGUF file's general.architecture cannot be read ({type(e).__name__}): "
+                            f"{files.REDOWNLOAD}") from e
 
 
 def _name_map(model_fp, arch: str) -> Tuple[Dict[str, str], object]:
@@ -76,13 +81,9 @@ def _native(W: torch.Tensor, tname: str, group: int) -> Optional[Tuple[torch.Ten
 
 
 def read(path: str, plan0: Plan, model_fp) -> External:
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    try:
-        reader = GGUFReader(str(Path(path).expanduser()))
-    except Exception as e:  # noqa: BLE001 - a damaged file raises many types
-        raise QuantfixError(f"could not read GGUF file {path} ({type(e).__name__}: {str(e)[:120]})") from e
+    reader = files.open_gguf(path)
     arch = _arch(reader)
     mapping, processor = _name_map(model_fp, arch)
     modules: Dict[str, Precision] = {}
@@ -101,7 +102,11 @@ def read(path: str, plan0: Plan, model_fp) -> External:
             continue
         if tname not in SCHEMES:
             raise QuantfixError(f"{path}: tensor {t.name} has GGUF type {tname}, which quantfix has no scheme for")
-        arr = dequantize(t.data, t.tensor_type)
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except Exception as e:  # noqa: BLE001 - a tensor whose bytes do not match its type and shape
+            raise files.damaged(Path(path).expanduser(), e,
+                                f"holds tensor {t.name}, which cannot be dequantized") from e
         arr = processor.process(weights=arr, name=t.name, tensor_key_mapping=mapping, parsed_parameters={}).weights
         W = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         if tuple(W.shape) != tuple(plan0.shapes[hf]):
@@ -129,7 +134,7 @@ def requantize(src: str, dst: str, qtype: Callable[[str, object], Optional[str]]
     import gguf
     from gguf.quants import dequantize, quantize
 
-    reader = gguf.GGUFReader(src)
+    reader = files.open_gguf(src)
     tmp = Path(dst).with_suffix(".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch=_arch(reader), endianess=reader.endianess)
     for f in reader.fields.values():

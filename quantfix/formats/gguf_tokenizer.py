@@ -60,12 +60,16 @@ def read_vocab(path: str) -> Optional[GGUFVocab]:
         f = r.fields.get(key)
         if f is None:
             return default
-        if len(f.data) > 1000:  # big arrays: straight from the parts (contents() takes ~1 min on 262k)
-            first = f.parts[f.data[0]]
-            if first.dtype == np.uint8:  # strings
-                return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
-            return np.concatenate([f.parts[i] for i in f.data]).tolist()
-        return f.contents()
+        try:
+            if len(f.data) > 1000:  # big arrays: straight from the parts (contents() takes ~1 min on 262k)
+                first = f.parts[f.data[0]]
+                if first.dtype == np.uint8:  # strings
+                    return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
+                return np.concatenate([f.parts[i] for i in f.data]).tolist()
+            return f.contents()
+        except Exception as e:  # noqa: BLE001 - a field whose bytes do not decode: the file is damaged
+            raise QuantfixError(f"{path}: GGUF field {key} cannot be read ({type(e).__name__}: {str(e)[:120]}): "
+                                "re-download the file") from e
 
     if "tokenizer.ggml.tokens" not in r.fields:
         return None

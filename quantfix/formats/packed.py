@@ -16,13 +16,13 @@ tests/test_formats.py:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
 from quantfix.errors import QuantfixError
+from quantfix.formats import files, parent
 from quantfix.formats.common import External, check_group, grid_precision
 from quantfix.plan import Plan, Precision
 
@@ -30,18 +30,9 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # the position of the k-th packed nibble o
 
 
 def _tensors(path: Path, wanted_suffixes=(".qweight", ".qzeros", ".scales", ".g_idx")) -> Dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not sorted(path.glob("*.safetensors")):
         raise QuantfixError(f"{path}: no .safetensors files; quantfix reads GPTQ/AWQ checkpoints in safetensors")
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                if k.endswith(wanted_suffixes):
-                    out[k] = st.get_tensor(k)
-    return out
+    return files.read_tensors(path, lambda k: k.endswith(wanted_suffixes))
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -84,14 +75,28 @@ def awq_ints(qweight, qzeros, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return unpack(qweight), unpack(qzeros)
 
 
-def read(path: str, plan0: Plan, fmt: str) -> External:
+def _check_layout(name: str, q, z, sc, g_idx, shape: Tuple[int, int], path: str) -> None:
+    """Unpacked integers, zero points, scales and group indices that fit one [out, in] module."""
+    out_f, in_f = shape
+    n_groups = sc.shape[0]
+    fits = tuple(q.shape) == (in_f, out_f) and z.shape[0] == n_groups and z.shape[1] >= out_f and \
+        (g_idx is None or (g_idx.numel() == in_f and 0 <= int(g_idx.min()) and int(g_idx.max()) < n_groups))
+    if not fits:
+        raise QuantfixError(f"{path}: the packed tensors of {name} do not fit one {out_f}x{in_f} module (integers "
+                            f"{tuple(q.shape)}, zero points {tuple(z.shape)}, scales {tuple(sc.shape)}"
+                            f"{'' if g_idx is None else f', g_idx {tuple(g_idx.shape)}'}): the checkpoint is damaged; "
+                            f"{files.REDOWNLOAD}")
+
+
+def read(path: str, plan0: Plan, fmt: str, model_fp=None) -> External:
     root = Path(path).expanduser()
-    qc = json.loads((root / "config.json").read_text()).get("quantization_config") or {}
+    qc = files.quantization_config(root)
     if fmt == "gptq" and (root / "quantize_config.json").exists() and not qc:
-        qc = json.loads((root / "quantize_config.json").read_text())
+        qc = files.read_json(root / "quantize_config.json")
     if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
         raise QuantfixError(f"{path}: AWQ version {qc.get('version')!r}; quantfix reads the GEMM layout (the default)")
-    v1 = str(qc.get("checkpoint_format") or qc.get("meta", {}).get("checkpoint_format") or "gptq") != "gptq_v2"
+    meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+    v1 = str(qc.get("checkpoint_format") or meta.get("checkpoint_format") or "gptq") != "gptq_v2"
     t = _tensors(root)
     modules, weights, qps, types, notes = {}, {}, {}, {}, []
     found = 0
@@ -101,7 +106,7 @@ def read(path: str, plan0: Plan, fmt: str) -> External:
             modules[name] = Precision(16)
             continue
         found += 1
-        qweight, qzeros, sc = t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"]
+        qweight, qzeros, sc = files.require(t, (f"{name}.qweight", f"{name}.qzeros", f"{name}.scales"), root)
         if sc.shape[-1] != out_f:
             raise QuantfixError(f"{path}: {name}.scales has shape {tuple(sc.shape)}, but the float model's module is "
                                 f"{out_f}x{in_f}: model.name_or_path must be this checkpoint's float parent")
@@ -115,9 +120,10 @@ def read(path: str, plan0: Plan, fmt: str) -> External:
         else:
             bits = int(qc.get("bits") or qc.get("w_bit") or 4)
             q, z = awq_ints(qweight, qzeros, bits)
+        g_idx = t.get(f"{name}.g_idx")
+        _check_layout(name, q, z, sc, g_idx, (out_f, in_f), path)
         z = z[:, :out_f]
         group = in_f // n_groups if n_groups > 1 else 0
-        g_idx = t.get(f"{name}.g_idx")
         trivial = torch.arange(in_f) // (group or in_f)
         act_order = g_idx is not None and not torch.equal(g_idx.long(), trivial)
         gi = g_idx.long() if act_order else trivial
@@ -134,5 +140,6 @@ def read(path: str, plan0: Plan, fmt: str) -> External:
     if not found:
         raise QuantfixError(f"{path}: no packed module (.qweight) matches the float model's planned modules (e.g. "
                             f"{next(iter(plan0.modules))}): model.name_or_path must be this checkpoint's float parent")
+    smoothed = parent.smoothing_note(files.read_tensors(root, lambda k: k.endswith(("norm.weight", ".bias"))), model_fp)
     plan = plan0.with_changes(modules, note=f"existing {fmt} checkpoint {path}")
-    return External(plan, weights, qps, fmt, types, notes=notes)
+    return External(plan, weights, qps, fmt, types, notes=notes + ([smoothed] if smoothed else []))
