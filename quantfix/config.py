@@ -436,6 +436,28 @@ def _check_thresholds(cfg) -> List[str]:
     return p
 
 
+def _bits(bits: int, group: int, symmetric: bool) -> float:
+    """Bits per weight of a width as compressed-tensors stores it on a wide module (16-bit scales, a
+    bits-wide zero point per group when asymmetric)."""
+    return bits + ((16 + (0 if symmetric else bits)) / group if group else 0.0)
+
+
+def _cheapest_bits(cfg) -> Optional[float]:
+    """The fewest bits per weight a plan can have: plan 0's, or the cheapest ladder rung's (None when
+    plan 0 comes from an existing checkpoint or the settings are themselves invalid)."""
+    q = cfg.quant
+    if cfg.quantized.name_or_path or algorithms.bits_problem(q.bits) or q.group_size < 0:
+        return None
+    costs = [_bits(q.bits, q.group_size, q.symmetric)]
+    try:
+        for r in (parse_rung(x) for x in ladder_of(cfg)):
+            if r.bits < 16 and r.group >= 0 and not algorithms.bits_problem(r.bits):
+                costs.append(_bits(r.bits, r.group, q.symmetric if r.symmetric is None else r.symmetric))
+    except QuantfixError:
+        return None
+    return min(costs)
+
+
 def _check_search(cfg) -> List[str]:
     p = []
     if cfg.loop.max_iters < 1:
@@ -459,12 +481,10 @@ def _check_search(cfg) -> List[str]:
     if cfg.loop.ladder is not None and not cfg.loop.ladder:
         p.append("loop.ladder is empty: a failing plan has nowhere to climb; give the rungs, e.g. "
                  "loop.ladder=[4/64,4/32,5/64,6/64,8/0,16/0], or null for the mode's default")
-    q = cfg.quant
-    if b is not None and not cfg.quantized.name_or_path and not algorithms.bits_problem(q.bits) and q.group_size >= 0:
-        floor = q.bits + ((16 + (0 if q.symmetric else q.bits)) / q.group_size if q.group_size else 0.0)
-        if b < floor - 1e-9:
-            p.append(f"plan.budget.avg_bits={b} is below plan 0's {floor:.3g} bits per weight (quant.bits={q.bits}, "
-                     f"group {q.group_size or 'per channel'}, scales included): raise the budget or lower quant.bits")
+    floor = _cheapest_bits(cfg)
+    if b is not None and floor is not None and b < floor - 1e-9:
+        p.append(f"plan.budget.avg_bits={b} is below the cheapest plan: {floor:.3g} bits per weight (plan 0 and "
+                 "every loop.ladder rung, scales included): raise the budget, or add a lower rung to loop.ladder")
     for rung in cfg.loop.ladder or []:
         try:
             bits, group, _ = parse_rung(rung)
