@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 LOW_BITS = 3  # options at or below this width get the learned multiplier
 WEIGHT_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
 GIVE_UP = 1.5  # a candidate predicted above this x the best measured KLD is not measured
-MAX_CANDIDATES = 4
+MAX_CANDIDATES = 5
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Candidate:
     name: str  # "search", "floor W4g64", "uniform W4g32-gptq-imx"
     plan: Plan
     raw: float  # the additive prediction, weighted
+    must: bool = False  # measured whatever its prediction (a simple plan the search must not lose to)
 
 
 def rung_bits(rung: str, in_features: int = 4096) -> float:
@@ -77,6 +78,7 @@ class BudgetSearch:
             raise QuantfixError(f"plan.budget.avg_bits={budget} is below the cheapest plan on loop.ladder "
                                 f"({self.table.bits_at(0):.2f} bits): add a lower rung or raise the budget")
         self.weight = 1.0
+        self.searched = False  # the full search's plan was measured
         self.start = trial.last  # plan 0 as measured last (after a recalibration, with the new data)
         self.measured: List[Tuple[Plan, float]] = [(self.start.plan, self.start.metrics.kld_mean)]
         self.fit = self._refit()
@@ -110,24 +112,39 @@ class BudgetSearch:
 
     # ---- candidates -------------------------------------------------------------------------
     def candidates(self) -> List[Candidate]:
-        """Every candidate plan within the budget, best predicted first, no plan twice."""
+        """Every candidate plan within the budget, no plan twice: first the ones the search must
+        measure (it must not lose to a plan it could as well have built): the full search, the two
+        highest floors that fit, the widest uniform rung in its best rounding; then the rest; each
+        group best predicted first."""
         w = self.weigh(self.weight)
         floors = sorted({round(rung_bits(r), 6) for r in self._rungs()})
-        out = []
+        searched = []
         for i, floor in enumerate(floors):
             planner = self._make(Space(floor=0.0 if i == 0 else floor, weigh=w))
             if planner.fits(self.budget):
                 name = "search" if i == 0 else f"floor {floor:.3g} bits"
-                out.append(Candidate(name, planner.plan_at(planner.largest_within(self.budget)), 0.0))
-        out += self._uniform()
-        seen, unique = set(), []
-        for c in out:
+                searched.append(Candidate(name, planner.plan_at(planner.largest_within(self.budget)), 0.0))
+        uniform = self._unique(self._uniform())
+        widest = max((c.plan.avg_bits for c in uniform), default=None)
+        best_uniform = [min((c for c in uniform if c.plan.avg_bits == widest), key=lambda c: c.raw)] if uniform else []
+        # the search's own plan is a must once: its re-plans after a refit compete by prediction
+        must = self._unique(([] if self.searched else searched[:1]) + searched[-2:][::-1] + best_uniform)
+        for c in must:
+            c.must = True
+        rest = [c for c in self._unique(searched + uniform) if plan_key(c.plan) not in {plan_key(m.plan) for m in must}]
+        must = [c for c in must if c.name == "search"] + sorted((c for c in must if c.name != "search"), key=lambda c: c.raw)
+        return must + sorted(rest, key=lambda c: c.raw)
+
+    def _unique(self, cands: List[Candidate]) -> List[Candidate]:
+        """The candidates within the budget, each plan once (the first name kept), their raw prediction set."""
+        seen, out = set(), []
+        for c in cands:
             key = plan_key(c.plan)
             if key not in seen and c.plan.avg_bits <= self.budget + 1e-6:
                 seen.add(key)
                 c.raw = self.raw(c.plan)
-                unique.append(c)
-        return sorted(unique, key=lambda c: c.raw)
+                out.append(c)
+        return out
 
     def _rungs(self) -> List[str]:
         return [f"{r.bits}/{r.group}" + ("" if r.symmetric is None else "s" if r.symmetric else "a")
@@ -157,11 +174,13 @@ class BudgetSearch:
             if not todo:
                 break
             c, best = todo[0], self._best(recs)
-            if len(self.measured) >= 3 and best is not None and self.predict(c.raw) > GIVE_UP * best.metrics.kld_mean:
+            if not c.must and len(self.measured) >= 3 and best is not None and \
+                    self.predict(c.raw) > GIVE_UP * best.metrics.kld_mean:
                 log.info("budget search: the next candidate (%s) is predicted %.4f, far above the best measured %.4f: "
                          "stopping", c.name, self.predict(c.raw), best.metrics.kld_mean)
                 break
             tried.add(plan_key(c.plan))
+            self.searched = self.searched or c.name == "search"
             rec = self.trial(c.plan, self.plan0, predicted=self.predict(c.raw), budget_avg_bits=self.budget,
                              action=f"budget candidate: {c.name}", actions=_kinds(self.plan0, c.plan))
             recs.append(rec)

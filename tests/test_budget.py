@@ -128,3 +128,20 @@ def test_prune_keeps_the_rungs_near_the_budget_and_the_way_out():
     assert prune_ladder(ladder, 3.0) == ["2/64a", "3/64a", "4/64", "4/32", "8/0", "16/0"]
     assert prune_ladder(ladder, 5.0) == ["2/64a", "3/64a", "4/64", "4/32", "5/64", "6/64", "8/0", "16/0"]
     assert "2/64a" in prune_ladder(ladder, 6.5)  # the cheapest rung stays: the floor of the budget
+
+
+def test_the_simple_plans_are_measured_even_when_predicted_worse():
+    """The search's own plan is predicted best by far; the higher floors and the widest uniform plan
+    are measured all the same, so a shipped plan cannot lose to them."""
+    plan = _plan()
+    diag, options, ladder = _diagnosis(plan, _kld)
+    trials = FakeTrials(lambda p: sum(_kld(q) for q in p.modules.values()), max_iters=8)
+    trials(plan)
+    search = BudgetSearch(trials, plan, diag, options, 4.6, ladder)
+    must = [c for c in search.candidates() if c.must]
+    assert must[0].name == "search" and any(c.name.startswith("floor") for c in must)
+    assert any(c.name.startswith("uniform") for c in must)
+    search.run()
+    measured = {r.action for r in trials.records[1:]}
+    for c in must:
+        assert any(c.name in a for a in measured), (c.name, measured)
