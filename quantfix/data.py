@@ -246,8 +246,10 @@ def eval_windows(source: str, data_dir: str, tokenizer, n_windows: int, seq_len:
     per = seq_len - (bos is not None)
     need = n_windows * per
     if ids.numel() < per:
+        fix = (f"lower eval.seq_len (at most {ids.numel() + (bos is not None)}) or point eval.source at a longer text"
+               if ids.numel() >= 8 else "point eval.source at a text with content")
         raise QuantfixError(f"eval text {source!r} holds {ids.numel()} tokens, not even one window of eval.seq_len="
-                            f"{seq_len}: point eval.source at a text with content")
+                            f"{seq_len}: {fix}")
     if ids.numel() < need:
         raise QuantfixError(
             f"eval text {source!r} has {ids.numel()} tokens but eval.n_windows x eval.seq_len = {n_windows} x {seq_len} "

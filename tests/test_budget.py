@@ -10,6 +10,8 @@ from quantfix.evaluate import Metrics
 from quantfix.plan import Plan, Precision
 from quantfix.planner import Ladder, PredictivePlanner, Space, ladder_options
 from quantfix.trials import record
+from tests.conftest import run_report as run
+from tests.conftest import tiny_overrides
 
 W3, W4, W8 = Precision(3, 64, False, "imatrix"), Precision(4, 64, True, "imatrix"), Precision(8, 0, True, "imatrix")
 RUNGS = ["3/64a", "4/64", "8/0", "16/0"]
@@ -146,3 +148,23 @@ def test_the_simple_plans_are_measured_even_when_predicted_worse():
 
     measured = {plan_key(r.plan) for r in trials.records}  # plan 0 included: a floor may be plan 0 itself
     assert all(plan_key(c.plan) in measured for c in must)
+
+
+def test_budget_mode_measures_candidates_and_ships_the_best_within_the_budget(compose, tiny_dir, tmp_path):
+    """plan.budget.avg_bits: candidates within the budget (the search from the cheapest rung, higher
+    floors, uniform plans) are measured while trials are left; the lowest measured KLD within the
+    budget is exported and verified, and its prediction was refit on the measurements before it."""
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
+        "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": 5.0,
+        "loop.max_iters": 4}))
+    report = run(cfg, tmp_path / "run")
+    its = report["iterations"]
+    cands = its[1:]
+    assert len(its) == 4 and all(it["action"].startswith("budget candidate") for it in cands)
+    assert all(it["avg_bits"] <= 5.0 + 1e-9 for it in cands)
+    assert all("prediction_error_pct" in it for it in cands)
+    fin = report["final"]
+    best = min((it for it in its if it["avg_bits"] <= 5.0 + 1e-9), key=lambda it: it["metrics"]["kld_mean"])
+    assert fin["chosen_trial"] == best["iter"] and fin["avg_bits"] == best["avg_bits"]
+    assert fin["verified_metrics"]["kld_mean"] == pytest.approx(best["metrics"]["kld_mean"], rel=1e-5)

@@ -65,7 +65,7 @@ def _rows(n: int) -> torch.Tensor:
 
 def agreements(weights: Dict[str, torch.Tensor], model_fp) -> Dict[str, float]:
     """Module -> agreement of the checkpoint's dequantized weight with the float parent's."""
-    from quantfix.model import weight_of
+    from quantfix.weights import weight_of
 
     mods = dict(model_fp.named_modules())
     out = {}
