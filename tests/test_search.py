@@ -9,7 +9,6 @@ import pytest
 
 from quantfix import search
 from quantfix.config import LoopConfig, ThresholdsConfig
-from quantfix.errors import QuantfixError
 from quantfix.evaluate import Metrics
 from quantfix.plan import Plan, Precision
 from quantfix.timing import Timer
@@ -106,13 +105,6 @@ def test_search_result_chosen_is_the_best_else_the_last():
     assert search.SearchResult(None, last, "failed").chosen is last
 
 
-def test_probe_step_is_the_first_step_at_the_geometric_mean():
-    planner = SimpleNamespace(raw_prediction=[1.0, 0.5, 0.2, 0.1, 0.01].__getitem__)
-    assert search.probe_step(planner, 4) == 3  # sqrt(1 * 0.01) = 0.1
-    planner = SimpleNamespace(raw_prediction=[1.0, 0.9, 0.8, 1e-4].__getitem__)
-    assert search.probe_step(planner, 3) == 2  # none in between reaches 0.01: the step below k
-
-
 def _predictive_setup(max_iters):
     """Three modules whose KLD adds up: 0.4 each at W4g64, 0.05 at W8, 0 in float; the diagnosis's
     numbers are the truth, so the planner's prediction is exact."""
@@ -130,16 +122,10 @@ def _predictive_setup(max_iters):
 def test_predictive_measures_the_cheapest_plan_predicted_to_pass():
     plan0, diagnosis, options, trial = _predictive_setup(max_iters=6)
     t = ThresholdsConfig(max_ppl_increase_pct=None, max_kld_mean=0.5)
-    res = search.predictive(trial, plan0, diagnosis, options, t, None, Timer())
+    res = search.predictive(trial, plan0, diagnosis, options, t, Timer())
     # 1.2 at plan 0; two modules at W8 give 0.5, which passes; one gives 0.85, which fails
     assert res.best is not None and res.best.metrics.kld_mean == pytest.approx(0.5)
     assert sorted(p.label for p in res.chosen.plan.modules.values()) == ["W4g64", "W8ch", "W8ch"]
     assert res.below is not None and res.below.metrics.kld_mean == pytest.approx(0.85)
     assert res.reason.startswith("passed; converged") and res.frontier
     assert all("predicted" in r.why for r in trial.records[1:])
-
-
-def test_predictive_budget_below_plan_0_is_refused():
-    plan0, diagnosis, options, trial = _predictive_setup(max_iters=6)
-    with pytest.raises(QuantfixError, match=r"plan.budget.avg_bits=3.0 is below plan 0's 4.25 average bits"):
-        search.predictive(trial, plan0, diagnosis, options, ThresholdsConfig(), 3.0, Timer())
