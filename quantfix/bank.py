@@ -170,24 +170,13 @@ class WeightBank:
         trials came before (a resumed run measures what the uninterrupted one did). On the CPU the
         jobs run in parallel, one thread each (the same arithmetic whatever the number of jobs).
         ``out``: a dict that receives the results instead of the bank keeping them."""
-        jobs: Dict[tuple, Tuple[Precision, List[str]]] = {}
-        groups = self.stats.groups() if self.stats is not None else {}
-        for n, p in items:
-            if p.is_float or (n, p) in self._sim or n not in self.modules or algorithms.get(p.algorithm).external \
-                    or not self._kept(p):
-                continue
-            alg = algorithms.get(p.algorithm)
-            if alg.simulate_many is not None and self.stats is not None and n in self.stats.module_input:
-                key = self.stats.module_input[n]
-                jobs.setdefault(("stack", key, p), (p, [m for m in groups[key] if m in self.modules]))
-            else:
-                jobs.setdefault(("one", n, p), (p, [n]))
+        jobs = self._jobs(items)
         if not jobs:
             return
         on_cpu = all(weight_device(self.modules[names[0]]).type == "cpu" for _, names in jobs.values())
         if not on_cpu:
-            for p, names in jobs.values():
-                self._run_job(p, names, out=out)
+            for ps, names in jobs.values():
+                self._run_job(ps, names, out=out)
             return
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -196,10 +185,32 @@ class WeightBank:
                 with ThreadPoolExecutor(threads) as pool:
                     list(pool.map(lambda job: self._run_job(*job, flush_denormal=True, out=out), jobs.values()))
             else:
-                for p, names in jobs.values():
-                    self._run_job(p, names, flush_denormal=True, out=out)
+                for ps, names in jobs.values():
+                    self._run_job(ps, names, flush_denormal=True, out=out)
         finally:
             torch.set_num_threads(threads)
+
+    def _jobs(self, items) -> Dict[tuple, Tuple[List[Precision], List[str]]]:
+        """The simulations ``items`` need, as jobs of (precisions, modules): the GPTQ family's
+        precisions of one input in one job over every planned module that reads it (one sweep serves
+        them all), any other precision of one module alone."""
+        jobs: Dict[tuple, Tuple[List[Precision], List[str]]] = {}
+        groups = self.stats.groups() if self.stats is not None else {}
+        for n, p in items:
+            if p.is_float or (n, p) in self._sim or n not in self.modules or algorithms.get(p.algorithm).external \
+                    or not self._kept(p):
+                continue
+            alg = algorithms.get(p.algorithm)
+            if alg.simulate_many is not None and self.stats is not None and n in self.stats.module_input:
+                key = self.stats.module_input[n]
+                together = alg.sweeps_options_together
+                ps, _ = jobs.setdefault(("stack", key) + (() if together else (p,)),
+                                        ([], [m for m in groups[key] if m in self.modules]))
+                if p not in ps:
+                    ps.append(p)
+            else:
+                jobs.setdefault(("one", n, p), ([p], [n]))
+        return jobs
 
     def _keep(self, name: str, q: torch.Tensor) -> torch.Tensor:
         """A simulation as kept: in the weight's own dtype, on its accelerator while there is room."""
@@ -209,25 +220,30 @@ class WeightBank:
             dev = torch.device("cpu")
         return q.to(dev, dtype)
 
-    def _run_job(self, p: Precision, names: List[str], flush_denormal: bool = False,
+    def _run_job(self, ps: List[Precision], names: List[str], flush_denormal: bool = False,
                  out: Optional[dict] = None) -> None:
-        """Simulate ``names`` at ``p`` and keep the results. ``flush_denormal`` (CPU): the inverse
-        Hessians and clipping statistics of inputs with massive activations (the demo's 3000x
-        channels) are full of denormal floats, which the CPU computes ~15x slower (one demo
-        down_proj GPTQ: 12.9 s -> 0.7 s); flushed (per thread, and it stays on) they change nothing
-        measurable."""
+        """Simulate ``names`` at every precision of ``ps`` and keep the results. ``flush_denormal``
+        (CPU): the inverse Hessians and clipping statistics of inputs with massive activations (the
+        demo's 3000x channels) are full of denormal floats, which the CPU computes ~15x slower (one
+        demo down_proj GPTQ: 12.9 s -> 0.7 s); flushed (per thread, and it stays on) they change
+        nothing measurable."""
         if flush_denormal:
             torch.set_flush_denormal(True)
-        alg = algorithms.get(p.algorithm)
-        if alg.simulate_many is not None:
-            outs = alg.simulate_many([self.original(n) for n in names], p, [self._inputs(n, p) for n in names])
+        alg = algorithms.get(ps[0].algorithm)
+        if alg.sweeps_options_together:
+            Ws = [self.original(n) for n in names]
+            results = algorithms.gptq_options(Ws, ps, {p: [self._inputs(n, p) for n in names] for p in ps})
+        elif alg.simulate_many is not None:
+            results = {ps[0]: alg.simulate_many([self.original(n) for n in names], ps[0],
+                                                [self._inputs(n, ps[0]) for n in names])}
         else:
-            outs = [alg.simulate(self.original(names[0]), p, self._inputs(names[0], p))]
-        for n, q in zip(names, outs):
-            if out is None:
-                self._sim[(n, p)] = self._keep(n, q)
-            else:  # handed back, not kept (option chunks): where it was computed, in the weight's dtype
-                out[(n, p)] = q.to(dtype=self.originals[n].dtype)
+            results = {ps[0]: [alg.simulate(self.original(names[0]), ps[0], self._inputs(names[0], ps[0]))]}
+        for p, outs in results.items():
+            for n, q in zip(names, outs):
+                if out is None:
+                    self._sim[(n, p)] = self._keep(n, q)
+                else:  # handed back, not kept (option chunks): where it was computed, in the weight's dtype
+                    out[(n, p)] = q.to(dtype=self.originals[n].dtype)
 
     def use_tuned(self, plan: Plan, weights: Dict[str, torch.Tensor],
                      qparams: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:

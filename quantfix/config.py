@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -180,7 +180,8 @@ class LoopConfig:
     # the ladder a module climbs when promoted: "bits/group" entries, 16 = keep in float. 5- and
     # 6-bit rungs load everywhere transformers does (compressed-tensors); vLLM's fast kernels take
     # 4 and 8 bits: drop them (e.g. loop.ladder=[4/64,4/32,8/0,16/0]) for such a deployment
-    ladder: List[str] = field(default_factory=lambda: ["4/64", "4/32", "5/64", "6/64", "8/0", "16/0"])
+    # null (auto): THRESHOLD_LADDER, or BUDGET_LADDER with plan.budget.avg_bits (2- and 3-bit rungs too)
+    ladder: Optional[List[str]] = None
     # predictive: the algorithms a module may move to at each rung, the planner picking per module
     # (empty: plan 0's own); imatrix and gptq_imatrix search the clipping on the calibration data
     algorithms: List[AlgorithmName] = field(default_factory=lambda: [AlgorithmName.imatrix, AlgorithmName.gptq_imatrix])
@@ -315,12 +316,39 @@ def register() -> None:
     cs.store(name="quantfix_schema", node=Config)
 
 
-def parse_rung(rung: str) -> tuple[int, int]:
+class Rung(NamedTuple):
+    """One rung of ``loop.ladder``: "bits/group" (16 = keep in float, group 0 = per channel), with an
+    optional "a" (asymmetric: a zero point per group) or "s" (symmetric) suffix; without one a
+    module keeps plan 0's symmetry."""
+
+    bits: int
+    group: int
+    symmetric: Optional[bool] = None
+
+
+def parse_rung(rung: str) -> Rung:
+    text = str(rung).strip()
+    sym = {"a": False, "s": True}.get(text[-1:]) if text[-1:] in ("a", "s") else None
     try:
-        bits, group = (int(x) for x in rung.split("/"))
+        bits, group = (int(x) for x in (text[:-1] if sym is not None else text).split("/"))
     except ValueError:
-        raise QuantfixError(f"loop.ladder entry {rung!r} is not 'bits/group' (e.g. '4/64', '8/0', '16/0')")
-    return bits, group
+        raise QuantfixError(f"loop.ladder entry {rung!r} is not 'bits/group' (e.g. '4/64', '3/64a' for asymmetric, "
+                            "'8/0', '16/0')")
+    return Rung(bits, group, sym)
+
+
+# the rungs a module may climb when loop.ladder is null (auto): the fewest bits that pass (threshold
+# mode) climbs from plan 0; a budget (plan.budget.avg_bits) may also go below it, to 2 and 3 bits,
+# asymmetric there (a zero point per group pays for itself at low widths)
+THRESHOLD_LADDER = ("4/64", "4/32", "5/64", "6/64", "8/0", "16/0")
+BUDGET_LADDER = ("2/64a", "3/128a", "3/64a", "3/32a", "4/128", "4/64", "4/32", "5/64", "6/64", "8/0", "16/0")
+
+
+def ladder_of(cfg: Any) -> List[str]:
+    """The run's ladder: ``loop.ladder`` as given, or (null) the mode's default."""
+    if cfg.loop.ladder is not None:
+        return [str(r) for r in cfg.loop.ladder]
+    return list(BUDGET_LADDER if cfg.plan.budget.avg_bits is not None else THRESHOLD_LADDER)
 
 
 def validate(cfg: Any) -> None:
@@ -408,6 +436,28 @@ def _check_thresholds(cfg) -> List[str]:
     return p
 
 
+def _bits(bits: int, group: int, symmetric: bool) -> float:
+    """Bits per weight of a width as compressed-tensors stores it on a wide module (16-bit scales, a
+    bits-wide zero point per group when asymmetric)."""
+    return bits + ((16 + (0 if symmetric else bits)) / group if group else 0.0)
+
+
+def _cheapest_bits(cfg) -> Optional[float]:
+    """The fewest bits per weight a plan can have: plan 0's, or the cheapest ladder rung's (None when
+    plan 0 comes from an existing checkpoint or the settings are themselves invalid)."""
+    q = cfg.quant
+    if cfg.quantized.name_or_path or algorithms.bits_problem(q.bits) or q.group_size < 0:
+        return None
+    costs = [_bits(q.bits, q.group_size, q.symmetric)]
+    try:
+        for r in (parse_rung(x) for x in ladder_of(cfg)):
+            if r.bits < 16 and r.group >= 0 and not algorithms.bits_problem(r.bits):
+                costs.append(_bits(r.bits, r.group, q.symmetric if r.symmetric is None else r.symmetric))
+    except QuantfixError:
+        return None
+    return min(costs)
+
+
 def _check_search(cfg) -> List[str]:
     p = []
     if cfg.loop.max_iters < 1:
@@ -428,18 +478,16 @@ def _check_search(cfg) -> List[str]:
         p.append("loop.tune=autoround needs loop.policy=predictive")
     if cfg.loop.tune_iters < 0 or cfg.loop.tune_batch_size < 1:
         p.append("loop.tune_iters must be >= 0 and loop.tune_batch_size >= 1")
-    if not cfg.loop.ladder:
+    if cfg.loop.ladder is not None and not cfg.loop.ladder:
         p.append("loop.ladder is empty: a failing plan has nowhere to climb; give the rungs, e.g. "
-                 "loop.ladder=[4/64,4/32,5/64,6/64,8/0,16/0]")
-    q = cfg.quant
-    if b is not None and not cfg.quantized.name_or_path and not algorithms.bits_problem(q.bits) and q.group_size >= 0:
-        floor = q.bits + ((16 + (0 if q.symmetric else q.bits)) / q.group_size if q.group_size else 0.0)
-        if b < floor - 1e-9:
-            p.append(f"plan.budget.avg_bits={b} is below plan 0's {floor:.3g} bits per weight (quant.bits={q.bits}, "
-                     f"group {q.group_size or 'per channel'}, scales included): raise the budget or lower quant.bits")
-    for rung in cfg.loop.ladder:
+                 "loop.ladder=[4/64,4/32,5/64,6/64,8/0,16/0], or null for the mode's default")
+    floor = _cheapest_bits(cfg)
+    if b is not None and floor is not None and b < floor - 1e-9:
+        p.append(f"plan.budget.avg_bits={b} is below the cheapest plan: {floor:.3g} bits per weight (plan 0 and "
+                 "every loop.ladder rung, scales included): raise the budget, or add a lower rung to loop.ladder")
+    for rung in cfg.loop.ladder or []:
         try:
-            bits, group = parse_rung(rung)
+            bits, group, _ = parse_rung(rung)
             problem = algorithms.bits_problem(bits, allow_float=True)
             if problem or group < 0:
                 p.append(f"loop.ladder entry {rung!r}: {problem or 'group must be >= 0'}")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 import torch
 
 from quantfix import arch
-from quantfix.config import parse_rung
+from quantfix.config import Rung, parse_rung
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision, layer_index, valid_group_size
 from quantfix.quantize import algorithms
@@ -60,7 +60,7 @@ def group_problem(model, q, ladder: List[str]) -> Optional[str]:
     mods = dict(model.named_modules())
     widths = sorted({int(mods[n].weight.shape[1]) for n in names})
     wanted = [("quant.group_size", q.group_size)] if algorithms.get(q.algorithm).fixed_group is None else []
-    wanted += [(f"loop.ladder entry {r}", parse_rung(r)[1]) for r in ladder if parse_rung(r)[0] < 16]
+    wanted += [(f"loop.ladder entry {r}", parse_rung(r).group) for r in ladder if parse_rung(r).bits < 16]
     for where, g in wanted:
         if g and not any(w % g == 0 for w in widths):
             common = [d for d in (32, 64, 128, 256) if all(w % d == 0 for w in widths)]
@@ -137,23 +137,28 @@ def harmonize_experts(plan: Plan) -> Plan:
 
 @dataclass
 class Ladder:
-    rungs: List[Tuple[int, int]]
+    rungs: List[Rung]
 
     @classmethod
     def parse(cls, entries: List[str]) -> "Ladder":
         return cls([parse_rung(e) for e in entries])
 
+    def precision(self, rung: Rung, p: Precision, in_f: int, algorithm: Optional[str] = None) -> Precision:
+        """``rung`` for a module now at ``p`` (its symmetry unless the rung names one; its algorithm, or
+        ``algorithm``), the group size the nearest divisor of in_features."""
+        if rung.bits >= 16:
+            return Precision(16, 0, True, p.algorithm)
+        g, _ = valid_group_size(rung.group, in_f, False, "")
+        sym = p.symmetric if rung.symmetric is None else rung.symmetric
+        return Precision(rung.bits, g, sym, algorithm or p.algorithm)
+
     def next(self, p: Precision, in_f: int) -> Optional[Precision]:
         """The next precision up the ladder from p (None at the top)."""
         cur_bits = p.bits_per_weight(in_f)
-        for bits, group in self.rungs:
-            if bits >= 16:
-                cand = Precision(16, 0, True, p.algorithm)
-            else:
-                g, _ = valid_group_size(group, in_f, False, "")
-                # formats with a fixed layout (bitsandbytes) climb the integer rungs as RTN
-                alg = p.algorithm if algorithms.get(p.algorithm).fixed_group is None else "rtn"
-                cand = Precision(bits, g, p.symmetric, alg)
+        # formats with a fixed layout (bitsandbytes) climb the integer rungs as RTN
+        alg = p.algorithm if algorithms.get(p.algorithm).fixed_group is None else "rtn"
+        for rung in self.rungs:
+            cand = self.precision(rung, p, in_f, alg)
             if cand.bits_per_weight(in_f) > cur_bits + 1e-9 and cand.bits >= p.bits:
                 return cand
         return None
@@ -206,10 +211,12 @@ class GreedyPlanner:
         return harmonize_experts(new), changes
 
 
-def ladder_options(plan: Plan, ladder: Ladder, algorithms_: Sequence[str] = ()) -> Dict[str, Dict[str, Precision]]:
-    """Each module's options: every rung of the ladder that costs at least what it has now, in each
-    of ``algorithms_`` (default: the module's own), including the same width in another algorithm
-    (a free swap when it rounds better). FP16 is left out: it costs nothing to score, its KLD
+def ladder_options(plan: Plan, ladder: Ladder, algorithms_: Sequence[str] = (),
+                   below: bool = False) -> Dict[str, Dict[str, Precision]]:
+    """Each module's options: every rung of the ladder that costs at least what it has now (with
+    ``below``, the cheaper rungs too: a budget may take a module under plan 0's width), in each of
+    ``algorithms_`` (default: the module's own), including the same width in another algorithm (a
+    free swap when it rounds better). FP16 is left out: it costs nothing to score, its KLD
     contribution is 0. Algorithms that must own the whole plan (AWQ, bitsandbytes) keep their own."""
     out: Dict[str, Dict[str, Precision]] = {}
     for n, p in plan.modules.items():
@@ -219,16 +226,15 @@ def ladder_options(plan: Plan, ladder: Ladder, algorithms_: Sequence[str] = ()) 
         if own.fixed_group is not None:  # bitsandbytes formats climb the integer rungs as RTN
             algs = ["rtn"]
         opts: Dict[str, Precision] = {}
-        for bits, group in ladder.rungs:
-            if bits >= 16:
+        for rung in ladder.rungs:
+            if rung.bits >= 16:
                 continue
-            g, _ = valid_group_size(group, in_f, False, "")
             for a in algs:
-                if bits >= 8 and len(algs) > 1 and algorithms.get(a).simulate_many is not None:
+                if rung.bits >= 8 and len(algs) > 1 and algorithms.get(a).simulate_many is not None:
                     continue  # GPTQ at 8 bits removes < 0.002 KLD over imatrix on the demo: not worth a sweep
-                cand = Precision(bits, g, p.symmetric, a)
-                if cand != p and cand.bits >= p.bits and cand.bits_per_weight(in_f) >= p.bits_per_weight(in_f) - 1e-9 \
-                        and algorithms.get(a).check_bits(bits) is None:
+                cand = ladder.precision(rung, p, in_f, a)
+                above = cand.bits >= p.bits and cand.bits_per_weight(in_f) >= p.bits_per_weight(in_f) - 1e-9
+                if cand != p and (above or below) and algorithms.get(a).check_bits(rung.bits) is None:
                     opts[cand.label] = cand
         if opts:
             out[n] = opts
@@ -238,6 +244,33 @@ def ladder_options(plan: Plan, ladder: Ladder, algorithms_: Sequence[str] = ()) 
 # measured KLD ~ raw ** power: what the demo's trials fit (0.63 from W4g64 RTN to its first
 # predicted plan); used until a second trial lets the power be fit on the model at hand
 PRIOR_POWER = 0.65
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where a planner's plans start. ``floor`` None: from plan 0 (the threshold search climbs from
+    it); a number: from each module's cheapest option at or above ``floor`` bits per weight (a
+    budget: 0 takes the ladder's cheapest rung, below plan 0 when the ladder goes there; 4.25 keeps
+    every module at W4g64 or wider). ``weigh``: precision -> multiplier of its predicted KLD (what
+    the measured plans taught: low-bit modules interact more than their single scores say)."""
+
+    floor: Optional[float] = None
+    weigh: Optional[Callable[[Precision], float]] = None
+
+
+def fit_power(measured: List[Tuple[float, float]]) -> Tuple[float, float]:
+    """(scale, power) of measured ~ scale * raw ** power over (raw, measured) points: through the
+    last point with the prior power while the raw values do not differ, else log-log least squares
+    (power in [0.5, 2]) anchored on the latest measurement (the next plans are closest to it)."""
+    raw, meas = measured[-1]
+    pts = {(round(math.log(r), 9), math.log(m)) for r, m in measured}
+    if len({x for x, _ in pts}) < 2:
+        return meas / raw ** PRIOR_POWER, PRIOR_POWER
+    xs, ys = zip(*sorted(pts))
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    power = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    power = min(max(power, 0.5), 2.0)
+    return meas / raw ** power, power
 
 
 @dataclass
@@ -258,22 +291,41 @@ class PredictivePlanner:
     A power law, refit on every measured trial, maps the additive prediction to the measured KLD."""
 
     def __init__(self, plan0: Plan, module_kld: Dict[str, float], option_kld: Dict[str, Dict[str, float]],
-                 options: Dict[str, Dict[str, Precision]], findings: List["Finding"]):
-        self.plan0 = plan0
+                 options: Dict[str, Dict[str, Precision]], findings: List["Finding"], space: "Space" = None):
+        self.plan0, self.space = plan0, space or Space()
         self.module_kld = module_kld
         self.reasons = self._reasons(findings)
         self.steps: List[Step] = []
-        for n, p in plan0.modules.items():
-            out_f, in_f = plan0.shapes[n]
-            numel = out_f * in_f
-            cur = (p.bits_per_weight(in_f) * numel, max(module_kld.get(n, 0.0), 0.0), p)
-            pts = [(q.bits_per_weight(in_f) * numel, max(option_kld.get(n, {}).get(label, 0.0), 0.0), q)
-                   for label, q in options.get(n, {}).items()]
-            pts.append((Precision(16).bits_per_weight(in_f) * numel, 0.0, Precision(16, 0, True, p.algorithm)))
-            self.steps += self._hull_steps(n, cur, pts)
+        self.base: Dict[str, Precision] = {}  # each module's precision before any step
+        self.kld: Dict[str, Dict[Precision, float]] = {}  # module -> precision -> predicted KLD (weighted)
+        base_bits = base_kld = 0.0
+        for n in plan0.modules:
+            start, rest = self._points(n, module_kld, option_kld, options)
+            self.base[n] = start[2]
+            base_bits, base_kld = base_bits + start[0], base_kld + start[1]
+            self.steps += self._hull_steps(n, start, rest)
+        self.base_bits, self.base_kld = base_bits, base_kld
         self.steps.sort(key=lambda st: -st.gain / max(st.cost, 1e-9))
         self.measured: List[Tuple[float, float]] = []  # (raw prediction, measured KLD) of every trial
         self.scale, self.power = 1.0, PRIOR_POWER
+
+    def _points(self, n: str, module_kld, option_kld, options):
+        """(the module's starting point, the points it may climb to): (bits, predicted KLD, precision).
+        From plan 0's precision (threshold search), or from the cheapest point at or above the
+        space's floor (budget: the ladder may go below plan 0)."""
+        p = self.plan0.modules[n]
+        out_f, in_f = self.plan0.shapes[n]
+        numel, weigh = out_f * in_f, self.space.weigh or (lambda q: 1.0)
+        cur = (p.bits_per_weight(in_f) * numel, weigh(p) * max(module_kld.get(n, 0.0), 0.0), p)
+        pts = [(q.bits_per_weight(in_f) * numel, weigh(q) * max(option_kld.get(n, {}).get(label, 0.0), 0.0), q)
+               for label, q in options.get(n, {}).items()]
+        pts.append((Precision(16).bits_per_weight(in_f) * numel, 0.0, Precision(16, 0, True, p.algorithm)))
+        self.kld[n] = {q: k for _, k, q in [cur] + pts}
+        if self.space.floor is None:
+            return cur, pts
+        allowed = [pt for pt in [cur] + pts if pt[2].is_float or pt[0] >= self.space.floor * numel - 1e-6]
+        start = min(allowed, key=lambda t: (t[0], t[1]))
+        return start, [pt for pt in allowed if pt is not start]
 
     def _reasons(self, findings: List["Finding"]) -> Dict[str, str]:
         """module -> the kind of the first finding that names it (or its layer)."""
@@ -321,7 +373,7 @@ class PredictivePlanner:
         return Step(name, p2, k1 - k2, max(b2 - b1, 0.0), reason, f"{p1.label} -> {p2.label}")
 
     def plan_at(self, k: int) -> Plan:
-        changes: Dict[str, Precision] = {}
+        changes: Dict[str, Precision] = {n: q for n, q in self.base.items() if q != self.plan0.modules[n]}
         for st in self.steps[:k]:
             changes[st.module] = st.precision
         reasons: Dict[str, int] = {}
@@ -329,15 +381,26 @@ class PredictivePlanner:
             reasons[st.reason] = reasons.get(st.reason, 0) + 1
         note = f"predictive: first {k} of {len(self.steps)} upgrades; drivers: " + \
                ", ".join(f"{r} x{c}" for r, c in sorted(reasons.items(), key=lambda t: -t[1]))
+        if self.space.floor is not None:
+            note += f"; from the cheapest rung at or above {self.space.floor:g} bits"
         return harmonize_experts(self.plan0.with_changes(changes, note=note))
 
     def bits_at(self, k: int) -> float:
         """Average bits per weight of plan_at(k)."""
-        return (sum(self.plan0.module_bits(n) for n in self.plan0.modules) + sum(st.cost for st in self.steps[:k])) \
-            / self.plan0.n_params
+        return (self.base_bits + sum(st.cost for st in self.steps[:k])) / self.plan0.n_params
 
     def raw_prediction(self, k: int) -> float:
-        return max(sum(max(v, 0.0) for v in self.module_kld.values()) - sum(st.gain for st in self.steps[:k]), 0.0)
+        return max(self.base_kld - sum(st.gain for st in self.steps[:k]), 0.0)
+
+    def raw_of(self, plan: Plan) -> float:
+        """The additive prediction of any plan whose precisions this planner scored (a module at
+        one it did not score counts its starting point's)."""
+        return sum(self.kld[n].get(p, self.kld[n].get(self.base[n], 0.0)) for n, p in plan.modules.items()
+                   if n in self.kld)
+
+    def predict_plan(self, plan: Plan) -> float:
+        raw = self.raw_of(plan)
+        return self.scale * raw ** self.power if raw > 0 else 0.0
 
     def predict(self, k: int) -> float:
         """The measured KLD expected for plan_at(k): scale * raw^power, refit on every trial."""
@@ -350,21 +413,13 @@ class PredictivePlanner:
         squares, power in [0.5, 2]) once two trials differ. The raw estimates sum per-module
         contributions measured one at a time; the power absorbs how errors compound when many
         modules are quantized together."""
-        raw = self.raw_prediction(k)
+        self.calibrate_raw(self.raw_prediction(k), measured_kld)
+
+    def calibrate_raw(self, raw: float, measured_kld: float) -> None:
         if raw <= 1e-12 or measured_kld <= 0:
             return
         self.measured.append((raw, measured_kld))
-        pts = {(round(math.log(r), 9), math.log(m)) for r, m in self.measured}
-        if len({x for x, _ in pts}) < 2:
-            self.power = PRIOR_POWER
-            self.scale = measured_kld / raw ** self.power
-            return
-        xs, ys = zip(*sorted(pts))
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        power = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        self.power = min(max(power, 0.5), 2.0)
-        # anchored on the latest measurement: the next plans are closest to it
-        self.scale = measured_kld / raw ** self.power
+        self.scale, self.power = fit_power(self.measured)
 
     def first_passing(self, target_kld: float, margin: float = 0.9, after: int = -1) -> Optional[int]:
         """The smallest prefix predicted to reach margin x target (and longer than ``after``)."""
@@ -374,9 +429,10 @@ class PredictivePlanner:
         return None
 
     def largest_within(self, avg_bits: float) -> int:
-        """The longest prefix whose plan stays within the average-bits budget."""
+        """The longest prefix whose plan stays within the average-bits budget (0 when even the
+        starting point does not: see ``fits``)."""
         budget = avg_bits * self.plan0.n_params
-        used = sum(self.plan0.module_bits(n) for n in self.plan0.modules)
+        used = self.base_bits
         k = 0
         for st in self.steps:
             if used + st.cost > budget + 1e-6:
@@ -385,9 +441,13 @@ class PredictivePlanner:
             k += 1
         return k
 
+    def fits(self, avg_bits: float) -> bool:
+        """Whether the starting point itself stays within ``avg_bits``."""
+        return self.base_bits <= avg_bits * self.plan0.n_params + 1e-6
+
     def frontier(self, points: int = 40) -> List[Tuple[float, float]]:
         """Predicted (avg bits, KLD) along the upgrade sequence: the planner's Pareto curve."""
-        out, used = [], sum(self.plan0.module_bits(n) for n in self.plan0.modules)
+        out, used = [], self.base_bits
         stride = max(1, len(self.steps) // points)
         for k in range(len(self.steps) + 1):
             if k % stride == 0 or k == len(self.steps):
@@ -399,7 +459,8 @@ class PredictivePlanner:
     def actions(self, k: int) -> Dict[str, int]:
         """The changes of plan_at(k) by kind: algorithm swaps, more bits, smaller groups, float."""
         out: Dict[str, int] = {}
-        final = {st.module: st.precision for st in self.steps[:k]}
+        final = {n: q for n, q in self.base.items() if q != self.plan0.modules[n]}
+        final.update({st.module: st.precision for st in self.steps[:k]})
         for n, p in final.items():
             p0 = self.plan0.modules[n]
             if p.is_float:

@@ -28,7 +28,8 @@ from quantfix import arch, cache as cache_mod, data as data_mod, evaluate as ev,
 from quantfix import calib, explain, search, source, verdict, verify, weights
 from quantfix.bank import WeightBank
 from quantfix.calib import CalibStats
-from quantfix.config import Config, validate
+from quantfix.budget import BudgetSearch, prune_ladder
+from quantfix.config import Config, ladder_of, validate
 from quantfix.diagnose import Diagnosis, Files, Subject, measure_like, sensitivity_cache_key
 from quantfix.diagnose import journal as diagnose_journal
 from quantfix.diagnose import run as run_diagnosis
@@ -93,7 +94,7 @@ class Recipe:
         self._load()
         self._check_run_dir()
         if cfg.mode != "baseline":
-            problem = group_problem(self.rt.model, cfg.quant, list(cfg.loop.ladder))
+            problem = group_problem(self.rt.model, cfg.quant, ladder_of(cfg))
             if problem:
                 raise QuantfixError(problem)
         self.set_up = True
@@ -291,13 +292,20 @@ class Recipe:
 
     def _predictive(self, plan0: Plan, rec: TrialRecord) -> search.SearchResult:
         """Diagnose plan 0, recalibrate on a domain gap, search, tune."""
-        cfg = self.cfg
-        options = ladder_options(plan0, Ladder.parse(list(cfg.loop.ladder)), [str(a) for a in cfg.loop.algorithms])
+        cfg, budget = self.cfg, self.cfg.plan.budget.avg_bits
+        rungs = ladder_of(cfg) if budget is None else prune_ladder(ladder_of(cfg), budget)
+        ladder = Ladder.parse(rungs)
+        options = ladder_options(plan0, ladder, [str(a) for a in cfg.loop.algorithms], below=budget is not None)
         self.diagnosis = self._diagnose(plan0, rec, options)
         plan0 = self._recalibrate_on_domain_gap(plan0, options)
         self._reround_kept(plan0)
-        result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds,
-                                   cfg.plan.budget.avg_bits, self.timer)
+        if budget is None:
+            result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds, self.timer)
+        else:
+            reserve = 0 if cfg.loop.tune == "none" else 1
+            with self.timer("plan"):
+                searcher = BudgetSearch(self.trials, plan0, self.diagnosis, options, budget, ladder, reserve)
+            result = searcher.run()
         return self._tune(result)
 
     # ---- the pieces of a repair ------------------------------------------------------------------

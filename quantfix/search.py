@@ -6,14 +6,12 @@ with the largest calibration output error per added bit, ``loop.bits_step`` bits
 """
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from quantfix import verdict
-from quantfix.config import LoopConfig, ThresholdsConfig
-from quantfix.errors import QuantfixError
+from quantfix.config import THRESHOLD_LADDER, LoopConfig, ThresholdsConfig
 from quantfix.plan import Plan, Precision
 from quantfix.planner import GreedyPlanner, Ladder, PredictivePlanner
 from quantfix.runreport import TrialRecord
@@ -53,7 +51,7 @@ def bisect(trial: Trials, make, lo: int, hi: int, best: TrialRecord, prev: Plan)
 
 def greedy(trial: Trials, plan0: Plan, loop: LoopConfig, output_error: Callable[[str, Precision], float],
            timer) -> SearchResult:
-    planner = GreedyPlanner(Ladder.parse(list(loop.ladder)), output_error, loop.bits_step)
+    planner = GreedyPlanner(Ladder.parse(list(loop.ladder or THRESHOLD_LADDER)), output_error, loop.bits_step)
     plan, last = plan0, trial.last
     while trial.left > 0:
         with timer("plan"):
@@ -75,18 +73,14 @@ def greedy(trial: Trials, plan0: Plan, loop: LoopConfig, output_error: Callable[
 
 
 def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]],
-               thresholds: ThresholdsConfig, budget: Optional[float], timer) -> SearchResult:
-    """Predict the cheapest passing plan from the diagnosis, verify it, recalibrate on a miss.
-    With ``budget`` (plan.budget.avg_bits): the lowest predicted KLD within it, measured once."""
+               thresholds: ThresholdsConfig, timer) -> SearchResult:
+    """Predict the cheapest passing plan from the diagnosis, verify it, recalibrate on a miss
+    (threshold mode; a budget is ``quantfix.budget``'s)."""
     sens = diagnosis.sensitivity
     with timer("plan"):
         planner = PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options, diagnosis.findings)
     planner.calibrate(0, trial.last.metrics.kld_mean)
-    if budget is not None and budget < plan0.avg_bits:
-        raise QuantfixError(f"plan.budget.avg_bits={budget} is below plan 0's {plan0.avg_bits:.2f} average bits: "
-                            "lower quant.bits or raise the budget")
-    result = _within_budget(trial, planner, plan0, budget) if budget is not None else \
-        _cheapest_passing(trial, planner, plan0, thresholds)
+    result = _cheapest_passing(trial, planner, plan0, thresholds)
     result.frontier = planner.frontier()
     return result
 
@@ -96,28 +90,6 @@ def _why(planner: PredictivePlanner, k: int, **more) -> dict:
     changes, and the changes themselves (counted by kind)."""
     return {"predicted": planner.predict(k), **more,
             "drivers": {r: len(v) for r, v in planner.drivers(k).items()}, "actions": planner.actions(k)}
-
-
-def _within_budget(trial: Trials, planner: PredictivePlanner, plan0: Plan, budget: float) -> SearchResult:
-    """The lowest predicted KLD within the budget. First one probe plan halfway (in predicted KLD)
-    between plan 0 and it, measured: the power of the map from the additive prediction to the
-    measured KLD is then fit on two points of this model instead of extrapolated with the prior
-    (from a W3 start the prior's prediction for the budget plan was 57-75% high on the demo)."""
-    k = planner.largest_within(budget)
-    if k > 1 and trial.left > 1:
-        kp = probe_step(planner, k)
-        rec = trial(planner.plan_at(kp), plan0, **_why(planner, kp, probe=True))
-        planner.calibrate(kp, rec.metrics.kld_mean)
-    rec = trial(planner.plan_at(k), plan0, **_why(planner, k, budget_avg_bits=budget))
-    reason = f"lowest predicted KLD within plan.budget.avg_bits={budget}" + ("; thresholds not met" if rec.failed else "")
-    return SearchResult(None if rec.failed else rec, rec, reason)
-
-
-def probe_step(planner: PredictivePlanner, k: int) -> int:
-    """The first step whose raw prediction is at most the geometric mean of plan 0's and step k's."""
-    r0, rk = planner.raw_prediction(0), planner.raw_prediction(k)
-    mid = math.sqrt(max(r0, 1e-12) * max(rk, 1e-12))
-    return next((j for j in range(1, k) if planner.raw_prediction(j) <= mid), k - 1)
 
 
 def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: ThresholdsConfig, target: float,

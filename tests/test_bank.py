@@ -21,10 +21,11 @@ def test_weight_bank_gptq_groups_shared_inputs_like_separate_runs(monkeypatch):
     bank = WeightBank(model, names, stats)
     mods = dict(model.named_modules())
     calls = []
-    from quantfix.quantize import algorithms
 
-    real = algorithms._gptq_sweep
-    monkeypatch.setattr(algorithms, "_gptq_sweep", lambda W, *a, **k: calls.append(W.shape) or real(W, *a, **k))
+    from quantfix.quantize import gptq
+
+    real = gptq.sweep
+    monkeypatch.setattr(gptq, "sweep", lambda W, *a, **k: calls.append(W.shape) or real(W, *a, **k))
     got = bank.quantized_weights(Plan({n: p for n in names}, {n: tuple(mods[n].weight.shape) for n in names}))
     assert len(calls) == len(stats.inputs) == 8  # one sweep per distinct input, not one per module
     monkeypatch.undo()

@@ -28,6 +28,7 @@ LAYERS: List[List[str]] = [
     ["trials", "verify", "existing", "diagnose"],
     ["planner", "explain"],
     ["search", "report"],
+    ["budget"],
     ["recipe"],
     ["cli", "tools"],
     ["__main__"],

@@ -9,33 +9,10 @@ import pytest
 
 from quantfix import search
 from quantfix.config import LoopConfig, ThresholdsConfig
-from quantfix.errors import QuantfixError
 from quantfix.evaluate import Metrics
 from quantfix.plan import Plan, Precision
 from quantfix.timing import Timer
-from tests.conftest import run_report as run
-from tests.conftest import tiny_overrides
 
-
-def test_budget_mode_probes_then_measures_the_plan_within_the_budget(compose, tiny_dir, tmp_path):
-    """plan.budget.avg_bits: one probe plan halfway (in predicted KLD) fits the predictor on this
-    model, then the lowest predicted KLD within the budget is measured, exported and verified."""
-    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
-        "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
-        "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": 5.0,
-        "loop.max_iters": 4}))
-    report = run(cfg, tmp_path / "run")
-    its = report["iterations"]
-    assert len(its) == 3 and its[1].get("probe") and not its[2].get("probe")
-    assert its[0]["avg_bits"] < its[1]["avg_bits"] < its[2]["avg_bits"] <= 5.0 + 1e-9
-    assert its[1]["metrics"]["kld_mean"] > its[2]["metrics"]["kld_mean"]
-    assert all("prediction_error_pct" in it for it in its[1:])
-    fin = report["final"]
-    assert fin["plan_summary"] == its[2]["plan_summary"] and fin["avg_bits"] == its[2]["avg_bits"]
-    assert fin["verified_metrics"]["kld_mean"] == pytest.approx(its[2]["metrics"]["kld_mean"], rel=1e-5)
-
-
-# --- unit tests on fake trials -----------------------------------------------------------------------
 
 class FakeTrials:
     """Stands in for ``trials.Trials``: a trial of ``plan`` measures ``kld_of(plan)`` and fails above
@@ -128,13 +105,6 @@ def test_search_result_chosen_is_the_best_else_the_last():
     assert search.SearchResult(None, last, "failed").chosen is last
 
 
-def test_probe_step_is_the_first_step_at_the_geometric_mean():
-    planner = SimpleNamespace(raw_prediction=[1.0, 0.5, 0.2, 0.1, 0.01].__getitem__)
-    assert search.probe_step(planner, 4) == 3  # sqrt(1 * 0.01) = 0.1
-    planner = SimpleNamespace(raw_prediction=[1.0, 0.9, 0.8, 1e-4].__getitem__)
-    assert search.probe_step(planner, 3) == 2  # none in between reaches 0.01: the step below k
-
-
 def _predictive_setup(max_iters):
     """Three modules whose KLD adds up: 0.4 each at W4g64, 0.05 at W8, 0 in float; the diagnosis's
     numbers are the truth, so the planner's prediction is exact."""
@@ -152,16 +122,10 @@ def _predictive_setup(max_iters):
 def test_predictive_measures_the_cheapest_plan_predicted_to_pass():
     plan0, diagnosis, options, trial = _predictive_setup(max_iters=6)
     t = ThresholdsConfig(max_ppl_increase_pct=None, max_kld_mean=0.5)
-    res = search.predictive(trial, plan0, diagnosis, options, t, None, Timer())
+    res = search.predictive(trial, plan0, diagnosis, options, t, Timer())
     # 1.2 at plan 0; two modules at W8 give 0.5, which passes; one gives 0.85, which fails
     assert res.best is not None and res.best.metrics.kld_mean == pytest.approx(0.5)
     assert sorted(p.label for p in res.chosen.plan.modules.values()) == ["W4g64", "W8ch", "W8ch"]
     assert res.below is not None and res.below.metrics.kld_mean == pytest.approx(0.85)
     assert res.reason.startswith("passed; converged") and res.frontier
     assert all("predicted" in r.why for r in trial.records[1:])
-
-
-def test_predictive_budget_below_plan_0_is_refused():
-    plan0, diagnosis, options, trial = _predictive_setup(max_iters=6)
-    with pytest.raises(QuantfixError, match=r"plan.budget.avg_bits=3.0 is below plan 0's 4.25 average bits"):
-        search.predictive(trial, plan0, diagnosis, options, ThresholdsConfig(), 3.0, Timer())

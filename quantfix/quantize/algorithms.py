@@ -99,6 +99,11 @@ class Algorithm:
 
     # ---- questions callers ask (instead of combining the flags above) -------------------------
     @property
+    def sweeps_options_together(self) -> bool:
+        """Several of its precisions of one input are simulated in one call (``gptq_options``)."""
+        return self.needs_hessian and self.simulate_many is not None
+
+    @property
     def exports_exactly(self) -> bool:
         """The checkpoint holds the trial's weights bit for bit: compressed-tensors, written as
         simulated (static) or by an engine observer the simulation reproduces (data-free RTN)."""
@@ -212,6 +217,39 @@ def _gptq_many(method: str):
                         torch.cat([z.float() for _, z in qps]), inputs.gptq_damp, inputs.gptq_block)
         return [q.to(w.dtype) for q, w in zip(Q.split([w.shape[0] for w in Ws]), Ws)]
     return sim
+
+
+# a batched CPU sweep keeps every option's weights, scales and zero points per column at once:
+# options are swept together within this many bytes of those (an 8B down_proj at 9 options: 6 GB)
+GPTQ_BATCH_BYTES = 2 ** 30
+
+
+def gptq_options(Ws, precisions: List["Precision"], inputs: Dict["Precision", List[SimInputs]]):
+    """GPTQ of the modules that read one input (their rows stacked) at several precisions of the
+    GPTQ family: {precision: [one weight per module]}. On the CPU one sweep serves them all
+    (``gptq.sweep``: one activation order and factorization, one column loop; bit for bit the
+    engine's single-option sweep); on CUDA the engine's Triton sweep runs per precision."""
+    first = inputs[precisions[0]][0]
+    if first.stats is None or Ws[0].device.type == "cuda":
+        return {p: get(p.algorithm).simulate_many(Ws, p, inputs[p]) for p in precisions}
+    from quantfix.quantize import gptq
+
+    W = torch.cat([w.float() for w in Ws])
+    H = first.stats.full().to(W.device)
+    factors = gptq.factorize(H, W, first.gptq_damp)
+    per = 3 * 4 * W.numel()  # weights, scales and zero points per column, float32, per option
+    out = {}
+    for i in range(0, len(precisions), max(1, GPTQ_BATCH_BYTES // per)):
+        chunk = precisions[i:i + max(1, GPTQ_BATCH_BYTES // per)]
+        qs = []
+        for p in chunk:
+            alg = get(p.algorithm)
+            qps = [_qparams(w.to(inp.dtype or w.dtype), p, inp, alg.observer) for w, inp in zip(Ws, inputs[p])]
+            qs.append(gptq.Quantizer(p.bits, p.group_size, p.symmetric, torch.cat([s.float() for s, _ in qps]),
+                                     torch.cat([z.float() for _, z in qps])))
+        for p, Q in zip(chunk, gptq.sweep(W, H, qs, first.gptq_damp, first.gptq_block, factors)):
+            out[p] = [q.to(w.dtype) for q, w in zip(Q.split([w.shape[0] for w in Ws]), Ws)]
+    return out
 
 
 def _gptq_sweep(W, H, p, scale, zero, damp: float, block: int):

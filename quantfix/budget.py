@@ -1,0 +1,230 @@
+"""Search policy for a budget (``plan.budget.avg_bits``): the lowest *measured* KLD within the average
+bits per weight.
+
+One additive prediction cannot be trusted alone at low widths: modules at 2-3 bits interact, and a
+plan that keeps many of them can lose to a plan the loop could as well have built (Gemma-3 at 4.5
+bits: 17 modules at W3 measured 0.1775 KLD where every module at W4g64 or wider measured 0.0987).
+So the search measures candidates and ships the best one it measured:
+
+1. candidates within the budget, each predicted: the full ladder's plan (each module from the
+   cheapest rung up, below plan 0 when the ladder goes there); the same search with a higher floor
+   (every module at or above one rung's width); every rung as a uniform plan in each rounding;
+2. the best predicted is measured, then the next while trials are left (one kept for tuning) and
+   the next one still has a chance: after each measurement the map from the additive prediction to
+   the measured KLD is refit on every measured plan, with a learned multiplier of the low-bit (2-3
+   bit) options' scores, and the candidates are planned and ranked again;
+3. the plan shipped is the lowest measured KLD within the budget (plan 0 included).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from quantfix.config import parse_rung
+from quantfix.errors import QuantfixError
+from quantfix.plan import Plan, Precision
+from quantfix.planner import PRIOR_POWER, Ladder, PredictivePlanner, Space, fit_power
+from quantfix.runreport import TrialRecord
+from quantfix.search import SearchResult
+from quantfix.trials import Trials, plan_key
+
+log = logging.getLogger(__name__)
+
+LOW_BITS = 3  # options at or below this width get the learned multiplier
+WEIGHT_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
+GIVE_UP = 1.5  # a candidate predicted above this x the best measured KLD is not measured
+MAX_CANDIDATES = 5
+
+
+@dataclass
+class Candidate:
+    name: str  # "search", "floor W4g64", "uniform W4g32-gptq-imx"
+    plan: Plan
+    raw: float  # the additive prediction, weighted
+    must: bool = False  # measured whatever its prediction (a simple plan the search must not lose to)
+
+
+def rung_bits(rung: str, in_features: int = 4096) -> float:
+    """Bits per weight a rung stores (a wide module's; scales and zero points included)."""
+    r = parse_rung(rung)
+    if r.bits >= 16:
+        return 16.0
+    p = Precision(r.bits, r.group, True if r.symmetric is None else r.symmetric)
+    return p.bits_per_weight(in_features)
+
+
+def prune_ladder(ladder: Sequence[str], budget: float, reach: float = 2.0) -> List[str]:
+    """The rungs a plan within ``budget`` may use: none more than ``reach`` bits above it or below it
+    (their options would be simulated and scored for nothing), but always 8 bits and float (the most
+    sensitive modules' way out) and the cheapest rung (the budget's floor)."""
+    cheapest = min(ladder, key=rung_bits)
+    keep = [r for r in ladder if abs(rung_bits(r) - budget) <= reach or parse_rung(r).bits >= 8 or r == cheapest]
+    return keep
+
+
+class BudgetSearch:
+    """The candidates, their predictions (refit on every measurement) and the measuring loop."""
+
+    def __init__(self, trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]],
+                 budget: float, ladder: Ladder, reserve: int = 0):
+        sens = diagnosis.sensitivity
+        self.trial, self.plan0, self.budget, self.ladder, self.reserve = trial, plan0, budget, ladder, reserve
+        self._make = lambda space: PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options,
+                                                     diagnosis.findings, space)
+        self.table = self._make(Space(floor=0.0))  # unweighted scores of every scored precision
+        if not self.table.fits(budget):
+            raise QuantfixError(f"plan.budget.avg_bits={budget} is below the cheapest plan on loop.ladder "
+                                f"({self.table.bits_at(0):.2f} bits): add a lower rung or raise the budget")
+        self.weight = 1.0
+        self.searched = False  # the full search's plan was measured
+        self.start = trial.last  # plan 0 as measured last (after a recalibration, with the new data)
+        self.measured: List[Tuple[Plan, float]] = [(self.start.plan, self.start.metrics.kld_mean)]
+        self.fit = self._refit()
+
+    # ---- predictions ------------------------------------------------------------------------
+    def weigh(self, weight: float) -> Callable[[Precision], float]:
+        return lambda q: weight if not q.is_float and q.bits <= LOW_BITS else 1.0
+
+    def raw(self, plan: Plan, weight: Optional[float] = None) -> float:
+        w = self.weigh(self.weight if weight is None else weight)
+        kld = self.table.kld
+        return sum(w(p) * kld[n].get(p, kld[n].get(self.table.base[n], 0.0)) for n, p in plan.modules.items()
+                   if n in kld)
+
+    def predict(self, raw: float) -> float:
+        scale, power = self.fit
+        return scale * raw ** power if raw > 0 else 0.0
+
+    def _refit(self) -> Tuple[float, float]:
+        """The low-bit multiplier and the power law that best explain the measured plans. Two points
+        fit the multiplier with the prior power (they cannot fit both); three or more fit both; the
+        multiplier moves only when the measured plans differ in their low-bit share."""
+        pts = [(plan, kld) for plan, kld in self.measured if kld > 0]
+        if not pts:
+            return 1.0, PRIOR_POWER
+        fixed = PRIOR_POWER if len(pts) < 3 else None
+        shares = {round(self.raw(p, 2.0) - self.raw(p, 1.0), 9) for p, _ in pts}
+        if len(pts) >= 2 and len(shares) > 1:
+            self.weight = min(WEIGHT_GRID, key=lambda w: _log_sse([(self.raw(p, w), k) for p, k in pts], fixed))
+        return _fit([(self.raw(p), k) for p, k in pts], fixed)
+
+    # ---- candidates -------------------------------------------------------------------------
+    def candidates(self) -> List[Candidate]:
+        """Every candidate plan within the budget, no plan twice: first the ones the search must
+        measure (it must not lose to a plan it could as well have built): the full search, the two
+        highest floors that fit, the widest uniform rung in its best rounding; then the rest; each
+        group best predicted first."""
+        w = self.weigh(self.weight)
+        floors = sorted({round(rung_bits(r), 6) for r in self._rungs()})
+        searched = []
+        for i, floor in enumerate(floors):
+            planner = self._make(Space(floor=0.0 if i == 0 else floor, weigh=w))
+            if planner.fits(self.budget):
+                name = "search" if i == 0 else f"floor {floor:.3g} bits"
+                searched.append(Candidate(name, planner.plan_at(planner.largest_within(self.budget)), 0.0))
+        uniform = self._unique(self._uniform())
+        widest = max((c.plan.avg_bits for c in uniform), default=None)
+        best_uniform = [min((c for c in uniform if c.plan.avg_bits == widest), key=lambda c: c.raw)] if uniform else []
+        # the search's own plan is a must once: its re-plans after a refit compete by prediction
+        must = self._unique(([] if self.searched else searched[:1]) + searched[-2:][::-1] + best_uniform)
+        for c in must:
+            c.must = True
+        rest = [c for c in self._unique(searched + uniform) if plan_key(c.plan) not in {plan_key(m.plan) for m in must}]
+        must = [c for c in must if c.name == "search"] + sorted((c for c in must if c.name != "search"), key=lambda c: c.raw)
+        return must + sorted(rest, key=lambda c: c.raw)
+
+    def _unique(self, cands: List[Candidate]) -> List[Candidate]:
+        """The candidates within the budget, each plan once (the first name kept), their raw prediction set."""
+        seen, out = set(), []
+        for c in cands:
+            key = plan_key(c.plan)
+            if key not in seen and c.plan.avg_bits <= self.budget + 1e-6:
+                seen.add(key)
+                c.raw = self.raw(c.plan)
+                out.append(c)
+        return out
+
+    def _rungs(self) -> List[str]:
+        return [f"{r.bits}/{r.group}" + ("" if r.symmetric is None else "s" if r.symmetric else "a")
+                for r in self.ladder.rungs if r.bits < 16]
+
+    def _uniform(self) -> List[Candidate]:
+        """Each rung in each rounding scored for every module, as a plan of its own."""
+        out = []
+        algs = sorted({q.algorithm for n in self.table.kld for q in self.table.kld[n] if not q.is_float})
+        for rung in self.ladder.rungs:
+            if rung.bits >= 16:
+                continue
+            for a in algs:
+                changes = {n: self.ladder.precision(rung, p, self.plan0.shapes[n][1], a)
+                           for n, p in self.plan0.modules.items()}
+                if all(q in self.table.kld[n] for n, q in changes.items() if n in self.table.kld):
+                    plan = self.plan0.with_changes(changes, note=f"uniform {next(iter(changes.values())).label}")
+                    out.append(Candidate(f"uniform {next(iter(changes.values())).label}", plan, 0.0))
+        return out
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self) -> SearchResult:
+        tried = {plan_key(p) for p, _ in self.measured}
+        recs: List[TrialRecord] = []
+        while self.trial.left > self.reserve and len(recs) < MAX_CANDIDATES:
+            todo = [c for c in self.candidates() if plan_key(c.plan) not in tried]
+            if not todo:
+                break
+            c, best = todo[0], self._best(recs)
+            if not c.must and len(self.measured) >= 3 and best is not None and \
+                    self.predict(c.raw) > GIVE_UP * best.metrics.kld_mean:
+                log.info("budget search: the next candidate (%s) is predicted %.4f, far above the best measured %.4f: "
+                         "stopping", c.name, self.predict(c.raw), best.metrics.kld_mean)
+                break
+            tried.add(plan_key(c.plan))
+            self.searched = self.searched or c.name == "search"
+            rec = self.trial(c.plan, self.plan0, predicted=self.predict(c.raw), budget_avg_bits=self.budget,
+                             action=f"budget candidate: {c.name}", actions=_kinds(self.plan0, c.plan))
+            recs.append(rec)
+            self.measured.append((c.plan, rec.metrics.kld_mean))
+            self.fit = self._refit()
+        best = self._best(recs)
+        if best is None:
+            raise QuantfixError(f"plan.budget.avg_bits={self.budget}: no plan within the budget could be measured "
+                                "(loop.max_iters too low?): raise loop.max_iters")
+        reason = (f"lowest measured KLD within plan.budget.avg_bits={self.budget} ({len(recs)} candidates measured, "
+                  f"low-bit multiplier {self.weight:g})" + ("; thresholds not met" if best.failed else ""))
+        result = SearchResult(None if best.failed else best, best, reason)
+        result.frontier = self._make(Space(floor=0.0, weigh=self.weigh(self.weight))).frontier()
+        return result
+
+    def _best(self, recs: List[TrialRecord]) -> Optional[TrialRecord]:
+        """The lowest measured KLD within the budget among the search's candidates and plan 0."""
+        pool = list(recs) + ([self.start] if self.start.avg_bits <= self.budget + 1e-6 else [])
+        pool = [r for r in pool if math.isfinite(r.metrics.kld_mean)]
+        return min(pool, key=lambda r: r.metrics.kld_mean) if pool else None
+
+
+def _kinds(plan0: Plan, plan: Plan) -> Dict[str, int]:
+    """The changes from plan 0 by kind: more or fewer bits, another group, another rounding, float."""
+    out: Dict[str, int] = {}
+    for n, p in plan.modules.items():
+        p0 = plan0.modules[n]
+        if p == p0:
+            continue
+        kind = "keep in FP16" if p.is_float else f"{p0.bits} -> {p.bits} bits" if p.bits != p0.bits else \
+            f"group {p0.group_size or 'ch'} -> {p.group_size or 'ch'}" if p.group_size != p0.group_size else "same width"
+        out[kind] = out.get(kind, 0) + 1
+    return dict(sorted(out.items(), key=lambda t: -t[1]))
+
+
+def _fit(pts: List[Tuple[float, float]], power: Optional[float] = None) -> Tuple[float, float]:
+    """(scale, power) through ``pts``: ``fit_power``, or with the power given, through the last point."""
+    if power is None:
+        return fit_power(pts)
+    raw, meas = pts[-1]
+    return meas / raw ** power, power
+
+
+def _log_sse(pts: List[Tuple[float, float]], power: Optional[float] = None) -> float:
+    """Squared log error of the power law fit through ``pts`` (raw, measured)."""
+    scale, power = _fit(pts, power)
+    return sum((math.log(max(scale * r ** power, 1e-12)) - math.log(k)) ** 2 for r, k in pts if r > 0)

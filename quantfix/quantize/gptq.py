@@ -1,0 +1,106 @@
+"""GPTQ at several precisions in one sweep.
+
+The modules that read one input share its Hessian, and a module's options (bits, group size,
+symmetry, scales) differ only in their quantizer. So the activation order and the Hessian's
+factorization are computed once, and one column loop updates every option at once (on the CPU the
+loop's per-column overhead, not its arithmetic, is most of GPTQ's time: 9 options cost about what
+2-3 did one at a time). The per-element arithmetic is llm-compressor 0.14's (``quantize_weight``
+with static activation order: each column keeps its original group's scale; compressed-tensors'
+fused quantize-dequantize), and the block propagation is its ``bmm`` per option, so every option's
+result equals that engine's single-option sweep bit for bit (tests/test_quantize_gptq.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One option's integer grid: width, group size (0: per channel), symmetry, and its scale and
+    zero point per (row, group) of the original column order, as the export stores them."""
+
+    bits: int
+    group: int
+    symmetric: bool
+    scale: Tensor  # [rows, n_groups]
+    zero: Tensor  # [rows, n_groups], integer-valued
+
+
+def factorize(H: Tensor, W: Tensor, damp: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(columns in descending diag(H) order, the permuted weight with dead columns zeroed, the upper
+    Cholesky factor of the dampened inverse Hessian), as llm-compressor's ``apply_activation_ordering``
+    and ``factorize_hessian`` compute them for one Hessian."""
+    H = H.float().clone()
+    perm = torch.argsort(torch.diagonal(H), descending=True)
+    H = H[perm][:, perm].contiguous()
+    Wp = W.float()[:, perm].contiguous()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    if dead.any():
+        diag.masked_fill_(dead, 1.0)
+        Wp[:, dead] = 0
+    diag.add_(damp * torch.mean(torch.diag(H)))
+    L, info = torch.linalg.cholesky_ex(H, check_errors=False)
+    if int(info) != 0:
+        return perm, Wp, torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return perm, Wp, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def _columns(qs: List[Quantizer], perm: Tensor, cols: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every option's scale and zero point per column in the permuted order ([B, rows, cols]), and
+    its integer range ([B, 1])."""
+    S, Z, lo, hi = [], [], [], []
+    for q in qs:
+        g = q.group or cols
+        idx = perm // g
+        S.append(q.scale.float()[:, idx])
+        Z.append(torch.zeros_like(S[-1]) if q.symmetric else q.zero.float()[:, idx])
+        lo.append(-(2.0 ** (q.bits - 1)))
+        hi.append(2.0 ** (q.bits - 1) - 1)
+    dev = perm.device
+    return (torch.stack(S), torch.stack(Z), torch.tensor(lo, device=dev)[:, None],
+            torch.tensor(hi, device=dev)[:, None])
+
+
+@torch.no_grad()
+def sweep(W: Tensor, H: Tensor, qs: List[Quantizer], damp: float = 0.01, block: int = 128,
+          factors: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> List[Tensor]:
+    """GPTQ of ``W`` [rows, cols] (float32) at every quantizer of ``qs``; one [rows, cols] result each,
+    in the original column order. ``factors``: ``factorize(H, W, damp)`` when already computed."""
+    rows, cols = W.shape
+    perm, Wp, Hinv = factors if factors is not None else factorize(H, W, damp)
+    S, Z, lo, hi = _columns(qs, perm, cols)
+    Wb = Wp.unsqueeze(0).expand(len(qs), rows, cols).clone()
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        Err1 = _block(Wb, Hinv, (S, Z, lo, hi), i1, i2)
+        for b in range(len(qs)):  # as the engine's bmm per item: the same float sums
+            Wb[b:b + 1, :, i2:] -= torch.bmm(Err1[b:b + 1], Hinv[None, i1:i2, i2:])
+    inv = torch.argsort(perm)
+    return [Wb[b][:, inv] for b in range(len(qs))]
+
+
+def _block(Wb: Tensor, Hinv: Tensor, grids, i1: int, i2: int) -> Tensor:
+    """One block of columns, every option at once: quantize each column, spread its error over the
+    block's later columns; the block's quantized values written back into ``Wb``. Returns the errors."""
+    S, Z, lo, hi = grids
+    W1 = Wb[:, :, i1:i2].clone()
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        w = W1[:, :, i]
+        s, z = S[:, :, i1 + i], Z[:, :, i1 + i]
+        scaled = w / s
+        scaled += z
+        q = (torch.round(torch.clamp(scaled, lo, hi)) - z) * s
+        error = (w - q) / Hinv1[i, i]
+        Q1[:, :, i] = q
+        Err1[:, :, i] = error
+        W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[i, i:]
+    Wb[:, :, i1:i2] = Q1
+    return Err1

@@ -1,0 +1,170 @@
+"""The budget search on hand-made numbers: the planner's floors and cheapest start, the candidates,
+the learned low-bit multiplier, and that the shipped plan is the best one measured within the
+budget, also when the additive prediction prefers a plan that measures worse."""
+from types import SimpleNamespace
+
+import pytest
+
+from quantfix.budget import BudgetSearch, prune_ladder, rung_bits
+from quantfix.evaluate import Metrics
+from quantfix.plan import Plan, Precision
+from quantfix.planner import Ladder, PredictivePlanner, Space, ladder_options
+from quantfix.trials import record
+from tests.conftest import run_report as run
+from tests.conftest import tiny_overrides
+
+W3, W4, W8 = Precision(3, 64, False, "imatrix"), Precision(4, 64, True, "imatrix"), Precision(8, 0, True, "imatrix")
+RUNGS = ["3/64a", "4/64", "8/0", "16/0"]
+
+
+def _plan(n=4, shape=(128, 256)):
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(n)]
+    return Plan({m: Precision(4, 64, True, "rtn") for m in names}, {m: shape for m in names})
+
+
+def _diagnosis(plan, kld_of):
+    """A diagnosis whose option scores are ``kld_of(precision)`` for every module."""
+    ladder = Ladder.parse(RUNGS)
+    options = ladder_options(plan, ladder, ["imatrix"], below=True)
+    scores = {n: {lab: kld_of(p) for lab, p in o.items()} for n, o in options.items()}
+    sens = SimpleNamespace(option_base={n: kld_of(p) for n, p in plan.modules.items()}, modules={}, options=scores)
+    return SimpleNamespace(sensitivity=sens, findings=[]), options, ladder
+
+
+class FakeTrials:
+    """Trials whose measured KLD is ``truth(plan)``; records like the real ones."""
+
+    def __init__(self, truth, max_iters=6):
+        self.truth, self.records, self.max_iters = truth, [], max_iters
+
+    @property
+    def left(self):
+        return self.max_iters - len(self.records)
+
+    @property
+    def last(self):
+        return self.records[-1]
+
+    def __call__(self, plan, prev=None, predicted=None, **why):
+        k = self.truth(plan)
+        m = Metrics(ppl=10.0, nll=2.3, kld_mean=k, kld_p99=k, kld_max=k, top1=0.9, n_tokens=100)
+        r = record(len(self.records), plan, m, [], 0.0, prev)
+        for key, v in why.items():
+            setattr(r, key, v)
+        r.predicted_kld = predicted
+        self.records.append(r)
+        return r
+
+
+def _kld(p):
+    return 0.0 if p.is_float else {3: 0.35, 4: 0.3, 8: 0.01}[p.bits]
+
+
+def test_the_cheapest_start_goes_below_plan_0_and_a_floor_keeps_every_module_above_it():
+    plan = _plan()
+    diag, options, _ = _diagnosis(plan, _kld)
+    sens = diag.sensitivity
+    full = PredictivePlanner(plan, sens.option_base, sens.options, options, [], Space(floor=0.0))
+    assert all(p.bits == 3 for p in full.plan_at(0).modules.values())  # below plan 0's 4 bits
+    assert full.bits_at(0) == pytest.approx(W3.bits_per_weight(256))
+    floor4 = PredictivePlanner(plan, sens.option_base, sens.options, options, [], Space(floor=rung_bits("4/64")))
+    assert all(p.bits >= 4 for p in floor4.plan_at(floor4.largest_within(5.0)).modules.values())
+    assert not floor4.fits(3.5) and full.fits(3.5)
+    # plan 0's own precision is a point like the others: the threshold search still starts there
+    plain = PredictivePlanner(plan, sens.option_base, sens.options, options, [])
+    assert plain.plan_at(0).modules == plan.modules
+
+
+def test_the_search_ships_the_best_measured_plan_not_the_best_predicted():
+    """The additive scores say W3 is cheap; measured, modules at W3 interact (each one costs 3x its
+    score once two are at W3). The search measures the full plan, learns, and ships a floor plan
+    or a uniform plan that measures lower, all within the budget."""
+    plan = _plan()
+
+    def truth(p):
+        low = sum(1 for q in p.modules.values() if not q.is_float and q.bits <= 3)
+        return sum(_kld(q) * (3.0 if q.bits <= 3 and low > 1 else 1.0) for q in p.modules.values())
+
+    diag, options, ladder = _diagnosis(plan, _kld)
+    trials = FakeTrials(truth)
+    trials(plan)  # plan 0, measured by the recipe before the search
+    result = BudgetSearch(trials, plan, diag, options, 4.6, ladder).run()
+    measured = [r for r in trials.records if r.avg_bits <= 4.6 + 1e-9]
+    assert result.chosen.metrics.kld_mean == min(r.metrics.kld_mean for r in measured)
+    assert result.chosen.avg_bits <= 4.6 + 1e-9
+    assert len(trials.records) >= 3  # more than one candidate measured
+    first = trials.records[1]
+    assert first.action == "budget candidate: search" and result.chosen.metrics.kld_mean < first.metrics.kld_mean
+
+
+def test_the_low_bit_multiplier_is_learned_from_the_measurements():
+    plan = _plan(6)
+
+    def truth(p):  # every W3 module costs 4x its single score
+        return sum(_kld(q) * (4.0 if not q.is_float and q.bits <= 3 else 1.0) for q in p.modules.values())
+
+    diag, options, ladder = _diagnosis(plan, _kld)
+    trials = FakeTrials(truth, max_iters=7)
+    trials(plan)
+    search = BudgetSearch(trials, plan, diag, options, 3.8, ladder)
+    search.run()
+    assert search.weight > 1.0
+    # once learned, the prediction of a measured plan with W3 modules is close to its measurement
+    rec = next(r for r in trials.records if any(q.bits == 3 for q in r.plan.modules.values()))
+    assert search.predict(search.raw(rec.plan)) == pytest.approx(rec.metrics.kld_mean, rel=0.35)
+
+
+def test_a_budget_below_the_cheapest_rung_is_refused():
+    from quantfix.errors import QuantfixError
+
+    plan = _plan()
+    diag, options, ladder = _diagnosis(plan, _kld)
+    trials = FakeTrials(lambda p: 1.0)
+    trials(plan)
+    with pytest.raises(QuantfixError, match="below the cheapest plan on loop.ladder"):
+        BudgetSearch(trials, plan, diag, options, 2.5, ladder)
+
+
+def test_prune_keeps_the_rungs_near_the_budget_and_the_way_out():
+    ladder = ["2/64a", "3/64a", "4/64", "4/32", "5/64", "6/64", "8/0", "16/0"]
+    assert prune_ladder(ladder, 3.0) == ["2/64a", "3/64a", "4/64", "4/32", "8/0", "16/0"]
+    assert prune_ladder(ladder, 5.0) == ["2/64a", "3/64a", "4/64", "4/32", "5/64", "6/64", "8/0", "16/0"]
+    assert "2/64a" in prune_ladder(ladder, 6.5)  # the cheapest rung stays: the floor of the budget
+
+
+def test_the_simple_plans_are_measured_even_when_predicted_worse():
+    """The search's own plan is predicted best by far; the higher floors and the widest uniform plan
+    are measured all the same, so a shipped plan cannot lose to them."""
+    plan = _plan()
+    diag, options, ladder = _diagnosis(plan, _kld)
+    trials = FakeTrials(lambda p: sum(_kld(q) for q in p.modules.values()), max_iters=8)
+    trials(plan)
+    search = BudgetSearch(trials, plan, diag, options, 4.6, ladder)
+    must = [c for c in search.candidates() if c.must]
+    assert must[0].name == "search" and any(c.name.startswith("floor") for c in must)
+    assert any(c.name.startswith("uniform") for c in must)
+    search.run()
+    from quantfix.trials import plan_key
+
+    measured = {plan_key(r.plan) for r in trials.records}  # plan 0 included: a floor may be plan 0 itself
+    assert all(plan_key(c.plan) in measured for c in must)
+
+
+def test_budget_mode_measures_candidates_and_ships_the_best_within_the_budget(compose, tiny_dir, tmp_path):
+    """plan.budget.avg_bits: candidates within the budget (the search from the cheapest rung, higher
+    floors, uniform plans) are measured while trials are left; the lowest measured KLD within the
+    budget is exported and verified, and its prediction was refit on the measurements before it."""
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
+        "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": 5.0,
+        "loop.max_iters": 4}))
+    report = run(cfg, tmp_path / "run")
+    its = report["iterations"]
+    cands = its[1:]
+    assert len(its) == 4 and all(it["action"].startswith("budget candidate") for it in cands)
+    assert all(it["avg_bits"] <= 5.0 + 1e-9 for it in cands)
+    assert all("prediction_error_pct" in it for it in cands)
+    fin = report["final"]
+    best = min((it for it in its if it["avg_bits"] <= 5.0 + 1e-9), key=lambda it: it["metrics"]["kld_mean"])
+    assert fin["chosen_trial"] == best["iter"] and fin["avg_bits"] == best["avg_bits"]
+    assert fin["verified_metrics"]["kld_mean"] == pytest.approx(best["metrics"]["kld_mean"], rel=1e-5)
