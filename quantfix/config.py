@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from quantfix.errors import QuantfixError
-from quantfix.quantize import algorithms
+from quantfix.quantize import algorithms, gguf
 
 
 
@@ -67,6 +67,12 @@ class SensitivityMethod(Choice):
 class ExportFormat(Choice):
     auto = "auto"  # the plan's family: compressed-tensors (llm-compressor) or bitsandbytes
     gguf = "gguf"  # llama.cpp: the float parent as F16 GGUF, quantized per tensor by llama-quantize
+
+
+class Scored(Choice):
+    auto = "auto"  # second_half in GGUF mode (what llama-perplexity scores), else all
+    all = "all"  # every position of every eval window
+    second_half = "second_half"  # positions seq_len//2 .. seq_len-2 of each window (llama-perplexity's)
 
 
 # quant.algorithm / loop.algorithms: one value per entry of the algorithm registry
@@ -121,6 +127,10 @@ class EvalConfig:
     # task metrics on the float baseline (cached) and on every trial: local lambada_openai,
     # arc_easy, piqa (from data_dir or task_paths), any other lm-eval task through the harness
     tasks: List[str] = field(default_factory=list)
+    # which positions of each window are scored (the float reference keeps them all): auto = the
+    # second half in GGUF mode, where the windows are llama-perplexity's chunks, so that quantfix's
+    # predicted KLD and llama-perplexity's measured one are over the same tokens
+    scored: Scored = Scored.auto
     task_limit: Optional[int] = 200  # a fixed, seeded subset of each task (null = all)
     task_seed: int = 0
     task_batch_size: int = 8
@@ -184,6 +194,10 @@ class LoopConfig:
     # predictive: the algorithms a module may move to at each rung, the planner picking per module
     # (empty: plan 0's own); imatrix and gptq_imatrix search the clipping on the calibration data
     algorithms: List[AlgorithmName] = field(default_factory=lambda: [AlgorithmName.imatrix, AlgorithmName.gptq_imatrix])
+    # GGUF mode (export.format=gguf): the llama.cpp types a module may move to, each applied as
+    # llama-quantize writes it on the module's rows (Q4_K on a 576-wide row is Q5_0, Q6_K Q8_0)
+    gguf_ladder: List[str] = field(default_factory=lambda: ["Q2_K", "Q3_K", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K", "Q8_0",
+                                                            "F16"])
     # predictive: when the diagnosis finds a domain missing from the calibration data, add it and
     # recalibrate before planning (what GPTQ / imatrix learn from the data depends on it)
     recalibrate: bool = True
@@ -315,6 +329,14 @@ def register() -> None:
     cs.store(name="quantfix_schema", node=Config)
 
 
+def gguf_mode(cfg: Any) -> bool:
+    """Whether the run plans in llama.cpp types and ships a GGUF: export.format=gguf, or
+    export.format=auto repairing a GGUF file (quantized.name_or_path=x.gguf)."""
+    fmt = str(cfg.export.format)
+    q = cfg.quantized.name_or_path
+    return fmt == "gguf" or (fmt == "auto" and bool(q) and str(q).endswith(".gguf"))
+
+
 def parse_rung(rung: str) -> tuple[int, int]:
     try:
         bits, group = (int(x) for x in rung.split("/"))
@@ -330,7 +352,7 @@ def validate(cfg: Any) -> None:
         p.append(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
     if not cfg.device_memory_gb >= 0:  # NaN too
         p.append(f"device_memory_gb={cfg.device_memory_gb}: use 0 (the whole card) or the GB quantfix may use per GPU, e.g. 80")
-    for check in (_check_quant, _check_model, _check_data, _check_thresholds, _check_search):
+    for check in (_check_quant, _check_model, _check_data, _check_thresholds, _check_search, _check_gguf):
         p += check(cfg)
     if p:
         raise QuantfixError("invalid config: " + "; ".join(p))
@@ -432,7 +454,8 @@ def _check_search(cfg) -> List[str]:
         p.append("loop.ladder is empty: a failing plan has nowhere to climb; give the rungs, e.g. "
                  "loop.ladder=[4/64,4/32,5/64,6/64,8/0,16/0]")
     q = cfg.quant
-    if b is not None and not cfg.quantized.name_or_path and not algorithms.bits_problem(q.bits) and q.group_size >= 0:
+    if b is not None and not cfg.quantized.name_or_path and not algorithms.bits_problem(q.bits) and q.group_size >= 0 \
+            and not gguf_mode(cfg):
         floor = q.bits + ((16 + (0 if q.symmetric else q.bits)) / q.group_size if q.group_size else 0.0)
         if b < floor - 1e-9:
             p.append(f"plan.budget.avg_bits={b} is below plan 0's {floor:.3g} bits per weight (quant.bits={q.bits}, "
@@ -445,4 +468,26 @@ def _check_search(cfg) -> List[str]:
                 p.append(f"loop.ladder entry {rung!r}: {problem or 'group must be >= 0'}")
         except QuantfixError as e:
             p.append(str(e))
+    return p
+
+
+def _check_gguf(cfg) -> List[str]:
+    p = []
+    alg = algorithms.REGISTRY.get(str(cfg.quant.algorithm))
+    if not gguf_mode(cfg):
+        if alg is not None and alg.llama_cpp:
+            p.append(f"quant.algorithm={cfg.quant.algorithm} is a llama.cpp type: add export.format=gguf")
+        return p
+    bad = [t for t in cfg.loop.gguf_ladder if str(t).upper() != "F16" and str(t).upper() not in gguf.TYPES]
+    if bad:
+        p.append(f"loop.gguf_ladder entries {bad}: use llama.cpp types among {', '.join(gguf.TYPES)} or F16")
+    if not cfg.loop.gguf_ladder:
+        p.append("loop.gguf_ladder is empty: give the llama.cpp types a module may move to, e.g. [Q4_K,Q6_K,Q8_0,F16]")
+    if alg is not None and alg.family == algorithms.BITSANDBYTES:
+        p.append(f"quant={cfg.quant.algorithm} is a bitsandbytes format: GGUF mode plans llama.cpp types (quant=rtn "
+                 "quant.bits=4 starts from Q4_K, or quant.algorithm=gguf_q4_k)")
+    if cfg.loop.policy != "predictive":
+        p.append("export.format=gguf searches with loop.policy=predictive")
+    if cfg.loop.tune != "none":
+        p.append("loop.tune=autoround tunes integer grids, not llama.cpp types: leave loop.tune=none in GGUF mode")
     return p

@@ -15,13 +15,15 @@ PKG = Path(__file__).resolve().parent.parent / "quantfix"
 # own package's modules); a new module must be placed here
 LAYERS: List[List[str]] = [
     ["errors", "logs", "timing", "weights", "__init__"],
-    ["quantize", "cache", "arch", "runtime"],
+    ["cache", "arch", "runtime"],
+    ["llamacpp"],  # below the registry: its gguf entries simulate with ggml's own quantizers
+    ["quantize"],
     ["config", "layerwise"],
     ["plan"],
-    ["formats"],
-    ["source", "llamacpp"],
+    ["formats", "gguf_plan"],
+    ["source"],
     ["loading", "data", "evaluate", "tasks", "calib"],
-    ["verdict", "runreport", "tune", "export", "bank"],
+    ["verdict", "runreport", "tune", "export", "bank", "gguf_export"],
     ["trials", "verify", "existing", "diagnose"],
     ["planner", "explain"],
     ["search", "report"],
