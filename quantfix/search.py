@@ -103,7 +103,7 @@ def _within_budget(trial: Trials, planner: PredictivePlanner, plan0: Plan, budge
     between plan 0 and it, measured: the power of the map from the additive prediction to the
     measured KLD is then fit on two points of this model instead of extrapolated with the prior
     (from a W3 start the prior's prediction for the budget plan was 57-75% high on the demo)."""
-    k = planner.largest_within(budget)
+    k = planner.pack_within(budget)
     if k > 1 and trial.left > 1:
         kp = probe_step(planner, k)
         rec = trial(planner.plan_at(kp), plan0, **_why(planner, kp, probe=True))
