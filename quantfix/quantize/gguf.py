@@ -78,8 +78,16 @@ def act_q8_0(x: torch.Tensor) -> torch.Tensor:
     stored in fp16, q = round-half-even(x * 127/amax); the values d16 * q. Also Q8_1's values."""
     xb = x.float().reshape(-1, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    return (torch.round(xb * inv) * (amax / 127).half().float()).reshape(x.shape).to(x.dtype)
+    inv = torch.where(amax > 0, _div(127, amax), torch.zeros_like(amax))
+    return (torch.round(xb * inv) * _div(amax, 127).half().float()).reshape(x.shape).to(x.dtype)
+
+
+def _div(a, b) -> torch.Tensor:
+    """a / b correctly rounded to float32, as C computes it (torch's vectorized float32 division
+    by a tensor may be off by an ulp: a reciprocal, then a product); in float64, then rounded."""
+    a = a.double() if isinstance(a, torch.Tensor) else a
+    b = b.double() if isinstance(b, torch.Tensor) else b
+    return (a / b).float()
 
 
 def act_q8_k(x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +95,8 @@ def act_q8_k(x: torch.Tensor) -> torch.Tensor:
     value of largest magnitude, signed), q = min(127, round(iscale * x)), d = 1/iscale in float32."""
     xb = x.float().reshape(-1, 256)
     mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
-    iscale = torch.where(mx != 0, -127 / mx, torch.zeros_like(mx))
-    d = torch.where(mx != 0, 1 / iscale, torch.zeros_like(mx))
+    iscale = torch.where(mx != 0, _div(-127, mx), torch.zeros_like(mx))
+    d = torch.where(mx != 0, _div(1, iscale), torch.zeros_like(mx))
     return (torch.clamp(torch.round(iscale * xb), max=127) * d).reshape(x.shape).to(x.dtype)
 
 
