@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random Llama (with a small BPE tokenizer) saved as an HF directory,
-and Hydra's compose API over the project's conf/."""
+"""Shared fixtures and builders: a tiny random Llama (with a small BPE tokenizer) saved as an HF
+directory, variants of it (a BERT, custom code, a planted fault), and Hydra's compose API over conf/."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -94,3 +94,78 @@ def run_report(cfg, out_dir) -> dict:
     from quantfix.recipe import run
 
     return run(cfg, out_dir).to_dict()
+
+
+def model_dir(path: Path, tokenizer, seed: int = 0, edit=None) -> Path:
+    """A tiny Llama (``edit(model)`` applied to it under no_grad) saved as an HF directory."""
+    model = tiny_llama(seed=seed)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    return save_model_dir(model, tokenizer, path)
+
+
+def load_model(path: Path, offline: bool = False, **kw):
+    """The model at ``path`` loaded as a run does (``kw``: model.* settings)."""
+    from quantfix import loading, source
+    from quantfix.config import ModelConfig
+
+    return loading.load(source.resolve(str(path), path.parent / "cache"), torch.float32, torch.device("cpu"),
+                        ModelConfig(**kw), offline=offline)
+
+
+def tiny_bert(path: Path, tokenizer, cls_name="BertForMaskedLM", **cfg_kw) -> Path:
+    """A tiny BERT (an encoder: what quantfix refuses) saved as an HF directory."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=128, **cfg_kw)
+    torch.manual_seed(0)
+    return save_model_dir(getattr(transformers, cls_name)(cfg), tokenizer, path)
+
+
+def custom_code_dir(path: Path, tokenizer, with_code: bool = True) -> Path:
+    """The tiny Llama as a model with custom code (``auto_map``; the code files only ``with_code``)."""
+    import json
+
+    save_model_dir(tiny_llama(), tokenizer, path)
+    if with_code:
+        (path / "configuration_tiny.py").write_text(
+            "from transformers import LlamaConfig\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tiny_custom'\n")
+        (path / "modeling_tiny.py").write_text(
+            "from transformers import LlamaForCausalLM\nfrom .configuration_tiny import TinyConfig\n\n"
+            "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "tiny_custom"
+    cfg["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig",
+                       "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+# a planted fault (the diagnosis tests): layer LAYER's hidden channel CHANNEL rescaled by ALPHA
+LAYER, CHANNEL, ALPHA, FEATURE = 2, 7, 100.0, 8.0
+
+
+def base_model(seed=0):
+    """A tiny random Llama in which hidden channel CHANNEL matters to layer LAYER's attention
+    (its q/k/v input columns are FEATURE x larger), as real features do."""
+    model = tiny_llama(seed=seed, layers=4)
+    layer = model.model.layers[LAYER]
+    with torch.no_grad():
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.weight[:, CHANNEL] *= FEATURE
+    return model
+
+
+def planted(seed=0):
+    """Scale input_layernorm channel CHANNEL of layer LAYER by ALPHA and divide the matching input
+    column of q/k/v by ALPHA: the float function is unchanged, but that channel becomes a massive
+    activation and its weights shrink below the group's rounding step."""
+    model = base_model(seed)
+    layer = model.model.layers[LAYER]
+    with torch.no_grad():
+        layer.input_layernorm.weight[CHANNEL] *= ALPHA
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.weight[:, CHANNEL] /= ALPHA
+    return model

@@ -1,7 +1,7 @@
-"""Any causal LM (issue 14): the model's own structure (decoder blocks, quantizable modules, roles)
-for ten families, MoE experts planned and exported as one precision group, and the architecture
-matrix: each tiny random model runs the full loop to a reloaded checkpoint with every weight present
-whose verified metrics match its trial, or fails with one line naming why."""
+"""Any causal LM (issue 14): the model's own structure (``quantfix.arch``: decoder blocks, quantizable
+modules, roles) for ten families, and the architecture matrix: each tiny random model runs the full
+loop to a reloaded checkpoint with every weight present whose verified metrics match its trial, or
+fails with one line naming why. (MoE experts as one precision group: test_planner.py, test_export.py.)"""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 
 from quantfix import arch
 from quantfix.errors import QuantfixError
-from quantfix.plan import Plan, Precision
+from quantfix.plan import Plan
 from tests.conftest import tiny_overrides
 from tests.tiny_archs import ARCHS, save_tiny, tiny_model
 
@@ -75,50 +75,6 @@ def test_roles_not_names():
     assert arch.module_type("model.layers.0.mlp.experts.3.down_proj") == "experts.down_proj"
     assert arch.layer_index("model.decoder.layers.7.self_attn.q_proj") == 7
     assert arch.layer_index("lm_head") is None
-
-
-def _moe_plan(widths):
-    names = [f"model.layers.0.mlp.experts.{i}.down_proj" for i in range(len(widths))] + ["model.layers.0.self_attn.q_proj"]
-    mods = {n: p for n, p in zip(names, list(widths) + [Precision(4, 32)])}
-    return Plan(mods, {n: (64, 64) for n in names})
-
-
-def test_experts_move_as_one_group():
-    from quantfix.planner import harmonize_experts
-
-    plan = harmonize_experts(_moe_plan([Precision(4, 32), Precision(8, 0), Precision(4, 32, algorithm="gptq")]))
-    experts = [p for n, p in plan.modules.items() if arch.is_expert(n)]
-    assert {(p.bits, p.group_size) for p in experts} == {(8, 0)}
-    assert experts[2].algorithm == "gptq"  # widened, its own rounding kept
-    assert plan.modules["model.layers.0.self_attn.q_proj"] == Precision(4, 32)  # not an expert: untouched
-    # a float expert beside quantized modules would not reload: the group tops out at W8
-    plan = harmonize_experts(_moe_plan([Precision(4, 32), Precision(16)]))
-    assert {(p.bits, p.group_size) for n, p in plan.modules.items() if arch.is_expert(n)} == {(8, 0)}
-
-
-def test_export_refuses_unequal_experts():
-    from quantfix.export import check_experts_uniform, expert_leaf_renames
-
-    with pytest.raises(QuantfixError, match="one scheme for all experts"):
-        check_experts_uniform(_moe_plan([Precision(4, 32), Precision(8, 0)]))
-    with pytest.raises(QuantfixError, match="float experts"):
-        check_experts_uniform(_moe_plan([Precision(16), Precision(16)]))
-    check_experts_uniform(_moe_plan([Precision(4, 32), Precision(4, 32, algorithm="gptq")]))
-    # per-expert names as transformers' MoE loader of each model type reads them
-    assert expert_leaf_renames("mixtral") == {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-    assert expert_leaf_renames("qwen3_moe") == {}
-
-
-def test_export_recipe_names_experts_with_re_targets():
-    from types import SimpleNamespace
-
-    from quantfix.export import llmcompressor_recipe
-
-    plan = _moe_plan([Precision(4, 32), Precision(4, 32)])
-    mod = llmcompressor_recipe(plan, SimpleNamespace())[-1]
-    targets = [t for g in mod.config_groups.values() for t in g.targets]
-    assert r"re:^model\.layers\.0\.mlp\.experts\.0\.down_proj$" in targets
-    assert "model.layers.0.self_attn.q_proj" in targets
 
 
 # ---- the matrix: the full loop per architecture ------------------------------------------------------

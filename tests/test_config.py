@@ -1,11 +1,13 @@
-"""Every config file composes; bad values fail with one clear message naming the fix."""
+"""The config (``quantfix.config``): every config file composes; bad values fail when composed or
+validated, every problem at once, each naming the fix."""
 
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from quantfix.cli import preflight
 from quantfix.config import validate
 from quantfix.errors import QuantfixError
-from tests.conftest import CONF
+from tests.conftest import CONF, tiny_overrides
 
 
 def _options():
@@ -53,29 +55,6 @@ def test_misspelled_key_fails_at_compose(compose):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("quant.algorithm=magic", "quant.algorithm=magic: choose one of rtn, mse, imatrix, gptq"),
-    ("mode=fix", "mode=fix: choose one of repair, diagnose, baseline"),
-    ("model.device_map=everywhere", "model.device_map=everywhere: choose one of auto, balanced"),
-    ("diagnose.sensitivity.method=slow", "diagnose.sensitivity.method=slow: choose one of fast, exact, taylor, fisher"),
-    ("export.formt=x", "export.formt is not a config key (ExportConfig has no 'formt')"),
-    ("quant.bits=four", "quant.bits=four: expected an integer"),
-    ("quant=foo", "quant=foo: no such option; choose one of awq, gptq"),
-    ("+foo=1", "foo is not a config key"),
-    ("loop.ladder=[4/64", "is not valid override syntax"),
-])
-def test_choices_and_keys_fail_when_composed_with_one_line(compose, override, message):
-    """A choice-like field is an enum: a wrong value fails at compose time; the command line turns
-    every composition error into one line naming the key and the fix (``cli.preflight``)."""
-    from quantfix.cli import preflight
-
-    if not override.startswith(("+", "loop.ladder", "quant=")):
-        with pytest.raises(ConfigCompositionException):
-            compose([override])
-    problem = preflight([override])
-    assert problem is not None and message in problem and "\n" not in problem, problem
-
-
-@pytest.mark.parametrize("override,message", [
     ("quant.bits=9", "quant.bits=9 is out of range: use 2..8"),
     ("quant.bits=1", "quant.bits=1 is out of range"),
     ("thresholds.max_ppl_increase_pct=-1", "is impossible: use a value >= 0"),
@@ -101,3 +80,34 @@ def test_no_threshold_set_is_rejected(compose):
     cfg = compose(["thresholds.max_ppl_increase_pct=null"])
     with pytest.raises(QuantfixError, match="none set, so every plan would pass"):
         validate(cfg)
+
+
+def test_task_threshold_without_the_task_is_rejected(compose, tiny_dir, tmp_path):
+    from quantfix.config import validate
+    from quantfix.errors import QuantfixError
+
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path, **{"thresholds.tasks.piqa.max_drop": 2}))
+    with pytest.raises(QuantfixError, match="eval.tasks does not include piqa"):
+        validate(cfg)
+
+
+def test_bad_device_map_or_max_memory_is_one_line(compose, tiny_dir, tmp_path):
+    from quantfix.config import validate
+    from quantfix.errors import QuantfixError
+
+    with pytest.raises(ConfigCompositionException, match="model.device_map=everywhere"):
+        compose(tiny_overrides(tiny_dir, tmp_path, **{"model.device_map": "everywhere"}))
+    with pytest.raises(QuantfixError, match="add model.device_map=auto"):
+        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"model.max_memory": "{0:10GiB}"})))
+    with pytest.raises(QuantfixError, match="mapping of device to size"):
+        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"model.device_map": "auto", "model.max_memory": 3})))
+
+
+def test_autoround_is_not_a_per_module_option(compose, tiny_dir, tmp_path):
+    with pytest.raises(QuantfixError, match="loop.tune=autoround"):
+        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.algorithms": "[autoround]"})))
+    with pytest.raises(ConfigCompositionException):  # a choice: refused when the config is composed
+        compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.tune": "awq"}))
+    assert preflight(["loop.tune=awq"]) == "loop.tune=awq: choose one of none, autoround"
+    with pytest.raises(QuantfixError, match="quantized.name_or_path"):
+        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"quant.algorithm": "ckpt"})))

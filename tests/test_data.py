@@ -102,3 +102,26 @@ def test_eval_windows_and_calibration_samples_start_with_bos_when_the_tokenizer_
         assert torch.equal(w.reshape(-1), stream[:64])
     s = data.calibration_samples(["x"], "", tok, 3, 16, seed=0)
     assert s.shape == (3, 16) and ((s[:, 0] == 1).all() if adds_bos else not (s == 1).any())
+
+
+@pytest.mark.parametrize("source", ["wikitext2", "c4"])
+def test_offline_data_never_falls_back_to_the_hub(tmp_path, tokenizer, monkeypatch, source):
+    import datasets
+
+    def no_hub(*a, **k):
+        raise AssertionError("datasets.load_dataset was called")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(QuantfixError, match=rf"not found at {empty}/.*offline is on .*data_dir is {empty}"):
+        data.eval_windows(source, str(empty), tokenizer, 2, 16, offline=True)
+
+
+@pytest.mark.parametrize("name", ["calib.txt", "calib.jsonl", "calib.jsonl.gz"])
+def test_binary_calibration_file_is_one_line_naming_it(tmp_path, tokenizer, name):
+    f = tmp_path / name
+    f.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(QuantfixError, match=rf"data file {f} is not UTF-8 text") as info:
+        data.calibration_samples(["pydoc", str(f)], str(SHARED_DATA), tokenizer, 4, 16, seed=0)
+    assert "\n" not in str(info.value)

@@ -1,46 +1,18 @@
-"""Diagnosis on planted faults: a function-preserving rescale the float model does not notice but
-quantization does must come out as the most sensitive layer, its channel as an outlier, and the
-repair must protect that module."""
+"""The diagnosis (``quantfix.diagnose``) on planted faults: a function-preserving rescale the float
+model does not notice but quantization does must come out as the most sensitive layer, its channel
+as an outlier, and the repair must protect that module; an existing checkpoint diagnosed; the
+options scored in several passes; the sensitivity cache keyed by the plan's weights, not its labels."""
 import json
 
 import pytest
 import torch
 
-from quantfix.diagnose import probes
 from quantfix.diagnose.findings import Diagnosis
-from quantfix.diagnose.rules import root_causes
-from quantfix.diagnose.sensitivity import Sensitivity
-from quantfix.diagnose.sensitivity import PassSettings, fisher
-from tests.conftest import run_report as run
 from quantfix.plan import Plan
-from quantfix.quantize import fake
-from tests.conftest import save_model_dir, tiny_llama, tiny_overrides
+from tests.conftest import run_report as run
+from tests.conftest import CHANNEL, LAYER, base_model, planted, save_model_dir, tiny_overrides
 
-LAYER, CHANNEL, ALPHA, FEATURE = 2, 7, 100.0, 8.0
-
-
-def base_model(seed=0):
-    """A tiny random Llama in which hidden channel CHANNEL matters to layer LAYER's attention
-    (its q/k/v input columns are FEATURE x larger), as real features do."""
-    model = tiny_llama(seed=seed, layers=4)
-    layer = model.model.layers[LAYER]
-    with torch.no_grad():
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-            proj.weight[:, CHANNEL] *= FEATURE
-    return model
-
-
-def planted(seed=0):
-    """Scale input_layernorm channel CHANNEL of layer LAYER by ALPHA and divide the matching input
-    column of q/k/v by ALPHA: the float function is unchanged, but that channel becomes a massive
-    activation and its weights shrink below the group's rounding step."""
-    model = base_model(seed)
-    layer = model.model.layers[LAYER]
-    with torch.no_grad():
-        layer.input_layernorm.weight[CHANNEL] *= ALPHA
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-            proj.weight[:, CHANNEL] /= ALPHA
-    return model
+DIAG = {"mode": "diagnose", "diagnose.probes": "false", "diagnose.domain_seq_len": 64}
 
 
 @pytest.fixture(scope="module")
@@ -105,35 +77,6 @@ def test_repair_protects_the_planted_module(compose, planted_dir, tmp_path):
     assert drivers and set(drivers) & {"outlier_channels", "concentrated_layers"}
 
 
-def test_fisher_ranks_the_planted_layer_first():
-    model = planted()
-    names = [n for n, m in model.named_modules() if n.endswith("proj")]
-    qw = {n: fake.rtn(dict(model.named_modules())[n].weight.detach(), 4, 16, True) for n in names}
-    s = fisher(model, torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0)), qw,
-               settings=PassSettings(batch_size=2, progress=False))
-    assert s.ranked_layers()[0] == LAYER
-    top_module = max(s.modules, key=s.modules.get)
-    assert f"layers.{LAYER}.self_attn" in top_module
-
-
-def test_fisher_in_chunks_scores_the_options_of_one_pass():
-    from quantfix.diagnose.sensitivity import fisher_chunks
-
-    model = planted()
-    mods = dict(model.named_modules())
-    names = [n for n in mods if n.endswith("proj")]
-    qw = {n: fake.rtn(mods[n].weight.detach(), 4, 16, True) for n in names}
-    opts = {n: {f"W{b}": fake.rtn(mods[n].weight.detach(), b, 16, True) for b in (5, 8)} for n in names}
-    ids = torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0))
-    one = fisher(model, ids, qw, opts, PassSettings(batch_size=2, progress=False))
-    split = fisher_chunks(model, ids, qw, [{n: opts[n]} for n in names], PassSettings(batch_size=2, progress=False))
-    assert split.modules == one.modules
-    assert set(split.options) == set(one.options)
-    for n in names:
-        for lab, v in one.options[n].items():
-            assert split.options[n][lab] == pytest.approx(v, rel=1e-5)
-
-
 def test_diagnose_an_existing_checkpoint(compose, planted_dir, tmp_path):
     # export a W4 checkpoint, then diagnose it as quantized.name_or_path
     cfg = compose(tiny_overrides(planted_dir, tmp_path / "cache", **{
@@ -158,124 +101,72 @@ def test_diagnose_an_existing_checkpoint(compose, planted_dir, tmp_path):
     assert not {"calibration_mismatch", "domain_gap"} & {f["kind"] for f in diag["findings"]}
 
 
-def test_batched_probes_generate_what_one_at_a_time_does(tokenizer):
-    """All probes in one left-padded generate call: the same greedy tokens as one call per prompt,
-    cut after the first EOS."""
-    model = tiny_llama(seed=5, layers=2)
-    prompts = [{"domain": "a", "prompt": "def f(x):\n    return"}, {"domain": "b", "prompt": "The"},
-               {"domain": "c", "prompt": "import os\nimport sys\n\nclass Config:\n    name ="}]
-    one = probes.generate(model, tokenizer, prompts, 12, progress=False, batched=False)
-    many = probes.generate(model, tokenizer, prompts, 12, progress=False, batched=True)
-    assert many == one
-    assert all(0 < len(r) <= 12 for r in many)
+def test_sensitivity_of_an_existing_checkpoint_is_not_reused_for_a_plan_with_the_same_labels(
+        compose, tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    run(compose(tiny_overrides(tiny_dir, cache, **{"quant": "gptq", "quant.group_size": 32, "loop.max_iters": 1,
+                                                   "thresholds.max_ppl_increase_pct": 1e6})), tmp_path / "export")
+    ckpt = tmp_path / "export" / "checkpoint"
+    a = run(compose(tiny_overrides(tiny_dir, cache, **DIAG, **{"quantized.name_or_path": str(ckpt)})),
+            tmp_path / "diag_ckpt")
+    b = run(compose(tiny_overrides(tiny_dir, cache, **DIAG, **{"quant.group_size": 32})), tmp_path / "diag_rtn")
+    # the same widths (the checkpoint's modules are labelled ckpt: its own weights, not an RTN of ours)
+    assert a["iterations"][0]["plan_summary"] == "W4g32-ckpt x14" and b["iterations"][0]["plan_summary"] == "W4g32 x14"
+    assert len(list((cache / "sensitivity").glob("*.json"))) == 2
+    sens = [json.loads((tmp_path / d / "diagnosis.json").read_text())["sensitivity"]["modules"]
+            for d in ("diag_ckpt", "diag_rtn")]
+    assert sens[0] != sens[1]
 
 
-def test_probe_helpers():
-    assert probes.repetition([1, 2, 3, 4] * 6)["loop"]
-    assert not probes.repetition(list(range(24)))["loop"]
-    assert probes.first_divergence([1, 2, 3], [1, 2, 4]) == 2 and probes.first_divergence([1], [1]) is None
-    assert probes.is_refusal("I'm sorry, but I cannot help with that.") and not probes.is_refusal("Sure: 42.")
+def test_options_scored_in_several_passes_give_the_same_run(compose, tiny_dir, tmp_path):
+    """diagnose.sensitivity.options_memory_gb bounds the memory the options' simulated weights hold:
+    a tiny budget scores them one module per Fisher pass, the bank keeping none (each chunk is
+    handed back and dropped), and the run (option scores, plans, trials) is the one a single pass
+    gives."""
+    from quantfix.diagnose import option_chunks
+    from tests.conftest import run_report as run
+    from quantfix.bank import WeightBank
 
+    over = {"quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
+            "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,8/0,16/0]", "plan.budget.avg_bits": 4.5,
+            "loop.max_iters": 3}
+    one = run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **over)), tmp_path / "one")
+    many = run(compose(tiny_overrides(tiny_dir, tmp_path / "c2", **over,
+                                      **{"diagnose.sensitivity.options_memory_gb": 1e-9})), tmp_path / "many")
+    key = lambda r: [(it["plan_summary"], it["metrics"]["kld_mean"]) for it in r["iterations"]]  # noqa: E731
+    assert key(one) == key(many)
+    # where the memory goes: each stage's snapshot (peak so far never falls; the rises add up to
+    # at most the run's peak) and the diagnosis's own parts
+    stages = one["memory"]["stages"]
+    assert {"load model", "calibration stats", "diagnose", "export"} <= set(stages)
+    peaks = [v["host_peak_gb"] for v in stages.values()]
+    assert all(0 < p <= one["memory"]["host_rss_peak_mb"] / 1024 + 0.01 for p in peaks)
+    assert sum(v.get("host_peak_gb_rise", 0) for v in stages.values()) <= max(peaks) + 0.01
+    diag = json.loads((tmp_path / "one" / "diagnosis.json").read_text())
+    parts = {k for k in diag["timings_s"] if k.startswith("sensitivity: ")}
+    assert set(diag["memory_gb"]) == {k for k in diag["timings_s"] if k != "total"} - parts
+    # the sensitivity's own parts: one Fisher pass here, one per module (each a chunk) with the tiny budget
+    many_diag = json.loads((tmp_path / "many" / "diagnosis.json").read_text())
+    n_opt = len(json.loads((tmp_path / "many" / "diagnosis_full.json").read_text())["sensitivity"]["options"])
+    assert diag["timings_s"]["sensitivity: passes"] == 1 and n_opt > 1
+    assert many_diag["timings_s"]["sensitivity: passes"] == n_opt
+    for d in (diag, many_diag):
+        t = d["timings_s"]
+        assert t["sensitivity: taylor"] + t["sensitivity: option simulation"] + t["sensitivity: fisher passes"] \
+            <= t["sensitivity"] + 0.05
 
-def _diagnosis(layers, modules, metrics, outliers=(), domains=None, calibration=("c4",)) -> Diagnosis:
-    return Diagnosis(plan_summary="", avg_bits=4.0, metrics=metrics,
-                     sensitivity=Sensitivity("fast", layers, {}, modules), outliers=list(outliers), channel_errors={},
-                     domains=domains or {}, generations=[], calibration_domains=list(calibration))
-
-
-def test_root_causes_domain_gap_and_ppl_hides_damage():
-    from quantfix.config import DiagnoseConfig
-
-    diag = _diagnosis({i: 1.0 for i in range(10)}, {},
-                      {"ppl_increase_pct": 0.8, "quantized": {"kld_mean": 0.12, "top1": 0.8}},
-                      domains={"prose": {"ppl_increase_pct": 2.0}, "web": {"ppl_increase_pct": 1.5},
-                               "code": {"ppl_increase_pct": 14.0}})
-    f = {x.kind: x for x in root_causes(diag, DiagnoseConfig())}
-    assert "calibrate on code" in f["domain_gap"].fix and "humaneval" in f["domain_gap"].fix
-    assert f["domain_gap"].domain == "code" and f["domain_gap"].source == "humaneval"
-    assert "ppl_hides_damage" in f and "spread_evenly" in f
-    # calibrating on the code domain removes the gap finding
-    diag.calibration_domains = ["c4", "humaneval"]
-    assert "domain_gap" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
-    # judged by source: Python's docs are prose too, but not the WikiText-2 text the prose domain is
-    diag.domains = {"prose": {"ppl_increase_pct": 50.2}, "web": {"ppl_increase_pct": 36.8},
-                    "code": {"ppl_increase_pct": 14.9}}  # measured: the demo, W4g64 GPTQ calibrated on pydoc
-    diag.calibration_domains = ["pydoc"]
-    gap = {x.kind: x for x in root_causes(diag, DiagnoseConfig())}["domain_gap"]
-    assert gap.domain == "prose" and gap.source == "wikitext2"
-
-
-def test_an_existing_checkpoint_worse_than_rtn_is_a_calibration_mismatch_of_unknown_data():
-    """Issue 13's case: a GPTQ checkpoint calibrated on Python's docs, diagnosed on WikiText-2 (PPL
-    71.9 vs RTN's 53.6). Its calibration set is unknown: no claim about quantfix's own c4; the
-    evidence is the comparison with RTN and the per-domain pattern."""
-    from quantfix.config import DiagnoseConfig
-
-    diag = _diagnosis({i: 1.0 for i in range(10)}, {}, {"ppl_increase_pct": 99.0,
-                                                        "quantized": {"kld_mean": 0.6, "top1": 0.6}},
-                      domains={"prose": {"ppl_increase_pct": 94.3}, "web": {"ppl_increase_pct": 65.0},
-                               "code": {"ppl_increase_pct": 25.0}}, calibration=())
-    diag.eval_source = "wikitext2"
-    diag.calibration_check = {"kld": 0.60, "rtn_kld": 0.41, "algorithms": ["the checkpoint"]}
-    f = {x.kind: x for x in root_causes(diag, DiagnoseConfig())}
-    assert "domain_gap" not in f  # unknown calibration data is not absent calibration data
-    m = f["calibration_mismatch"]
-    assert "calibration set is unknown" in m.finding and "prose +94.3%" in m.finding and "c4" not in m.finding
-    assert "data.domains=[wikitext2]" in m.fix
-    diag.calibration_check = {"kld": 0.41, "rtn_kld": 0.41, "algorithms": ["the checkpoint"]}  # plain RTN itself
-    assert "calibration_mismatch" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
-
-
-def test_char_loops_are_repetition_loops():
-    assert probes.char_loop("The answer is P.S.I.E.S.A.L.A.L.A.L.A.L.A.")
-    assert probes.char_loop("ok ok ok ok ok ok")
-    assert not probes.char_loop("The capital of France is Paris, a city on the Seine.")
-    assert not probes.char_loop("aaa")  # too short to call
-
-
-def test_outlier_findings_group_residual_channels_and_merge_the_tail():
-    """A residual-stream channel that is an outlier in the q/k/v inputs of many layers is one cause:
-    one finding; beyond max_outlier_findings the rest merge into one. No module is dropped."""
-    from quantfix.config import DiagnoseConfig
-
-    mods = {}
-    outliers = []
-    for i in range(8):
-        qkv = [f"model.layers.{i}.self_attn.{t}_proj" for t in "qkv"]
-        down = f"model.layers.{i}.mlp.down_proj"
-        for m in qkv + [down]:
-            mods[m] = 1.0
-        outliers.append({"input_of": qkv, "float": {"n_outliers": 1, "top": [[7, 90.0 + i]], "median": 1.0,
-                                                     "ratio": 90.0 + i}})
-        outliers.append({"input_of": [down], "float": {"n_outliers": 1, "top": [[100 + i, 10.0 * (i + 1)]],
-                                                        "median": 1.0, "ratio": 10.0 * (i + 1)}})
-    mods.update({f"model.layers.{i}.mlp.up_proj": 0.0 for i in range(300)})  # top 10% = the 32 above
-    diag = _diagnosis({i: 1.0 for i in range(8)}, mods,
-                      {"ppl_increase_pct": 10.0, "quantized": {"kld_mean": 0.1, "top1": 0.8}}, outliers)
-    found = [f for f in root_causes(diag, DiagnoseConfig(max_outlier_findings=4)) if f.kind == "outlier_channels"]
-    assert len(found) == 4
-    assert "residual-stream channel 7" in found[0].finding and "8 layers (0-7" in found[0].finding
-    assert len(found[0].modules) == 24
-    assert [f.evidence["ratio"] for f in found[1:3]] == [80.0, 70.0]  # the two largest down_proj
-    assert found[3].finding.startswith("6 more inputs")
-    covered = sorted(m for f in found for m in f.modules)
-    assert covered == sorted(m for o in outliers for m in o["input_of"])
-
-
-def test_calibration_mismatch_when_calibrated_rounding_is_no_better_than_rtn():
-    from quantfix.config import DiagnoseConfig
-
-    metrics = {"ppl_increase_pct": 30.0, "quantized": {"kld_mean": 0.5, "top1": 0.7}}
-    diag = _diagnosis({i: 1.0 for i in range(10)}, {}, metrics, calibration=("pydoc",))
-    diag.eval_source = "wikitext2"
-    diag.calibration_check = {"kld": 0.50, "rtn_kld": 0.45, "algorithms": ["gptq"]}
-    (f,) = [x for x in root_causes(diag, DiagnoseConfig()) if x.kind == "calibration_mismatch"]
-    assert f.source == "wikitext2" and "data.domains=[pydoc, wikitext2]" in f.fix and "0.5000 vs 0.4500" in f.finding
-    diag.calibration_check = {"kld": 0.30, "rtn_kld": 0.45, "algorithms": ["gptq"]}  # calibration helps: no finding
-    assert "calibration_mismatch" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
-    diag.calibration_check = {"kld": 0.50, "rtn_kld": 0.45, "algorithms": ["gptq"]}
-    diag.calibration_domains = ["pydoc", "wikitext2"]  # already calibrated on the deployment text
-    assert "calibration_mismatch" not in {x.kind for x in root_causes(diag, DiagnoseConfig())}
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    from quantfix.plan import Precision
+    bank = WeightBank(model, ["0", "1"])
+    options = {n: {f"W{b}": Precision(b, 0, True, "mse") for b in (4, 5, 6)} for n in ("0", "1")}
+    seen = []
+    for chunk in option_chunks(bank, options, 64 * 64 * 4 * 3 / 2 ** 30):  # one module's options fit
+        seen.append(sorted(chunk))
+        # handed back, never kept by the bank: a chunk lives as long as the caller holds it
+        assert not bank._sim and all(w.shape == (64, 64) and w.dtype == torch.float32
+                                     for o in chunk.values() for w in o.values())
+    assert seen == [["0"], ["1"]] and not bank._sim
+    assert [sorted(c) for c in option_chunks(bank, options, 1.0)] == [["0", "1"]] and len(bank._sim) == 6  # one chunk: kept
 
 
 def test_histograms_show_the_most_sensitive_inputs_too():

@@ -87,3 +87,26 @@ def test_topk_kld_is_tight_when_topk_holds_the_mass():
     full = ev.evaluate(q, windows, ev.reference(model, windows, 2, 16, 64, progress=False), 2, progress=False)
     top = ev.evaluate(q, windows, ev.reference(model, windows, 2, 64, 0, progress=False), 2, progress=False)
     assert top.kld_mean == pytest.approx(full.kld_mean, rel=0.05)
+
+
+@pytest.mark.parametrize("full_max_mb", [256, 0], ids=["full", "topk"])
+def test_nan_model_has_top1_zero_not_one(tokenizer, full_max_mb):
+    # the case: NaN logits on both sides agreed everywhere (argmax of a NaN row), top-1 1.0
+    model = tiny_llama()
+    windows = torch.randint(2, 384, (2, 16))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")  # every logit row becomes NaN
+    ref = ev.reference(model, windows, 2, 8, full_max_mb, progress=False)
+    m = ev.evaluate(model, windows, ref, 2, progress=False)
+    assert math.isnan(m.ppl) and m.top1 == 0.0
+    assert ev.baseline_metrics(ref).top1 == 0.0
+    assert ev.locate_nonfinite(model, windows[:1]).startswith("model.layers.0.mlp.down_proj.weight (1 nan values")
+
+
+def test_locate_nonfinite_finds_the_first_module_with_a_nonfinite_output():
+    model = tiny_llama()
+    windows = torch.randint(2, 384, (1, 8))
+    assert ev.locate_nonfinite(model, windows) is None
+    mlp = model.model.layers[1].mlp
+    mlp.register_forward_hook(lambda m, a, out: out * float("inf"))  # finite weights, inf activations
+    assert ev.locate_nonfinite(model, windows) == "model.layers.1.mlp (non-finite output)"

@@ -1,15 +1,18 @@
 """The house rules, checked on the source: imports go down the layers (none upward, no cycle,
-function-level and type-hint imports included), and no function is over 60 lines or takes more
-than 8 parameters."""
+function-level and type-hint imports included), no function is over 60 lines or takes more than 8
+parameters, and the tests mirror the package (every module in TESTED has its test module)."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "quantfix"
+TESTS = Path(__file__).resolve().parent
+SCRIPTS = PKG.parent / "scripts"
 
 # bottom to top: a component may import components of its own layer's predecessors only (and its
 # own package's modules); a new module must be placed here
@@ -131,3 +134,62 @@ def test_the_layout_check_catches_an_upward_import(tmp_path):
     fake = tmp_path / "x.py"
     fake.write_text("def f():\n    from quantfix.recipe import run\n")
     assert "quantfix.recipe" in _imports(fake, _modules())
+
+
+# The modules a user or another stage calls, each with its own test module named after it:
+# tests/test_<module>.py, a subpackage's module tests/test_<package>_<module>.py, a package's
+# __init__ tests/test_<package>.py. A new stage module goes here with its tests.
+TESTED = {
+    "recipe", "cli", "source", "loading", "weights", "cache", "runtime", "timing", "config", "arch", "layerwise",
+    "plan", "data", "evaluate", "tasks", "calib", "verdict", "runreport", "tune", "export", "bank", "trials", "verify",
+    "existing", "planner", "explain", "search", "report", "llamacpp",
+    "formats", "formats.gguf_tokenizer", "formats.gguf_io", "formats.packed", "formats.parent",
+    "quantize.algorithms", "quantize.fake", "quantize.scales",
+    "diagnose", "diagnose.rules", "diagnose.sensitivity", "diagnose.probes",
+}
+# test modules named after no module: the layout's own, and the demo model end to end (slow);
+# tests of scripts/<name>.py are tests/test_scripts_<name>.py
+OTHER_TESTS = {"test_layout", "test_demo"}
+
+
+def _test_module(module: str) -> Path:
+    """tests/test_<module>.py ("formats.gguf_tokenizer" -> tests/test_formats_gguf_tokenizer.py)."""
+    return TESTS / f"test_{module.replace('.', '_')}.py"
+
+
+def _has_a_test(f: Path) -> bool:
+    return any(isinstance(n, ast.FunctionDef) and n.name.startswith("test_") for n in ast.parse(f.read_text()).body)
+
+
+def _package_modules() -> Set[str]:
+    """quantfix's modules without the package prefix ("recipe", "formats", "formats.gguf_io", ...)."""
+    return {m.split(".", 1)[1] for m in GRAPH if "." in m}
+
+
+def test_every_tested_module_has_its_test_module():
+    stale = sorted(TESTED - _package_modules())
+    assert not stale, f"TESTED names modules quantfix does not have: {stale}"
+    missing = sorted(_test_module(m).name for m in TESTED if not _test_module(m).exists())
+    assert not missing, f"these modules have no test module of their own: {missing}"
+    empty = sorted(_test_module(m).name for m in TESTED if not _has_a_test(_test_module(m)))
+    assert not empty, f"these test modules hold no test: {empty}"
+
+
+def test_every_test_module_is_named_after_what_it_tests():
+    names = {_test_module(m).stem for m in _package_modules()} | OTHER_TESTS
+    names |= {f"test_scripts_{s.stem}" for s in SCRIPTS.glob("*.py")}
+    stray = sorted(f.name for f in TESTS.glob("test_*.py") if f.stem not in names)
+    assert not stray, f"name these after the module they test (or add them to OTHER_TESTS): {stray}"
+
+
+def test_the_mirror_checks_can_fail(tmp_path, monkeypatch):
+    """The checks themselves can fail: in a tests folder holding only test_recipe.py and a stray
+    test_nothing.py, every other module of TESTED lacks its test module, and the stray is named."""
+    (tmp_path / "test_recipe.py").write_text("def test_x():\n    pass\n")
+    (tmp_path / "test_nothing.py").write_text("def test_x():\n    pass\n")
+    monkeypatch.setattr(sys.modules[__name__], "TESTS", tmp_path)
+    with pytest.raises(AssertionError, match=r"no test module of their own: \['test_arch.py', 'test_bank.py'") as info:
+        test_every_tested_module_has_its_test_module()
+    assert "test_recipe.py" not in str(info.value)
+    with pytest.raises(AssertionError, match=r"\['test_nothing.py'\]"):
+        test_every_test_module_is_named_after_what_it_tests()

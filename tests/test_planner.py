@@ -1,14 +1,12 @@
-"""The planner's pieces on hand-made numbers: the ladder, the convex hull of each module's options,
-budgets, the KLD target, the correction refit, and the greedy ranking."""
-import math
-
+"""The planner (``quantfix.planner``) on hand-made numbers: the ladder, the convex hull of each
+module's options, budgets, the correction refit, the greedy ranking, and MoE experts moving as one
+precision group."""
 import pytest
 
-from quantfix.config import ThresholdsConfig
+from quantfix import arch
 from quantfix.diagnose.findings import Finding
 from quantfix.plan import Plan, Precision
 from quantfix.planner import PRIOR_POWER, GreedyPlanner, Ladder, PredictivePlanner, ladder_options
-from quantfix.verdict import kld_target
 
 W4G64, W4G32, W8, FP = Precision(4, 64), Precision(4, 32), Precision(8, 0), Precision(16)
 
@@ -92,15 +90,6 @@ def test_findings_name_the_reason_of_each_step():
     assert reasons[names[2]] == "sensitivity"
 
 
-def test_kld_target_maps_ppl_thresholds_through_the_nll_ratio():
-    t = ThresholdsConfig(max_ppl_increase_pct=5.0)
-    assert kld_target(t, 30.0, 1.0) == pytest.approx(math.log(1.05))
-    assert kld_target(t, 30.0, 2.0) == pytest.approx(math.log(1.05) / 2)
-    t = ThresholdsConfig(max_ppl_increase_pct=None, max_ppl_increase_abs=3.0, max_kld_mean=0.2)
-    assert kld_target(t, 30.0, 1.0) == pytest.approx(min(0.2, math.log1p(0.1)))
-    assert kld_target(ThresholdsConfig(max_ppl_increase_pct=None), 30.0, 1.0) == float("inf")
-
-
 def test_greedy_promotes_the_largest_error_per_bit_first():
     plan = _plan(3)
     names = list(plan.modules)
@@ -150,3 +139,22 @@ def test_ladder_options_offer_each_algorithm_at_each_rung():
     awq = Plan({n: Precision(4, 64, True, "awq") for n in plan.modules}, plan.shapes)
     assert {p.algorithm for o in ladder_options(awq, Ladder.parse(["4/32"]), ["imatrix"]).values()
             for p in o.values()} == {"awq"}  # AWQ owns the whole plan
+
+
+def _moe_plan(widths):
+    names = [f"model.layers.0.mlp.experts.{i}.down_proj" for i in range(len(widths))] + ["model.layers.0.self_attn.q_proj"]
+    mods = {n: p for n, p in zip(names, list(widths) + [Precision(4, 32)])}
+    return Plan(mods, {n: (64, 64) for n in names})
+
+
+def test_experts_move_as_one_group():
+    from quantfix.planner import harmonize_experts
+
+    plan = harmonize_experts(_moe_plan([Precision(4, 32), Precision(8, 0), Precision(4, 32, algorithm="gptq")]))
+    experts = [p for n, p in plan.modules.items() if arch.is_expert(n)]
+    assert {(p.bits, p.group_size) for p in experts} == {(8, 0)}
+    assert experts[2].algorithm == "gptq"  # widened, its own rounding kept
+    assert plan.modules["model.layers.0.self_attn.q_proj"] == Precision(4, 32)  # not an expert: untouched
+    # a float expert beside quantized modules would not reload: the group tops out at W8
+    plan = harmonize_experts(_moe_plan([Precision(4, 32), Precision(16)]))
+    assert {(p.bits, p.group_size) for n, p in plan.modules.items() if arch.is_expert(n)} == {(8, 0)}

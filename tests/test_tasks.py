@@ -320,3 +320,16 @@ def test_task_result_round_trip():
     d = r.to_dict()
     assert "per_doc" not in d and d["metrics"]["acc_norm"] == pytest.approx(2 / 3, abs=1e-6)
     json.dumps(d)
+
+
+def test_task_metrics_never_pass_when_nonfinite():
+    from quantfix import tasks as tasks_mod
+
+    assert tasks_mod.multiple_choice_scores([float("nan"), -1.0], ["a", "b"], 0) == {"acc": 0.0, "acc_norm": 0.0}
+    base = tasks_mod.TaskResult("lambada_openai", {"acc": 0.5, "perplexity": 20.0}, {"acc": 0.1, "perplexity": 1.0},
+                                {}, 10, 1.0)
+    quant = tasks_mod.TaskResult("lambada_openai", {"acc": 0.5, "perplexity": float("nan")},
+                                 {"acc": 0.1, "perplexity": float("nan")}, {}, 10, 1.0)
+    c = tasks_mod.compare(base, quant, "perplexity", max_drop_points=1e9)
+    assert c["failed"] and "quantized perplexity is nan (non-finite)" in c["reason"]
+    assert not tasks_mod.compare(base, base, "perplexity", max_drop_points=1e9)["failed"]

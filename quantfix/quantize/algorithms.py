@@ -229,7 +229,7 @@ def _gptq_many(method: str):
 def _gptq_sweep(W, H, p, scale, zero, damp: float, block: int):
     """The GPTQ column sweep: llm-compressor's own ``quantize_weight`` (a Triton kernel on CUDA,
     several times faster than a per-column loop; 1.7x faster than ``fake.gptq`` on the CPU too),
-    ``fake.gptq`` without the engine; the two agree bit for bit (tests/test_algorithms.py)."""
+    ``fake.gptq`` without the engine; the two agree bit for bit (tests/test_quantize_algorithms.py)."""
     try:
         from compressed_tensors.quantization import QuantizationArgs
         from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight

@@ -1,13 +1,8 @@
-"""AutoRound as the loop's last step (loop.tune=autoround): the tuned weights sit on the grid the
+"""AutoRound (``quantfix.tune``) as the loop's last step (loop.tune=autoround): the tuned weights sit on the grid the
 checkpoint stores, float modules stay untouched, and the export reloads to exactly the trial."""
 import pytest
-from hydra.errors import ConfigCompositionException
-
-from quantfix.cli import preflight
 import torch
 
-from quantfix.config import validate
-from quantfix.errors import QuantfixError
 from tests.conftest import run_report as run
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import scales
@@ -51,16 +46,6 @@ def test_tuned_weights_are_on_the_checkpoint_grid(tokenizer):
     assert tuned.modules[quantized[0]].algorithm == "autoround" and tuned.modules[quantized[0]].label.endswith("-ar")
     assert tuned.modules[next(iter(plan.modules))].is_float
     assert tuned.avg_bits == pytest.approx(plan.avg_bits)
-
-
-def test_autoround_is_not_a_per_module_option(compose, tiny_dir, tmp_path):
-    with pytest.raises(QuantfixError, match="loop.tune=autoround"):
-        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.algorithms": "[autoround]"})))
-    with pytest.raises(ConfigCompositionException):  # a choice: refused when the config is composed
-        compose(tiny_overrides(tiny_dir, tmp_path, **{"loop.tune": "awq"}))
-    assert preflight(["loop.tune=awq"]) == "loop.tune=awq: choose one of none, autoround"
-    with pytest.raises(QuantfixError, match="quantized.name_or_path"):
-        validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"quant.algorithm": "ckpt"})))
 
 
 def test_loop_tunes_the_chosen_plan_and_ships_it_verified(compose, tiny_dir, tmp_path):

@@ -1,0 +1,55 @@
+"""The weight bank (``quantfix.bank``): trial weights simulated per plan (GPTQ once per shared input,
+lazily per module) against direct computation."""
+import torch
+
+from quantfix.calib import collect
+from tests.conftest import tiny_llama
+
+
+def test_weight_bank_gptq_groups_shared_inputs_like_separate_runs(monkeypatch):
+    """q/k/v (and gate/up) read one input: the bank runs GPTQ once over their stacked rows, which
+    must give each module the weights a separate GPTQ run on its own would."""
+    from quantfix.plan import Plan, Precision
+    from quantfix.quantize import fake
+    from quantfix.bank import WeightBank
+
+    model = tiny_llama(seed=4)
+    x = torch.randint(0, 384, (4, 32))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    stats = collect(model, x, names, batch_size=2, progress=False)
+    p = Precision(4, 32, True, "gptq")
+    bank = WeightBank(model, names, stats)
+    mods = dict(model.named_modules())
+    calls = []
+    from quantfix.quantize import algorithms
+
+    real = algorithms._gptq_sweep
+    monkeypatch.setattr(algorithms, "_gptq_sweep", lambda W, *a, **k: calls.append(W.shape) or real(W, *a, **k))
+    got = bank.quantized_weights(Plan({n: p for n in names}, {n: tuple(mods[n].weight.shape) for n in names}))
+    assert len(calls) == len(stats.inputs) == 8  # one sweep per distinct input, not one per module
+    monkeypatch.undo()
+    for n in names:
+        alone = fake.gptq(mods[n].weight.detach().float(), stats.of(n).hessian, 4, 32, True)
+        assert torch.allclose(got[n], alone, atol=1e-6), n
+        assert not torch.equal(got[n], fake.rtn(mods[n].weight.detach(), 4, 32, True)), n
+
+
+def test_plan_weights_are_computed_when_asked(monkeypatch):
+    """``WeightBank.quantized_weights`` hands out a mapping that simulates each module when it is
+    read (an 8B plan's weights would take 14 GB at once), with the values ``simulate`` gives."""
+    from quantfix.plan import Plan, Precision
+    from quantfix.bank import WeightBank
+
+    model = tiny_llama(seed=4)
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    bank = WeightBank(model, names)
+    mods = dict(model.named_modules())
+    plan = Plan({n: Precision(4, 32, True, "rtn") for n in names}, {n: tuple(mods[n].weight.shape) for n in names})
+    calls = []
+    real = WeightBank.simulate
+    monkeypatch.setattr(WeightBank, "simulate", lambda self, n, p: calls.append(n) or real(self, n, p))
+    lazy = bank.quantized_weights(plan)
+    assert calls == [] and len(lazy) == len(names) and set(lazy) == set(names)
+    w = lazy[names[3]]
+    assert calls == [names[3]] and w.dtype == bank.originals[names[3]].dtype
+    assert torch.equal(w, real(bank, names[3], plan.modules[names[3]]).to(w.dtype))
