@@ -144,7 +144,7 @@ TESTED = {
     "plan", "data", "evaluate", "tasks", "calib", "verdict", "runreport", "tune", "export", "bank", "trials", "verify",
     "existing", "planner", "explain", "search", "report", "llamacpp",
     "formats", "formats.gguf_tokenizer", "formats.gguf_io", "formats.packed", "formats.parent",
-    "quantize.algorithms", "quantize.fake", "quantize.scales",
+    "quantize.algorithms", "quantize.fake", "quantize.scales", "quantize.gguf", "gguf_plan", "gguf_export",
     "diagnose", "diagnose.rules", "diagnose.sensitivity", "diagnose.probes",
 }
 # test modules named after no module: the layout's own, and the demo model end to end (slow);
