@@ -45,7 +45,22 @@ def matrices_bits(path: Path) -> dict:
             "bpw": 8 * nbytes / params}
 
 
+def _done(out: Path):
+    """The row measured before (``<out>.row.json``, written when a row completes): a rerun after an
+    interruption measures only what is missing."""
+    f = out.with_name(out.name + ".row.json")
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _keep(out: Path, row: dict) -> dict:
+    out.with_name(out.name + ".row.json").write_text(json.dumps(row))
+    print(json.dumps({k: v for k, v in row.items() if k != "timings_s"}), flush=True)
+    return row
+
+
 def preset(f16: Path, name: str, out: Path, base: Path, imatrix) -> dict:
+    if _done(out):
+        return _done(out)
     t = time.perf_counter()
     path, _ = run.quantize(f16, out, name, imatrix=imatrix)
     tq = time.perf_counter() - t
@@ -54,11 +69,12 @@ def preset(f16: Path, name: str, out: Path, base: Path, imatrix) -> dict:
            "imatrix": bool(imatrix), **matrices_bits(path), "kld": r["kld_mean"], "kld_err": r.get("kld_mean_err"),
            "ppl": r["ppl"], "ppl_base": r["ppl_base"], "same_top_p": r["same_top_p"], "n_tokens": r["n_tokens"],
            "seconds_quantize": round(tq, 1), "seconds": round(time.perf_counter() - t, 1)}
-    print(json.dumps(row), flush=True)
-    return row
+    return _keep(out, row)
 
 
 def quantfix_run(args, budget: float, run_dir: Path) -> dict:
+    if _done(run_dir):
+        return _done(run_dir)
     t = time.perf_counter()
     cmd = [sys.executable, "-m", "quantfix", f"model.name_or_path={args.model}", "export.format=gguf",
            f"plan.budget.avg_bits={budget:.5f}", "quant.bits=2", f"eval.n_windows={args.chunks}",
@@ -79,8 +95,7 @@ def quantfix_run(args, budget: float, run_dir: Path) -> dict:
            "seconds": round(time.perf_counter() - t, 1), "timings_s": rep.get("timings_s"), "run_dir": str(run_dir)}
     if row["kld"] and row["predicted_kld"]:
         row["prediction_error_pct"] = round(100 * (row["predicted_kld"] / row["kld"] - 1), 2)
-    print(json.dumps({k: v for k, v in row.items() if k != "timings_s"}), flush=True)
-    return row
+    return _keep(run_dir, row)
 
 
 def table(rows) -> str:
