@@ -131,6 +131,18 @@ def plot(rows, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write(args, rows, t0) -> None:
+    """The JSON, the markdown table and the plot of the rows so far (rewritten after every row)."""
+    result = {"model": args.model, "name": args.name, "chunks": args.chunks, "ctx": args.ctx,
+              "scored_tokens": rows[0]["n_tokens"], "text": "WikiText-2 test (first chunks)",
+              "machine": "2 CPU cores shared with other jobs, no GPU", "date": time.strftime("%Y-%m-%d"),
+              "seconds_total": round(time.perf_counter() - t0, 1), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"gguf_{args.name}_cpu.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"gguf_{args.name}_cpu.md").write_text(table(rows) + "\n")
+    plot(rows, args.out / f"gguf_{args.name}_cpu.png", f"{args.name}: KLD at file size ({args.chunks} x {args.ctx} tokens)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
@@ -139,6 +151,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
+    ap.add_argument("--quantfix", nargs="*", help="the presets whose size quantfix runs at (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gguf"))
     ap.add_argument("extra", nargs="*", help="more quantfix overrides")
@@ -155,23 +168,22 @@ def main() -> None:
     rows, t0 = [], time.perf_counter()
     plain = {p: preset(f16, p, work / f"{p}.gguf", base, None) for p in args.presets}
     rows += plain.values()
+    # quantfix at the first preset's size (its run writes the imatrix), the presets with that
+    # imatrix, then quantfix at the other sizes (--quantfix limits which: they cost the most)
+    todo = [p for p in args.presets if p in (args.quantfix or args.presets)]
     im = None
-    for p, r in plain.items():
+    for i, p in enumerate(todo):
+        r = plain[p]
         q = quantfix_run(args, r["bpw"], work / f"quantfix-{p}")
         q["target"] = p
         q["size_vs_preset_pct"] = round(100 * (q["file_bytes"] / r["file_bytes"] - 1), 2)
         rows.append(q)
-        im = im or Path(q["run_dir"]) / "gguf" / "imatrix.gguf"
-    for p in args.presets:
-        rows.append(preset(f16, p, work / f"{p}-imatrix.gguf", base, im))
-    result = {"model": args.model, "name": args.name, "chunks": args.chunks, "ctx": args.ctx,
-              "scored_tokens": rows[0]["n_tokens"], "text": "WikiText-2 test (first chunks)",
-              "machine": "2 CPU cores shared with other jobs, no GPU", "date": time.strftime("%Y-%m-%d"),
-              "seconds_total": round(time.perf_counter() - t0, 1), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gguf_{args.name}_cpu.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"gguf_{args.name}_cpu.md").write_text(table(rows) + "\n")
-    plot(rows, args.out / f"gguf_{args.name}_cpu.png", f"{args.name}: KLD at file size ({args.chunks} x {args.ctx} tokens)")
+        write(args, rows, t0)
+        if i == 0:
+            im = Path(q["run_dir"]) / "gguf" / "imatrix.gguf"
+            for pi in args.presets:
+                rows.append(preset(f16, pi, work / f"{pi}-imatrix.gguf", base, im))
+                write(args, rows, t0)
     print(table(rows))
 
 
