@@ -84,6 +84,7 @@ class WeightBank:
         # served for its ckpt precisions, kept across recalibrations (they never depend on our data)
         self.external: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._rerounded: set = set()  # external modules served as the export writes them (reround_external)
+        self._act_hooks: Dict[str, object] = {}  # module -> forward pre-hook rounding its input (llama.cpp types)
 
     def original(self, name: str, device=None) -> torch.Tensor:
         w = self.originals[name]
@@ -304,7 +305,20 @@ class WeightBank:
             set_weight(self.modules[n], self.simulate(n, p))
             self.current[n] = p
             self._stale.discard(n)
+            if not p.is_float and p.alg.activation is not None and n not in self._act_hooks:
+                self._act_hooks[n] = self.modules[n].register_forward_pre_hook(self._activation_hook(n))
         return len(todo)
+
+    def _activation_hook(self, name: str):
+        """Round the module's input as its applied precision's matmul does (a llama.cpp type: ggml
+        quantizes activations to Q8_0 / Q8_K, quantize/gguf.py); nothing for other precisions, or
+        when the float weight is live."""
+        def hook(_module, args):
+            p = self.current.get(name)
+            if p is None or p.is_float or p.alg.activation is None:
+                return None
+            return (p.alg.activation(args[0]),) + tuple(args[1:])
+        return hook
 
     @torch.no_grad()
     def apply_rtn(self, modules: Dict[str, Precision]) -> None:
@@ -344,6 +358,9 @@ class WeightBank:
         """Drop everything the bank holds (float originals, kept simulations, a checkpoint's weights)
         once the plan is exported: the export and the reload get the memory. Restore first: the
         bank cannot be used afterwards."""
+        for h in self._act_hooks.values():
+            h.remove()
+        self._act_hooks.clear()
         self.originals.clear()
         self._sim.clear()
         self._qp.clear()

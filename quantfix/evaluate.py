@@ -78,7 +78,8 @@ class Metrics:
 def cache_key(model_fp: str, windows: torch.Tensor, topk: int, full_max_mb: int, dtype: torch.dtype) -> str:
     """Key of a float reference: the model's content fingerprint (``cache.model_fingerprint``), the
     eval windows, the reference's shape settings and the dtype."""
-    h = hashlib.sha256(f"ref-v{CACHE_VERSION}|{model_fp}|{topk}|{full_max_mb}|{dtype}".encode())
+    # the shape too: 2 windows of 512 and 4 of 256 cut from one text hold the same bytes
+    h = hashlib.sha256(f"ref-v{CACHE_VERSION}|{model_fp}|{topk}|{full_max_mb}|{dtype}|{tuple(windows.shape)}".encode())
     h.update(windows.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -156,9 +157,12 @@ class Evaluator:
     fused pass over the bf16 logits for ~7 s of compiling once per evaluator (2-4% faster
     evaluation, benchmarks/README.md), so it pays off only for long runs with large eval sets."""
 
-    def __init__(self, ref: Reference, compile: bool = False):
+    def __init__(self, ref: Reference, compile: bool = False, skip: int = 0):
         self.ref = ref
         self.compile = compile
+        # score only the positions from ``skip`` on in every window (llama-perplexity scores the
+        # second half of each chunk: skip = seq_len // 2); the reference holds every position
+        self.skip = skip
         self._fn: Any = None  # the compiled statistics, built on first CUDA use
         self._eager = False  # compiling failed: eager from then on
 
@@ -179,9 +183,10 @@ class Evaluator:
                 tgt = ids[:, 1:].reshape(-1).to(logp.device)
                 n, k = -logp.gather(1, tgt[:, None]).squeeze(1), _kld_rows(ref, sl, logp)
                 a = logp.argmax(-1).cpu() == _ref_top1(ref, sl)
-            nll.append(n)
-            kld.append(k)
-            agree.append(a)
+            t = ids.shape[1] - 1
+            nll.append(scored(n, t, self.skip))
+            kld.append(scored(k, t, self.skip))
+            agree.append(scored(a, t, self.skip))
         if row > ref.n_tokens:  # fewer is fine: a prefix of the eval windows
             raise ValueError(f"eval windows give {row} tokens but the reference has {ref.n_tokens}")
         # one device-to-host copy at the end: no synchronization inside the loop
@@ -291,9 +296,16 @@ def locate_nonfinite(model, ids: torch.Tensor) -> Optional[str]:
     return first[0] if first else None
 
 
-def baseline_metrics(ref: Reference) -> Metrics:
-    z = torch.zeros_like(ref.nll)
-    return summarize(ref.nll, z, torch.ones_like(ref.nll))
+def scored(x: torch.Tensor, per_window: int, skip: int) -> torch.Tensor:
+    """The per-token values of the positions scored: from ``skip`` on in each window of
+    ``per_window`` positions (all of them with skip 0)."""
+    return x if not skip else x.reshape(-1, per_window)[:, skip:].reshape(-1)
+
+
+def baseline_metrics(ref: Reference, per_window: int = 0, skip: int = 0) -> Metrics:
+    """The float model's metrics on the scored positions (``scored``)."""
+    nll = scored(ref.nll, per_window, skip)
+    return summarize(nll, torch.zeros_like(nll), torch.ones_like(nll))
 
 
 GREEDY_PROMPT, GREEDY_NEW = 32, 16

@@ -445,6 +445,28 @@ class PredictivePlanner:
         """Whether the starting point itself stays within ``avg_bits``."""
         return self.base_bits <= avg_bits * self.plan0.n_params + 1e-6
 
+    def pack_within(self, avg_bits: float) -> int:
+        """The longest prefix within the budget (``largest_within``), then, in order, every later
+        step that still fits (a module's steps stay in order: once one is left out, so are its
+        later ones), moved up right after it; returns the new prefix length. A prefix stops at the
+        first step that does not fit, and one large step (a tied embedding: a fifth of the demo's
+        weights) can leave several % of the budget unused; packing fills it with smaller ones."""
+        k = self.largest_within(avg_bits)
+        left = avg_bits * self.plan0.n_params - sum(self.plan0.module_bits(n) for n in self.plan0.modules) \
+            - sum(st.cost for st in self.steps[:k])
+        chosen, blocked = [], set()
+        for st in self.steps[k:]:
+            if st.module in blocked:
+                continue
+            if st.cost <= left + 1e-6:
+                chosen.append(st)
+                left -= st.cost
+            else:
+                blocked.add(st.module)
+        taken = {id(st) for st in chosen}
+        self.steps = self.steps[:k] + chosen + [st for st in self.steps[k:] if id(st) not in taken]
+        return k + len(chosen)
+
     def frontier(self, points: int = 40) -> List[Tuple[float, float]]:
         """Predicted (avg bits, KLD) along the upgrade sequence: the planner's Pareto curve."""
         out, used = [], self.base_bits

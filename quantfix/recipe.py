@@ -25,17 +25,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from quantfix import arch, cache as cache_mod, data as data_mod, evaluate as ev, export as exp, loading, report as rep
-from quantfix import calib, explain, search, source, verdict, verify, weights
+from quantfix import calib, explain, gguf_export, gguf_plan, search, source, verdict, verify, weights
 from quantfix.bank import WeightBank
 from quantfix.calib import CalibStats
 from quantfix.budget import BudgetSearch, prune_ladder
-from quantfix.config import Config, ladder_of, validate
+from quantfix.config import Config, gguf_mode, ladder_of, validate
 from quantfix.diagnose import Diagnosis, Files, Subject, measure_like, sensitivity_cache_key
 from quantfix.diagnose import journal as diagnose_journal
 from quantfix.diagnose import run as run_diagnosis
 from quantfix.errors import QuantfixError
 from quantfix.existing import ExistingCheckpoint
-from quantfix.plan import Plan
+from quantfix.plan import Plan, Precision
 from quantfix.planner import Ladder, group_problem, initial_plan, ladder_options
 from quantfix.quantize import algorithms
 from quantfix.runreport import DiagnosisSummary, Outcome, Recalibration, RunReport, TrialRecord
@@ -83,6 +83,9 @@ class Recipe:
         self.existing: Optional[ExistingCheckpoint] = None
         self.diagnosis: Optional[Diagnosis] = None
         self.sim_dtype: Optional[torch.dtype] = None  # the dtype the trials round weights in (the export's)
+        # GGUF mode: plans in llama.cpp types, the eval windows are llama-perplexity's chunks, a GGUF ships
+        self.gguf = gguf_mode(self.cfg)
+        self.llama: Optional[gguf_export.LlamaSide] = None
 
     # ---- set up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -100,7 +103,7 @@ class Recipe:
         self.set_up = True
         self._check_exportable()
         self.reference = self._reference()
-        self.base = ev.baseline_metrics(self.reference)
+        self.base = ev.baseline_metrics(self.reference, cfg.eval.seq_len - 1, self._skip())
         self.report.baseline = self.base
         self._check_baseline()
         log.info("float baseline: PPL %.3f on %d tokens of %s", self.base.ppl, self.base.n_tokens, cfg.eval.source)
@@ -142,8 +145,7 @@ class Recipe:
             "eval.seq_len": cfg.eval.seq_len, "data.seq_len": cfg.data.seq_len,
             **({} if cfg.mode == "baseline" else {"diagnose.domain_seq_len": cfg.diagnose.domain_seq_len})})
         with self.timer("data"):
-            windows = data_mod.eval_windows(cfg.eval.source, data_dir, tokenizer, cfg.eval.n_windows, cfg.eval.seq_len,
-                                            offline=self.offline)
+            windows = self._eval_windows(tokenizer, data_dir)
             samples = data_mod.calibration_samples(list(cfg.data.domains), data_dir, tokenizer, cfg.data.n_samples,
                                                    cfg.data.seq_len, cfg.data.seed, offline=self.offline,
                                                    holdout=self._holdout())
@@ -177,7 +179,7 @@ class Recipe:
     def _check_exportable(self) -> None:
         """Refuse before any measurement what the export could not write."""
         cfg = self.cfg
-        if cfg.mode != "repair" or not cfg.export.enabled:
+        if cfg.mode != "repair" or not cfg.export.enabled or self.gguf:  # GGUF: llama-quantize writes any model
             return
         if self.device.type != "cuda" and algorithms.get(cfg.quant.algorithm).export_needs_cuda:
             raise QuantfixError(f"quant={cfg.quant.algorithm} exports through llm-compressor's "
@@ -223,7 +225,7 @@ class Recipe:
         with self.timer("float reference"):
             ref = self.rt.batched(lambda bs: ev.reference(self.rt.model, self.data.windows, bs, e.topk, e.full_max_mb,
                                                           cache_path=self.cache / "reference" / f"{key}.pt"))
-        self.evaluator = ev.Evaluator(ref, compile=e.compile)
+        self.evaluator = ev.Evaluator(ref, compile=e.compile, skip=self._skip())
         return ref
 
     def _check_baseline(self) -> None:
@@ -293,14 +295,17 @@ class Recipe:
     def _predictive(self, plan0: Plan, rec: TrialRecord) -> search.SearchResult:
         """Diagnose plan 0, recalibrate on a domain gap, search, tune."""
         cfg, budget = self.cfg, self.cfg.plan.budget.avg_bits
-        rungs = ladder_of(cfg) if budget is None else prune_ladder(ladder_of(cfg), budget)
-        ladder = Ladder.parse(rungs)
-        options = ladder_options(plan0, ladder, [str(a) for a in cfg.loop.algorithms], below=budget is not None)
+        if self.gguf:
+            options = gguf_plan.ladder_options(plan0, [str(t).upper() for t in cfg.loop.gguf_ladder])
+        else:
+            rungs = ladder_of(cfg) if budget is None else prune_ladder(ladder_of(cfg), budget)
+            ladder = Ladder.parse(rungs)
+            options = ladder_options(plan0, ladder, [str(a) for a in cfg.loop.algorithms], below=budget is not None)
         self.diagnosis = self._diagnose(plan0, rec, options)
         plan0 = self._recalibrate_on_domain_gap(plan0, options)
         self._reround_kept(plan0)
-        if budget is None:
-            result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds, self.timer)
+        if budget is None or self.gguf:  # a GGUF budget: the lowest predicted KLD in llama.cpp's types
+            result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds, self.timer, budget)
         else:
             reserve = 0 if cfg.loop.tune == "none" else 1
             with self.timer("plan"):
@@ -315,6 +320,11 @@ class Recipe:
         calibration = {"domains": list(cfg.data.domains), "n_samples": cfg.data.n_samples, "seq_len": cfg.data.seq_len,
                        "seed": cfg.data.seed}
         plan0, warnings = initial_plan(self.rt.model, cfg.quant, calibration)
+        if self.gguf:  # llama.cpp types, as llama-quantize writes them on each module's rows; token_embd too
+            plan0 = gguf_plan.to_gguf(plan0)
+            q = cfg.quant
+            plan0 = gguf_plan.with_tied_output(plan0, self.rt.model, gguf_plan.asked_type(
+                Precision(q.bits, 0, q.symmetric, str(q.algorithm))))
         self.report.warnings += warnings
         self.report.baseline_size_bytes = int(16 * (plan0.n_params + plan0.other_params) / 8)
         self.report.ppl_limit = verdict.ppl_limit(self.base, cfg.thresholds)
@@ -511,6 +521,8 @@ class Recipe:
 
     def _export_and_verify(self, plan: Plan, trial: TrialRecord, static) -> verify.Verification:
         cfg = self.cfg
+        if self.gguf:
+            return self._export_gguf(plan, trial)
         existing = self.out_dir / "checkpoint"
         if cfg.loop.resume and exp.same_checkpoint(existing, plan, self.fingerprint):
             ckpt = existing  # exported before the interruption: verify it again
@@ -533,6 +545,44 @@ class Recipe:
         for w in warnings:
             self._warn(w)
         return v
+
+    def _export_gguf(self, plan: Plan, trial: TrialRecord) -> verify.Verification:
+        """llama-quantize writes the plan's types from the F16 parent with quantfix's imatrix
+        (``gguf/model.gguf``); llama-perplexity measures it against the F16 on the eval windows."""
+        self.llama.names = gguf_export.module_names(self.llama.f16, plan.modules)
+        with self.timer("export"):
+            path, written = gguf_export.export(self.llama, plan, self.stats, self.out_dir / "gguf", self.cfg.data.seq_len)
+        log.info("GGUF: %s (%s)", path, ", ".join(gguf_plan.summary({n: t for n, t in written.items()
+                                                                     if n in self.llama.names.values()})))
+        if not self.cfg.export.verify:
+            return verify.Verification(str(path), path.stat().st_size, format="gguf")
+        with self.timer("verify (llama-perplexity)"):
+            v, warnings = verify.verify_gguf(path, lambda: gguf_export.measure(path, self.llama), trial,
+                                             self.cfg.thresholds)
+        for w in warnings:
+            self._warn(w)
+        return v
+
+    def _eval_windows(self, tokenizer, data_dir: str) -> torch.Tensor:
+        """The eval windows: the first n_windows x seq_len tokens of eval.source; in GGUF mode those
+        llama-perplexity scores (its chunks of the same text, read back from its saved float
+        log-probabilities), so that quantfix and llama.cpp measure the same tokens."""
+        cfg, m = self.cfg, self.cfg.model
+        if not self.gguf:
+            return data_mod.eval_windows(cfg.eval.source, data_dir, tokenizer, cfg.eval.n_windows, cfg.eval.seq_len,
+                                         offline=self.offline)
+        key = cache_mod.model_fingerprint(self.resolved.path, m.revision)[:20]
+        with self.timer("llama.cpp: F16 parent and its log-probabilities"):
+            self.llama = gguf_export.prepare(m.name_or_path, self.resolved.path, (cfg.eval.source, data_dir, self.offline),
+                                             (cfg.eval.n_windows, cfg.eval.seq_len), self.cache, key)
+        return gguf_export.windows(self.llama.base, self.llama.f16, cfg.eval.n_windows)
+
+    def _skip(self) -> int:
+        """Positions of each eval window left unscored: the first half where llama-perplexity's
+        scoring is followed (eval.scored: second_half, or auto in GGUF mode)."""
+        e = self.cfg.eval
+        half = str(e.scored) == "second_half" or (str(e.scored) == "auto" and self.gguf)
+        return e.seq_len // 2 if half else 0
 
     def _reload_spec(self) -> verify.ReloadSpec:
         return verify.ReloadSpec(self.dtype, self.device, self.cfg.model)

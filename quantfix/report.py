@@ -60,7 +60,8 @@ def table(report: RunReport) -> str:
     v = fin.verification if fin is not None else None
     if v is not None and v.metrics is not None:
         vm = v.metrics
-        rows.append(("ckpt", "reloaded from disk", "", _fmt(fin.avg_bits, ".2f"), _fmt(v.checkpoint_bytes / MB, ".1f"),
+        what = ("gguf", "llama-perplexity") if v.format == "gguf" else ("ckpt", "reloaded from disk")
+        rows.append((*what, "", _fmt(fin.avg_bits, ".2f"), _fmt(v.checkpoint_bytes / MB, ".1f"),
                      _fmt(vm.ppl), _fmt(_pct(vm, base), ".1f"), _fmt(vm.kld_mean, ".4f"), _fmt(vm.kld_p99, ".3f"),
                      _fmt(vm.top1), "yes" if fin.passed else "no"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -272,7 +273,8 @@ def _verdict_words(report: RunReport) -> str:
     v = fin.verification
     chosen = _chosen(report)
     if v is not None and v.metrics is not None:
-        m, what = v.metrics, "the reloaded checkpoint's"
+        m, what = v.metrics, ("by llama-perplexity, the GGUF's" if v.format == "gguf"
+                              else "the reloaded checkpoint's")
     elif chosen is not None:
         m, what = chosen.metrics, "the chosen plan's (simulated; not exported)" if v is None else \
             "the chosen plan's (simulated; the checkpoint was not reloaded)"
@@ -325,6 +327,10 @@ def _shipped_words(report: RunReport, out_dir: Path) -> str:
     v = fin.verification
     if v is None:
         return text + " No checkpoint was written (export.enabled=false)."
+    if v.format == "gguf":
+        pred = f"; quantfix predicted KLD {v.predicted_kld:.4f}" if v.predicted_kld is not None else ""
+        return text + (f" The GGUF `gguf/{Path(v.checkpoint).name}` (llama-quantize, quantfix's imatrix) holds "
+                       f"{_mb(v.checkpoint_bytes)} on disk{pred}.")
     parts = checkpoint_parts(out_dir / "checkpoint" if not Path(v.checkpoint).is_dir() else Path(v.checkpoint))
     text += f" The checkpoint `{Path(v.checkpoint).name}/` holds {_mb(v.checkpoint_bytes)} on disk"
     if not parts:

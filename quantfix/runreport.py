@@ -151,6 +151,11 @@ class Verification:
     failed: List[str] = field(default_factory=list)
     tasks: Dict[str, dict] = field(default_factory=dict)
     export_gap_pct: Optional[float] = None  # |KLD - its trial's KLD| / trial's KLD
+    format: str = "compressed-tensors"  # or "bitsandbytes", "gguf"
+    # gguf: llama-perplexity's own statistics of the file against the F16 parent (ppl, ppl_base,
+    # kld_mean, same_top_p, n_tokens, ...) and the KLD quantfix predicted for it (its trial's)
+    llama_perplexity: Dict[str, Any] = field(default_factory=dict)
+    predicted_kld: Optional[float] = None
 
 
 @dataclass
@@ -186,6 +191,8 @@ class Outcome:
                 d["verified_tasks"] = v.tasks
             if v.export_gap_pct is not None:
                 d["export_gap_pct"] = v.export_gap_pct
+            if v.format == "gguf":
+                d.update(checkpoint_format=v.format, llama_perplexity=v.llama_perplexity, predicted_kld=v.predicted_kld)
 
         if self.llama_quantize_overrides:
             d["llama_quantize_overrides"] = self.llama_quantize_overrides
@@ -201,7 +208,9 @@ class Outcome:
         v = None
         if d.get("checkpoint"):
             v = Verification(d["checkpoint"], d.get("checkpoint_bytes", 0), _metrics(d.get("verified_metrics")),
-                             list(d.get("verified_failed") or []), d.get("verified_tasks") or {}, d.get("export_gap_pct"))
+                             list(d.get("verified_failed") or []), d.get("verified_tasks") or {}, d.get("export_gap_pct"),
+                             d.get("checkpoint_format", "compressed-tensors"), d.get("llama_perplexity") or {},
+                             d.get("predicted_kld"))
         return cls(d.get("plan_summary", ""), d.get("avg_bits", 0.0), d.get("size_bytes", 0),
                    d.get("search_passed", False), d.get("stop_reason", ""), d.get("trials", 0), d.get("passed", False),
                    d.get("chosen_trial"), v, d.get("llama_quantize_overrides"), d.get("plan", "plan.yaml"),

@@ -125,6 +125,47 @@ def agreement(trial: TrialRecord, m: Metrics) -> Tuple[Optional[float], List[str
     return round(100 * gap, 2), [], warnings
 
 
+# a GGUF holds the trial's weights bit for bit (ggml's quantizer, quantfix's imatrix) and its trial
+# simulated llama.cpp's activation rounding: llama-perplexity's KLD beyond this gap from the
+# trial's (relative, floored at GGUF_GAP_FLOOR for near-float plans) means the file is not what was
+# measured, and fails the run. Measured agreement: see gguf_export / benchmarks/README.md
+GGUF_EXPORT_GAP = 0.5
+GGUF_GAP_FLOOR = 0.002
+
+
+def llama_metrics(r: Dict) -> Tuple[Metrics, Metrics]:
+    """(the GGUF's metrics, the F16 parent's) from llama-perplexity's --kl-divergence statistics,
+    over the tokens it scored: PPL, KLD, and 'same top p' as top-1 agreement."""
+    n = int(r["n_tokens"])
+    p99 = r["kld_p99"] if r.get("kld_p99") is not None else r["kld_mean"]
+    q = Metrics(r["ppl"], math.log(r["ppl"]) if r["ppl"] > 0 else math.nan, r["kld_mean"], p99,
+                r.get("kld_max", p99), r["same_top_p"], n)
+    base = Metrics(r["ppl_base"], math.log(r["ppl_base"]) if r["ppl_base"] > 0 else math.nan, 0.0, 0.0, 0.0, 1.0, n)
+    return q, base
+
+
+def verify_gguf(path: Path, measure: Callable[[], Dict], trial: TrialRecord,
+                thresholds: ThresholdsConfig) -> Tuple[Verification, List[str]]:
+    """A GGUF judged by llama.cpp's own tool: llama-perplexity's KLD, PPL (against the F16
+    parent's own PPL on the same tokens) and same-top-token share against the thresholds, and its
+    KLD against the trial that predicted it (``GGUF_EXPORT_GAP``). Any failure fails the verdict."""
+    r = measure()
+    m, base = llama_metrics(r)
+    fails = verdict.check(m, base, thresholds)
+    warnings: List[str] = []
+    sim = trial.metrics.kld_mean if trial is not None else None
+    gap = None
+    if sim is not None and math.isfinite(m.kld_mean):
+        gap = abs(m.kld_mean - sim) / max(sim, GGUF_GAP_FLOOR)
+        if gap > GGUF_EXPORT_GAP:
+            fails.append(f"llama-perplexity's KLD {m.kld_mean:.5f} differs from the trial's prediction {sim:.5f} by "
+                         f"{100 * gap:.0f}% (> {100 * GGUF_EXPORT_GAP:.0f}%): the GGUF is not what was measured")
+    r = dict(r, ppl_increase_pct=round(100 * (m.ppl / base.ppl - 1), 3) if base.ppl > 0 else None)
+    v = Verification(str(path), Path(path).stat().st_size, m, fails, export_gap_pct=None if gap is None else
+                     round(100 * gap, 2), format="gguf", llama_perplexity=r, predicted_kld=sim)
+    return v, warnings
+
+
 @torch.no_grad()
 def _widen_to(model, dtype: torch.dtype) -> None:
     """Cast the floating tensors that transformers left narrower than the requested ``dtype``:

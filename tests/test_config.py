@@ -63,10 +63,38 @@ def test_misspelled_key_fails_at_compose(compose):
     ("quant.group_size=-2", "quant.group_size=-2"),
     ("loop.ladder=[4-64]", "is not 'bits/group'"),
     ("device_memory_gb=-8", "device_memory_gb=-8.0: use 0 (the whole card)"),
+    ("quant.algorithm=gguf_q4_k", "is a llama.cpp type: add export.format=gguf"),
 ])
 def test_validation_messages(compose, override, message):
     with pytest.raises(QuantfixError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         validate(compose([override]))
+
+
+def test_gguf_mode_problems_all_at_once(compose):
+    """GGUF mode (export.format=gguf) refuses a ladder of unknown types, bitsandbytes, the greedy
+    policy and AutoRound, in one error."""
+    with pytest.raises(QuantfixError) as e:
+        validate(compose(["export.format=gguf", "loop.gguf_ladder=[Q4_K,Q9_K]", "quant=nf4", "loop.policy=greedy",
+                          "loop.tune=autoround"]))
+    msg = str(e.value)
+    assert "loop.gguf_ladder entries ['Q9_K']" in msg and "bitsandbytes format" in msg
+    assert "loop.policy=predictive" in msg and "leave loop.tune=none" in msg
+    validate(compose(["export.format=gguf", "loop.gguf_ladder=[Q4_K,Q6_K,F16]"]))
+
+
+def test_auto_format_is_gguf_for_a_gguf_file_but_not_the_demo(compose):
+    """export.format=auto ships a GGUF when the model is given as a .gguf file (repair), not for the
+    demo, an existing checkpoint (quantized.name_or_path), other modes, or settings GGUF mode refuses."""
+    from quantfix.config import gguf_mode
+
+    f = "model.name_or_path=/m/x.Q4_K_M.gguf"
+    assert gguf_mode(compose([f])) and gguf_mode(compose(["export.format=gguf"]))
+    assert not gguf_mode(compose([])) and not gguf_mode(compose(["model.name_or_path=/m/hf_dir"]))
+    for other in ("mode=diagnose", "quantized.name_or_path=/m/y.gguf", "quant=nf4", "loop.policy=greedy",
+                  "loop.tune=autoround", "export.format=checkpoint"):
+        assert not gguf_mode(compose([f, other])), other
+    with pytest.raises(QuantfixError, match="drop quantized.name_or_path"):
+        validate(compose(["export.format=gguf", "quantized.name_or_path=/m/y.gguf"]))
 
 
 def test_validation_collects_every_problem(compose):

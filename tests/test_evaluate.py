@@ -110,3 +110,26 @@ def test_locate_nonfinite_finds_the_first_module_with_a_nonfinite_output():
     mlp = model.model.layers[1].mlp
     mlp.register_forward_hook(lambda m, a, out: out * float("inf"))  # finite weights, inf activations
     assert ev.locate_nonfinite(model, windows) == "model.layers.1.mlp (non-finite output)"
+
+
+def test_evaluator_scores_the_second_half_like_llama_perplexity():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 11)
+
+    class M(torch.nn.Module):
+        def get_input_embeddings(self):
+            return torch.nn.Embedding(11, 2)
+
+        def forward(self, input_ids, use_cache=False):
+            return type("O", (), {"logits": logits[: input_ids.shape[0]]})()
+
+    windows = torch.randint(0, 11, (2, 8))
+    logp = torch.log_softmax(logits[:, :-1], -1).reshape(-1, 11)
+    ref = ev.Reference(-logp.gather(1, windows[:, 1:].reshape(-1, 1))[:, 0], torch.zeros(14, 0, dtype=torch.long),
+                    torch.zeros(14, 0), logp)
+    full, half = ev.Evaluator(ref)(M(), windows, 2, False), ev.Evaluator(ref, skip=4)(M(), windows, 2, False)
+    assert full.n_tokens == 14 and half.n_tokens == 2 * (8 - 1 - 4)  # llama-perplexity: n_ctx - 1 - n_ctx/2
+    nll = ref.nll.reshape(2, 7)[:, 4:]
+    assert half.nll == pytest.approx(float(nll.mean()), rel=1e-6) and half.kld_mean == pytest.approx(0, abs=1e-6)
+    assert ev.baseline_metrics(ref, 7, 4).nll == pytest.approx(half.nll, rel=1e-6)
+

@@ -18,13 +18,15 @@ SCRIPTS = PKG.parent / "scripts"
 # own package's modules); a new module must be placed here
 LAYERS: List[List[str]] = [
     ["errors", "logs", "timing", "weights", "__init__"],
-    ["quantize", "cache", "arch", "runtime"],
+    ["cache", "arch", "runtime"],
+    ["llamacpp"],  # below the registry: its gguf entries simulate with ggml's own quantizers
+    ["quantize"],
     ["config", "layerwise"],
     ["plan"],
-    ["formats"],
-    ["source", "llamacpp"],
+    ["formats", "gguf_plan"],
+    ["source"],
     ["loading", "data", "evaluate", "tasks", "calib"],
-    ["verdict", "runreport", "tune", "export", "bank"],
+    ["verdict", "runreport", "tune", "export", "bank", "gguf_export"],
     ["trials", "verify", "existing", "diagnose"],
     ["planner", "explain"],
     ["search", "report"],
@@ -143,7 +145,7 @@ TESTED = {
     "plan", "data", "evaluate", "tasks", "calib", "verdict", "runreport", "tune", "export", "bank", "trials", "verify",
     "existing", "planner", "explain", "search", "report", "llamacpp",
     "formats", "formats.gguf_tokenizer", "formats.gguf_io", "formats.packed", "formats.parent",
-    "quantize.algorithms", "quantize.fake", "quantize.scales",
+    "quantize.algorithms", "quantize.fake", "quantize.scales", "quantize.gguf", "gguf_plan", "gguf_export",
     "diagnose", "diagnose.rules", "diagnose.sensitivity", "diagnose.probes",
 }
 # test modules named after no module: the layout's own, and the demo model end to end (slow);

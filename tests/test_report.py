@@ -136,6 +136,20 @@ def test_a_passed_verdict_names_the_limit(tmp_path):
     assert "2 MB in float (16-bit), 3.33x smaller" in screen
 
 
+def test_a_gguf_verdict_is_llama_perplexitys(tmp_path):
+    """GGUF mode: the verdict quotes llama-perplexity's numbers, the shipped file is the GGUF with
+    quantfix's predicted KLD beside it, and the console's last row says who measured it."""
+    r = hand_report(10.47, 0.038, True, {"max_ppl_increase_pct": 5.0})
+    v = r.final.verification
+    v.checkpoint, v.format, v.predicted_kld = "/runs/x/gguf/model.gguf", "gguf", 0.0371
+    rep.write_human(r, tmp_path)
+    screen = first_screen((tmp_path / "report.html").read_text())
+    assert "PASSED: by llama-perplexity, the GGUF's perplexity 10.47 is +4.7% over float's 10.00" in screen
+    assert "The GGUF gguf/model.gguf (llama-quantize, quantfix's imatrix) holds 0.7 MB on disk; quantfix predicted " \
+           "KLD 0.0371." in screen
+    assert rep.table(r).splitlines()[-1].startswith("gguf  llama-perplexity")
+
+
 def test_time_and_memory_as_one_small_table(tmp_path):
     rep.write_human(hand_report(10.1, 0.01, True, {}), tmp_path)
     md = (tmp_path / "report.md").read_text()

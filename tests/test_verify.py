@@ -2,8 +2,11 @@
 keys its reload reports, and its KLD against the trial that measured its plan (``agreement``)."""
 from __future__ import annotations
 
+import pytest
+
 from quantfix import export as exp
 from quantfix import verify
+from quantfix.config import ThresholdsConfig
 from quantfix.evaluate import Metrics
 from quantfix.plan import Plan, Precision
 from quantfix.runreport import TrialRecord
@@ -113,3 +116,35 @@ def test_an_inexact_export_is_warned_about_past_a_large_gap_only():
 def test_no_agreement_without_a_trial_or_a_finite_kld():
     assert verify.agreement(None, _kld(0.01)) == (None, [], [])
     assert verify.agreement(_trial_of(["rtn"], 0.01), _kld(float("nan"))) == (None, [], [])
+
+
+def _gguf_trial(kld: float) -> TrialRecord:
+    m = Metrics(10.5, 2.35, kld, kld * 4, kld * 10, 0.9, 100)
+    return TrialRecord(0, "", "", "", "", 5.0, 5.0, 0, m, [], 1.0)
+
+
+
+def _llama(kld: float, ppl: float = 10.5, top: float = 0.9) -> dict:
+    return {"ppl": ppl, "ppl_base": 10.0, "kld_mean": kld, "kld_p99": kld * 4, "kld_max": kld * 9,
+            "same_top_p": top, "n_tokens": 1530, "ln_ppl_ratio": 0.05}
+
+
+
+def test_verdict_gate_on_llama_perplexity(tmp_path):
+    """The GGUF's verdict is llama-perplexity's: thresholds on its PPL increase (against the F16's
+    own PPL), KLD and same-top share; and a KLD far from the trial's prediction fails too."""
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    t = ThresholdsConfig(max_ppl_increase_pct=6, max_kld_mean=0.05, min_top1=0.8)
+    ok, _ = verify.verify_gguf(f, lambda: _llama(0.031), _gguf_trial(0.030), t)
+    assert ok.failed == [] and ok.format == "gguf" and ok.export_gap_pct == pytest.approx(3.33, abs=0.01)
+    assert ok.metrics.ppl == 10.5 and ok.llama_perplexity["ppl_increase_pct"] == pytest.approx(5.0)
+    bad, _ = verify.verify_gguf(f, lambda: _llama(3.2, ppl=900.0, top=0.05), _gguf_trial(0.030), t)
+    assert any("PPL" in x for x in bad.failed) and any("KLD 3.2" in x for x in bad.failed)
+    assert any("top-1" in x for x in bad.failed) and any("not what was measured" in x for x in bad.failed)
+    loose = ThresholdsConfig(max_ppl_increase_pct=10000)
+    far, _ = verify.verify_gguf(f, lambda: _llama(0.09), _gguf_trial(0.030), loose)
+    assert far.failed and "differs from the trial's prediction" in far.failed[0]
+    nan, _ = verify.verify_gguf(f, lambda: _llama(float("nan"), ppl=float("nan")), _gguf_trial(0.030), loose)
+    assert nan.failed
+

@@ -21,12 +21,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from quantfix.errors import QuantfixError
-from quantfix.quantize import fake, scales
+from quantfix.quantize import fake, gguf, scales
 from quantfix.quantize.stats import InputStats
 
 FLOAT_BITS = 16
 COMPRESSED_TENSORS = "compressed-tensors"
 BITSANDBYTES = "bitsandbytes"
+GGUF = "gguf"  # llama.cpp: written by llama-quantize from the float GGUF
 # ours -> llm-compressor's weight observer; "static" hands the engine the scales quantfix chose
 OBSERVERS = {"minmax": "memoryless_minmax", "mse": "mse", "imatrix": "imatrix_mse", "static": "quantfix_static"}
 
@@ -88,6 +89,10 @@ class Algorithm:
     # simulating it needs the full calibration Hessian [in, in] (GPTQ's sweep, AWQ's loss), not only
     # its diagonal (the imatrix's E[x^2]): without one in the run, only the diagonal is collected
     needs_hessian: bool = False
+    # gguf: the llama.cpp tensor type it writes, and the rounding its matmul applies to the module's
+    # input (quantize/gguf.py: ggml quantizes activations to Q8_0 / Q8_K), which the trials simulate
+    ggml_type: Optional[str] = None
+    activation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def qparams(self, W: torch.Tensor, p: "Precision", inputs: SimInputs):
         """The per-group scale and zero point the simulation rounds with (from the float weight)."""
@@ -136,6 +141,11 @@ class Algorithm:
         """The engine quantizes it again from calibration data at export (AWQ's smoothing)."""
         return self.calibrated and not self.static_export
 
+    @property
+    def llama_cpp(self) -> bool:
+        """A llama.cpp tensor type (the GGUF export's; simulated with ggml's own quantizer)."""
+        return self.family == GGUF
+
     def start_problem(self) -> Optional[str]:
         """Why it cannot be plan 0's algorithm (``quant.algorithm``), or None."""
         if self.external:
@@ -153,6 +163,8 @@ class Algorithm:
             return f"tunes a whole plan, not one module: set loop.tune={self.name} instead"
         if not self.mixable:
             return f"applies to a whole plan: use it as quant={self.name} instead"
+        if self.llama_cpp:
+            return f"is a llama.cpp type: in GGUF mode (export.format=gguf) list it in loop.gguf_ladder as {self.ggml_type}"
         return None
 
     def check_bits(self, bits: int) -> Optional[str]:
@@ -335,6 +347,19 @@ def _gptq_entry(name: str, method: str, summary: str, label) -> "Algorithm":
                      observer=method, calibrated=True, simulate_many=many, static_export=True, needs_hessian=True)
 
 
+def _gguf_entry(type_name: str) -> "Algorithm":
+    """A llama.cpp tensor type: simulated by ggml's own quantizer (the bytes llama-quantize writes,
+    with the module's imatrix and the fallback for its row length), sized as llama.cpp stores it."""
+    t = gguf.TYPES[type_name]
+
+    def sim(W, p, inputs: SimInputs):
+        return gguf.roundtrip(t.name, W, inputs.importance(), inputs.dtype or W.dtype).to(W.dtype)
+    return Algorithm(gguf.algorithm_name(t.name), GGUF, f"llama.cpp {t.name} (ggml's quantizer, imatrix from the "
+                     "calibration data; GGUF export)", (t.bits,), sim, lambda p, in_f: gguf.stored_bits(t.name, in_f),
+                     lambda p: t.name, calibrated=True, fixed_group=lambda requested: t.block, ggml_type=t.name,
+                     activation=gguf.activation(t.name))
+
+
 INT_BITS = tuple(range(2, 9))
 
 REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
@@ -370,10 +395,20 @@ REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("nf4", BITSANDBYTES, "NF4 (bitsandbytes): 4-bit normal-float blocks", (4,), _sim_nf4,
               lambda p, in_f: 4 + 32 / (p.group_size or 64), lambda p: f"NF4g{p.group_size or 64}",
               bnb_config=_nf4_config, fixed_group=lambda requested: requested or 64, mixable=False),
+    *(_gguf_entry(t) for t in gguf.TYPES),
 )}
 
 NAMES = tuple(REGISTRY)
 BNB_NAMES = tuple(n for n, a in REGISTRY.items() if a.family == BITSANDBYTES)
+GGUF_NAMES = tuple(n for n, a in REGISTRY.items() if a.family == GGUF)
+
+
+def for_ggml_type(type_name: str) -> Algorithm:
+    """The registry entry that writes llama.cpp type ``type_name`` (Q4_K, Q5_0...)."""
+    name = gguf.algorithm_name(type_name)
+    if name not in REGISTRY:
+        raise QuantfixError(f"llama.cpp type {type_name}: quantfix plans with {', '.join(gguf.TYPES)} (or F16)")
+    return REGISTRY[name]
 
 
 def get(name: str) -> Algorithm:
