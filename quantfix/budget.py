@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from quantfix.config import parse_rung
+from quantfix.config import parse_rung, rung_bits
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision
 from quantfix.planner import PRIOR_POWER, Ladder, PredictivePlanner, Space, fit_power
@@ -44,15 +44,6 @@ class Candidate:
     plan: Plan
     raw: float  # the additive prediction, weighted
     must: bool = False  # measured whatever its prediction (a simple plan the search must not lose to)
-
-
-def rung_bits(rung: str, in_features: int = 4096) -> float:
-    """Bits per weight a rung stores (a wide module's; scales and zero points included)."""
-    r = parse_rung(rung)
-    if r.bits >= 16:
-        return 16.0
-    p = Precision(r.bits, r.group, True if r.symmetric is None else r.symmetric)
-    return p.bits_per_weight(in_features)
 
 
 def prune_ladder(ladder: Sequence[str], budget: float, reach: float = 2.0) -> List[str]:
@@ -88,10 +79,7 @@ class BudgetSearch:
         return lambda q: weight if not q.is_float and q.bits <= LOW_BITS else 1.0
 
     def raw(self, plan: Plan, weight: Optional[float] = None) -> float:
-        w = self.weigh(self.weight if weight is None else weight)
-        kld = self.table.kld
-        return sum(w(p) * kld[n].get(p, kld[n].get(self.table.base[n], 0.0)) for n, p in plan.modules.items()
-                   if n in kld)
+        return self.table.raw_of(plan, self.weigh(self.weight if weight is None else weight))
 
     def predict(self, raw: float) -> float:
         scale, power = self.fit

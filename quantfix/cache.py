@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # the format of cache entries and of their keys: bump it when either changes (part of every key)
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 _MAGIC = b"\nquantfix-sha256:"
 _TRAILER_LEN = len(_MAGIC) + 64 + 1
 _SAMPLE = 1 << 20  # bytes per sampled block of a large file

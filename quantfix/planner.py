@@ -392,15 +392,12 @@ class PredictivePlanner:
     def raw_prediction(self, k: int) -> float:
         return max(self.base_kld - sum(st.gain for st in self.steps[:k]), 0.0)
 
-    def raw_of(self, plan: Plan) -> float:
+    def raw_of(self, plan: Plan, weigh: Optional[Callable[[Precision], float]] = None) -> float:
         """The additive prediction of any plan whose precisions this planner scored (a module at
-        one it did not score counts its starting point's)."""
-        return sum(self.kld[n].get(p, self.kld[n].get(self.base[n], 0.0)) for n, p in plan.modules.items()
+        one it did not score counts its starting point's), each precision's score times ``weigh``."""
+        w = weigh or (lambda q: 1.0)
+        return sum(w(p) * self.kld[n].get(p, self.kld[n].get(self.base[n], 0.0)) for n, p in plan.modules.items()
                    if n in self.kld)
-
-    def predict_plan(self, plan: Plan) -> float:
-        raw = self.raw_of(plan)
-        return self.scale * raw ** self.power if raw > 0 else 0.0
 
     def predict(self, k: int) -> float:
         """The measured KLD expected for plan_at(k): scale * raw^power, refit on every trial."""
@@ -413,9 +410,7 @@ class PredictivePlanner:
         squares, power in [0.5, 2]) once two trials differ. The raw estimates sum per-module
         contributions measured one at a time; the power absorbs how errors compound when many
         modules are quantized together."""
-        self.calibrate_raw(self.raw_prediction(k), measured_kld)
-
-    def calibrate_raw(self, raw: float, measured_kld: float) -> None:
+        raw = self.raw_prediction(k)
         if raw <= 1e-12 or measured_kld <= 0:
             return
         self.measured.append((raw, measured_kld))

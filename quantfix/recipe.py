@@ -38,7 +38,7 @@ from quantfix.existing import ExistingCheckpoint
 from quantfix.plan import Plan, Precision
 from quantfix.planner import Ladder, group_problem, initial_plan, ladder_options
 from quantfix.quantize import algorithms
-from quantfix.runreport import DiagnosisSummary, Outcome, Recalibration, RunReport, TrialRecord
+from quantfix.runreport import DiagnosisSummary, ExistingInfo, Outcome, Recalibration, RunReport, TrialRecord
 from quantfix.runtime import RunData, Runtime
 from quantfix.timing import Timer, peak_memory_mb
 from quantfix.trials import Trials, TrialSetup
@@ -285,7 +285,7 @@ class Recipe:
                                                     "(quant.ignore can keep the module named below in float)")
         elif cfg.loop.policy == "greedy":
             self._reround_kept(plan0)
-            result = search.greedy(self.trials, plan0, cfg.loop, self.bank.output_error, self.timer)
+            result = search.greedy(self.trials, plan0, ladder_of(cfg), cfg.loop, self.bank.output_error, self.timer)
         else:
             result = self._predictive(plan0, rec)
         if result.best is None and self.trials.records:
@@ -341,7 +341,9 @@ class Recipe:
         q = cfg.quant
         self.bank = WeightBank(self.rt.model, list(plan0.modules), self.stats, q.gptq_dampening, q.gptq_block_size,
                                q.awq_grid, q.llm_int8_threshold, sim_dtype=export_dtype)
-        if cfg.quantized.name_or_path:  # plan 0 is an existing checkpoint: its scheme and its own weights
+        if cfg.quantized.name_or_path and self.gguf:  # a GGUF download: its types are plan 0
+            plan0 = self._gguf_download(plan0)
+        elif cfg.quantized.name_or_path:  # plan 0 is an existing checkpoint: its scheme and its own weights
             plan0 = self._load_existing(plan0)
         setup = TrialSetup(self.bank, lambda desc: self._evaluate(desc=desc), self.base, cfg.thresholds,
                            cfg.loop.max_iters, self.out_dir / "trials.jsonl", cfg.loop.resume, self.timer,
@@ -367,6 +369,24 @@ class Recipe:
             self._warn(f"{self.existing.path} {problem}")
             rec.failed.append(f"the checkpoint {problem.split(':')[0]}")
         return rec
+
+    def _gguf_download(self, template: Plan) -> Plan:
+        """GGUF mode repairing a downloaded GGUF: plan 0 is every tensor at its downloaded type, as
+        llama-quantize writes it from the F16 parent with quantfix's imatrix (what a GGUF-mode plan
+        measures and ships); the download itself is measured by llama-perplexity for the report."""
+        path = str(self.cfg.quantized.name_or_path)
+        names = gguf_export.module_names(self.llama.f16, template.modules)
+        types, notes = gguf_export.download_types(path, self.llama.f16, names)
+        plan0 = template.with_changes({n: gguf_plan.precision(t, template.shapes[n][1]) for n, t in types.items()},
+                                      note=f"the types of {Path(path).name}, re-quantized from the float parent "
+                                           "with quantfix's imatrix")
+        with self.timer("llama-perplexity: the download"):
+            measured = gguf_export.measure(Path(path), self.llama)
+        self.report.quantized = ExistingInfo(path, "gguf", ", ".join(gguf_plan.summary(types)), notes,
+                                             llama_perplexity=measured)
+        log.info("the download %s: llama-perplexity KLD %.5f, PPL %.3f (F16 parent %.3f)", Path(path).name,
+                 measured["kld_mean"], measured["ppl"], measured["ppl_base"])
+        return plan0
 
     def _load_existing(self, template: Plan) -> Plan:
         """``quantized.name_or_path`` as plan 0: its scheme, its own weights served by the bank; the

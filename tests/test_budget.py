@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from quantfix.budget import BudgetSearch, prune_ladder, rung_bits
+from quantfix.budget import BudgetSearch, prune_ladder
+from quantfix.config import rung_bits
 from quantfix.evaluate import Metrics
 from quantfix.plan import Plan, Precision
 from quantfix.planner import Ladder, PredictivePlanner, Space, ladder_options

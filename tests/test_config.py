@@ -83,18 +83,21 @@ def test_gguf_mode_problems_all_at_once(compose):
 
 
 def test_auto_format_is_gguf_for_a_gguf_file_but_not_the_demo(compose):
-    """export.format=auto ships a GGUF when the model is given as a .gguf file (repair), not for the
-    demo, an existing checkpoint (quantized.name_or_path), other modes, or settings GGUF mode refuses."""
+    """export.format=auto ships a GGUF when the model is given as a .gguf file (repair) or a GGUF
+    download is the existing checkpoint, not for the demo, another existing checkpoint, other
+    modes, or settings GGUF mode refuses."""
     from quantfix.config import gguf_mode
 
     f = "model.name_or_path=/m/x.Q4_K_M.gguf"
     assert gguf_mode(compose([f])) and gguf_mode(compose(["export.format=gguf"]))
     assert not gguf_mode(compose([])) and not gguf_mode(compose(["model.name_or_path=/m/hf_dir"]))
-    for other in ("mode=diagnose", "quantized.name_or_path=/m/y.gguf", "quant=nf4", "loop.policy=greedy",
+    for other in ("mode=diagnose", "quantized.name_or_path=/m/gptq_dir", "quant=nf4", "loop.policy=greedy",
                   "loop.tune=autoround", "export.format=checkpoint"):
         assert not gguf_mode(compose([f, other])), other
-    with pytest.raises(QuantfixError, match="drop quantized.name_or_path"):
-        validate(compose(["export.format=gguf", "quantized.name_or_path=/m/y.gguf"]))
+    download = ["model.name_or_path=/m/hf_dir", "quantized.name_or_path=/m/y.Q4_K_M.gguf"]
+    assert gguf_mode(compose(download)) and not gguf_mode(compose(download + ["export.format=checkpoint"]))
+    with pytest.raises(QuantfixError, match="only when it is a GGUF file"):
+        validate(compose(["export.format=gguf", "quantized.name_or_path=/m/gptq_dir"]))
 
 
 def test_validation_collects_every_problem(compose):

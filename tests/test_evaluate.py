@@ -133,3 +133,17 @@ def test_evaluator_scores_the_second_half_like_llama_perplexity():
     assert half.nll == pytest.approx(float(nll.mean()), rel=1e-6) and half.kld_mean == pytest.approx(0, abs=1e-6)
     assert ev.baseline_metrics(ref, 7, 4).nll == pytest.approx(half.nll, rel=1e-6)
 
+
+
+def test_full_reference_is_fp16_and_exact_in_chunks(setup, monkeypatch):
+    # the full reference is stored in fp16 (half the memory of float32) and scored a few rows at a
+    # time; the KL still equals the float32 computation, and the float model scores 0 against it
+    model, windows = setup
+    q = _quantized_copy(model)
+    ref = ev.reference(model, windows, 2, topk=16, full_max_mb=64, progress=False)
+    assert ref.full_logp.dtype == torch.float16 and ref.neg_entropy.shape == ref.nll.shape
+    whole = ev.evaluate(q, windows, ref, 2, progress=False)
+    monkeypatch.setattr(ev, "_FULL_ROWS", 3)
+    chunked = ev.evaluate(q, windows, ref, 2, progress=False)
+    assert chunked.kld_mean == pytest.approx(whole.kld_mean, rel=1e-5)
+    assert ev.evaluate(model, windows, ref, 2, progress=False).kld_mean == pytest.approx(0, abs=1e-6)

@@ -106,7 +106,7 @@ def test_diagnose_and_repair_a_gguf_against_its_float_parent(compose, tiny_dir, 
     model = tiny_llama()
     path = write_tiny_gguf(model, tmp_path / "tiny.Q4_0.gguf", {k: "Q4_0" for k in GGUF_TYPES})
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
-        "quantized.name_or_path": str(path), "thresholds.max_ppl_increase_pct": "null",
+        "quantized.name_or_path": str(path), "export.format": "checkpoint", "thresholds.max_ppl_increase_pct": "null",
         "thresholds.max_kld_mean": 0.008, "loop.max_iters": 3, "diagnose.domain_seq_len": 64,
         "probes.max_new_tokens": 4}))
     report = run(cfg, tmp_path / "run")

@@ -47,3 +47,58 @@ def test_demo_gguf_export_is_verified_by_llama_perplexity(llama_tools, tmp_path)
     assert abs(fin["predicted_kld"] / llama["kld_mean"] - 1) < 0.10, (fin["predicted_kld"], llama["kld_mean"])
     assert fin["verified_metrics"]["kld_mean"] == llama["kld_mean"]
     assert (out / "gguf" / "imatrix.gguf").is_file()
+
+
+@pytest.mark.slow
+def test_a_downloaded_gguf_is_repaired_into_a_gguf(llama_tools, tmp_path):  # noqa: F811
+    """A GGUF download beside its float parent (quantized.name_or_path=x.gguf, export.format=auto):
+    plan 0 is the download's types, the download itself is measured by llama-perplexity, and the
+    repair ships a GGUF (no overrides text) that llama-perplexity verifies, better than the download."""
+    from quantfix import cache as cache_mod, gguf_export, source
+    from quantfix.llamacpp import run
+
+    cache = cache_mod.cache_dir()
+    resolved = source.resolve("demo", cache)
+    f16 = gguf_export.float_parent("demo", resolved.path, cache, cache_mod.model_fingerprint(resolved.path)[:20], False)
+    download, _ = run.quantize(f16, tmp_path / "demo.Q3_K_S.gguf", "Q3_K_S")  # llama.cpp's preset, no imatrix
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "quantfix", "model.name_or_path=demo", f"quantized.name_or_path={download}",
+           f"hydra.run.dir={out}", "plan.budget.avg_bits=5.6", "eval.n_windows=2", "eval.seq_len=256",
+           "eval.batch_size=2", "data.n_samples=8", "data.seq_len=256", "loop.max_iters=2",
+           "thresholds.max_ppl_increase_pct=50", "diagnose.probes=false", "diagnose.domain_windows=1",
+           "diagnose.domain_seq_len=128"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    fin, q = rep["final"], rep["quantized"]
+    assert fin["checkpoint_format"] == "gguf" and fin["verified_failed"] == []
+    assert not (out / "llama_quantize_overrides.txt").exists()
+    assert q["format"] == "gguf" and "Q3_K" in q["summary"] and q["llama_perplexity"]["kld_mean"] > 0
+    assert "Q3_K" in rep["iterations"][0]["plan_summary"]  # plan 0: the download's types
+    assert fin["llama_perplexity"]["kld_mean"] < q["llama_perplexity"]["kld_mean"]
+    assert "Existing GGUF" in (out / "report.md").read_text()
+
+
+def test_download_types_read_each_tensor_and_refuse_another_model(tmp_path):
+    """A downloaded GGUF's types by module (float tensors as F16); a download of another model (a
+    tensor missing, or another shape) is one line naming the fix."""
+    from quantfix import gguf_export
+    from quantfix.errors import QuantfixError
+    from tests.conftest import tiny_llama
+    from tests.tiny_checkpoints import GGUF_TYPES, write_tiny_gguf
+
+    model = tiny_llama()
+    parent = write_tiny_gguf(model, tmp_path / "parent.gguf", {k: "F32" for k in GGUF_TYPES})
+    download = write_tiny_gguf(model, tmp_path / "download.gguf", GGUF_TYPES)
+    modules = [n for n, m in model.named_modules() if n.endswith("proj")]
+    names = gguf_export.module_names(parent, modules)
+    types, notes = gguf_export.download_types(str(download), parent, names)
+    assert notes == [] and set(types) == set(modules)
+    for m in modules:
+        want = GGUF_TYPES[m.rsplit(".", 1)[-1]]
+        assert types[m] == ("F16" if want == "F32" else want), m
+    with pytest.raises(QuantfixError, match="has no tensor blk.0.ffn_gate.bogus.*must be a GGUF of model.name_or_path"):
+        gguf_export.download_types(str(download), parent, {**names, "x": "blk.0.ffn_gate.bogus"})
+    other = write_tiny_gguf(tiny_llama(inter=96), tmp_path / "other.gguf", GGUF_TYPES)
+    with pytest.raises(QuantfixError, match="has shape .* the float parent's"):
+        gguf_export.download_types(str(other), parent, names)

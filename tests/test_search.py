@@ -60,7 +60,7 @@ def _plan(n=3, p=Precision(4, 64)):
 
 def _greedy(trial, plan0, max_iters, bits_step, err):
     loop = LoopConfig(max_iters=max_iters, ladder=["4/64", "8/0", "16/0"], bits_step=bits_step)
-    return search.greedy(trial, plan0, loop, lambda n, p: err[n] / p.bits, Timer())
+    return search.greedy(trial, plan0, list(loop.ladder), loop, lambda n, p: err[n] / p.bits, Timer())
 
 
 def test_greedy_stops_at_the_top_of_the_ladder():

@@ -249,10 +249,11 @@ def gptq_options(Ws, precisions: List["Precision"], inputs: Dict["Precision", Li
     W = torch.cat([w.float() for w in Ws])
     H = first.stats.full().to(W.device)
     factors = gptq.factorize(H, W, first.gptq_damp)
-    per = 3 * 4 * W.numel()  # weights, scales and zero points per column, float32, per option
+    # weights, scales and zero points per column, float32, per option
+    per_chunk = max(1, GPTQ_BATCH_BYTES // (3 * 4 * W.numel()))
     out = {}
-    for i in range(0, len(precisions), max(1, GPTQ_BATCH_BYTES // per)):
-        chunk = precisions[i:i + max(1, GPTQ_BATCH_BYTES // per)]
+    for i in range(0, len(precisions), per_chunk):
+        chunk = precisions[i:i + per_chunk]
         qs = []
         for p in chunk:
             alg = get(p.algorithm)
