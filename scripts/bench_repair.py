@@ -57,6 +57,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--topk", type=int, default=1024, help="reference log-probs kept per token when not stored whole")
+    ap.add_argument("--full-max-mb", type=int, default=8192,
+                    help="store the float reference whole (exact KL) up to this size; the loop gets the same")
+    ap.add_argument("--eval-bs", type=int, default=0, help="windows per forward pass (0: 16 on CUDA, 4 on the CPU)")
+    ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for the quantfix rows")
     ap.add_argument("--out", default="benchmarks/repair.json")
     ap.add_argument("--merge", nargs="+", help="combine the JSON of several runs and print one table")
     a = ap.parse_args()
@@ -73,12 +78,13 @@ def main() -> None:
     dd = str(data_mod.default_data_dir())
     windows = data_mod.eval_windows("wikitext2", dd, tok, a.windows, a.seq_len)
     samples = data_mod.calibration_samples(["c4"], dd, tok, a.calib, a.seq_len, 0)
-    bs = 16 if device.type == "cuda" else 4
-    ref = ev.reference(model, windows, bs, 256, 0, progress=False)
+    bs = a.eval_bs or (16 if device.type == "cuda" else 4)
+    ref = ev.reference(model, windows, bs, a.topk, a.full_max_mb, progress=False)
     base = ev.baseline_metrics(ref)
     results = {"model": a.model, "device": str(device), "dtype": str(dtype),
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "baseline": base.to_dict(),
-               "eval": f"wikitext2 {a.windows}x{a.seq_len}", "calibration": f"c4 {a.calib}x{a.seq_len}", "rows": []}
+               "eval": f"wikitext2 {a.windows}x{a.seq_len}", "calibration": f"c4 {a.calib}x{a.seq_len}",
+               "reference": "exact" if ref.full_logp is not None else f"top-{a.topk}", "rows": []}
     ctx = dict(a=a, resolved=resolved, tok=tok, windows=windows, samples=samples, ref=ref, dtype=dtype, device=device,
                bs=bs)
     if "uniform" in a.sections:
@@ -150,8 +156,8 @@ def quantfix_row(budget: float, target: float, start: str, label: str, ctx: dict
     out = Path(tempfile.mkdtemp(prefix="bench-qf-"))
     overrides = [f"model.name_or_path={a.model}", f"device={a.device}", f"eval.n_windows={a.windows}",
                  f"eval.seq_len={a.seq_len}", "data.domains=[c4]", f"data.n_samples={a.calib}",
-                 f"data.seq_len={a.seq_len}", f"quant.bits={bits}", f"quant.group_size={group}",
-                 f"plan.budget.avg_bits={target}", "export.dtype=auto", *LADDERS[label]]
+                 f"data.seq_len={a.seq_len}", f"eval.topk={a.topk}", f"eval.full_max_mb={a.full_max_mb}", f"quant.bits={bits}", f"quant.group_size={group}",
+                 f"plan.budget.avg_bits={target}", "export.dtype=auto", *LADDERS[label], *a.override]
     register()
     GlobalHydra.instance().clear()
     try:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The quality benchmark on ONE GPU as concurrent streams (bench_repair.py processes side by side):
+#   QUANTFIX_CACHE=... QUANTFIX_DATA=... scripts/bench_repair_streams.sh OUT [SECONDS] [MODELS...]
+# Per model: uniform RTN/GPTQ/AWQ; AutoScheme iters=0 at every budget; quantfix (search alone) from
+# W4g64 at every budget (two streams); from W3g64 at 3.5 and 4.5; AutoScheme iters=200 and
+# quantfix + AutoRound tuning at TUNED budgets. Streams of one model share the GPU and its CPU
+# cores, so seconds are comparable between rows of the same run only (the peer's rows run in the
+# same contention). Each stream is cut at SECONDS; rows end in OUT/part_*.json as they finish;
+# OUT/repair_<model>.json merges them; OUT/done at the end (run it under setsid).
+set -u
+out=$(realpath -m "${1:?usage: bench_repair_streams.sh OUT [SECONDS] [MODELS...]}")
+limit=${2:-1500}
+shift 2 2>/dev/null || shift $#
+models=("${@:-demo}")
+[ ${#models[@]} -eq 0 ] && models=(demo)
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+py=${PYTHON:-python3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
+read -r -a budgets <<< "${BUDGETS:-3.0 3.5 4.0 4.5 5.0}"
+read -r -a tuned <<< "${TUNED:-3.5 4.5}"
+for m in "${models[@]}"; do  # convert each GGUF once, before parallel jobs read it
+  $py -c "from quantfix import source, cache; print(source.resolve('$m', cache.cache_dir()).path)"
+done
+
+stream() {  # stream MODEL NAME ARGS...
+  local m=$1 name=$2 extra=(); shift 2
+  # a large vocabulary (Gemma: 262k) makes every window's log-probs 0.5 GB in float32: small batches,
+  # so seven processes fit one card beside each other
+  [ "$m" != demo ] && extra=(--eval-bs 4 --override eval.batch_size=4)
+  AR_AUTO_SCHEME_CACHE=/tmp/ar-cache-$m-$name timeout "$limit" \
+    $py "$here/scripts/bench_repair.py" --model "$m" --device cuda --out "$out/part_${m}_$name.json" "$@" "${extra[@]}" \
+    > "$out/${m}_$name.log" 2>&1
+  echo "$m $name exit $? at $(date +%T)" >> "$out/streams.txt"
+}
+half=$(( (${#budgets[@]} + 1) / 2 ))
+for m in "${models[@]}"; do
+  stream "$m" uniform --sections uniform --budgets "${budgets[@]}" &
+  stream "$m" as0 --sections autoscheme0 --budgets "${budgets[@]}" &
+  stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" &
+  stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" &
+  stream "$m" qf_w3 --sections quantfix --ladders quantfix --starts W3g64 --budgets "${tuned[@]}" &
+  stream "$m" as200 --sections autoscheme200 --budgets "${tuned[@]}" &
+  stream "$m" qf_tuned --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 \
+    --budgets "${tuned[@]}" &
+done
+wait
+cat "$out/streams.txt"
+for m in "${models[@]}"; do
+  ls "$out"/part_"${m}"_*.json >/dev/null 2>&1 && \
+    $py "$here/scripts/bench_repair.py" --merge "$out"/part_"${m}"_*.json --out "$out/repair_$m.json" | tee "$out/table_$m.md"
+done
+touch "$out/done"
