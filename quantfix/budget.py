@@ -12,7 +12,10 @@ So the search measures candidates and ships the best one it measured:
 2. the best predicted is measured, then the next while trials are left (one kept for tuning) and
    the next one still has a chance: after each measurement the map from the additive prediction to
    the measured KLD is refit on every measured plan, with a learned multiplier of the low-bit (2-3
-   bit) options' scores, and the candidates are planned and ranked again;
+   bit) options' scores, and the candidates are planned and ranked again; a plan's prediction is
+   then corrected by what its measured neighbours missed (the residuals of the measured plans,
+   weighted by the share of weights they hold at the same precision): a search plan picked from
+   thousands by additive scores reads low for the reasons its measured predecessor read low;
 3. the plan shipped is the lowest measured KLD within the budget (plan 0 included).
 """
 from __future__ import annotations
@@ -36,6 +39,8 @@ LOW_BITS = 3  # options at or below this width get the learned multiplier
 WEIGHT_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
 GIVE_UP = 1.5  # a candidate predicted above this x the best measured KLD is not measured
 MAX_CANDIDATES = 5
+NEAR_POWER = 4.0  # a measured plan's residual counts by (share of weights at the same precision) ** this
+SHRINK = 0.1  # pseudo-weight of a zero residual: one far neighbour does not move the prediction much
 
 
 @dataclass
@@ -85,6 +90,18 @@ class BudgetSearch:
         scale, power = self.fit
         return scale * raw ** power if raw > 0 else 0.0
 
+    def predicted(self, plan: Plan, raw: Optional[float] = None) -> float:
+        """The fitted prediction of ``plan``, times what its measured neighbours' predictions missed
+        (geometric, weighted by likeness, shrunk towards 1)."""
+        base = self.predict(self.raw(plan) if raw is None else raw)
+        num = den = 0.0
+        for other, kld in self.measured:
+            guess = self.predict(self.raw(other))
+            if kld > 0 and guess > 0:
+                w = likeness(plan, other) ** NEAR_POWER
+                num, den = num + w * math.log(kld / guess), den + w
+        return base * math.exp(num / (den + SHRINK))
+
     def _refit(self) -> Tuple[float, float]:
         """The low-bit multiplier and the power law that best explain the measured plans. Two points
         fit the multiplier with the prior power (they cannot fit both); three or more fit both; the
@@ -121,7 +138,7 @@ class BudgetSearch:
             c.must = True
         rest = [c for c in self._unique(searched + uniform) if plan_key(c.plan) not in {plan_key(m.plan) for m in must}]
         must = [c for c in must if c.name == "search"] + sorted((c for c in must if c.name != "search"), key=lambda c: c.raw)
-        return must + sorted(rest, key=lambda c: c.raw)
+        return must + sorted(rest, key=lambda c: self.predicted(c.plan, c.raw))
 
     def _unique(self, cands: List[Candidate]) -> List[Candidate]:
         """The candidates within the budget, each plan once (the first name kept), their raw prediction set."""
@@ -162,14 +179,14 @@ class BudgetSearch:
             if not todo:
                 break
             c, best = todo[0], self._best(recs)
-            if not c.must and len(self.measured) >= 3 and best is not None and \
-                    self.predict(c.raw) > GIVE_UP * best.metrics.kld_mean:
+            guess = self.predicted(c.plan, c.raw)
+            if not c.must and len(self.measured) >= 3 and best is not None and guess > GIVE_UP * best.metrics.kld_mean:
                 log.info("budget search: the next candidate (%s) is predicted %.4f, far above the best measured %.4f: "
-                         "stopping", c.name, self.predict(c.raw), best.metrics.kld_mean)
+                         "stopping", c.name, guess, best.metrics.kld_mean)
                 break
             tried.add(plan_key(c.plan))
             self.searched = self.searched or c.name == "search"
-            rec = self.trial(c.plan, self.plan0, predicted=self.predict(c.raw), budget_avg_bits=self.budget,
+            rec = self.trial(c.plan, self.plan0, predicted=guess, budget_avg_bits=self.budget,
                              action=f"budget candidate: {c.name}", actions=_kinds(self.plan0, c.plan))
             recs.append(rec)
             self.measured.append((c.plan, rec.metrics.kld_mean))
@@ -189,6 +206,12 @@ class BudgetSearch:
         pool = list(recs) + ([self.start] if self.start.avg_bits <= self.budget + 1e-6 else [])
         pool = [r for r in pool if math.isfinite(r.metrics.kld_mean)]
         return min(pool, key=lambda r: r.metrics.kld_mean) if pool else None
+
+
+def likeness(a: Plan, b: Plan) -> float:
+    """The share of ``a``'s weights that ``b`` holds at the same precision (rounding included)."""
+    same = sum(o * i for n, (o, i) in a.shapes.items() if b.modules.get(n) == a.modules[n])
+    return same / max(a.n_params, 1)
 
 
 def _kinds(plan0: Plan, plan: Plan) -> Dict[str, int]:

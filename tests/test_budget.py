@@ -169,3 +169,40 @@ def test_budget_mode_measures_candidates_and_ships_the_best_within_the_budget(co
     best = min((it for it in its if it["avg_bits"] <= 5.0 + 1e-9), key=lambda it: it["metrics"]["kld_mean"])
     assert fin["chosen_trial"] == best["iter"] and fin["avg_bits"] == best["avg_bits"]
     assert fin["verified_metrics"]["kld_mean"] == pytest.approx(best["metrics"]["kld_mean"], rel=1e-5)
+
+
+def test_a_plans_prediction_is_corrected_by_what_its_measured_neighbour_missed():
+    """Mixed plans measure 1.6x their additive prediction, uniform plans exactly it (the winner's
+    curse of a plan picked by additive scores). Once one mixed plan is measured, a plan that differs
+    from it in one module of six is predicted within 15%; a mixed plan with no measured neighbour
+    keeps the fitted map's error."""
+    plan = _plan(6)
+
+    def additive(p):
+        return sum(_kld(q) for q in p.modules.values())
+
+    def truth(p):
+        mixed = len({q.bits for q in p.modules.values()}) > 1
+        return additive(p) * (1.6 if mixed else 1.0)
+
+    diag, options, ladder = _diagnosis(plan, _kld)
+    trials = FakeTrials(truth)
+    trials(plan)
+    search = BudgetSearch(trials, plan, diag, options, 4.6, ladder)
+    names = sorted(plan.modules)
+    w3 = options[names[0]][next(lab for lab, q in options[names[0]].items() if q.bits == 3)]
+    w8 = options[names[0]][next(lab for lab, q in options[names[0]].items() if q.bits == 8)]
+    uniform = plan.with_changes({n: w3 for n in names})
+    mixed_a = plan.with_changes({**{n: w3 for n in names[:4]}, names[4]: w8})
+    mixed_b = plan.with_changes({**{n: w3 for n in names[:3]}, names[4]: w8})
+    search.measured.append((uniform, truth(uniform)))
+    search.fit = search._refit()
+    lone = search.predicted(mixed_b)
+    assert abs(lone / truth(mixed_b) - 1) > 0.3  # the fitted map alone misses the interaction
+    # the mixed neighbour measured, then another uniform plan (the fit is anchored on the latest)
+    uniform8 = plan.with_changes({n: w8 for n in names})
+    for p in (mixed_a, uniform8):
+        search.measured.append((p, truth(p)))
+        search.fit = search._refit()
+    assert search.predicted(mixed_b) == pytest.approx(truth(mixed_b), rel=0.15)
+    assert abs(search.predict(search.raw(mixed_b)) / truth(mixed_b) - 1) > 0.25  # without the neighbour's residual
