@@ -27,8 +27,9 @@ done
 stream() {  # stream MODEL NAME ARGS...
   local m=$1 name=$2 extra=(); shift 2
   # a large vocabulary (Gemma: 262k) makes every window's log-probs 0.5 GB in float32: small batches,
+  # and a top-1024 reference (the exact one would take 4.3 GB of RAM in each of seven processes);
   # so seven processes fit one card beside each other
-  [ "$m" != demo ] && extra=(--eval-bs 4 --override eval.batch_size=4)
+  [ "$m" != demo ] && extra=(--eval-bs 4 --full-max-mb 1024 --override eval.batch_size=4)
   AR_AUTO_SCHEME_CACHE=/tmp/ar-cache-$m-$name timeout "$limit" \
     $py "$here/scripts/bench_repair.py" --model "$m" --device cuda --out "$out/part_${m}_$name.json" "$@" "${extra[@]}" \
     > "$out/${m}_$name.log" 2>&1
