@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The quality benchmark on ONE GPU as concurrent streams (bench_repair.py processes side by side):
 #   QUANTFIX_CACHE=... QUANTFIX_DATA=... scripts/bench_repair_streams.sh OUT [SECONDS] [MODELS...]
-# Per model: uniform RTN/GPTQ/AWQ; AutoScheme iters=0 at every budget; quantfix (search alone) from
-# W4g64 at every budget (two streams); from W3g64 at 3.5 and 4.5; AutoScheme iters=200 and
-# quantfix + AutoRound tuning at TUNED budgets. Streams of one model share the GPU and its CPU
+# Per model: uniform RTN/GPTQ/AWQ; AutoScheme iters=0 and quantfix (search alone) from W4g64 at every
+# budget (two streams each); at each TUNED budget (3.5 and 4.5) one stream each for quantfix from
+# W3g64, AutoScheme iters=200 and quantfix + AutoRound tuning. Streams of one model share the GPU and its CPU
 # cores, so seconds are comparable between rows of the same run only (the peer's rows run in the
 # same contention). Each stream is cut at SECONDS; rows end in OUT/part_*.json as they finish;
 # OUT/repair_<model>.json merges them; OUT/done at the end (run it under setsid).
@@ -38,13 +38,15 @@ stream() {  # stream MODEL NAME ARGS...
 half=$(( (${#budgets[@]} + 1) / 2 ))
 for m in "${models[@]}"; do
   stream "$m" uniform --sections uniform --budgets "${budgets[@]}" &
-  stream "$m" as0 --sections autoscheme0 --budgets "${budgets[@]}" &
+  stream "$m" as0_lo --sections autoscheme0 --budgets "${budgets[@]:0:$half}" &
+  stream "$m" as0_hi --sections autoscheme0 --budgets "${budgets[@]:$half}" &
   stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" &
   stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" &
-  stream "$m" qf_w3 --sections quantfix --ladders quantfix --starts W3g64 --budgets "${tuned[@]}" &
-  stream "$m" as200 --sections autoscheme200 --budgets "${tuned[@]}" &
-  stream "$m" qf_tuned --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 \
-    --budgets "${tuned[@]}" &
+  for b in "${tuned[@]}"; do  # the slow rows: one stream each
+    stream "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" &
+    stream "$m" "as200_$b" --sections autoscheme200 --budgets "$b" &
+    stream "$m" "qf_tuned_$b" --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 --budgets "$b" &
+  done
 done
 wait
 cat "$out/streams.txt"
