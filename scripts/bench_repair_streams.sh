@@ -5,7 +5,8 @@
 # budget (two streams each); at each TUNED budget (3.5 and 4.5) one stream each for quantfix from
 # W3g64, AutoScheme iters=200 and quantfix + AutoRound tuning. Streams of one model share the GPU and its CPU
 # cores, so seconds are comparable between rows of the same run only (the peer's rows run in the
-# same contention). Each stream is cut at SECONDS; rows end in OUT/part_*.json as they finish;
+# same contention). PER_BUDGET=1: one stream per budget for those rows; TUNED="": no slow rows.
+# Each stream is cut at SECONDS; rows end in OUT/part_*.json as they finish;
 # OUT/repair_<model>.json merges them; OUT/done at the end (run it under setsid).
 set -u
 out=$(realpath -m "${1:?usage: bench_repair_streams.sh OUT [SECONDS] [MODELS...]}")
@@ -19,7 +20,7 @@ cd "$here"
 py=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 read -r -a budgets <<< "${BUDGETS:-3.0 3.5 4.0 4.5 5.0}"
-read -r -a tuned <<< "${TUNED:-3.5 4.5}"
+read -r -a tuned <<< "${TUNED-3.5 4.5}"  # TUNED="" leaves the slow rows out
 for m in "${models[@]}"; do  # convert each GGUF once, before parallel jobs read it
   $py -c "from quantfix import source, cache; print(source.resolve('$m', cache.cache_dir()).path)"
 done
@@ -38,10 +39,17 @@ stream() {  # stream MODEL NAME ARGS...
 half=$(( (${#budgets[@]} + 1) / 2 ))
 for m in "${models[@]}"; do
   stream "$m" uniform --sections uniform --budgets "${budgets[@]}" &
-  stream "$m" as0_lo --sections autoscheme0 --budgets "${budgets[@]:0:$half}" &
-  stream "$m" as0_hi --sections autoscheme0 --budgets "${budgets[@]:$half}" &
-  stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" &
-  stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" &
+  if [ "${PER_BUDGET:-0}" = 1 ]; then  # a short lease: one stream per budget and row
+    for b in "${budgets[@]}"; do
+      stream "$m" "as0_$b" --sections autoscheme0 --budgets "$b" &
+      stream "$m" "qf_$b" --sections quantfix --ladders quantfix --starts W4g64 --budgets "$b" &
+    done
+  else
+    stream "$m" as0_lo --sections autoscheme0 --budgets "${budgets[@]:0:$half}" &
+    stream "$m" as0_hi --sections autoscheme0 --budgets "${budgets[@]:$half}" &
+    stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" &
+    stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" &
+  fi
   for b in "${tuned[@]}"; do  # the slow rows: one stream each
     stream "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" &
     stream "$m" "as200_$b" --sections autoscheme200 --budgets "$b" &
