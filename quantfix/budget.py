@@ -39,8 +39,8 @@ LOW_BITS = 3  # options at or below this width get the learned multiplier
 WEIGHT_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
 GIVE_UP = 1.5  # a candidate predicted above this x the best measured KLD is not measured
 MAX_CANDIDATES = 5
-NEAR_POWER = 4.0  # a measured plan's residual counts by (share of weights at the same precision) ** this
-SHRINK = 0.1  # pseudo-weight of a zero residual: one far neighbour does not move the prediction much
+NEAR_POWER = 3.0  # a measured plan's residual counts by (share of weights at the same precision) ** this
+SHRINK = 0.05  # pseudo-weight of a zero residual: one far neighbour does not move the prediction much
 
 
 @dataclass
