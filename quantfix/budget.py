@@ -76,8 +76,10 @@ class BudgetSearch:
         self.weight = 1.0
         self.searched = False  # the full search's plan was measured
         self.start = trial.last  # plan 0 as measured last (after a recalibration, with the new data)
-        self.measured: List[Tuple[Plan, float]] = [(self.start.plan, self.start.metrics.kld_mean)]
-        self.fit = self._refit()
+        self.measured: List[Tuple[Plan, float]] = []
+        self.fit: Tuple[float, float] = (1.0, PRIOR_POWER)
+        self.residuals: List[Tuple[Plan, float]] = []  # (measured plan, log(measured / fitted prediction))
+        self.learn(self.start.plan, self.start.metrics.kld_mean)
 
     # ---- predictions ------------------------------------------------------------------------
     def weigh(self, weight: float) -> Callable[[Precision], float]:
@@ -94,13 +96,16 @@ class BudgetSearch:
         """The fitted prediction of ``plan``, times what its measured neighbours' predictions missed
         (geometric, weighted by likeness, shrunk towards 1)."""
         base = self.predict(self.raw(plan) if raw is None else raw)
-        num = den = 0.0
-        for other, kld in self.measured:
-            guess = self.predict(self.raw(other))
-            if kld > 0 and guess > 0:
-                w = likeness(plan, other) ** NEAR_POWER
-                num, den = num + w * math.log(kld / guess), den + w
-        return base * math.exp(num / (den + SHRINK))
+        near = [(likeness(plan, other) ** NEAR_POWER, r) for other, r in self.residuals]
+        return base * math.exp(sum(w * r for w, r in near) / (sum(w for w, _ in near) + SHRINK))
+
+    def learn(self, plan: Plan, kld: float) -> None:
+        """One more measured plan: the map refit on every measured plan, then each one's residual
+        under it (once per measurement, not once per candidate predicted)."""
+        self.measured.append((plan, kld))
+        self.fit = self._refit()
+        guesses = [(p, k, self.predict(self.raw(p))) for p, k in self.measured]
+        self.residuals = [(p, math.log(k / g)) for p, k, g in guesses if k > 0 and g > 0]
 
     def _refit(self) -> Tuple[float, float]:
         """The low-bit multiplier and the power law that best explain the measured plans. Two points
@@ -189,8 +194,7 @@ class BudgetSearch:
             rec = self.trial(c.plan, self.plan0, predicted=guess, budget_avg_bits=self.budget,
                              action=f"budget candidate: {c.name}", actions=_kinds(self.plan0, c.plan))
             recs.append(rec)
-            self.measured.append((c.plan, rec.metrics.kld_mean))
-            self.fit = self._refit()
+            self.learn(c.plan, rec.metrics.kld_mean)
         best = self._best(recs)
         if best is None:
             raise QuantfixError(f"plan.budget.avg_bits={self.budget}: no plan within the budget could be measured "

@@ -195,14 +195,12 @@ def test_a_plans_prediction_is_corrected_by_what_its_measured_neighbour_missed()
     uniform = plan.with_changes({n: w3 for n in names})
     mixed_a = plan.with_changes({**{n: w3 for n in names[:4]}, names[4]: w8})
     mixed_b = plan.with_changes({**{n: w3 for n in names[:3]}, names[4]: w8})
-    search.measured.append((uniform, truth(uniform)))
-    search.fit = search._refit()
+    search.learn(uniform, truth(uniform))
     lone = search.predicted(mixed_b)
     assert abs(lone / truth(mixed_b) - 1) > 0.3  # the fitted map alone misses the interaction
     # the mixed neighbour measured, then another uniform plan (the fit is anchored on the latest)
     uniform8 = plan.with_changes({n: w8 for n in names})
     for p in (mixed_a, uniform8):
-        search.measured.append((p, truth(p)))
-        search.fit = search._refit()
+        search.learn(p, truth(p))
     assert search.predicted(mixed_b) == pytest.approx(truth(mixed_b), rel=0.15)
     assert abs(search.predict(search.raw(mixed_b)) / truth(mixed_b) - 1) > 0.25  # without the neighbour's residual
