@@ -69,6 +69,7 @@ def main() -> None:
         merged = merge([json.loads(Path(p).read_text()) for p in a.merge])
         save(merged, a.out)
         print_table(merged)
+        plot(merged, Path(a.out).with_suffix(".png"))
         return
     torch.manual_seed(0)
     device = loading_mod.resolve_device(a.device)
@@ -307,6 +308,34 @@ def merge(parts: list) -> dict:
     out["rows"] = [r for p in parts for r in p["rows"]]
     out["gpus"] = sorted({str(p.get("gpu")) for p in parts})
     return out
+
+
+def plot(r: dict, png: Path) -> None:
+    """KLD (log) against average bits, one marker per method family: the table, to be seen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    families = {"quantfix": "o", "AutoRound AutoScheme": "s", "uniform": "x"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict = {}
+    for x in r["rows"]:
+        if "error" in x or "kld_mean" not in x:
+            continue
+        name = x["method"] if not x["method"].startswith("uniform") else x["method"].rsplit(" ", 1)[0]
+        groups.setdefault(name, []).append((x["avg_bits"], x["kld_mean"]))
+    for name, pts in sorted(groups.items()):
+        pts = sorted(set(pts))
+        marker = next((m for f, m in families.items() if name.startswith(f)), ".")
+        ax.plot([b for b, _ in pts], [k for _, k in pts], marker=marker, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("average bits per weight (quantized modules)")
+    ax.set_ylabel("mean KLD vs float (log)")
+    ax.set_title(f"{r['model']}: {r.get('gpu') or r['device']}, eval {r['eval']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def best_uniform(rows: list, budget: float, alg: str):
