@@ -62,6 +62,10 @@ def main() -> None:
                     help="store the float reference whole (exact KL) up to this size; the loop gets the same")
     ap.add_argument("--eval-bs", type=int, default=0, help="windows per forward pass (0: 16 on CUDA, 4 on the CPU)")
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for the quantfix rows")
+    ap.add_argument("--peers-from", nargs="*", default=[],
+                    help="other streams' part JSON holding the AutoScheme rows: quantfix is also run at each "
+                         "peer's bits (waited for up to --peer-wait s after the budget's own row)")
+    ap.add_argument("--peer-wait", type=float, default=600.0)
     ap.add_argument("--out", default="benchmarks/repair.json")
     ap.add_argument("--merge", nargs="+", help="combine the JSON of several runs and print one table")
     a = ap.parse_args()
@@ -101,15 +105,44 @@ def main() -> None:
                 add(results, peers[-1], a.out)
         if "quantfix" not in a.sections:
             continue
-        matched = sorted({round(r["avg_bits"], 3) for r in peers if "avg_bits" in r and r["avg_bits"] < b - 0.01})
         for start in a.starts:
             for label in a.ladders:
-                for target in [b] + matched:  # the budget, and each peer's bits when it landed below
+                done = set()
+                for target in [b] + peer_bits(b, peers, a, wait=False):  # the budget, then each peer's bits below it
+                    row = quantfix_row(b, target, start, label, ctx)
+                    add(results, row, a.out)
+                    done.add(target)
+                    if row.get("tuned_from"):
+                        add(results, row.pop("tuned_from"), a.out)
+                for target in [t for t in peer_bits(b, peers, a, wait=True) if t not in done]:  # other streams' peers
                     row = quantfix_row(b, target, start, label, ctx)
                     add(results, row, a.out)
                     if row.get("tuned_from"):
                         add(results, row.pop("tuned_from"), a.out)
     print_table(results)
+
+
+def peer_bits(budget: float, peers: list, a, wait: bool) -> list:
+    """The bits each AutoScheme row of ``budget`` landed at, where below the budget: this process's
+    peers, and with ``wait`` the rows of other streams' part JSON (``--peers-from``), polled until one
+    row per AutoScheme section named there has arrived or ``--peer-wait`` seconds have passed."""
+    rows = list(peers)
+    if wait and a.peers_from:
+        deadline = time.time() + a.peer_wait
+        while True:
+            found = []
+            for f in a.peers_from:
+                try:
+                    found += [r for r in json.loads(Path(f).read_text()).get("rows", []) if r.get("budget") == budget]
+                except (OSError, ValueError):
+                    pass
+            if len(found) >= len(a.peers_from) or time.time() > deadline:
+                break
+            time.sleep(10)
+        rows += found
+    return sorted({round(r["avg_bits"], 3) for r in rows
+                   if r.get("method", "").startswith("AutoRound AutoScheme") and "avg_bits" in r
+                   and r["avg_bits"] < budget - 0.01})
 
 
 def add(results: dict, row: dict, out: str) -> None:

@@ -6,7 +6,8 @@
 # W3g64, AutoScheme iters=200 and quantfix + AutoRound tuning. Streams of one model share the GPU and its CPU
 # cores, so seconds are comparable between rows of the same run only (the peer's rows run in the
 # same contention). PER_BUDGET=1: one stream per budget for those rows; TUNED="": no slow rows.
-# Each stream is cut at SECONDS; rows end in OUT/part_*.json as they finish;
+# A quantfix stream waits for its peer stream's AutoScheme row (--peers-from) and runs again at the bits the
+# peer landed at (matched bits). Each stream is cut at SECONDS; rows end in OUT/part_*.json as they finish;
 # OUT/repair_<model>.json merges them; OUT/done at the end (run it under setsid).
 set -u
 out=$(realpath -m "${1:?usage: bench_repair_streams.sh OUT [SECONDS] [MODELS...]}")
@@ -31,6 +32,9 @@ stream() {  # stream MODEL NAME ARGS...
   # and a top-1024 reference (the exact one would take 4.3 GB of RAM in each of seven processes);
   # so seven processes fit one card beside each other
   [ "$m" != demo ] && extra=(--eval-bs 4 --full-max-mb 1024 --override eval.batch_size=4)
+  # the demo's 16-window batches hold 1.6 GB of log-probs each: 17 such processes filled an 80 GB card
+  # (one died out of memory, 2026-12-05), so 8 windows a batch
+  [ "$m" = demo ] && extra=(--eval-bs "${DEMO_EVAL_BS:-8}")
   AR_AUTO_SCHEME_CACHE=/tmp/ar-cache-$m-$name timeout "$limit" \
     $py "$here/scripts/bench_repair.py" --model "$m" --device cuda --out "$out/part_${m}_$name.json" "$@" "${extra[@]}" \
     > "$out/${m}_$name.log" 2>&1
@@ -42,18 +46,22 @@ for m in "${models[@]}"; do
   if [ "${PER_BUDGET:-0}" = 1 ]; then  # a short lease: one stream per budget and row
     for b in "${budgets[@]}"; do
       stream "$m" "as0_$b" --sections autoscheme0 --budgets "$b" &
-      stream "$m" "qf_$b" --sections quantfix --ladders quantfix --starts W4g64 --budgets "$b" &
+      stream "$m" "qf_$b" --sections quantfix --ladders quantfix --starts W4g64 --budgets "$b" \
+        --peers-from "$out/part_${m}_as0_$b.json" &
     done
   else
     stream "$m" as0_lo --sections autoscheme0 --budgets "${budgets[@]:0:$half}" &
     stream "$m" as0_hi --sections autoscheme0 --budgets "${budgets[@]:$half}" &
-    stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" &
-    stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" &
+    stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" \
+      --peers-from "$out/part_${m}_as0_lo.json" &
+    stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" \
+      --peers-from "$out/part_${m}_as0_hi.json" &
   fi
   for b in "${tuned[@]}"; do  # the slow rows: one stream each
     stream "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" &
     stream "$m" "as200_$b" --sections autoscheme200 --budgets "$b" &
-    stream "$m" "qf_tuned_$b" --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 --budgets "$b" &
+    stream "$m" "qf_tuned_$b" --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 --budgets "$b" \
+      --peers-from "$out/part_${m}_as200_$b.json" &
   done
 done
 wait
