@@ -34,7 +34,7 @@ stream() {  # stream MODEL NAME ARGS...
   [ "$m" != demo ] && extra=(--eval-bs 4 --full-max-mb 1024 --override eval.batch_size=4)
   # the demo's 16-window batches hold 1.6 GB of log-probs each: 17 such processes filled an 80 GB card
   # (one died out of memory, 2026-12-05), so 8 windows a batch
-  [ "$m" = demo ] && extra=(--eval-bs "${DEMO_EVAL_BS:-8}")
+  [ "$m" = demo ] && extra=(--eval-bs "${DEMO_EVAL_BS:-8}" --override "eval.batch_size=${DEMO_EVAL_BS:-8}")
   AR_AUTO_SCHEME_CACHE=/tmp/ar-cache-$m-$name timeout "$limit" \
     $py "$here/scripts/bench_repair.py" --model "$m" --device cuda --out "$out/part_${m}_$name.json" "$@" "${extra[@]}" \
     > "$out/${m}_$name.log" 2>&1
