@@ -107,18 +107,17 @@ def main() -> None:
             continue
         for start in a.starts:
             for label in a.ladders:
-                done = set()
-                for target in [b] + peer_bits(b, peers, a, wait=False):  # the budget, then each peer's bits below it
-                    row = quantfix_row(b, target, start, label, ctx)
-                    add(results, row, a.out)
-                    done.add(target)
-                    if row.get("tuned_from"):
-                        add(results, row.pop("tuned_from"), a.out)
-                for target in [t for t in peer_bits(b, peers, a, wait=True) if t not in done]:  # other streams' peers
-                    row = quantfix_row(b, target, start, label, ctx)
-                    add(results, row, a.out)
-                    if row.get("tuned_from"):
-                        add(results, row.pop("tuned_from"), a.out)
+                done: list = []
+                # the budget, each in-process peer's bits below it, then (waited for) other streams' peers'
+                for wait in (False, True):
+                    for target in [b] * (not wait) + peer_bits(b, peers, a, wait):
+                        if target in done:
+                            continue
+                        done.append(target)
+                        row = quantfix_row(b, target, start, label, ctx)
+                        add(results, row, a.out)
+                        if row.get("tuned_from"):
+                            add(results, row.pop("tuned_from"), a.out)
     print_table(results)
 
 
