@@ -9,6 +9,9 @@
 # A quantfix stream waits for its peer stream's AutoScheme row (--peers-from) and runs again at the bits the
 # peer landed at (matched bits). Each stream is cut at SECONDS; rows end in OUT/part_*.json as they finish;
 # OUT/repair_<model>.json merges them; OUT/done at the end (run it under setsid).
+# MARGIN=m: quantfix streams start at AutoScheme's accounting of the budget less m bits (autoscheme_bits in
+# bench_repair.py), so the matched-bits row needs no wait for the peer. ONLY_TUNED=1: the TUNED rows only.
+# UNIFORM_ALGS="gptq": which uniform roundings.
 set -u
 out=$(realpath -m "${1:?usage: bench_repair_streams.sh OUT [SECONDS] [MODELS...]}")
 limit=${2:-1500}
@@ -42,25 +45,31 @@ stream() {  # stream MODEL NAME ARGS...
 }
 half=$(( (${#budgets[@]} + 1) / 2 ))
 for m in "${models[@]}"; do
-  stream "$m" uniform --sections uniform --budgets "${budgets[@]}" &
-  if [ "${PER_BUDGET:-0}" = 1 ]; then  # a short lease: one stream per budget and row
+  match=(); [ -n "${MARGIN:-}" ] && match=(--at-peer-accounting "$MARGIN")
+  [ "${ONLY_TUNED:-0}" != 1 ] && stream "$m" uniform --sections uniform --budgets "${budgets[@]}" \
+    --algs ${UNIFORM_ALGS:-rtn gptq awq} &
+  if [ "${ONLY_TUNED:-0}" = 1 ]; then
+    :
+  elif [ "${PER_BUDGET:-0}" = 1 ]; then  # a short lease: one stream per budget and row
     for b in "${budgets[@]}"; do
       stream "$m" "as0_$b" --sections autoscheme0 --budgets "$b" &
-      stream "$m" "qf_$b" --sections quantfix --ladders quantfix --starts W4g64 --budgets "$b" \
+      stream "$m" "qf_$b" --sections quantfix --ladders quantfix --starts W4g64 --budgets "$b" "${match[@]}" \
         --peers-from "$out/part_${m}_as0_$b.json" &
     done
   else
     stream "$m" as0_lo --sections autoscheme0 --budgets "${budgets[@]:0:$half}" &
     stream "$m" as0_hi --sections autoscheme0 --budgets "${budgets[@]:$half}" &
-    stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" \
+    stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" "${match[@]}" \
       --peers-from "$out/part_${m}_as0_lo.json" &
-    stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" \
+    stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" "${match[@]}" \
       --peers-from "$out/part_${m}_as0_hi.json" &
   fi
   for b in "${tuned[@]}"; do  # the slow rows: one stream each
-    stream "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" &
+    [ "${ONLY_TUNED:-0}" != 1 ] && stream "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" "${match[@]}" \
+      --peers-from "$out/part_${m}_as200_$b.json" &
     stream "$m" "as200_$b" --sections autoscheme200 --budgets "$b" &
     stream "$m" "qf_tuned_$b" --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 --budgets "$b" \
+      "${match[@]}" \
       --peers-from "$out/part_${m}_as200_$b.json" &
   done
 done

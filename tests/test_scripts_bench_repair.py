@@ -38,6 +38,19 @@ def test_peer_bits_reads_other_streams_rows(tmp_path):
     assert br.peer_bits(4.5, [], missing, wait=True) == []
 
 
+def test_autoscheme_bits_matches_the_peers_measured_rows():
+    """The matched-bits target without waiting: AutoScheme's accounting of each budget, against the bits
+    its rows reloaded at on the demo (repair_h100_demo.json): at or just above them, never below by more
+    than rounding."""
+    br = _load()
+    rows = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "repair_h100_demo.json").read_text())
+    seen = {r["budget"]: r["avg_bits"] for r in rows["rows"]
+            if r.get("method", "").startswith("AutoRound AutoScheme") and "avg_bits" in r}
+    assert sorted(seen) == [3.0, 3.5, 4.0, 4.5, 5.0]
+    for b, bits in seen.items():
+        assert 0 <= br.autoscheme_bits(b) - bits < 0.003, (b, bits, br.autoscheme_bits(b))
+
+
 def test_merge_writes_table_and_plot(tmp_path, capsys):
     br = _load()
     base = {"model": "demo", "device": "cpu", "gpu": None, "baseline": {"ppl": 36.0}, "eval": "wikitext2 2x64",
