@@ -64,7 +64,7 @@ class BudgetSearch:
     """The candidates, their predictions (refit on every measurement) and the measuring loop."""
 
     def __init__(self, trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]],
-                 budget: float, ladder: Ladder, reserve: int = 0):
+                 budget: float, ladder: Ladder, reserve: int = 0, start: Optional[TrialRecord] = None):
         sens = diagnosis.sensitivity
         self.trial, self.plan0, self.budget, self.ladder, self.reserve = trial, plan0, budget, ladder, reserve
         self._make = lambda space: PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options,
@@ -75,7 +75,8 @@ class BudgetSearch:
                                 f"({self.table.bits_at(0):.2f} bits): add a lower rung or raise the budget")
         self.weight = 1.0
         self.searched = False  # the full search's plan was measured
-        self.start = trial.last  # plan 0 as measured last (after a recalibration, with the new data)
+        # plan 0's trial (after a recalibration, with the new data): by default the last one measured
+        self.start = start or trial.last
         self.measured: List[Tuple[Plan, float]] = []
         self.fit: Tuple[float, float] = (1.0, PRIOR_POWER)
         self.residuals: List[Tuple[Plan, float]] = []  # (measured plan, log(measured / fitted prediction))

@@ -19,7 +19,7 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -302,14 +302,15 @@ class Recipe:
             ladder = Ladder.parse(rungs)
             options = ladder_options(plan0, ladder, [str(a) for a in cfg.loop.algorithms], below=budget is not None)
         self.diagnosis = self._diagnose(plan0, rec, options)
-        plan0 = self._recalibrate_on_domain_gap(plan0, options)
+        plan0, start = self._recalibrate_on_domain_gap(plan0, rec, options)
         self._reround_kept(plan0)
         if budget is None or self.gguf:  # a GGUF budget: the lowest predicted KLD in llama.cpp's types
-            result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds, self.timer, budget)
+            result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds, self.timer, budget,
+                                       start=start)
         else:
             reserve = 0 if cfg.loop.tune == "none" else 1
             with self.timer("plan"):
-                searcher = BudgetSearch(self.trials, plan0, self.diagnosis, options, budget, ladder, reserve)
+                searcher = BudgetSearch(self.trials, plan0, self.diagnosis, options, budget, ladder, reserve, start=start)
             result = searcher.run()
         return self._tune(result)
 
@@ -431,35 +432,77 @@ class Recipe:
             domains=diag.domains, plots=diag.plots)
         return diag
 
-    def _recalibrate_on_domain_gap(self, plan0: Plan, options) -> Plan:
+    def _recalibrate_on_domain_gap(self, plan0: Plan, rec0: TrialRecord, options) -> Tuple[Plan, TrialRecord]:
         """The action for a calibration_mismatch or domain_gap finding: calibrate on the deployment
         text (held out from the eval windows) or the missing domain too, re-measure plan 0 when its
         algorithm learns from the calibration data, and diagnose again (the options' scores depend
-        on the statistics). Returns plan 0 with the calibration it is now measured with."""
+        on the statistics). Returns plan 0 with the calibration it is now measured with, and its trial.
+
+        A missing domain is a hypothesis, so it is measured: a calibrated plan at plan 0's widths (plan 0
+        itself when calibrated, else plan 0 in the loop's first calibrated algorithm) before and after.
+        When the new data does not lower its KLD on the eval windows the calibration goes back to what
+        it was: a gap read off a broken plan 0 can name a domain whose data only dilutes the deployment
+        text's (Gemma-3-270M from W3g64 RTN: uniform W4g64 GPTQ measured 0.153 calibrated on C4 alone,
+        0.208 after the recalibration). The deployment text itself (calibration_mismatch) is not judged."""
         findings = self.diagnosis.findings
         gap = next((f for f in findings if f.kind == "calibration_mismatch"), None) or \
             next((f for f in findings if f.kind == "domain_gap"), None)
         calibrated = any(p.alg.calibrated for o in [plan0.modules] + list(options.values())
                          for p in o.values() if not p.is_float)
         if gap is None or not self.cfg.loop.recalibrate or not calibrated or gap.source in self.data.calibration_domains:
-            return plan0
+            return plan0, rec0
         before = list(self.data.calibration_domains)
+        old = (self.stats, self.data.samples, self.data.calibration_domains)
+        probe = self._calibrated_probe(plan0)
+        if gap.kind != "domain_gap" and probe is not plan0:
+            probe = None
+        name = "plan 0" if probe is plan0 else getattr(probe, "note", "")
+        rec_before = None
+        if gap.kind == "domain_gap" and probe is not None:
+            rec_before = rec0 if probe is plan0 else self.trials(
+                probe, action=f"recalibration check: {name}, calibrated on {before}", drivers={gap.kind: 1})
         log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)
         self.stats = self._recalibrate(gap.source)
         self.bank.use_stats(self.stats)
         action = f"recalibrate: data.domains {before} + {gap.source}"
-        self.report.recalibration = Recalibration(gap.finding, before, list(self.data.calibration_domains),
-                                                  self.diagnosis.domains)
+        self.report.recalibration = r = Recalibration(gap.finding, before, list(self.data.calibration_domains),
+                                                      self.diagnosis.domains)
         self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
+        rec = rec0
+        if probe is plan0:
+            rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1})
+            after = rec
+        elif probe is not None:
+            after = self.trials(probe.with_changes({}, note=probe.note), drivers={gap.kind: 1},
+                                action=f"recalibration check: {name}, calibrated on {list(self.data.calibration_domains)}")
+        if rec_before is not None:
+            r.kld_before, r.kld_after, r.probe = rec_before.metrics.kld_mean, after.metrics.kld_mean, name
+            if not after.metrics.kld_mean < rec_before.metrics.kld_mean:  # no better: the old calibration stays
+                r.kept = False
+                self.stats, self.data.samples, self.data.calibration_domains = old
+                self.bank.use_stats(self.stats)
+                self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
+                self._warn(f"recalibration on {gap.source} ({gap.kind}) undone: {name} measured KLD "
+                           f"{r.kld_before:.4f} calibrated on {before}, {r.kld_after:.4f} with {gap.source} too")
+                return plan0, rec_before if probe is plan0 else rec0
         if not self.existing:  # plan 0's own calibration record; an existing checkpoint keeps its provenance
             plan0 = dataclasses.replace(plan0, calibration=dict(plan0.calibration,
                                                                 domains=list(self.data.calibration_domains)))
-        rec = self.trials.last
-        if any(p.alg.calibrated for p in plan0.modules.values() if not p.is_float):
-            rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1})
         self.diagnosis = self._diagnose(plan0, rec, options, journal="diagnosis_full_recalibrated.json")
-        self.report.recalibration.domains_after_ppl = self.diagnosis.domains
-        return plan0
+        r.domains_after_ppl = self.diagnosis.domains
+        return plan0, rec
+
+    def _calibrated_probe(self, plan0: Plan) -> Optional[Plan]:
+        """The plan a recalibration is judged by: plan 0 when its algorithm learns from the calibration
+        data, else plan 0's widths in the first calibrated algorithm of loop.algorithms (None: none)."""
+        if any(p.alg.calibrated for p in plan0.modules.values() if not p.is_float):
+            return plan0
+        alg = next((str(a) for a in self.cfg.loop.algorithms if algorithms.get(str(a)).calibrated), None)
+        if alg is None:
+            return None
+        changes = {n: Precision(p.bits, p.group_size, p.symmetric, alg) for n, p in plan0.modules.items()
+                   if not p.is_float and p.alg.family == algorithms.get(alg).family}
+        return plan0.with_changes(changes, note=f"plan 0's widths in {alg}") if changes else None
 
     def _tune(self, result: search.SearchResult) -> search.SearchResult:
         """loop.tune=autoround, the search's last step: AutoRound tunes the rounding and scales of a

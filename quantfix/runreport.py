@@ -109,6 +109,12 @@ class Recalibration:
     domains_after: List[str]
     domains_before_ppl: Dict[str, Any]
     domains_after_ppl: Dict[str, Any] = field(default_factory=dict)
+    # a domain_gap's recalibration is judged: the plan measured (``probe``) before and after; kept only
+    # when its KLD dropped, else the calibration went back to ``domains_before``
+    kept: bool = True
+    probe: str = ""
+    kld_before: Optional[float] = None
+    kld_after: Optional[float] = None
 
 
 @dataclass

@@ -75,16 +75,19 @@ def greedy(trial: Trials, plan0: Plan, ladder: List[str], loop: LoopConfig,
 
 
 def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]],
-               thresholds: ThresholdsConfig, timer, budget: Optional[float] = None) -> SearchResult:
+               thresholds: ThresholdsConfig, timer, budget: Optional[float] = None,
+               start: Optional[TrialRecord] = None) -> SearchResult:
     """Predict the cheapest passing plan from the diagnosis, verify it, recalibrate on a miss.
     With ``budget`` (GGUF mode's plan.budget.avg_bits; other budgets are ``quantfix.budget``'s
-    measured candidates): the lowest predicted KLD within it, after one probe plan."""
+    measured candidates): the lowest predicted KLD within it, after one probe plan. ``start``: plan 0's
+    trial (default: the last one measured)."""
     sens = diagnosis.sensitivity
     with timer("plan"):
         planner = PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options, diagnosis.findings)
-    planner.calibrate(0, trial.last.metrics.kld_mean)
+    start = start or trial.last
+    planner.calibrate(0, start.metrics.kld_mean)
     result = _within_budget(trial, planner, plan0, budget) if budget is not None else \
-        _cheapest_passing(trial, planner, plan0, thresholds)
+        _cheapest_passing(trial, planner, plan0, thresholds, start)
     result.frontier = planner.frontier()
     return result
 
@@ -148,9 +151,9 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
 
 
 def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
-                      thresholds: ThresholdsConfig) -> SearchResult:
+                      thresholds: ThresholdsConfig, start: TrialRecord) -> SearchResult:
     base = trial.base
-    last = trial.last
+    last = start
     target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(last.metrics, base))
     lo, lo_rec = 0, None
     while trial.left > 0:
