@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -369,6 +370,7 @@ def plot(r: dict, png: Path) -> None:
         if "error" in x or "kld_mean" not in x:
             continue
         name = x["method"] if not x["method"].startswith("uniform") else x["method"].rsplit(" ", 1)[0]
+        name = re.sub(r" at the peer's [\d.]+ bits", "", name)  # one line per method, whatever bits it ran at
         groups.setdefault(name, []).append((x["avg_bits"], x["kld_mean"]))
     for name, pts in sorted(groups.items()):
         pts = sorted(set(pts))
