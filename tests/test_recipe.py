@@ -118,6 +118,38 @@ def test_domain_gap_recalibration_is_measured_and_kept_only_when_it_helps(compos
     assert again["recalibration"]["kept"] == rec["kept"]
 
 
+def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_a_calibrated_probe(compose, tiny_dir, tmp_path,
+                                                                                 monkeypatch):
+    """Plan 0 in RTN does not change with the calibration data, so the recalibration is judged by plan 0's
+    widths in the loop's first calibrated algorithm, measured before and after (two trials), and the
+    search still starts from plan 0's own trial: its first candidate changes plan 0, not the probe."""
+    from quantfix.diagnose import rules
+    from quantfix.diagnose.findings import Finding
+
+    def gap(diag, dcfg):
+        if "stdlib" in diag.calibration_domains:
+            return []
+        return [Finding("domain_gap", "code is worst and absent from the calibration data", "calibrate on code",
+                        evidence={}, domain="code", source="stdlib")]
+
+    monkeypatch.setattr(rules, "_domain_gap", gap)
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quant": "rtn", "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
+        "loop.max_iters": 4, "export.enabled": "false", "diagnose.domains": "{code: stdlib}",
+        "diagnose.domain_seq_len": 32}))
+    report = run(cfg, tmp_path / "run")
+    rec, its = report["recalibration"], report["iterations"]
+    checks = its[1:3]
+    assert [c["action"].split(",")[0] for c in checks] == ["recalibration check: plan 0's widths in imatrix"] * 2
+    assert checks[0]["plan_summary"] == checks[1]["plan_summary"] != its[0]["plan_summary"]
+    assert rec["probe"] == "plan 0's widths in imatrix"
+    assert (rec["kld_before"], rec["kld_after"]) == (pytest.approx(checks[0]["metrics"]["kld_mean"], abs=1e-5),
+                                                     pytest.approx(checks[1]["metrics"]["kld_mean"], abs=1e-5))
+    assert rec["kept"] == (rec["kld_after"] < rec["kld_before"])
+    assert (tmp_path / "run" / "diagnosis_full_recalibrated.json").exists() == rec["kept"]
+    assert its[3]["plan_summary"] not in (its[0]["plan_summary"], checks[0]["plan_summary"])  # the search's own
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "arc_easy").exists(), reason="needs ../shared/data")
 def test_tasks_are_scored_per_trial_and_gate_the_loop(compose, tiny_dir, tmp_path, monkeypatch):
     over = tiny_overrides(tiny_dir, tmp_path / "cache", **{
