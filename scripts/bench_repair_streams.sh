@@ -43,34 +43,37 @@ stream() {  # stream MODEL NAME ARGS...
     > "$out/${m}_$name.log" 2>&1
   echo "$m $name exit $? at $(date +%T)" >> "$out/streams.txt"
 }
+# the streams start STAGGER seconds apart: 17 Gemma-3-270M streams computing their float reference at
+# once need ~8 GB each for a moment, and six of them died out of memory on a 139 GB H200 (2026-12-05)
+launch() { stream "$@" & sleep "${STAGGER:-8}"; }
 half=$(( (${#budgets[@]} + 1) / 2 ))
 for m in "${models[@]}"; do
   match=(); [ -n "${MARGIN:-}" ] && match=(--at-peer-accounting "$MARGIN")
-  [ "${ONLY_TUNED:-0}" != 1 ] && stream "$m" uniform --sections uniform --budgets "${budgets[@]}" \
-    --algs ${UNIFORM_ALGS:-rtn gptq awq} &
+  [ "${ONLY_TUNED:-0}" != 1 ] && launch "$m" uniform --sections uniform --budgets "${budgets[@]}" \
+    --algs ${UNIFORM_ALGS:-rtn gptq awq}
   if [ "${ONLY_TUNED:-0}" = 1 ]; then
     :
   elif [ "${PER_BUDGET:-0}" = 1 ]; then  # a short lease: one stream per budget and row
     for b in "${budgets[@]}"; do
-      stream "$m" "as0_$b" --sections autoscheme0 --budgets "$b" &
-      stream "$m" "qf_$b" --sections quantfix --ladders quantfix --starts W4g64 --budgets "$b" "${match[@]}" \
-        --peers-from "$out/part_${m}_as0_$b.json" &
+      launch "$m" "as0_$b" --sections autoscheme0 --budgets "$b"
+      launch "$m" "qf_$b" --sections quantfix --ladders quantfix --starts W4g64 --budgets "$b" "${match[@]}" \
+        --peers-from "$out/part_${m}_as0_$b.json"
     done
   else
-    stream "$m" as0_lo --sections autoscheme0 --budgets "${budgets[@]:0:$half}" &
-    stream "$m" as0_hi --sections autoscheme0 --budgets "${budgets[@]:$half}" &
-    stream "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" "${match[@]}" \
-      --peers-from "$out/part_${m}_as0_lo.json" &
-    stream "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" "${match[@]}" \
-      --peers-from "$out/part_${m}_as0_hi.json" &
+    launch "$m" as0_lo --sections autoscheme0 --budgets "${budgets[@]:0:$half}"
+    launch "$m" as0_hi --sections autoscheme0 --budgets "${budgets[@]:$half}"
+    launch "$m" qf_lo --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:0:$half}" "${match[@]}" \
+      --peers-from "$out/part_${m}_as0_lo.json"
+    launch "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" "${match[@]}" \
+      --peers-from "$out/part_${m}_as0_hi.json"
   fi
   for b in "${tuned[@]}"; do  # the slow rows: one stream each
-    [ "${ONLY_TUNED:-0}" != 1 ] && stream "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" "${match[@]}" \
-      --peers-from "$out/part_${m}_as200_$b.json" &
-    stream "$m" "as200_$b" --sections autoscheme200 --budgets "$b" &
-    stream "$m" "qf_tuned_$b" --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 --budgets "$b" \
+    [ "${ONLY_TUNED:-0}" != 1 ] && launch "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" "${match[@]}" \
+      --peers-from "$out/part_${m}_as200_$b.json"
+    launch "$m" "as200_$b" --sections autoscheme200 --budgets "$b"
+    launch "$m" "qf_tuned_$b" --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 --budgets "$b" \
       "${match[@]}" \
-      --peers-from "$out/part_${m}_as200_$b.json" &
+      --peers-from "$out/part_${m}_as200_$b.json"
   done
 done
 wait
