@@ -459,6 +459,8 @@ class Recipe:
         name = "plan 0" if probe is plan0 else getattr(probe, "note", "")
         rec_before = None
         if gap.kind == "domain_gap" and probe is not None:
+            if probe is not plan0:  # two measurements the search does not pay for
+                self.trials.grant(2)
             rec_before = rec0 if probe is plan0 else self.trials(
                 probe, action=f"recalibration check: {name}, calibrated on {before}", drivers={gap.kind: 1})
         log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)

@@ -64,6 +64,7 @@ class Trials:
         self.setup, self.bank, self.base = setup, setup.bank, setup.base
         self.records: List[TrialRecord] = []
         self.warnings: List[str] = []
+        self._granted = 0  # trials beyond loop.max_iters (grant)
         self._context: List[str] = []  # what changed the weights a plan gets (recalibration, re-rounding)
         self.memo: Dict[str, Dict[str, Any]] = self._replay() if setup.resume else {}
         setup.journal.unlink(missing_ok=True)  # rewritten with the trials kept: no foreign lines stay
@@ -106,7 +107,12 @@ class Trials:
 
     @property
     def left(self) -> int:
-        return self.setup.max_iters - len(self.records)
+        return self.setup.max_iters + self._granted - len(self.records)
+
+    def grant(self, n: int = 1) -> None:
+        """``n`` more trials than loop.max_iters, for measurements that are not search steps (a
+        recalibration's check of a plan the search will not ship): the search keeps its own count."""
+        self._granted += n
 
     @property
     def last(self) -> TrialRecord:

@@ -148,6 +148,7 @@ def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_a_calibrated_probe(c
     assert rec["kept"] == (rec["kld_after"] < rec["kld_before"])
     assert (tmp_path / "run" / "diagnosis_full_recalibrated.json").exists() == rec["kept"]
     assert its[3]["plan_summary"] not in (its[0]["plan_summary"], checks[0]["plan_summary"])  # the search's own
+    assert len(its) == 4 + 2  # the checks are not taken from the search's loop.max_iters=4
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "arc_easy").exists(), reason="needs ../shared/data")
