@@ -484,8 +484,7 @@ class Recipe:
                 self.stats, self.data.samples, self.data.calibration_domains = old
                 self.bank.use_stats(self.stats)
                 self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
-                self._warn(f"recalibration on {gap.source} ({gap.kind}) undone: {name} measured KLD "
-                           f"{r.kld_before:.4f} calibrated on {before}, {r.kld_after:.4f} with {gap.source} too")
+                self._warn(f"recalibration on {gap.source} ({gap.kind}) undone: {r.undone_words()}")
                 return plan0, rec_before if probe is plan0 else rec0
         if not self.existing:  # plan 0's own calibration record; an existing checkpoint keeps its provenance
             plan0 = dataclasses.replace(plan0, calibration=dict(plan0.calibration,

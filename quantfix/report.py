@@ -501,8 +501,7 @@ def _applied(report: RunReport, f: Finding, named: List[str], groups: List[Chang
     if f.kind in ("calibration_mismatch", "domain_gap"):
         r = report.recalibration
         if r is not None and not r.kept:
-            return (f"tried data.domains {r.domains_after}, undone: {r.probe} KLD {r.kld_before:.4f} -> "
-                    f"{r.kld_after:.4f} (no better on the eval text)")
+            return "tried and undone: " + r.undone_words()
         return (f"recalibrated: data.domains {r.domains_before} -> {r.domains_after}" if r is not None
                 else "not applied (loop.recalibrate off, or nothing calibrated)")
     return "(a symptom: see the shipped checkpoint's numbers below)"
@@ -680,9 +679,7 @@ def _iterations(report: RunReport, out_dir: Path) -> List[tuple]:
                        f"{errs[len(errs) // 2]:.0f}%, largest {errs[-1]:.0f}%."))
     rec = report.recalibration
     if rec is not None and not rec.kept:
-        b.append(("p", f"Recalibration ({rec.finding}) tried and undone: calibrated on {rec.domains_after}, "
-                       f"{rec.probe} measured KLD {rec.kld_before:.4f} -> {rec.kld_after:.4f} on the eval text (no "
-                       f"better), so the calibration stayed {rec.domains_before}."))
+        b.append(("p", f"Recalibration ({rec.finding}) tried and undone: {rec.undone_words()}."))
     elif rec is not None:
         before, after = rec.domains_before_ppl, rec.domains_after_ppl
         b.append(("p", f"Recalibration ({rec.finding}): calibration domains {rec.domains_before} -> "

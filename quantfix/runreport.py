@@ -116,6 +116,11 @@ class Recalibration:
     kld_before: Optional[float] = None
     kld_after: Optional[float] = None
 
+    def undone_words(self) -> str:
+        """Why a judged recalibration was undone, for the report and the warning."""
+        return (f"calibrated on {self.domains_after}, {self.probe} measured KLD {self.kld_before:.4f} -> "
+                f"{self.kld_after:.4f} on the eval text (no better), so the calibration stayed {self.domains_before}")
+
 
 @dataclass
 class Reason:
