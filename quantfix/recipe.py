@@ -454,15 +454,13 @@ class Recipe:
         before = list(self.data.calibration_domains)
         old = (self.stats, self.data.samples, self.data.calibration_domains)
         probe = self._calibrated_probe(plan0)
-        if gap.kind != "domain_gap" and probe is not plan0:
-            probe = None
+        judged = gap.kind == "domain_gap" and probe is not None  # the deployment text itself is not judged
         name = "plan 0" if probe is plan0 else getattr(probe, "note", "")
-        rec_before = None
-        if gap.kind == "domain_gap" and probe is not None:
-            if probe is not plan0:  # two measurements the search does not pay for
-                self.trials.grant(2)
-            rec_before = rec0 if probe is plan0 else self.trials(
-                probe, action=f"recalibration check: {name}, calibrated on {before}", drivers={gap.kind: 1})
+        rec_before = rec0
+        if judged and probe is not plan0:
+            self.trials.grant(2)  # two measurements the search does not pay for
+            rec_before = self.trials(probe, action=f"recalibration check: {name}, calibrated on {before}",
+                                     drivers={gap.kind: 1})
         log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)
         self.stats = self._recalibrate(gap.source)
         self.bank.use_stats(self.stats)
@@ -470,14 +468,13 @@ class Recipe:
         self.report.recalibration = r = Recalibration(gap.finding, before, list(self.data.calibration_domains),
                                                       self.diagnosis.domains)
         self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
-        rec = rec0
-        if probe is plan0:
-            rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1})
-            after = rec
-        elif probe is not None:
+        rec = after = rec0
+        if probe is plan0:  # plan 0 learns from the data: measured again
+            rec = after = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1})
+        elif judged:
             after = self.trials(probe.with_changes({}, note=probe.note), drivers={gap.kind: 1},
                                 action=f"recalibration check: {name}, calibrated on {list(self.data.calibration_domains)}")
-        if rec_before is not None:
+        if judged:
             r.kld_before, r.kld_after, r.probe = rec_before.metrics.kld_mean, after.metrics.kld_mean, name
             if not after.metrics.kld_mean < rec_before.metrics.kld_mean:  # no better: the old calibration stays
                 r.kept = False
