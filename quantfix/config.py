@@ -211,6 +211,9 @@ class LoopConfig:
     tune: Tune = Tune.none
     tune_iters: int = 200
     tune_batch_size: int = 8
+    # torch.compile inside AutoRound's tuning; null: on only when the plan's blocks share <= 2 layouts
+    # (each new layout recompiles its block forward: slower than eager for a mixed plan)
+    tune_compile: Optional[bool] = None
     resume: bool = False
 
 

@@ -520,7 +520,7 @@ class Recipe:
             sources = [r for r in (result.below, result.best) if r is not None]
         else:
             sources = [result.last]
-        settings = tune.TuneSettings(cfg.tune_iters, cfg.tune_batch_size, self.cfg.data.seed)
+        settings = tune.TuneSettings(cfg.tune_iters, cfg.tune_batch_size, self.cfg.data.seed, compile=cfg.tune_compile)
         for src in sources:
             tuned_plan = tune.tuned_plan(src.plan)
             if tuned_plan == src.plan:

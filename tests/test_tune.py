@@ -66,3 +66,30 @@ def test_loop_tunes_the_chosen_plan_and_ships_it_verified(compose, tiny_dir, tmp
     # exported statically: the reloaded checkpoint measures what the trial did
     assert fin["verified_metrics"]["kld_mean"] == pytest.approx(shipped["metrics"]["kld_mean"], rel=1e-4)
     assert fin["export_gap_pct"] < 0.1
+
+
+def test_torch_compile_only_for_plans_whose_blocks_share_a_layout(monkeypatch):
+    """AutoRound's compiled block forward is specialised to one block layout: a plan whose blocks
+    differ would recompile at every block, so the tuning runs eagerly unless told otherwise."""
+    model = tiny_llama()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    shapes = {n: tuple(dict(model.named_modules())[n].weight.shape) for n in names}
+    uniform = Plan(modules={n: Precision(4, 32, True, "imatrix") for n in names}, shapes=shapes)
+    assert autoround.block_layouts(uniform) == 1 and autoround.use_compile(uniform, None)
+    blocks = sorted({n.split(".layers.")[1].split(".")[0] for n in names})
+    assert len(blocks) >= 2
+    # one module of each block at its own width: as many layouts as blocks
+    mixed = {n: Precision(4, 32, True, "imatrix") for n in names}
+    for i, b in enumerate(blocks):
+        first = next(n for n in names if f".layers.{b}." in n)
+        mixed[first] = Precision(4 + i + 1, 32, True, "imatrix")
+    mixed_plan = Plan(modules=mixed, shapes=shapes)
+    assert autoround.block_layouts(mixed_plan) == len(blocks)
+    assert autoround.use_compile(mixed_plan, None) == (len(blocks) <= autoround.MAX_COMPILED_LAYOUTS)
+    monkeypatch.setattr(autoround, "MAX_COMPILED_LAYOUTS", len(blocks) - 1)  # this model has few blocks
+    assert not autoround.use_compile(mixed_plan, None) and autoround.use_compile(uniform, None)
+    assert autoround.use_compile(mixed_plan, True) and not autoround.use_compile(uniform, False)
+    # float modules are not tuned and do not make a layout
+    floated = dict(uniform.modules)
+    floated[names[0]] = Precision(16)
+    assert autoround.block_layouts(Plan(modules=floated, shapes=shapes)) == 2
