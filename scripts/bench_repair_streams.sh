@@ -11,7 +11,7 @@
 # OUT/repair_<model>.json merges them; OUT/done at the end (run it under setsid).
 # MARGIN=m: quantfix streams start at AutoScheme's accounting of the budget less m bits (autoscheme_bits in
 # bench_repair.py), so the matched-bits row needs no wait for the peer. ONLY_TUNED=1: the TUNED rows only.
-# UNIFORM_ALGS="gptq": which uniform roundings.
+# UNIFORM_ALGS="gptq": which uniform roundings. W3="3.5 4.5": budgets of the W3g64-start rows.
 set -u
 out=$(realpath -m "${1:?usage: bench_repair_streams.sh OUT [SECONDS] [MODELS...]}")
 limit=${2:-1500}
@@ -25,6 +25,9 @@ py=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 read -r -a budgets <<< "${BUDGETS:-3.0 3.5 4.0 4.5 5.0}"
 read -r -a tuned <<< "${TUNED-3.5 4.5}"  # TUNED="" leaves the slow rows out
+# W3="...": the budgets of the W3g64-start rows (default: the TUNED budgets; none with ONLY_TUNED=1)
+w3_default="${TUNED-3.5 4.5}"; [ "${ONLY_TUNED:-0}" = 1 ] && w3_default=""
+read -r -a w3 <<< "${W3-$w3_default}"
 for m in "${models[@]}"; do  # convert each GGUF once, before parallel jobs read it
   $py -c "from quantfix import source, cache; print(source.resolve('$m', cache.cache_dir()).path)"
 done
@@ -67,9 +70,11 @@ for m in "${models[@]}"; do
     launch "$m" qf_hi --sections quantfix --ladders quantfix --starts W4g64 --budgets "${budgets[@]:$half}" "${match[@]}" \
       --peers-from "$out/part_${m}_as0_hi.json"
   fi
+  for b in "${w3[@]}"; do  # quantfix from the W3g64 start, against the AutoScheme iters=200 stream of its budget if any
+    peer=(); [[ " ${tuned[*]} " == *" $b "* ]] && peer=(--peers-from "$out/part_${m}_as200_$b.json")
+    launch "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" "${match[@]}" "${peer[@]}"
+  done
   for b in "${tuned[@]}"; do  # the slow rows: one stream each
-    [ "${ONLY_TUNED:-0}" != 1 ] && launch "$m" "qf_w3_$b" --sections quantfix --ladders quantfix --starts W3g64 --budgets "$b" "${match[@]}" \
-      --peers-from "$out/part_${m}_as200_$b.json"
     launch "$m" "as200_$b" --sections autoscheme200 --budgets "$b"
     launch "$m" "qf_tuned_$b" --sections quantfix --ladders "quantfix + AutoRound tuning" --starts W4g64 --budgets "$b" \
       "${match[@]}" \
