@@ -184,6 +184,10 @@ class ThresholdsConfig:
 @dataclass
 class LoopConfig:
     max_iters: int = 6
+    # predictive, threshold mode: after the first passing plan, stop refining once this many smaller
+    # plans in a row have failed (null: refine until within 0.05 bits of a failing plan or out of trials).
+    # The demo's last four refinements all missed, each costing an evaluation pass
+    refine_misses: Optional[int] = 2
     # predictive: diagnose plan 0, predict the cheapest passing plan, verify, recalibrate on a miss;
     # greedy: promote the modules with the largest calibration output error per added bit
     policy: Policy = Policy.predictive
@@ -507,6 +511,8 @@ def _check_search(cfg) -> List[str]:
     p = []
     if cfg.loop.max_iters < 1:
         p.append(f"loop.max_iters={cfg.loop.max_iters}: use at least 1")
+    if cfg.loop.refine_misses is not None and cfg.loop.refine_misses < 1:
+        p.append(f"loop.refine_misses={cfg.loop.refine_misses}: use at least 1, or null to refine until converged")
     b = cfg.plan.budget.avg_bits
     if b is not None and not 2 <= b <= 16:
         p.append(f"plan.budget.avg_bits={b}: use a value between 2 and 16 bits per weight")

@@ -306,7 +306,7 @@ class Recipe:
         self._reround_kept(plan0)
         if budget is None or self.gguf:  # a GGUF budget: the lowest predicted KLD in llama.cpp's types
             result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds, self.timer, budget,
-                                       start=start)
+                                       start=start, refine_misses=cfg.loop.refine_misses)
         else:
             reserve = 0 if cfg.loop.tune == "none" else 1
             with self.timer("plan"):

@@ -76,18 +76,19 @@ def greedy(trial: Trials, plan0: Plan, ladder: List[str], loop: LoopConfig,
 
 def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]],
                thresholds: ThresholdsConfig, timer, budget: Optional[float] = None,
-               start: Optional[TrialRecord] = None) -> SearchResult:
+               start: Optional[TrialRecord] = None, refine_misses: Optional[int] = None) -> SearchResult:
     """Predict the cheapest passing plan from the diagnosis, verify it, recalibrate on a miss.
     With ``budget`` (GGUF mode's plan.budget.avg_bits; other budgets are ``quantfix.budget``'s
     measured candidates): the lowest predicted KLD within it, after one probe plan. ``start``: plan 0's
-    trial (default: the last one measured)."""
+    trial (default: the last one measured). ``refine_misses``: after a pass, stop refining once this
+    many smaller plans in a row have failed (None: refine until converged or out of trials)."""
     sens = diagnosis.sensitivity
     with timer("plan"):
         planner = PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options, diagnosis.findings)
     start = start or trial.last
     planner.calibrate(0, start.metrics.kld_mean)
     result = _within_budget(trial, planner, plan0, budget) if budget is not None else \
-        _cheapest_passing(trial, planner, plan0, thresholds, start)
+        _cheapest_passing(trial, planner, plan0, thresholds, start, refine_misses)
     result.frontier = planner.frontier()
     return result
 
@@ -122,18 +123,24 @@ def probe_step(planner: PredictivePlanner, k: int) -> int:
 
 
 def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: ThresholdsConfig, target: float,
-            lo: Tuple[int, Optional[TrialRecord]], hi: int, best: TrialRecord) -> Tuple[TrialRecord, str, Optional[TrialRecord]]:
+            lo: Tuple[int, Optional[TrialRecord]], hi: int, best: TrialRecord,
+            misses: Optional[int] = None) -> Tuple[TrialRecord, str, Optional[TrialRecord]]:
     """After a pass at step ``hi`` (``lo``: the failing step and its trial, or plan 0's step 0): the
     predictor, refit on every trial, proposes the smallest plan it expects to pass in between; it
     is measured; repeat. Where the prediction would not move, the midpoint is tried instead. Stops
-    when the failing and the passing plan are within 0.05 average bits, or no trial is left.
-    Returns (the smallest passing trial, why it stopped, the largest failing trial below it)."""
+    when the failing and the passing plan are within 0.05 average bits, when ``misses`` smaller plans
+    in a row have failed (each miss says the predictor is optimistic this close to the threshold, and
+    what is left to win is less than the gap), or no trial is left. Returns (the smallest passing trial, why it stopped, the largest failing trial below it)."""
     base = trial.base
     (lo, lo_rec) = lo
     planner.calibrate(hi, best.metrics.kld_mean)
+    missed = 0
     while hi - lo > 1 and trial.left > 0:
         if planner.bits_at(hi) - planner.bits_at(lo) < 0.05:
             return best, "passed; converged (the smallest passing plan is within 0.05 bits of a failing one)", lo_rec
+        if misses is not None and missed >= misses:
+            return best, (f"passed; {missed} smaller plan{'s' if missed > 1 else ''} in a row failed (loop.refine_misses={misses}): the smallest "
+                          f"passing plan is within {planner.bits_at(hi) - planner.bits_at(lo):.2f} bits of a failing one"), lo_rec
         k = planner.first_passing(target, margin=0.97, after=lo)
         if k is None or k >= hi:
             k = (lo + hi) // 2
@@ -142,16 +149,16 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
         if not (rec.task_failed and len(rec.task_failed) == len(rec.failed)):
             target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(rec.metrics, base))
         if rec.failed:
-            lo, lo_rec = k, rec
+            lo, lo_rec, missed = k, rec, missed + 1
         else:
-            hi, best = k, rec
+            hi, best, missed = k, rec, 0
     if hi - lo <= 1:
         return best, "passed; converged (one upgrade step from a failing plan)", lo_rec
     return best, "passed; loop.max_iters reached while refining", lo_rec
 
 
 def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
-                      thresholds: ThresholdsConfig, start: TrialRecord) -> SearchResult:
+                      thresholds: ThresholdsConfig, start: TrialRecord, refine_misses: Optional[int] = None) -> SearchResult:
     base = trial.base
     last = start
     target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(last.metrics, base))
@@ -165,7 +172,7 @@ def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
         last = trial(planner.plan_at(k), plan0, **_why(planner, k, kld_target=round(target, 5)))
         m = last.metrics
         if not last.failed:
-            best, reason, below = _refine(trial, planner, plan0, thresholds, target, (lo, lo_rec), k, last)
+            best, reason, below = _refine(trial, planner, plan0, thresholds, target, (lo, lo_rec), k, last, refine_misses)
             return SearchResult(best, best, reason, below=below)
         # missed: refit the prediction and the NLL/KLD ratio on this measurement, then replan
         planner.calibrate(k, m.kld_mean)

@@ -129,3 +129,32 @@ def test_predictive_measures_the_cheapest_plan_predicted_to_pass():
     assert res.below is not None and res.below.metrics.kld_mean == pytest.approx(0.85)
     assert res.reason.startswith("passed; converged") and res.frontier
     assert all("predicted" in r.why for r in trial.records[1:])
+
+
+def test_refinement_stops_after_refine_misses_failed_plans_in_a_row():
+    """Eight modules, 0.4 KLD each at W4g64 and 0.05 at W8: plans with 7 or 8 modules at W8 pass
+    (0.75 <= 0.8). The first pick (two modules in float, six at W8) passes, then seven at W8; below
+    it the refinement's midpoints (3, 5, 6 modules at W8) all fail. With refine_misses=2 it stops
+    after two of them, shipping the same plan."""
+    def run(misses):
+        plan0 = _plan(8)
+        names = list(plan0.modules)
+        kld = {"W4g64": 0.4, "W8ch": 0.05, "FP16": 0.0}
+        sens = SimpleNamespace(option_base=None, modules={n: 0.4 for n in names},
+                               options={n: {"W8ch": 0.05} for n in names})
+        trial = FakeTrials(lambda plan: sum(kld[p.label] for p in plan.modules.values()), 0.8, 10)
+        trial(plan0)
+        t = ThresholdsConfig(max_ppl_increase_pct=None, max_kld_mean=0.8)
+        res = search.predictive(trial, plan0, SimpleNamespace(sensitivity=sens, findings=[]),
+                                {n: {"W8ch": Precision(8, 0)} for n in names}, t, Timer(), refine_misses=misses)
+        return res, ["".join(p.label[1] for p in r.plan.modules.values()) for r in trial.records]
+
+    full, full_plans = run(None)
+    assert full_plans == ["44444444", "PP888888", "88888884", "88844444", "88888444", "88888844"]
+    assert full.reason.startswith("passed; converged")
+    short, short_plans = run(2)
+    assert short_plans == full_plans[:5]  # two misses in a row: no third refinement
+    assert "2 smaller plans in a row failed" in short.reason and short.reason.startswith("passed")
+    assert short.best.plan == full.best.plan and short.best.metrics.kld_mean == pytest.approx(0.75)
+    assert short.below.metrics.kld_mean == pytest.approx(1.45)  # the largest failing plan below it
+    assert run(1)[1] == full_plans[:4]
