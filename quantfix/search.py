@@ -130,7 +130,8 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
     is measured; repeat. Where the prediction would not move, the midpoint is tried instead. Stops
     when the failing and the passing plan are within 0.05 average bits, when ``misses`` smaller plans
     in a row have failed (each miss says the predictor is optimistic this close to the threshold, and
-    what is left to win is less than the gap), or no trial is left. Returns (the smallest passing trial, why it stopped, the largest failing trial below it)."""
+    what is left to win is less than the gap), or no trial is left. Returns (the smallest passing
+    trial, why it stopped, the largest failing trial below it)."""
     base = trial.base
     (lo, lo_rec) = lo
     planner.calibrate(hi, best.metrics.kld_mean)
@@ -139,8 +140,10 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
         if planner.bits_at(hi) - planner.bits_at(lo) < 0.05:
             return best, "passed; converged (the smallest passing plan is within 0.05 bits of a failing one)", lo_rec
         if misses is not None and missed >= misses:
-            return best, (f"passed; {missed} smaller plan{'s' if missed > 1 else ''} in a row failed (loop.refine_misses={misses}): the smallest "
-                          f"passing plan is within {planner.bits_at(hi) - planner.bits_at(lo):.2f} bits of a failing one"), lo_rec
+            gap = planner.bits_at(hi) - planner.bits_at(lo)
+            return best, (f"passed; {missed} smaller plan{'s' if missed > 1 else ''} in a row failed "
+                          f"(loop.refine_misses={misses}): the smallest passing plan is within {gap:.2f} bits of a "
+                          "failing one"), lo_rec
         k = planner.first_passing(target, margin=0.97, after=lo)
         if k is None or k >= hi:
             k = (lo + hi) // 2
@@ -158,7 +161,8 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
 
 
 def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
-                      thresholds: ThresholdsConfig, start: TrialRecord, refine_misses: Optional[int] = None) -> SearchResult:
+                      thresholds: ThresholdsConfig, start: TrialRecord,
+                      refine_misses: Optional[int] = None) -> SearchResult:
     base = trial.base
     last = start
     target = verdict.kld_target(thresholds, base.ppl, verdict.nll_per_kld(last.metrics, base))
@@ -172,7 +176,8 @@ def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
         last = trial(planner.plan_at(k), plan0, **_why(planner, k, kld_target=round(target, 5)))
         m = last.metrics
         if not last.failed:
-            best, reason, below = _refine(trial, planner, plan0, thresholds, target, (lo, lo_rec), k, last, refine_misses)
+            best, reason, below = _refine(trial, planner, plan0, thresholds, target, (lo, lo_rec), k, last,
+                                          refine_misses)
             return SearchResult(best, best, reason, below=below)
         # missed: refit the prediction and the NLL/KLD ratio on this measurement, then replan
         planner.calibrate(k, m.kld_mean)

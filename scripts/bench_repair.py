@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--full-max-mb", type=int, default=8192,
                     help="store the float reference whole (exact KL) up to this size; the loop gets the same")
     ap.add_argument("--eval-bs", type=int, default=0, help="windows per forward pass (0: 16 on CUDA, 4 on the CPU)")
-    ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for the quantfix rows")
+    ap.add_argument("--override", nargs="*", action="extend", default=[],
+                    help="extra Hydra overrides for the quantfix rows (repeatable: the flags add up)")
     ap.add_argument("--peers-from", nargs="*", default=[],
                     help="other streams' part JSON holding the AutoScheme rows: quantfix is also run at each "
                          "peer's bits (waited for up to --peer-wait s after the budget's own row)")

@@ -12,6 +12,7 @@
 # MARGIN=m: quantfix streams start at AutoScheme's accounting of the budget less m bits (autoscheme_bits in
 # bench_repair.py), so the matched-bits row needs no wait for the peer. ONLY_TUNED=1: the TUNED rows only.
 # UNIFORM_ALGS="gptq": which uniform roundings. W3="3.5 4.5": budgets of the W3g64-start rows.
+# QF_OVERRIDE="loop.ladder=[2/64s,3/64s,...]": Hydra overrides for every quantfix row (space-separated).
 set -u
 out=$(realpath -m "${1:?usage: bench_repair_streams.sh OUT [SECONDS] [MODELS...]}")
 limit=${2:-1500}
@@ -41,6 +42,7 @@ stream() {  # stream MODEL NAME ARGS...
   # the demo's 16-window batches hold 1.6 GB of log-probs each: 17 such processes filled an 80 GB card
   # (one died out of memory, 2026-12-05), so 8 windows a batch
   [ "$m" = demo ] && extra=(--eval-bs "${DEMO_EVAL_BS:-8}" --override "eval.batch_size=${DEMO_EVAL_BS:-8}")
+  [ -n "${QF_OVERRIDE:-}" ] && read -r -a more <<< "$QF_OVERRIDE" && extra+=(--override "${more[@]}")
   AR_AUTO_SCHEME_CACHE=/tmp/ar-cache-$m-$name timeout "$limit" \
     $py "$here/scripts/bench_repair.py" --model "$m" --device cuda --out "$out/part_${m}_$name.json" "$@" "${extra[@]}" \
     > "$out/${m}_$name.log" 2>&1
