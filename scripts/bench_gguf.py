@@ -192,6 +192,7 @@ def plot(rows, path: Path, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)  # rewritten after every row: figures would pile up
 
 
 def write(args, rows, t0) -> None:
