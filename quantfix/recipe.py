@@ -305,8 +305,8 @@ class Recipe:
         plan0, start = self._recalibrate_on_domain_gap(plan0, rec, options)
         self._reround_kept(plan0)
         if budget is None or self.gguf:  # a GGUF budget: the lowest predicted KLD in llama.cpp's types
-            result = search.predictive(self.trials, plan0, self.diagnosis, options, cfg.thresholds, self.timer, budget,
-                                       start=start, refine_misses=cfg.loop.refine_misses)
+            goal = search.Goal(cfg.thresholds, budget, cfg.loop.refine_misses)
+            result = search.predictive(self.trials, plan0, self.diagnosis, options, goal, self.timer, start=start)
         else:
             reserve = 0 if cfg.loop.tune == "none" else 1
             with self.timer("plan"):

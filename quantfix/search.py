@@ -74,21 +74,31 @@ def greedy(trial: Trials, plan0: Plan, ladder: List[str], loop: LoopConfig,
     return SearchResult(None, last, f"loop.max_iters={loop.max_iters} reached without a passing plan")
 
 
-def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]],
-               thresholds: ThresholdsConfig, timer, budget: Optional[float] = None,
-               start: Optional[TrialRecord] = None, refine_misses: Optional[int] = None) -> SearchResult:
-    """Predict the cheapest passing plan from the diagnosis, verify it, recalibrate on a miss.
-    With ``budget`` (GGUF mode's plan.budget.avg_bits; other budgets are ``quantfix.budget``'s
-    measured candidates): the lowest predicted KLD within it, after one probe plan. ``start``: plan 0's
-    trial (default: the last one measured). ``refine_misses``: after a pass, stop refining once this
-    many smaller plans in a row have failed (None: refine until converged or out of trials)."""
+@dataclass(frozen=True)
+class Goal:
+    """What the predictive search aims at: the cheapest plan passing ``thresholds``, or with
+    ``budget`` (GGUF mode's plan.budget.avg_bits; other budgets are ``quantfix.budget``'s measured
+    candidates) the lowest predicted KLD within it. ``refine_misses``, threshold mode: after a pass,
+    stop refining once this many smaller plans in a row have failed (None: until converged or out of
+    trials)."""
+
+    thresholds: ThresholdsConfig
+    budget: Optional[float] = None
+    refine_misses: Optional[int] = None
+
+
+def predictive(trial: Trials, plan0: Plan, diagnosis, options: Dict[str, Dict[str, Precision]], goal: Goal, timer,
+               start: Optional[TrialRecord] = None) -> SearchResult:
+    """Predict the cheapest passing plan from the diagnosis, verify it, recalibrate on a miss; with
+    a budget, the lowest predicted KLD within it, after one probe plan. ``start``: plan 0's trial
+    (default: the last one measured)."""
     sens = diagnosis.sensitivity
     with timer("plan"):
         planner = PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options, diagnosis.findings)
     start = start or trial.last
     planner.calibrate(0, start.metrics.kld_mean)
-    result = _within_budget(trial, planner, plan0, budget) if budget is not None else \
-        _cheapest_passing(trial, planner, plan0, thresholds, start, refine_misses)
+    result = _within_budget(trial, planner, plan0, goal.budget) if goal.budget is not None else \
+        _cheapest_passing(trial, planner, plan0, goal.thresholds, start, goal.refine_misses)
     result.frontier = planner.frontier()
     return result
 
@@ -123,17 +133,17 @@ def probe_step(planner: PredictivePlanner, k: int) -> int:
 
 
 def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: ThresholdsConfig, target: float,
-            lo: Tuple[int, Optional[TrialRecord]], hi: int, best: TrialRecord,
+            lo: Tuple[int, Optional[TrialRecord]], hi: Tuple[int, TrialRecord],
             misses: Optional[int] = None) -> Tuple[TrialRecord, str, Optional[TrialRecord]]:
-    """After a pass at step ``hi`` (``lo``: the failing step and its trial, or plan 0's step 0): the
-    predictor, refit on every trial, proposes the smallest plan it expects to pass in between; it
-    is measured; repeat. Where the prediction would not move, the midpoint is tried instead. Stops
-    when the failing and the passing plan are within 0.05 average bits, when ``misses`` smaller plans
-    in a row have failed (each miss says the predictor is optimistic this close to the threshold, and
-    what is left to win is less than the gap), or no trial is left. Returns (the smallest passing
-    trial, why it stopped, the largest failing trial below it)."""
+    """After a pass at ``hi`` (its step and trial; ``lo``: the failing step and its trial, or plan 0's
+    step 0): the predictor, refit on every trial, proposes the smallest plan it expects to pass in
+    between; it is measured; repeat. Where the prediction would not move, the midpoint is tried
+    instead. Stops when the failing and the passing plan are within 0.05 average bits, when
+    ``misses`` smaller plans in a row have failed (each miss says the predictor is optimistic this
+    close to the threshold, and what is left to win is less than the gap), or no trial is left.
+    Returns (the smallest passing trial, why it stopped, the largest failing trial below it)."""
     base = trial.base
-    (lo, lo_rec) = lo
+    (lo, lo_rec), (hi, best) = lo, hi
     planner.calibrate(hi, best.metrics.kld_mean)
     missed = 0
     while hi - lo > 1 and trial.left > 0:
@@ -176,7 +186,7 @@ def _cheapest_passing(trial: Trials, planner: PredictivePlanner, plan0: Plan,
         last = trial(planner.plan_at(k), plan0, **_why(planner, k, kld_target=round(target, 5)))
         m = last.metrics
         if not last.failed:
-            best, reason, below = _refine(trial, planner, plan0, thresholds, target, (lo, lo_rec), k, last,
+            best, reason, below = _refine(trial, planner, plan0, thresholds, target, (lo, lo_rec), (k, last),
                                           refine_misses)
             return SearchResult(best, best, reason, below=below)
         # missed: refit the prediction and the NLL/KLD ratio on this measurement, then replan

@@ -122,7 +122,7 @@ def _predictive_setup(max_iters):
 def test_predictive_measures_the_cheapest_plan_predicted_to_pass():
     plan0, diagnosis, options, trial = _predictive_setup(max_iters=6)
     t = ThresholdsConfig(max_ppl_increase_pct=None, max_kld_mean=0.5)
-    res = search.predictive(trial, plan0, diagnosis, options, t, Timer())
+    res = search.predictive(trial, plan0, diagnosis, options, search.Goal(t), Timer())
     # 1.2 at plan 0; two modules at W8 give 0.5, which passes; one gives 0.85, which fails
     assert res.best is not None and res.best.metrics.kld_mean == pytest.approx(0.5)
     assert sorted(p.label for p in res.chosen.plan.modules.values()) == ["W4g64", "W8ch", "W8ch"]
@@ -146,7 +146,8 @@ def test_refinement_stops_after_refine_misses_failed_plans_in_a_row():
         trial(plan0)
         t = ThresholdsConfig(max_ppl_increase_pct=None, max_kld_mean=0.8)
         res = search.predictive(trial, plan0, SimpleNamespace(sensitivity=sens, findings=[]),
-                                {n: {"W8ch": Precision(8, 0)} for n in names}, t, Timer(), refine_misses=misses)
+                                {n: {"W8ch": Precision(8, 0)} for n in names}, search.Goal(t, refine_misses=misses),
+                                Timer())
         return res, ["".join(p.label[1] for p in r.plan.modules.values()) for r in trial.records]
 
     full, full_plans = run(None)
