@@ -245,6 +245,8 @@ def _quantfix_fields(report, budget: float, method: str, secs: float, ctx: dict)
                              "top1": src.metrics.top1, "checkpoint_mb": row["checkpoint_mb"],
                              "seconds": round(secs, 1), "plan": src.plan_summary,
                              "note": "trial of the same run (not exported)"}
+    elif "AutoRound tuning" in method:  # the tuned plan measured worse: the search's own plan shipped
+        row["tuning_kept"] = False
     return row
 
 
@@ -406,7 +408,8 @@ def print_table(r: dict) -> None:
             if "error" in x:
                 print(f"| {b} | {x['method']} | error: {x['error'][-80:]} |")
                 continue
-            print(f"| {b} | {x['method']} | {x['avg_bits']:.3f} | {x['kld_mean']:.4f} | {x['ppl']:.3f} | "
+            label = x["method"] + (" (tuning not kept)" if x.get("tuning_kept") is False else "")
+            print(f"| {b} | {label} | {x['avg_bits']:.3f} | {x['kld_mean']:.4f} | {x['ppl']:.3f} | "
                   f"{x['top1']:.3f} | {x['checkpoint_mb']:.1f} | {x['seconds']:.0f} |")
 
 

@@ -67,3 +67,15 @@ def test_merge_writes_table_and_plot(tmp_path, capsys):
     br.print_table(merged)
     out = capsys.readouterr().out
     assert "| 4.5 | quantfix from W4g64 | 4.500 | 0.1100 |" in out and "0.1540" in out
+
+
+def test_table_says_when_the_tuned_plan_was_not_kept(capsys):
+    br = _load()
+    base = {"model": "demo", "device": "cpu", "gpu": None, "baseline": {"ppl": 36.0}, "eval": "wikitext2 2x64",
+            "calibration": "c4 2x64"}
+    row = {"budget": 3.0, "method": "quantfix + AutoRound tuning from W4g64", "avg_bits": 2.936, "kld_mean": 1.0428,
+           "ppl": 99.2, "top1": 0.46, "checkpoint_mb": 99.3, "seconds": 512.0}
+    br.print_table(dict(base, rows=[dict(row, tuning_kept=False), dict(row, budget=3.5)]))
+    out = capsys.readouterr().out
+    assert "| 3.0 | quantfix + AutoRound tuning from W4g64 (tuning not kept) | 2.936 |" in out
+    assert "| 3.5 | quantfix + AutoRound tuning from W4g64 | 2.936 |" in out
