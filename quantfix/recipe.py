@@ -472,7 +472,7 @@ class Recipe:
         if probe is plan0:  # plan 0 learns from the data: measured again
             rec = after = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1})
         elif judged:
-            after = self.trials(probe.with_changes({}, note=probe.note), drivers={gap.kind: 1},
+            after = self.trials(probe, drivers={gap.kind: 1},
                                 action=f"recalibration check: {name}, calibrated on {list(self.data.calibration_domains)}")
         if judged:
             r.kld_before, r.kld_after, r.probe = rec_before.metrics.kld_mean, after.metrics.kld_mean, name

@@ -147,10 +147,10 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
     planner.calibrate(hi, best.metrics.kld_mean)
     missed = 0
     while hi - lo > 1 and trial.left > 0:
-        if planner.bits_at(hi) - planner.bits_at(lo) < 0.05:
+        gap = planner.bits_at(hi) - planner.bits_at(lo)
+        if gap < 0.05:
             return best, "passed; converged (the smallest passing plan is within 0.05 bits of a failing one)", lo_rec
         if misses is not None and missed >= misses:
-            gap = planner.bits_at(hi) - planner.bits_at(lo)
             return best, (f"passed; {missed} smaller plan{'s' if missed > 1 else ''} in a row failed "
                           f"(loop.refine_misses={misses}): the smallest passing plan is within {gap:.2f} bits of a "
                           "failing one"), lo_rec

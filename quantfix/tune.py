@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from quantfix.arch import layer_index
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import scales
@@ -59,24 +59,23 @@ def block_layouts(plan: Plan) -> int:
     """How many distinct decoder-block layouts (each tunable module's width, by its place in the
     block) the plan has. AutoRound's compiled block forward is specialised to one layout: every new
     layout costs a recompile (and past dynamo's limit, a fall back to eager)."""
-    layouts: Dict[str, set] = {}
+    layouts: Dict[Optional[int], set] = {}
     for name, p in plan.modules.items():
-        if not tunable(p):
-            continue
-        m = re.match(r"(.*?\.(?:layers|h|blocks)\.\d+)\.(.*)", name)
-        block, local = (m.group(1), m.group(2)) if m else ("", name)
-        layouts.setdefault(block, set()).add((local, p.bits, p.group_size, p.symmetric))
+        if tunable(p):
+            i = layer_index(name)
+            local = name.split(f".{i}.", 1)[1] if i is not None else name
+            layouts.setdefault(i, set()).add((local, p.bits, p.group_size, p.symmetric))
     return len({frozenset(v) for v in layouts.values()})
 
 
 MAX_COMPILED_LAYOUTS = 2
 
 
-def use_compile(plan: Plan, setting: Optional[bool]) -> bool:
-    """torch.compile for AutoRound's tuning: the setting when given; else only for a plan whose
-    blocks share at most MAX_COMPILED_LAYOUTS layouts (a mixed plan recompiled AutoRound's block
-    forward at every block: 14.8 s per block compiled vs 6.8 s eager, demo 4.5-bit plan, one H100)."""
-    return setting if setting is not None else block_layouts(plan) <= MAX_COMPILED_LAYOUTS
+def use_compile(layouts: int, setting: Optional[bool]) -> bool:
+    """torch.compile for AutoRound's tuning of a plan of ``layouts`` block layouts: the setting when
+    given; else only when there are at most MAX_COMPILED_LAYOUTS (a mixed plan recompiled AutoRound's
+    block forward at every block: 14.8 s per block compiled vs 6.8 s eager, demo 4.5-bit plan, one H100)."""
+    return setting if setting is not None else layouts <= MAX_COMPILED_LAYOUTS
 
 
 def _scale_dtype(dtype: torch.dtype) -> str:
@@ -141,10 +140,11 @@ def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype
                   dataset=data, batch_size=bs, scale_dtype=_scale_dtype(dtype), seed=seed)
     if lr is not None:
         kwargs["lr"] = lr
-    kwargs["enable_torch_compile"] = compiled = use_compile(plan, settings.compile)
+    layouts = block_layouts(plan)
+    kwargs["enable_torch_compile"] = compiled = use_compile(layouts, settings.compile)
     first = next(iter(todo.values()))
     log.info("AutoRound: tuning %d modules (%d iterations per block, %d calibration samples, %d block layouts, "
-             "torch.compile %s)", len(todo), iters, len(data) * bs, block_layouts(plan), "on" if compiled else "off")
+             "torch.compile %s)", len(todo), iters, len(data) * bs, layouts, "on" if compiled else "off")
     try:
         ar = AutoRound(work, tokenizer, bits=first.bits, group_size=first.group_size or -1, sym=first.symmetric,
                        **kwargs)

@@ -75,7 +75,8 @@ def test_torch_compile_only_for_plans_whose_blocks_share_a_layout(monkeypatch):
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     shapes = {n: tuple(dict(model.named_modules())[n].weight.shape) for n in names}
     uniform = Plan(modules={n: Precision(4, 32, True, "imatrix") for n in names}, shapes=shapes)
-    assert autoround.block_layouts(uniform) == 1 and autoround.use_compile(uniform, None)
+    one = autoround.block_layouts(uniform)
+    assert one == 1 and autoround.use_compile(one, None)
     blocks = sorted({n.split(".layers.")[1].split(".")[0] for n in names})
     assert len(blocks) >= 2
     # one module of each block at its own width: as many layouts as blocks
@@ -84,11 +85,12 @@ def test_torch_compile_only_for_plans_whose_blocks_share_a_layout(monkeypatch):
         first = next(n for n in names if f".layers.{b}." in n)
         mixed[first] = Precision(4 + i + 1, 32, True, "imatrix")
     mixed_plan = Plan(modules=mixed, shapes=shapes)
-    assert autoround.block_layouts(mixed_plan) == len(blocks)
-    assert autoround.use_compile(mixed_plan, None) == (len(blocks) <= autoround.MAX_COMPILED_LAYOUTS)
+    many = autoround.block_layouts(mixed_plan)
+    assert many == len(blocks)
+    assert autoround.use_compile(many, None) == (len(blocks) <= autoround.MAX_COMPILED_LAYOUTS)
     monkeypatch.setattr(autoround, "MAX_COMPILED_LAYOUTS", len(blocks) - 1)  # this model has few blocks
-    assert not autoround.use_compile(mixed_plan, None) and autoround.use_compile(uniform, None)
-    assert autoround.use_compile(mixed_plan, True) and not autoround.use_compile(uniform, False)
+    assert not autoround.use_compile(many, None) and autoround.use_compile(one, None)
+    assert autoround.use_compile(many, True) and not autoround.use_compile(one, False)
     # float modules are not tuned and do not make a layout
     floated = dict(uniform.modules)
     floated[names[0]] = Precision(16)
