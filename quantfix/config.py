@@ -196,7 +196,8 @@ class LoopConfig:
     # the ladder a module climbs when promoted: "bits/group" entries, 16 = keep in float. 5- and
     # 6-bit rungs load everywhere transformers does (compressed-tensors); vLLM's fast kernels take
     # 4 and 8 bits: drop them (e.g. loop.ladder=[4/64,4/32,8/0,16/0]) for such a deployment
-    # null (auto): THRESHOLD_LADDER, or BUDGET_LADDER with plan.budget.avg_bits (2- and 3-bit rungs too)
+    # null (auto): THRESHOLD_LADDER, or BUDGET_LADDER with plan.budget.avg_bits (2- and 3-bit rungs too;
+    # symmetric ones with loop.tune=autoround: BUDGET_LADDER_TUNED)
     ladder: Optional[List[str]] = None
     # predictive: the algorithms a module may move to at each rung, the planner picking per module
     # (empty: plan 0's own); imatrix and gptq_imatrix search the clipping on the calibration data
@@ -386,13 +387,21 @@ def parse_rung(rung: str) -> Rung:
 # asymmetric there (a zero point per group pays for itself at low widths)
 THRESHOLD_LADDER = ("4/64", "4/32", "5/64", "6/64", "8/0", "16/0")
 BUDGET_LADDER = ("2/64a", "3/128a", "3/64a", "3/32a", "4/128", "4/64", "4/32", "5/64", "6/64", "8/0", "16/0")
+# the budget ladder when AutoRound tunes the chosen plan (loop.tune=autoround): its 2- and 3-bit rungs
+# symmetric. The tuning recovers far more on symmetric low-bit widths than on the asymmetric ones the
+# imatrix/GPTQ rounding favour (one H100, KLD after tuning, asymmetric -> symmetric: demo 1.0428 ->
+# 0.6259 at 3.0 bits, 0.3958 -> 0.3219 at 3.5, 0.1097 -> 0.0971 at 4.5; Gemma-3-270M 0.4008 -> 0.3794
+# at 3.5, 0.1118 -> 0.1045 at 4.5; worse at Gemma 3.0: 0.8773 -> 0.9175; benchmarks/README.md)
+BUDGET_LADDER_TUNED = ("2/64s", "3/128s", "3/64s", "3/32s", "4/128", "4/64", "4/32", "5/64", "6/64", "8/0", "16/0")
 
 
 def ladder_of(cfg: Any) -> List[str]:
     """The run's ladder: ``loop.ladder`` as given, or (null) the mode's default."""
     if cfg.loop.ladder is not None:
         return [str(r) for r in cfg.loop.ladder]
-    return list(BUDGET_LADDER if cfg.plan.budget.avg_bits is not None else THRESHOLD_LADDER)
+    if cfg.plan.budget.avg_bits is None:
+        return list(THRESHOLD_LADDER)
+    return list(BUDGET_LADDER_TUNED if cfg.loop.tune != "none" else BUDGET_LADDER)
 
 
 def validate(cfg: Any) -> None:

@@ -5,7 +5,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from quantfix.cli import preflight
-from quantfix.config import validate
+from quantfix.config import THRESHOLD_LADDER, ladder_of, parse_rung, validate
 from quantfix.errors import QuantfixError
 from tests.conftest import CONF, tiny_overrides
 
@@ -143,3 +143,18 @@ def test_autoround_is_not_a_per_module_option(compose, tiny_dir, tmp_path):
     assert preflight(["loop.tune=awq"]) == "loop.tune=awq: choose one of none, autoround"
     with pytest.raises(QuantfixError, match="quantized.name_or_path"):
         validate(compose(tiny_overrides(tiny_dir, tmp_path, **{"quant.algorithm": "ckpt"})))
+
+
+def test_the_auto_ladder_follows_the_mode_and_the_tuning(compose):
+    """Threshold mode climbs from plan 0 (no 2/3-bit rungs); a budget adds asymmetric 2/3-bit rungs,
+    symmetric ones when AutoRound tunes the plan; a ladder given is kept as it is."""
+    assert ladder_of(compose([])) == list(THRESHOLD_LADDER)
+    untuned = ladder_of(compose(["plan.budget.avg_bits=3.5"]))
+    tuned = ladder_of(compose(["plan.budget.avg_bits=3.5", "loop.tune=autoround"]))
+    low = [parse_rung(r) for r in tuned if parse_rung(r).bits < 4]
+    assert {r.bits for r in low} == {2, 3} and all(r.symmetric is True for r in low)
+    assert all(parse_rung(r).symmetric is False for r in untuned if parse_rung(r).bits < 4)
+    assert [r for r in tuned if parse_rung(r).bits >= 4] == [r for r in untuned if parse_rung(r).bits >= 4]
+    assert ladder_of(compose([])) == ladder_of(compose(["loop.tune=autoround"]))  # threshold mode: unchanged
+    assert ladder_of(compose(["plan.budget.avg_bits=3.5", "loop.tune=autoround", "loop.ladder=[3/64a,4/64,16/0]"])) \
+        == ["3/64a", "4/64", "16/0"]
