@@ -238,6 +238,8 @@ def _quantfix_fields(report, budget: float, method: str, secs: float, ctx: dict)
            "candidates": [{"action": t.action, "bits": t.avg_bits, "kld": t.metrics.kld_mean,
                            "predicted": t.predicted_kld} for t in report.trials],
            "timings_s": report.timings_s}
+    if ctx["a"].override:  # --override flags (e.g. a ladder): what else this row ran with
+        row["overrides"] = list(ctx["a"].override)
     if chosen.tuned_from is not None:  # the plan before tuning: its own trial, exact-export path
         src = report.trial(chosen.tuned_from)
         row["tuned_from"] = {"budget": budget, "method": method.replace(" + AutoRound tuning", "") + " (its trial)",
