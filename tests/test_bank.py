@@ -54,3 +54,38 @@ def test_plan_weights_are_computed_when_asked(monkeypatch):
     w = lazy[names[3]]
     assert calls == [names[3]] and w.dtype == bank.originals[names[3]].dtype
     assert torch.equal(w, real(bank, names[3], plan.modules[names[3]]).to(w.dtype))
+
+
+def test_each_scale_search_runs_once_when_threads_simulate_options_together(monkeypatch):
+    """A module's imatrix option and its GPTQ option (whose sweep starts from the same scales) are
+    simulated by two CPU threads at once: the scale search runs once per module, width and method,
+    and the options come out as a one-thread run computes them."""
+    from quantfix.bank import WeightBank
+    from quantfix.plan import Precision
+    from quantfix.quantize import scales
+
+    model = tiny_llama(seed=4)
+    x = torch.randint(0, 384, (4, 32))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    stats = collect(model, x, names, batch_size=2, progress=False)
+    rungs = [(4, 64), (4, 32), (5, 64), (6, 64), (8, 0)]
+    options = {n: {f"{a}{b}/{g}": Precision(b, g, True, a) for b, g in rungs for a in ("imatrix", "gptq_imatrix")}
+               for n in names}
+    searches = []
+    real = scales.search_qparams
+    monkeypatch.setattr(scales, "search_qparams", lambda W, bits, g, sym, method, importance=None:
+                        searches.append((tuple(W.shape), float(W.double().sum()), bits, g, sym, method))
+                        or real(W, bits, g, sym, method, importance=importance))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        together = WeightBank(model, names, stats).simulate_options(options)
+        torch.set_num_threads(1)
+        alone = WeightBank(model, names, stats).simulate_options(options)
+    finally:
+        torch.set_num_threads(threads)
+    per_run = len(names) * len(rungs)  # imatrix and GPTQ share each module's search at each width
+    assert len(searches) == 2 * per_run and len(set(searches)) == per_run
+    for n in names:
+        for label in options[n]:
+            assert torch.equal(together[n][label], alone[n][label]), (n, label)

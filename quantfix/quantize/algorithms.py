@@ -15,6 +15,7 @@ measured and the export needs no calibration pass.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -193,13 +194,48 @@ def _tagged(tag: str) -> Callable[["Precision"], str]:
 
 # ---- simulations --------------------------------------------------------------------------------
 
+_QP_LOCK = threading.Lock()
+
+
+class _Searching:
+    """A scale search under way in another thread: its result once ``done`` is set."""
+
+    def __init__(self):
+        self.done, self.value, self.failed = threading.Event(), None, False
+
+
 def _qparams(W, p, inputs: SimInputs, method: str):
+    """The observer's scales of ``W`` at ``p``, searched once per module, width and method: the
+    bank's CPU threads simulate a module's imatrix option and its GPTQ option (whose sweep starts
+    from the same scales) at once, and each used to search them (a quarter to a third of the
+    searches on a tiny Llama were repeats); a thread asking for a search under way waits for it."""
     key = (method, p.bits, p.group_size, p.symmetric, W.dtype)
     cache = inputs.qparams_cache if inputs.qparams_cache is not None else {}
-    if key not in cache:
-        imp = inputs.importance() if method == "imatrix" else None
-        cache[key] = scales.search_qparams(W, p.bits, p.group_size, p.symmetric, method, importance=imp)
-    return cache[key]
+    with _QP_LOCK:
+        entry = cache.get(key)
+        mine = entry is None
+        if mine:
+            entry = cache[key] = _Searching()
+    if not mine:
+        entry.done.wait()
+        if entry.failed:  # the other thread's search raised: search here, to raise the same error
+            return _search(W, p, inputs, method)
+        return entry.value
+    try:
+        entry.value = _search(W, p, inputs, method)
+    except BaseException:
+        entry.failed = True
+        with _QP_LOCK:
+            cache.pop(key, None)
+        raise
+    finally:
+        entry.done.set()
+    return entry.value
+
+
+def _search(W, p, inputs: SimInputs, method: str):
+    imp = inputs.importance() if method == "imatrix" else None
+    return scales.search_qparams(W, p.bits, p.group_size, p.symmetric, method, importance=imp)
 
 
 def _rtn_with(method: str):
