@@ -392,7 +392,7 @@ BUDGET_LADDER = ("2/64a", "3/128a", "3/64a", "3/32a", "4/128", "4/64", "4/32", "
 # imatrix/GPTQ rounding favour (one H100, KLD after tuning, asymmetric -> symmetric: demo 1.0428 ->
 # 0.6259 at 3.0 bits, 0.3958 -> 0.3219 at 3.5, 0.1097 -> 0.0971 at 4.5; Gemma-3-270M 0.4008 -> 0.3794
 # at 3.5, 0.1118 -> 0.1045 at 4.5; worse at Gemma 3.0: 0.8773 -> 0.9175; benchmarks/README.md)
-BUDGET_LADDER_TUNED = ("2/64s", "3/128s", "3/64s", "3/32s", "4/128", "4/64", "4/32", "5/64", "6/64", "8/0", "16/0")
+BUDGET_LADDER_TUNED = tuple(r[:-1] + "s" if r.endswith("a") else r for r in BUDGET_LADDER)
 
 
 def ladder_of(cfg: Any) -> List[str]:

@@ -218,15 +218,13 @@ def _qparams(W, p, inputs: SimInputs, method: str):
             entry = cache[key] = _Searching()
     if not mine:
         entry.done.wait()
-        if entry.failed:  # the other thread's search raised: search here, to raise the same error
+        if entry.failed:  # the search raised there: search here, to raise the same error
             return _search(W, p, inputs, method)
         return entry.value
     try:
         entry.value = _search(W, p, inputs, method)
     except BaseException:
         entry.failed = True
-        with _QP_LOCK:
-            cache.pop(key, None)
         raise
     finally:
         entry.done.set()
