@@ -216,6 +216,10 @@ class LoopConfig:
     tune: Tune = Tune.none
     tune_iters: int = 200
     tune_batch_size: int = 8
+    # budget mode: how many of the measured plans within the budget (lowest KLD first) AutoRound
+    # tunes; the lowest tuned KLD ships. A plan that measures worse untuned may tune better
+    # (each one more tuning: minutes on a GPU)
+    tune_candidates: int = 1
     # torch.compile inside AutoRound's tuning; null: on only when the plan's blocks share <= 2 layouts
     # (each new layout recompiles its block forward: slower than eager for a mixed plan)
     tune_compile: Optional[bool] = None
@@ -538,6 +542,8 @@ def _check_search(cfg) -> List[str]:
         p.append("loop.tune=autoround needs loop.policy=predictive")
     if cfg.loop.tune_iters < 0 or cfg.loop.tune_batch_size < 1:
         p.append("loop.tune_iters must be >= 0 and loop.tune_batch_size >= 1")
+    if cfg.loop.tune_candidates < 1:
+        p.append(f"loop.tune_candidates={cfg.loop.tune_candidates}: tune at least 1 plan")
     if cfg.loop.ladder is not None and not cfg.loop.ladder:
         p.append("loop.ladder is empty: a failing plan has nowhere to climb; give the rungs, e.g. "
                  "loop.ladder=[4/64,4/32,5/64,6/64,8/0,16/0], or null for the mode's default")

@@ -41,7 +41,7 @@ from quantfix.quantize import algorithms
 from quantfix.runreport import DiagnosisSummary, ExistingInfo, Outcome, Recalibration, RunReport, TrialRecord
 from quantfix.runtime import RunData, Runtime
 from quantfix.timing import Timer, peak_memory_mb
-from quantfix.trials import Trials, TrialSetup
+from quantfix.trials import Trials, TrialSetup, plan_key
 
 log = logging.getLogger(__name__)
 
@@ -506,21 +506,24 @@ class Recipe:
         """loop.tune=autoround, the search's last step: AutoRound tunes the rounding and scales of a
         measured plan (its widths kept) and the result is measured as one more trial. Threshold
         mode: first the largest failing plan below the passing one (tuning may make the smaller plan
-        pass), then the passing plan itself; with no passing plan, the last one. Budget mode: the
-        plan within the budget. A tuned plan replaces its source when it passes (or, in budget mode,
-        measures a lower KLD)."""
+        pass), then the passing plan itself; with no passing plan, the last one. A tuned plan
+        replaces its source when it passes. Budget mode: the ``loop.tune_candidates`` measured plans
+        within the budget with the lowest KLD, each tuned; the lowest KLD measured, tuned or not,
+        ships."""
         from quantfix import tune
 
         cfg, budget = self.cfg.loop, self.cfg.plan.budget.avg_bits
         if cfg.tune == "none":
             return result
         if budget is not None:
-            sources = [result.chosen]
+            sources = self._budget_tune_sources(result.chosen, budget, cfg.tune_candidates)
+            self.trials.grant(len(sources) - 1)  # the search kept one trial for the tuning
         elif result.best is not None:
             sources = [r for r in (result.below, result.best) if r is not None]
         else:
             sources = [result.last]
         settings = tune.TuneSettings(cfg.tune_iters, cfg.tune_batch_size, self.cfg.data.seed, compile=cfg.tune_compile)
+        best, best_weights = result.chosen, None
         for src in sources:
             tuned_plan = tune.tuned_plan(src.plan)
             if tuned_plan == src.plan:
@@ -528,22 +531,42 @@ class Recipe:
             self.bank.restore()
             with self.timer("autoround tuning"):
                 tuned = tune.tune(self.rt.model, self.rt.tokenizer, src.plan, self.data.samples, self.sim_dtype, settings)
-            self.bank.use_tuned(tuned_plan, {n: w for n, (w, _, _) in tuned.items()},
-                                {n: (sc, z) for n, (_, sc, z) in tuned.items()})
+            weights = ({n: w for n, (w, _, _) in tuned.items()}, {n: (sc, z) for n, (_, sc, z) in tuned.items()})
+            self.bank.use_tuned(tuned_plan, *weights)
             action = f"AutoRound tuning ({cfg.tune_iters} iterations per block) of trial {src.id}"
             rec = self.trials(tuned_plan, src.plan, fresh=True, action=action, tuned_from=src.id, drivers={"tune": 1})
             src_kld, kld = src.metrics.kld_mean, rec.metrics.kld_mean
-            better = kld < src_kld if budget is not None else not rec.failed and (src is not result.best or kld < src_kld)
+            if budget is not None:
+                better = kld < best.metrics.kld_mean
+            else:
+                better = not rec.failed and (src is not result.best or kld < src_kld)
             log.info("AutoRound tuning of trial %s: KLD %.5f -> %.5f (%s)", src.id, src_kld, kld,
                      "kept" if better else "not kept")
-            if better:
-                result.reason += f"; {action}: KLD {src_kld:.5f} -> {kld:.5f}"
-                if budget is not None:
-                    result.best, result.last = (None if rec.failed else rec), rec
-                else:
-                    result.best = result.last = rec
+            if not better:
+                continue
+            result.reason += f"; {action}: KLD {src_kld:.5f} -> {kld:.5f}"
+            if budget is None:
+                result.best = result.last = rec
                 return result
+            best, best_weights = rec, (tuned_plan, weights)
+            result.best, result.last = (None if rec.failed else rec), rec
+        if best_weights is not None and len(sources) > 1:
+            # tuned plans share (module, precision) keys in the bank: serve the kept one's weights again
+            self.bank.use_tuned(best_weights[0], *best_weights[1])
         return result
+
+    def _budget_tune_sources(self, chosen: TrialRecord, budget: float, k: int) -> List[TrialRecord]:
+        """The search's chosen plan and, up to ``k`` in all, the next measured plans within the budget
+        by KLD (untuned ones only; one per plan)."""
+        pool = [r for r in self.trials.records if r.avg_bits <= budget + 1e-6 and r.tuned_from is None
+                and math.isfinite(r.metrics.kld_mean)]
+        seen, out = set(), []
+        for r in [chosen] + sorted(pool, key=lambda r: r.metrics.kld_mean):
+            key = plan_key(r.plan)
+            if key not in seen and len(out) < k:
+                seen.add(key)
+                out.append(r)
+        return out
 
     def _ship(self, result: search.SearchResult) -> None:
         """Save the chosen plan, export it with the real engine, reload and verify it; the verdict."""

@@ -65,6 +65,7 @@ def test_misspelled_key_fails_at_compose(compose):
     ("device_memory_gb=-8", "device_memory_gb=-8.0: use 0 (the whole card)"),
     ("quant.algorithm=gguf_q4_k", "is a llama.cpp type: add export.format=gguf"),
     ("loop.refine_misses=0", "loop.refine_misses=0: use at least 1, or null to refine until converged"),
+    ("loop.tune_candidates=0", "loop.tune_candidates=0: tune at least 1 plan"),
 ])
 def test_validation_messages(compose, override, message):
     with pytest.raises(QuantfixError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):

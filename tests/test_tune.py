@@ -1,5 +1,7 @@
 """AutoRound (``quantfix.tune``) as the loop's last step (loop.tune=autoround): the tuned weights sit on the grid the
 checkpoint stores, float modules stay untouched, and the export reloads to exactly the trial."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -95,3 +97,51 @@ def test_torch_compile_only_for_plans_whose_blocks_share_a_layout(monkeypatch):
     floated = dict(uniform.modules)
     floated[names[0]] = Precision(16)
     assert autoround.block_layouts(Plan(modules=floated, shapes=shapes)) == 2
+
+
+def test_budget_mode_tunes_the_best_candidates_and_ships_the_lowest(compose, tiny_dir, tmp_path, monkeypatch):
+    """loop.tune_candidates=3: the three measured plans within the budget with the lowest KLD are
+    each tuned; the lowest KLD measured ships, exported with its own tuned weights: here the first
+    tuning is kept and the later ones (made worse: every code one step up, still on the grid) share
+    modules at one precision with it in the bank."""
+    real, calls = autoround.tune, []
+
+    def tune(model, tokenizer, plan, samples, dtype, settings):
+        calls.append(plan)  # the first tuning long enough to beat the search's rounding on this model
+        out = real(model, tokenizer, plan, samples, dtype, settings if len(calls) > 1 else
+                   dataclasses.replace(settings, iters=100))
+        if len(calls) == 1:
+            return out
+        worse = {}
+        for n, (w, scale, zero) in out.items():
+            p = plan.modules[n]
+            step = scale.to(w.dtype).repeat_interleave(p.group_size or w.shape[1], dim=1)
+            worse[n] = (scales.quantize_with((w + step).to(dtype), scale, zero, p.bits, p.group_size, out_dtype=w.dtype),
+                        scale, zero)
+        return worse
+
+    monkeypatch.setattr(autoround, "tune", tune)
+    budget = 4.5
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
+        "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": budget,
+        "loop.max_iters": 5, "loop.tune": "autoround", "loop.tune_iters": 4, "loop.tune_batch_size": 4,
+        "loop.tune_candidates": 3}))
+    report = run(cfg, tmp_path / "run")
+    its = report["iterations"]
+    tuned = [it for it in its if it.get("tuned_from") is not None]
+    untuned = [it for it in its if it.get("tuned_from") is None and it["avg_bits"] <= budget + 1e-6]
+    distinct = {it["plan_summary"] for it in untuned}
+    assert len(tuned) == min(3, len(distinct)) >= 2
+    sources = [its[t["tuned_from"]] for t in tuned]
+    assert len({s["plan_summary"] for s in sources}) == len(sources)  # one tuning per plan
+    # the sources are the lowest-KLD plans within the budget
+    worst_source = max(s["metrics"]["kld_mean"] for s in sources)
+    others = [it for it in untuned if it["plan_summary"] not in {s["plan_summary"] for s in sources}]
+    assert all(it["metrics"]["kld_mean"] >= worst_source for it in others)
+    fin = report["final"]
+    lowest = min(tuned + untuned, key=lambda it: it["metrics"]["kld_mean"])
+    assert lowest is tuned[0]  # the first tuning kept (the later ones are worse by construction)
+    assert fin["plan_summary"] == lowest["plan_summary"]
+    assert fin["verified_metrics"]["kld_mean"] == pytest.approx(lowest["metrics"]["kld_mean"], rel=1e-4)
+    assert fin["export_gap_pct"] < 0.1
