@@ -467,7 +467,7 @@ class Recipe:
         action = f"recalibrate: data.domains {before} + {gap.source}"
         self.report.recalibration = r = Recalibration(gap.finding, before, list(self.data.calibration_domains),
                                                       self.diagnosis.domains)
-        self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
+        context = self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
         rec = after = rec0
         if probe is plan0:  # plan 0 learns from the data: measured again
             rec = after = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1})
@@ -480,7 +480,7 @@ class Recipe:
                 r.kept = False
                 self.stats, self.data.samples, self.data.calibration_domains = old
                 self.bank.use_stats(self.stats)
-                self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
+                self.trials.revert(context)  # a plan measured before the recalibration keeps its key
                 self._warn(f"recalibration on {gap.source} ({gap.kind}) undone: {r.undone_words()}")
                 return plan0, rec_before if probe is plan0 else rec0
         if not self.existing:  # plan 0's own calibration record; an existing checkpoint keeps its provenance

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from quantfix import verdict
 from quantfix.config import ThresholdsConfig
@@ -71,10 +71,18 @@ class Trials:
         if self.memo:
             setup.journal.write_text("".join(json.dumps(r) + "\n" for r in self.memo.values()))
 
-    def vary(self, what: str) -> None:
+    def vary(self, what: str) -> Tuple[str, ...]:
         """Something besides the plan changed the weights (a recalibration, a checkpoint's modules
-        re-rounded): the same plan measures differently from now on, so its journal key changes."""
+        re-rounded): the same plan measures differently from now on, so its journal key changes.
+        Returns the context before, for ``revert``."""
+        before = tuple(self._context)
         self._context.append(what)
+        return before
+
+    def revert(self, context: Tuple[str, ...]) -> None:
+        """The weights are what they were in ``context`` again (an undone recalibration): a plan gets
+        the journal key it had then."""
+        self._context = list(context)
 
     def _replay(self) -> Dict[str, Dict[str, Any]]:
         """The journaled trials of an interrupted run with this run's fingerprint, by plan key; lines

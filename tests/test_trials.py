@@ -96,8 +96,10 @@ def test_vary_changes_the_key_and_fresh_measures_again(tmp_path):
     first(PLAN0)
     t, calls = _trials(tmp_path, resume=True)
     assert t(PLAN0).resumed and not t(PLAN0, fresh=True).resumed and calls == ["trial 1"]
-    t.vary("recalibrated: c4, code")  # the same plan now gets other weights: measured again
+    before = t.vary("recalibrated: c4, code")  # the same plan now gets other weights: measured again
     assert not t(PLAN0).resumed and calls == ["trial 1", "trial 2"]
+    t.revert(before)  # undone: the weights are the first ones again, and so is the key
+    assert t(PLAN0).resumed and calls == ["trial 1", "trial 2"]
 
 
 def test_the_record_keeps_the_prediction_and_its_error(tmp_path):
