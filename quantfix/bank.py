@@ -369,15 +369,17 @@ class WeightBank:
         self.external.clear()
         self.stats = None
 
-    def use_stats(self, stats: Optional[CalibStats]) -> None:
+    def use_stats(self, stats: Optional[CalibStats], aside: Optional[dict] = None) -> dict:
         """New calibration statistics (recalibration): the float weights go back in and every cached
-        simulation is dropped."""
+        simulation is dropped. Returns what was dropped: handed back as ``aside`` with the statistics
+        it was computed from (an undone recalibration), it is served again instead of simulated anew."""
         self.restore()
+        dropped = {"stats": self.stats, "awq": self._awq, "sim": self._sim, "qp": self._qp, "tuned_qp": self._tuned_qp}
         self.stats = stats
-        self._awq.clear()
-        self._sim.clear()
-        self._qp.clear()
-        self._tuned_qp.clear()
+        self._awq, self._sim, self._qp, self._tuned_qp = {}, {}, {}, {}
+        if aside is not None and aside["stats"] is stats:
+            self._awq, self._sim, self._qp, self._tuned_qp = aside["awq"], aside["sim"], aside["qp"], aside["tuned_qp"]
+        return dropped
 
     def forget_simulations(self) -> None:
         """Drop the cached simulated weights (host memory), e.g. between unrelated plans."""

@@ -463,7 +463,7 @@ class Recipe:
                                      drivers={gap.kind: 1})
         log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)
         self.stats = self._recalibrate(gap.source)
-        self.bank.use_stats(self.stats)
+        aside = self.bank.use_stats(self.stats)  # served again if the recalibration is undone
         action = f"recalibrate: data.domains {before} + {gap.source}"
         self.report.recalibration = r = Recalibration(gap.finding, before, list(self.data.calibration_domains),
                                                       self.diagnosis.domains)
@@ -479,10 +479,11 @@ class Recipe:
             if not after.metrics.kld_mean < rec_before.metrics.kld_mean:  # no better: the old calibration stays
                 r.kept = False
                 self.stats, self.data.samples, self.data.calibration_domains = old
-                self.bank.use_stats(self.stats)
+                self.bank.use_stats(self.stats, aside)
                 self.trials.revert(context)  # a plan measured before the recalibration keeps its key
                 self._warn(f"recalibration on {gap.source} ({gap.kind}) undone: {r.undone_words()}")
                 return plan0, rec_before if probe is plan0 else rec0
+        aside = None  # kept: the old simulations go before the new diagnosis simulates every option again
         if not self.existing:  # plan 0's own calibration record; an existing checkpoint keeps its provenance
             plan0 = dataclasses.replace(plan0, calibration=dict(plan0.calibration,
                                                                 domains=list(self.data.calibration_domains)))

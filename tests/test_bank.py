@@ -89,3 +89,35 @@ def test_each_scale_search_runs_once_when_threads_simulate_options_together(monk
     for n in names:
         for label in options[n]:
             assert torch.equal(together[n][label], alone[n][label]), (n, label)
+
+
+def test_an_undone_recalibration_serves_the_old_simulations_again(monkeypatch):
+    """New statistics drop every kept simulation; handing back what was dropped with the old
+    statistics (the recalibration undone) serves it again, no sweep run, while a plan simulated
+    with the new statistics differs."""
+    from quantfix.plan import Plan, Precision
+    from quantfix.bank import WeightBank
+    from quantfix.quantize import gptq
+
+    model = tiny_llama(seed=4)
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    old = collect(model, torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(1)), names,
+                  batch_size=2, progress=False)
+    new = collect(model, torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(2)), names,
+                  batch_size=2, progress=False)
+    mods = dict(model.named_modules())
+    plan = Plan({n: Precision(3, 32, True, "gptq") for n in names}, {n: tuple(mods[n].weight.shape) for n in names})
+    bank = WeightBank(model, names, old)
+    before = {n: w.clone() for n, w in bank.quantized_weights(plan).items()}
+    calls = []
+    real = gptq.sweep
+    monkeypatch.setattr(gptq, "sweep", lambda W, *a, **k: calls.append(W.shape) or real(W, *a, **k))
+    aside = bank.use_stats(new)
+    recalibrated = dict(bank.quantized_weights(plan).items())
+    assert len(calls) == 8 and any(not torch.equal(recalibrated[n], before[n]) for n in names)
+    bank.use_stats(old, aside)
+    again = dict(bank.quantized_weights(plan).items())
+    assert len(calls) == 8  # served, not simulated again
+    assert all(torch.equal(again[n], before[n]) for n in names)
+    bank.use_stats(new, aside)  # statistics it was not computed from: not served
+    assert bank.quantized_weights(plan)[names[0]] is not None and len(calls) > 8
