@@ -249,9 +249,12 @@ class WeightBank:
     def use_tuned(self, plan: Plan, weights: Dict[str, torch.Tensor],
                      qparams: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         """Serve the given weights (tuned for the whole plan: AutoRound) for the plan's precisions;
-        ``qparams`` (module -> scale, zero point) are what a static export packs them with."""
+        ``qparams`` (module -> scale, zero point) are what a static export packs them with. A module
+        live at that precision (another tuning's weights) is rewritten by the next ``apply``."""
         for n, w in weights.items():
             self._sim[(n, plan.modules[n])] = self._keep(n, w)
+            if self.current.get(n) == plan.modules[n]:
+                self._stale.add(n)
         for n, (scale, zero) in (qparams or {}).items():
             self._tuned_qp[(n, plan.modules[n])] = (scale.cpu(), zero.cpu())
 

@@ -121,3 +121,25 @@ def test_an_undone_recalibration_serves_the_old_simulations_again(monkeypatch):
     assert all(torch.equal(again[n], before[n]) for n in names)
     bank.use_stats(new, aside)  # statistics it was not computed from: not served
     assert bank.quantized_weights(plan)[names[0]] is not None and len(calls) > 8
+
+
+def test_weights_tuned_again_for_the_live_precision_are_applied():
+    """Two tunings of plans that share a module's precision: the bank serves the one handed in last,
+    and a module live with the other's weights is rewritten by the next apply (the kept tuning of
+    several is measured for the report and exported with its own weights)."""
+    from quantfix.plan import Plan, Precision
+    from quantfix.bank import WeightBank
+
+    model = tiny_llama(seed=4)
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    mods = dict(model.named_modules())
+    plan = Plan({n: Precision(4, 32, True, "autoround") for n in names}, {n: tuple(mods[n].weight.shape) for n in names})
+    bank = WeightBank(model, names)
+    first = {n: bank.originals[n] * 0.5 for n in names}
+    second = {n: bank.originals[n] * 0.25 for n in names}
+    bank.use_tuned(plan, second)
+    bank.apply(plan, progress=False)
+    assert torch.equal(mods[names[0]].weight, second[names[0]].to(mods[names[0]].weight.dtype))
+    bank.use_tuned(plan, first)  # the first tuning kept after all: served again
+    assert bank.apply(plan, progress=False) == len(names)
+    assert all(torch.equal(mods[n].weight, first[n].to(mods[n].weight.dtype)) for n in names)
