@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from quantfix import explain
+from quantfix.plotting import figure
 from quantfix.diagnose.findings import Diagnosis, Finding
 from quantfix.evaluate import Metrics
 from quantfix.runreport import ChangeGroup, RunReport, TrialRecord
@@ -78,41 +79,35 @@ def plot_iterations(run: RunReport, out_dir: Path) -> Optional[Path]:
     its = run.trials
     if not its:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     xs = [it.avg_bits for it in its]
     span = max(xs) - min(xs)
     lo, hi = min(xs) - max(0.15, 0.1 * span), max(xs) + max(0.15, 0.1 * span)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, ylabel in ((axes[0], "kld_mean", "mean KL divergence vs float (log)"), (axes[1], "ppl", "perplexity")):
-        ys = [getattr(it.metrics, key) for it in its]
-        ax.scatter(xs, ys, c=["tab:green" if it.passed else "tab:red" for it in its], zorder=3)
-        front = _frontier(xs, ys)
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:green", alpha=0.5,
-                label="measured frontier")
-        _limit_lines(ax, run, key)
-        if key == "kld_mean":
-            pred = [p for p in (run.pareto["predicted"] if "predicted" in run.pareto else []) if lo <= p[0] <= hi]
-            if pred:
-                ax.plot([p[0] for p in pred], [p[1] for p in pred], color="tab:purple", ls="--", lw=1,
-                        label="predicted by the diagnosis")
-            ax.set_yscale("log")
-        ax.set_xlim(lo, hi)
-        ax.set_xlabel("average bits per weight (quantized modules)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        _annotate(fig, ax, [str(it.id) for it in its], xs, ys)
-    fig.suptitle(f"{_model_name(run).split(' (')[0]}: every plan measured, by trial number (green passed, red failed)")
-    fig.tight_layout()
     path = plots / "iterations.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
+        for ax, key, ylabel in ((axes[0], "kld_mean", "mean KL divergence vs float (log)"),
+                                (axes[1], "ppl", "perplexity")):
+            ys = [getattr(it.metrics, key) for it in its]
+            ax.scatter(xs, ys, c=["tab:green" if it.passed else "tab:red" for it in its], zorder=3)
+            front = _frontier(xs, ys)
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:green", alpha=0.5,
+                    label="measured frontier")
+            _limit_lines(ax, run, key)
+            if key == "kld_mean":
+                pred = [p for p in run.pareto.get("predicted", []) if lo <= p[0] <= hi]
+                if pred:
+                    ax.plot([p[0] for p in pred], [p[1] for p in pred], color="tab:purple", ls="--", lw=1,
+                            label="predicted by the diagnosis")
+                ax.set_yscale("log")
+            ax.set_xlim(lo, hi)
+            ax.set_xlabel("average bits per weight (quantized modules)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            _annotate(fig, ax, [str(it.id) for it in its], xs, ys)
+        fig.suptitle(f"{_model_name(run).split(' (')[0]}: every plan measured, by trial number "
+                     "(green passed, red failed)")
     return path
 
 

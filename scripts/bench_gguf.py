@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from quantfix import cache as cache_mod, data, gguf_export, source  # noqa: E402
 from quantfix.llamacpp import run, tools  # noqa: E402
+from quantfix.plotting import figure  # noqa: E402
 
 PRESETS = ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
 
@@ -171,28 +172,20 @@ def table(rows) -> str:
 
 
 def plot(rows, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, sel, style in (("llama.cpp presets", lambda r: not r.get("imatrix") and r["method"] != "quantfix"
-                               and not r.get("autoround"), "s--"),
-                              ("llama.cpp presets + imatrix", lambda r: r.get("imatrix"), "^--"),
-                              ("AutoRound GGUF", lambda r: r.get("autoround"), "dk:"),
-                              ("quantfix", lambda r: r["method"] == "quantfix", "o-")):
-        pts = sorted((r["file_bytes"] / 1e6, r["kld"]) for r in rows if sel(r) and r.get("kld"))
-        if pts:
-            ax.plot(*zip(*pts), style, label=label)
-    ax.set_xlabel("file size (MB)")
-    ax.set_ylabel("KLD vs F16 (llama-perplexity)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)  # rewritten after every row: figures would pile up
+    with figure(path, figsize=(7, 4.5)) as (fig, ax):
+        for label, sel, style in (("llama.cpp presets", lambda r: not r.get("imatrix") and r["method"] != "quantfix"
+                                   and not r.get("autoround"), "s--"),
+                                  ("llama.cpp presets + imatrix", lambda r: r.get("imatrix"), "^--"),
+                                  ("AutoRound GGUF", lambda r: r.get("autoround"), "dk:"),
+                                  ("quantfix", lambda r: r["method"] == "quantfix", "o-")):
+            pts = sorted((r["file_bytes"] / 1e6, r["kld"]) for r in rows if sel(r) and r.get("kld"))
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set_xlabel("file size (MB)")
+        ax.set_ylabel("KLD vs F16 (llama-perplexity)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend()
 
 
 def write(args, rows, t0) -> None:

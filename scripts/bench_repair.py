@@ -37,6 +37,7 @@ from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
 from quantfix.plan import Precision
+from quantfix.plotting import figure
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTHS = {"W3g64": (3, 64), "W4g64": (4, 64), "W4g32": (4, 32), "W8": (8, 0)}
@@ -365,11 +366,7 @@ def merge(parts: list) -> dict:
 
 def plot(r: dict, png: Path) -> None:
     """KLD (log) against average bits, one marker per method family: the table, to be seen."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     families = {"quantfix": "o", "AutoRound AutoScheme": "s", "uniform": "x"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict = {}
     for x in r["rows"]:
         if "error" in x or "kld_mean" not in x:
@@ -377,19 +374,17 @@ def plot(r: dict, png: Path) -> None:
         name = x["method"] if not x["method"].startswith("uniform") else x["method"].rsplit(" ", 1)[0]
         name = re.sub(r" at the peer's [\d.]+ bits", "", name)  # one line per method, whatever bits it ran at
         groups.setdefault(name, []).append((x["avg_bits"], x["kld_mean"]))
-    for name, pts in sorted(groups.items()):
-        pts = sorted(set(pts))
-        marker = next((m for f, m in families.items() if name.startswith(f)), ".")
-        ax.plot([b for b, _ in pts], [k for _, k in pts], marker=marker, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("average bits per weight (quantized modules)")
-    ax.set_ylabel("mean KLD vs float (log)")
-    ax.set_title(f"{r['model']}: {r.get('gpu') or r['device']}, eval {r['eval']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    with figure(png, figsize=(7, 4.5)) as (fig, ax):
+        for name, pts in sorted(groups.items()):
+            pts = sorted(set(pts))
+            marker = next((m for f, m in families.items() if name.startswith(f)), ".")
+            ax.plot([b for b, _ in pts], [k for _, k in pts], marker=marker, label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("average bits per weight (quantized modules)")
+        ax.set_ylabel("mean KLD vs float (log)")
+        ax.set_title(f"{r['model']}: {r.get('gpu') or r['device']}, eval {r['eval']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 def best_uniform(rows: list, budget: float, alg: str):

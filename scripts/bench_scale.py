@@ -272,8 +272,7 @@ def plot(res: dict, path: Path) -> Path:
     """Stacked bars: seconds per stage for every measured row and each extrapolated full depth."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from quantfix.plotting import figure
 
     bars = []
     for r in res["rows"]:
@@ -287,21 +286,19 @@ def plot(res: dict, path: Path) -> Path:
         parts = {k: v["at_full_depth"] for k, v in (e.get("diagnose_parts") or {}).items()}
         bars.append((f"{size} extrapolated to {e['full_layers']} layers",
                      _plot_seconds({"timings_s": sec, "diagnose_timings_s": parts}), sec.get("total")))
-    fig, ax = plt.subplots(figsize=(10, 0.55 * len(bars) + 2.6))
-    colors = list(plt.get_cmap("tab10").colors) + ["#bbbbbb"]
-    for j, (key, name) in enumerate(PLOT_STAGES):
-        left = [sum(b[1][k] for k, _ in PLOT_STAGES[:j]) for b in bars]
-        ax.barh(range(len(bars)), [b[1][key] for b in bars], left=left, color=colors[j % len(colors)], label=name)
-    for i, (_, sec, total) in enumerate(bars):  # the label: the run's (or the fitted) total
-        ax.text(sum(sec.values()), i, f" {total or sum(sec.values()):.0f} s", va="center", fontsize=8)
-    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds (whole loop: 3 trials, export, reload, verify)")
-    ax.set_title(f"quantfix at real sizes, {res.get('gpu') or 'CPU'}", fontsize=10)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(10, 0.55 * len(bars) + 2.6)) as (fig, ax):
+        colors = list(matplotlib.colormaps["tab10"].colors) + ["#bbbbbb"]
+        for j, (key, name) in enumerate(PLOT_STAGES):
+            left = [sum(b[1][k] for k, _ in PLOT_STAGES[:j]) for b in bars]
+            ax.barh(range(len(bars)), [b[1][key] for b in bars], left=left, color=colors[j % len(colors)],
+                    label=name)
+        for i, (_, sec, total) in enumerate(bars):  # the label: the run's (or the fitted) total
+            ax.text(sum(sec.values()), i, f" {total or sum(sec.values()):.0f} s", va="center", fontsize=8)
+        ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds (whole loop: 3 trials, export, reload, verify)")
+        ax.set_title(f"quantfix at real sizes, {res.get('gpu') or 'CPU'}", fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
     return path
 
 

@@ -11,6 +11,7 @@ from accelerate.utils import send_to_device
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
 from quantfix.arch import decoder_layers
 from quantfix.weights import detached_copy, input_device
+from quantfix.plotting import figure
 
 
 def outlier_summary(absmax: torch.Tensor, k: float = 6.0, top: int = 5) -> dict:
@@ -93,42 +94,34 @@ def plot_histograms(fp: Dict[str, torch.Tensor], q: Dict[str, torch.Tensor], nam
     """Per input: the histogram of per-channel absmax (log counts: on a linear axis all the mass sits
     in the first bin) and the channel ranking (absmax, largest first, log scale), float vs
     quantized, one PNG per input."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in names:
         a = fp[name].numpy()
         med = float(fp[name].median())
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        ax = axes[0]
-        ax.hist(a, bins=80, color="#818cf8", alpha=0.8, label="float")
-        if name in q:
-            ax.hist(q[name].numpy(), bins=80, color="#f97316", alpha=0.5, label="quantized")
-        ax.axvline(k * med, ls=":", color="k", label=f"{k:g} x median")
-        ax.set_yscale("log")
-        ax.set_xlabel("per-channel max |activation|")
-        ax.set_ylabel("channels (log)")
-        ax.legend(fontsize=8)
-        ax = axes[1]
-        top = min(len(a), 64)
-        ranked = torch.sort(fp[name], descending=True).values[:top].numpy()
-        ax.plot(range(top), ranked, "o-", ms=3, color="#818cf8", label="float")
-        if name in q:
-            ax.plot(range(top), torch.sort(q[name], descending=True).values[:top].numpy(), "x", ms=4,
-                    color="#f97316", label="quantized")
-        ax.axhline(k * med, ls=":", color="k", label=f"{k:g} x median")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"channel rank (top {top})")
-        ax.set_ylabel("max |activation| (log)")
-        ax.legend(fontsize=8)
-        fig.suptitle(f"input of {name}")
-        fig.tight_layout()
         path = out_dir / f"act_hist_{name.replace('.', '_')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        with figure(path, 1, 2, dpi=100, figsize=(11, 3.8)) as (fig, axes):
+            ax = axes[0]
+            ax.hist(a, bins=80, color="#818cf8", alpha=0.8, label="float")
+            if name in q:
+                ax.hist(q[name].numpy(), bins=80, color="#f97316", alpha=0.5, label="quantized")
+            ax.axvline(k * med, ls=":", color="k", label=f"{k:g} x median")
+            ax.set_yscale("log")
+            ax.set_xlabel("per-channel max |activation|")
+            ax.set_ylabel("channels (log)")
+            ax.legend(fontsize=8)
+            ax = axes[1]
+            top = min(len(a), 64)
+            ranked = torch.sort(fp[name], descending=True).values[:top].numpy()
+            ax.plot(range(top), ranked, "o-", ms=3, color="#818cf8", label="float")
+            if name in q:
+                ax.plot(range(top), torch.sort(q[name], descending=True).values[:top].numpy(), "x", ms=4,
+                        color="#f97316", label="quantized")
+            ax.axhline(k * med, ls=":", color="k", label=f"{k:g} x median")
+            ax.set_yscale("log")
+            ax.set_xlabel(f"channel rank (top {top})")
+            ax.set_ylabel("max |activation| (log)")
+            ax.legend(fontsize=8)
+            fig.suptitle(f"input of {name}")
         paths.append(str(path))
     return paths
