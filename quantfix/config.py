@@ -544,6 +544,9 @@ def _check_search(cfg) -> List[str]:
         p.append("loop.tune_iters must be >= 0 and loop.tune_batch_size >= 1")
     if cfg.loop.tune_candidates < 1:
         p.append(f"loop.tune_candidates={cfg.loop.tune_candidates}: tune at least 1 plan")
+    elif cfg.loop.tune_candidates > 1 and (cfg.loop.tune == "none" or cfg.plan.budget.avg_bits is None):
+        p.append(f"loop.tune_candidates={cfg.loop.tune_candidates} tunes budget candidates: add "
+                 "plan.budget.avg_bits=B loop.tune=autoround, or leave it at 1")
     if cfg.loop.ladder is not None and not cfg.loop.ladder:
         p.append("loop.ladder is empty: a failing plan has nowhere to climb; give the rungs, e.g. "
                  "loop.ladder=[4/64,4/32,5/64,6/64,8/0,16/0], or null for the mode's default")

@@ -66,6 +66,7 @@ def test_misspelled_key_fails_at_compose(compose):
     ("quant.algorithm=gguf_q4_k", "is a llama.cpp type: add export.format=gguf"),
     ("loop.refine_misses=0", "loop.refine_misses=0: use at least 1, or null to refine until converged"),
     ("loop.tune_candidates=0", "loop.tune_candidates=0: tune at least 1 plan"),
+    ("loop.tune_candidates=3", "loop.tune_candidates=3 tunes budget candidates: add plan.budget.avg_bits=B"),
 ])
 def test_validation_messages(compose, override, message):
     with pytest.raises(QuantfixError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
