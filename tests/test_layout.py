@@ -17,7 +17,7 @@ SCRIPTS = PKG.parent / "scripts"
 # bottom to top: a component may import components of its own layer's predecessors only (and its
 # own package's modules); a new module must be placed here
 LAYERS: List[List[str]] = [
-    ["errors", "logs", "timing", "weights", "__init__"],
+    ["errors", "logs", "timing", "weights", "plotting", "__init__"],
     ["cache", "arch", "runtime"],
     ["llamacpp"],  # below the registry: its gguf entries simulate with ggml's own quantizers
     ["quantize"],
