@@ -551,8 +551,8 @@ class Recipe:
                 return result
             best, best_weights = rec, (tuned_plan, weights)
             result.best, result.last = (None if rec.failed else rec), rec
-        if best_weights is not None and len(sources) > 1:
-            # tuned plans share (module, precision) keys in the bank: serve the kept one's weights again
+        if best_weights is not None and best is not self.trials.last:
+            # a later tuning shares (module, precision) keys in the bank: serve the kept one's weights again
             self.bank.use_tuned(best_weights[0], *best_weights[1])
         return result
 
