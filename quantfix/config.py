@@ -223,6 +223,10 @@ class LoopConfig:
     # torch.compile inside AutoRound's tuning; null: on only when the plan's blocks share <= 2 layouts
     # (each new layout recompiles its block forward: slower than eager for a mixed plan)
     tune_compile: Optional[bool] = None
+    # AutoRound's algorithm extension (SignRoundV2, `enable_alg_ext`) in the tuning: an initial scale
+    # searched on the imatrix per group, and below 4 bits a loss that leaves out each block's 0.1%
+    # largest output errors; symmetric integer widths only (others tune as without it)
+    tune_alg_ext: bool = False
     resume: bool = False
 
 

@@ -523,7 +523,8 @@ class Recipe:
             sources = [r for r in (result.below, result.best) if r is not None]
         else:
             sources = [result.last]
-        settings = tune.TuneSettings(cfg.tune_iters, cfg.tune_batch_size, self.cfg.data.seed, compile=cfg.tune_compile)
+        settings = tune.TuneSettings(cfg.tune_iters, cfg.tune_batch_size, self.cfg.data.seed, compile=cfg.tune_compile,
+                                     alg_ext=cfg.tune_alg_ext)
         best, best_weights = result.chosen, None
         for src in sources:
             tuned_plan = tune.tuned_plan(src.plan)
@@ -534,7 +535,8 @@ class Recipe:
                 tuned = tune.tune(self.rt.model, self.rt.tokenizer, src.plan, self.data.samples, self.sim_dtype, settings)
             weights = ({n: w for n, (w, _, _) in tuned.items()}, {n: (sc, z) for n, (_, sc, z) in tuned.items()})
             self.bank.use_tuned(tuned_plan, *weights)
-            action = f"AutoRound tuning ({cfg.tune_iters} iterations per block) of trial {src.id}"
+            ext = ", algorithm extension" if cfg.tune_alg_ext else ""
+            action = f"AutoRound tuning ({cfg.tune_iters} iterations per block{ext}) of trial {src.id}"
             rec = self.trials(tuned_plan, src.plan, fresh=True, action=action, tuned_from=src.id, drivers={"tune": 1})
             src_kld, kld = src.metrics.kld_mean, rec.metrics.kld_mean
             if budget is not None:

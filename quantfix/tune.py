@@ -114,6 +114,7 @@ class TuneSettings:
     seed: int = 0
     lr: Optional[float] = None
     compile: Optional[bool] = None  # torch.compile in AutoRound; None: use_compile decides by the plan
+    alg_ext: bool = False  # AutoRound's algorithm extension (SignRoundV2)
 
 
 def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype,
@@ -140,11 +141,14 @@ def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype
                   dataset=data, batch_size=bs, scale_dtype=_scale_dtype(dtype), seed=seed)
     if lr is not None:
         kwargs["lr"] = lr
+    if settings.alg_ext:
+        kwargs["enable_alg_ext"] = True
     layouts = block_layouts(plan)
     kwargs["enable_torch_compile"] = compiled = use_compile(layouts, settings.compile)
     first = next(iter(todo.values()))
     log.info("AutoRound: tuning %d modules (%d iterations per block, %d calibration samples, %d block layouts, "
-             "torch.compile %s)", len(todo), iters, len(data) * bs, layouts, "on" if compiled else "off")
+             "torch.compile %s%s)", len(todo), iters, len(data) * bs, layouts, "on" if compiled else "off",
+             ", algorithm extension" if settings.alg_ext else "")
     try:
         ar = AutoRound(work, tokenizer, bits=first.bits, group_size=first.group_size or -1, sym=first.symmetric,
                        **kwargs)

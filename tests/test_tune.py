@@ -23,12 +23,14 @@ def _plan(model):
     return Plan(modules=mods, shapes=shapes)
 
 
-def test_tuned_weights_are_on_the_checkpoint_grid(tokenizer):
+@pytest.mark.parametrize("alg_ext", [False, True])
+def test_tuned_weights_are_on_the_checkpoint_grid(tokenizer, alg_ext):
     model = tiny_llama()
     plan = _plan(model)
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     samples = torch.randint(2, 384, (4, 32), generator=torch.Generator().manual_seed(0))
-    out = autoround.tune(model, tokenizer, plan, samples, torch.float16, autoround.TuneSettings(iters=2, batch_size=2))
+    out = autoround.tune(model, tokenizer, plan, samples, torch.float16, autoround.TuneSettings(iters=2, batch_size=2,
+                                                                                                  alg_ext=alg_ext))
     # the live model is not touched; the float module is not tuned
     assert all(torch.equal(m.weight, before[n]) for n, m in model.named_modules() if n in before)
     quantized = [n for n, p in plan.modules.items() if not p.is_float]
