@@ -114,7 +114,7 @@ class TuneSettings:
     seed: int = 0
     lr: Optional[float] = None
     compile: Optional[bool] = None  # torch.compile in AutoRound; None: use_compile decides by the plan
-    alg_ext: bool = False  # AutoRound's algorithm extension (SignRoundV2)
+    alg_ext: bool = False  # AutoRound's algorithm extension (SignRoundV2); symmetric plans only
 
 
 def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype,
@@ -141,14 +141,17 @@ def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype
                   dataset=data, batch_size=bs, scale_dtype=_scale_dtype(dtype), seed=seed)
     if lr is not None:
         kwargs["lr"] = lr
-    if settings.alg_ext:
+    if settings.alg_ext and all(p.symmetric for p in todo.values()):
         kwargs["enable_alg_ext"] = True
+    elif settings.alg_ext:  # its searched scales are symmetric: an asymmetric module would lose its zero point
+        log.warning("AutoRound's algorithm extension is for symmetric widths only: tuning this plan (%d asymmetric "
+                    "modules) without it", sum(not p.symmetric for p in todo.values()))
     layouts = block_layouts(plan)
     kwargs["enable_torch_compile"] = compiled = use_compile(layouts, settings.compile)
     first = next(iter(todo.values()))
     log.info("AutoRound: tuning %d modules (%d iterations per block, %d calibration samples, %d block layouts, "
              "torch.compile %s%s)", len(todo), iters, len(data) * bs, layouts, "on" if compiled else "off",
-             ", algorithm extension" if settings.alg_ext else "")
+             ", algorithm extension" if kwargs.get("enable_alg_ext") else "")
     try:
         ar = AutoRound(work, tokenizer, bits=first.bits, group_size=first.group_size or -1, sym=first.symmetric,
                        **kwargs)

@@ -406,6 +406,8 @@ def print_table(r: dict) -> None:
                 print(f"| {b} | {x['method']} | error: {x['error'][-80:]} |")
                 continue
             label = x["method"] + (" (tuning not kept)" if x.get("tuning_kept") is False else "")
+            if x.get("overrides"):  # what else the row ran with (--override)
+                label += " [" + " ".join(o.strip("'") for o in x["overrides"]) + "]"
             print(f"| {b} | {label} | {x['avg_bits']:.3f} | {x['kld_mean']:.4f} | {x['ppl']:.3f} | "
                   f"{x['top1']:.3f} | {x['checkpoint_mb']:.1f} | {x['seconds']:.0f} |")
 

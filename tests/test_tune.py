@@ -52,6 +52,33 @@ def test_tuned_weights_are_on_the_checkpoint_grid(tokenizer, alg_ext):
     assert tuned.avg_bits == pytest.approx(plan.avg_bits)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_algorithm_extension_only_for_symmetric_plans(monkeypatch, tokenizer, caplog, symmetric):
+    """AutoRound's extension tunes every module symmetrically (measured: an asymmetric module beside a symmetric
+    first one came back with one zero point and signed scales), so a plan with an asymmetric module tunes without it."""
+    import auto_round
+    from quantfix.errors import QuantfixError
+    asked = {}
+
+    def fake(*args, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(auto_round, "AutoRound", fake)
+    model = tiny_llama()
+    plan = _plan(model)
+    last = next(reversed(plan.modules))
+    plan = dataclasses.replace(plan, modules={**plan.modules, last: Precision(4, 32, symmetric, "imatrix")})
+    samples = torch.randint(2, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(QuantfixError, match="stop here"):
+        autoround.tune(model, tokenizer, plan, samples, torch.float16, autoround.TuneSettings(iters=2, alg_ext=True))
+    assert asked.get("enable_alg_ext", False) is symmetric
+    assert ("symmetric widths only" in caplog.text) is not symmetric
+    asked.clear()
+    with pytest.raises(QuantfixError):
+        autoround.tune(model, tokenizer, plan, samples, torch.float16, autoround.TuneSettings(iters=2))
+    assert "enable_alg_ext" not in asked
+
+
 def test_loop_tunes_the_chosen_plan_and_ships_it_verified(compose, tiny_dir, tmp_path):
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
         "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
