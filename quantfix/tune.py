@@ -117,6 +117,13 @@ class TuneSettings:
     alg_ext: bool = False  # AutoRound's algorithm extension (SignRoundV2); symmetric plans only
 
 
+def uses_alg_ext(plan: Plan, settings: TuneSettings) -> bool:
+    """Whether the tuning of ``plan`` runs AutoRound's algorithm extension: asked for, and every tunable
+    module symmetric (with it, an asymmetric module beside a symmetric first one came back from AutoRound
+    with one zero point and signed scales)."""
+    return settings.alg_ext and all(p.symmetric for p in plan.modules.values() if tunable(p))
+
+
 def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype,
          settings: TuneSettings = TuneSettings()) -> Dict[str, Tuple[torch.Tensor, ...]]:
     """AutoRound on a copy of ``model`` (float weights in, the live model untouched) with the plan's
@@ -141,9 +148,9 @@ def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype
                   dataset=data, batch_size=bs, scale_dtype=_scale_dtype(dtype), seed=seed)
     if lr is not None:
         kwargs["lr"] = lr
-    if settings.alg_ext and all(p.symmetric for p in todo.values()):
+    if uses_alg_ext(plan, settings):
         kwargs["enable_alg_ext"] = True
-    elif settings.alg_ext:  # its searched scales are symmetric: an asymmetric module would lose its zero point
+    elif settings.alg_ext:
         log.warning("AutoRound's algorithm extension is for symmetric widths only: tuning this plan (%d asymmetric "
                     "modules) without it", sum(not p.symmetric for p in todo.values()))
     layouts = block_layouts(plan)

@@ -72,6 +72,7 @@ def test_algorithm_extension_only_for_symmetric_plans(monkeypatch, tokenizer, ca
     with pytest.raises(QuantfixError, match="stop here"):
         autoround.tune(model, tokenizer, plan, samples, torch.float16, autoround.TuneSettings(iters=2, alg_ext=True))
     assert asked.get("enable_alg_ext", False) is symmetric
+    assert autoround.uses_alg_ext(plan, autoround.TuneSettings(alg_ext=True)) is symmetric  # what the trial's action says
     assert ("symmetric widths only" in caplog.text) is not symmetric
     asked.clear()
     with pytest.raises(QuantfixError):
@@ -90,6 +91,7 @@ def test_loop_tunes_the_chosen_plan_and_ships_it_verified(compose, tiny_dir, tmp
     assert len(tuned) == 1
     src = its[tuned[0]["tuned_from"]]
     assert tuned[0]["avg_bits"] == src["avg_bits"] and "-ar" in tuned[0]["plan_summary"]
+    assert "algorithm extension" in tuned[0]["action"]  # on by default, and the plan is symmetric
     fin = report["final"]
     kept = tuned[0]["metrics"]["kld_mean"] < src["metrics"]["kld_mean"]
     shipped = tuned[0] if kept else src
