@@ -364,6 +364,14 @@ def merge(parts: list) -> dict:
     return out
 
 
+def label_of(x: dict) -> str:
+    """A row's method, with the --override flags it ran with (rows that differ only in those are told apart)."""
+    label = x["method"] + (" (tuning not kept)" if x.get("tuning_kept") is False else "")
+    if x.get("overrides"):
+        label += " [" + " ".join(o.strip("'") for o in x["overrides"]) + "]"
+    return label
+
+
 def plot(r: dict, png: Path) -> None:
     """KLD (log) against average bits, one marker per method family: the table, to be seen."""
     families = {"quantfix": "o", "AutoRound AutoScheme": "s", "uniform": "x"}
@@ -371,7 +379,7 @@ def plot(r: dict, png: Path) -> None:
     for x in r["rows"]:
         if "error" in x or "kld_mean" not in x:
             continue
-        name = x["method"] if not x["method"].startswith("uniform") else x["method"].rsplit(" ", 1)[0]
+        name = label_of(x) if not x["method"].startswith("uniform") else x["method"].rsplit(" ", 1)[0]
         name = re.sub(r" at the peer's [\d.]+ bits", "", name)  # one line per method, whatever bits it ran at
         groups.setdefault(name, []).append((x["avg_bits"], x["kld_mean"]))
     with figure(png, figsize=(7, 4.5)) as (fig, ax):
@@ -405,10 +413,7 @@ def print_table(r: dict) -> None:
             if "error" in x:
                 print(f"| {b} | {x['method']} | error: {x['error'][-80:]} |")
                 continue
-            label = x["method"] + (" (tuning not kept)" if x.get("tuning_kept") is False else "")
-            if x.get("overrides"):  # what else the row ran with (--override)
-                label += " [" + " ".join(o.strip("'") for o in x["overrides"]) + "]"
-            print(f"| {b} | {label} | {x['avg_bits']:.3f} | {x['kld_mean']:.4f} | {x['ppl']:.3f} | "
+            print(f"| {b} | {label_of(x)} | {x['avg_bits']:.3f} | {x['kld_mean']:.4f} | {x['ppl']:.3f} | "
                   f"{x['top1']:.3f} | {x['checkpoint_mb']:.1f} | {x['seconds']:.0f} |")
 
 

@@ -79,3 +79,25 @@ def test_table_says_when_the_tuned_plan_was_not_kept(capsys):
     out = capsys.readouterr().out
     assert "| 3.0 | quantfix + AutoRound tuning from W4g64 (tuning not kept) | 2.936 |" in out
     assert "| 3.5 | quantfix + AutoRound tuning from W4g64 | 2.936 |" in out
+
+
+def test_rows_that_differ_only_in_overrides_are_told_apart(tmp_path, capsys, monkeypatch):
+    """A row run with --override flags carries them in the table and in its plot line (rows with and without
+    a setting would otherwise print alike and join one line of the plot)."""
+    br = _load()
+    base = {"model": "demo", "device": "cpu", "gpu": None, "baseline": {"ppl": 36.0}, "eval": "wikitext2 2x64",
+            "calibration": "c4 2x64"}
+    row = {"budget": 3.0, "method": "quantfix + AutoRound tuning from W4g64", "avg_bits": 2.937, "kld_mean": 0.6377,
+           "ppl": 69.5, "top1": 0.55, "checkpoint_mb": 99.3, "seconds": 449.0}
+    rows = [row, dict(row, kld_mean=0.6040, overrides=["loop.tune_alg_ext=true"])]
+    br.print_table(dict(base, rows=rows))
+    out = capsys.readouterr().out
+    assert "| 3.0 | quantfix + AutoRound tuning from W4g64 | 2.937 | 0.6377 |" in out
+    assert "| 3.0 | quantfix + AutoRound tuning from W4g64 [loop.tune_alg_ext=true] | 2.937 | 0.6040 |" in out
+    import matplotlib.axes
+    lines = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: lines.append(k.get("label")) or real(ax, *a, **k))
+    br.plot(dict(base, rows=rows), tmp_path / "p.png")
+    assert sorted(lines) == ["quantfix + AutoRound tuning from W4g64",
+                             "quantfix + AutoRound tuning from W4g64 [loop.tune_alg_ext=true]"]
