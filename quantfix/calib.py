@@ -2,7 +2,8 @@
 
 For every input that targeted linear modules read (q/k/v share one, gate/up share one): the
 Hessian H = sum x x^T (GPTQ, AWQ's loss, output error of any trial weight), and per input
-channel the absmax (outlier channels) and mean |x| (AWQ scales).
+channel the absmax (outlier channels) and mean |x| (AWQ scales); and the absmax over the first few
+samples alone, which the diagnosis's float side reads instead of running the float model on them again.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ CACHE_MAX_BYTES = 8 * 10 ** 9  # larger statistics are not written to the cache
 class CalibStats:
     inputs: Dict[str, InputStats] = field(default_factory=dict)  # key: first module reading that input
     module_input: Dict[str, str] = field(default_factory=dict)  # module name -> key in inputs
+    head_samples: int = 0  # the inputs' head_absmax covers these first samples ...
+    head_digest: str = ""  # ... whose token ids hash to this (``samples_digest``)
 
     def of(self, module: str) -> InputStats:
         return self.inputs[self.module_input[module]]
@@ -46,25 +49,47 @@ class CalibStats:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for st in self.inputs.values()
-                   for t in (st.hessian, st.absmax, st.absmean))
+                   for t in (st.hessian, st.absmax, st.absmean, st.head_absmax) if t is not None)
+
+    def head_absmax(self, names: List[str], samples: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-channel input absmax of the named modules over ``samples`` (the float model), where
+        the statistics hold it for exactly those samples: the first ``head_samples`` of the
+        calibration set, the same token ids. Modules without it are left out."""
+        if not self.head_samples or len(samples) != self.head_samples or samples_digest(samples) != self.head_digest:
+            return {}
+        out = {}
+        for n in names:
+            key = self.module_input.get(n)
+            st = self.inputs.get(key) if key is not None else None
+            if st is not None and st.head_absmax is not None:
+                out[n] = st.head_absmax
+        return out
 
     def save(self, path: Path) -> None:
         atomic_write(path, lambda tmp: torch.save(
-            {"inputs": {k: vars(v) for k, v in self.inputs.items()}, "module_input": self.module_input}, tmp))
+            {"inputs": {k: vars(v) for k, v in self.inputs.items()}, "module_input": self.module_input,
+             "head_samples": self.head_samples, "head_digest": self.head_digest}, tmp))
 
     @classmethod
     def load(cls, path: Path) -> Optional["CalibStats"]:
         """The cached statistics at ``path``; None when absent or corrupt (then removed, with a warning)."""
         def parse(b: bytes) -> "CalibStats":
             d = torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
-            return cls({k: InputStats(**v) for k, v in d["inputs"].items()}, d["module_input"])
+            return cls({k: InputStats(**v) for k, v in d["inputs"].items()}, d["module_input"],
+                       d.get("head_samples", 0), d.get("head_digest", ""))
         return load_entry(path, parse)
 
 
-def cache_key(model_fp: str, samples: torch.Tensor, names: List[str], full_hessian: bool = True) -> str:
+def samples_digest(samples: torch.Tensor) -> str:
+    return hashlib.sha256(samples.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def cache_key(model_fp: str, samples: torch.Tensor, names: List[str], full_hessian: bool = True,
+              head_samples: int = 0) -> str:
     """Key of the statistics: the model's content fingerprint (with its dtype), the calibration
-    samples, the modules and whether the full Hessians were collected."""
-    h = hashlib.sha256(f"calib-v{CACHE_VERSION}{'' if full_hessian else '-diag'}".encode())
+    samples, the modules, whether the full Hessians were collected and the head absmax's samples."""
+    h = hashlib.sha256(f"calib-v{CACHE_VERSION}{'' if full_hessian else '-diag'}"
+                       f"{f'-head{head_samples}' if head_samples else ''}".encode())
     h.update(model_fp.encode())
     h.update(samples.numpy().tobytes())
     h.update("\n".join(names).encode())
@@ -72,9 +97,11 @@ def cache_key(model_fp: str, samples: torch.Tensor, names: List[str], full_hessi
 
 
 def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], module_input: Dict[str, str],
-                full_hessian: bool = True):
+                full_hessian: bool = True, head_samples: int = 0):
     """Forward pre-hook of one targeted module: the first module to see an input tensor in a batch
-    owns it (q/k/v share one) and accumulates its Hessian, absmax and |x| sum."""
+    owns it (q/k/v share one) and accumulates its Hessian, absmax and |x| sum, and the absmax of
+    the first ``head_samples`` samples (batches come in sample order; an input that is not
+    [samples, positions, features], as an MoE expert's routed tokens, gets none)."""
     def hook(_mod, args):
         x = args[0]
         # the tensor itself is kept in `seen` for the batch, so its address cannot be reused
@@ -87,7 +114,17 @@ def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], 
         shape = (x2.shape[1], x2.shape[1]) if full_hessian else (x2.shape[1],)
         a = acc.setdefault(owner, {"h": torch.zeros(shape, device=x2.device),
                                    "max": torch.zeros(x2.shape[1], device=x2.device),
-                                   "sum": torch.zeros(x2.shape[1], device=x2.device), "n": 0})
+                                   "sum": torch.zeros(x2.shape[1], device=x2.device), "n": 0,
+                                   "head": None, "seqs": 0, "head_ok": x.dim() == 3})
+        if head_samples and a["head_ok"]:
+            if x.dim() != 3:
+                a["head_ok"], a["head"] = False, None
+            else:
+                left = head_samples - a["seqs"]
+                if left > 0:  # as the diagnosis measures it: |x| in the model's dtype, then float32
+                    m = x[:left].reshape(-1, x.shape[-1]).abs().amax(0).float()
+                    a["head"] = m if a["head"] is None else torch.maximum(a["head"], m)
+                a["seqs"] += x.shape[0]
         if full_hessian:
             a["h"].addmm_(x2.T, x2)
         else:
@@ -100,11 +137,13 @@ def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], 
 
 @torch.no_grad()
 def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
-            cache_path: Optional[Path] = None, progress: bool = True, full_hessian: bool = True) -> CalibStats:
+            cache_path: Optional[Path] = None, progress: bool = True, full_hessian: bool = True,
+            head_samples: int = 0) -> CalibStats:
     """Hessians and channel statistics of every input of the named linear modules, layer by layer.
     Without ``full_hessian`` only each Hessian's diagonal (sum of x^2 per channel: the imatrix) is
     accumulated: at 8B 33 GB of float32 [in, in] matrices become a few MB, where no algorithm of
-    the run needs more."""
+    the run needs more. ``head_samples``: also the input absmax over the first that many samples
+    (``CalibStats.head_absmax``)."""
     cached = CalibStats.load(cache_path) if cache_path is not None else None
     if cached is not None:
         log.info("calibration statistics: cached (%s)", cache_path.name)
@@ -115,7 +154,8 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         return cached
     wanted = set(names)
     prefix = {id(m): n for n, m in model.named_modules()}
-    stats = CalibStats()
+    head_samples = min(head_samples, len(samples))
+    stats = CalibStats(head_samples=head_samples, head_digest=samples_digest(samples[:head_samples]) if head_samples else "")
     inputs = capture_layer0_inputs(model, list(samples.split(batch_size)))
     n_target_layers = sum(1 for layer in decoder_layers(model)
                           if any(f"{prefix[id(layer)]}.{n}" in wanted for n, _ in layer.named_modules()))
@@ -127,7 +167,8 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         if not targets:
             continue
         seen: Dict[tuple, tuple] = {}
-        handles = [m.register_forward_pre_hook(_input_hook(n, seen, acc, stats.module_input, full_hessian))
+        handles = [m.register_forward_pre_hook(_input_hook(n, seen, acc, stats.module_input, full_hessian,
+                                                                  head_samples))
                    for n, m in targets]
         try:
             outs = []
@@ -141,7 +182,8 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         for owner, a in acc.items():  # Hessians stay on the accelerator while it has room (an 8B model's
             # take 33 GB in float32: more than the host should hold beside the weights), else the host
             h = a["h"] if device_room(a["h"].device, 0, HESSIAN_DEVICE_RESERVE) else a["h"].cpu()
-            stats.inputs[owner] = InputStats(h, a["max"].cpu(), (a["sum"] / a["n"]).cpu(), a["n"])
+            head = a["head"].cpu() if a["head_ok"] and a["head"] is not None and a["seqs"] >= head_samples else None
+            stats.inputs[owner] = InputStats(h, a["max"].cpu(), (a["sum"] / a["n"]).cpu(), a["n"], head)
         acc.clear()
         bar.update(1)
     bar.close()

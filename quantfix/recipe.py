@@ -735,11 +735,13 @@ class Recipe:
     def _calib_stats(self, names: List[str]) -> CalibStats:
         self._calib_names = list(names)
         full = self.needs_full_hessian()
-        key = calib.cache_key(self.model_fp + str(self.dtype) + str(self.sim_dtype), self.data.samples, names, full)
+        head = self.cfg.diagnose.absmax_samples  # the diagnosis's float-side absmax, read from this pass
+        key = calib.cache_key(self.model_fp + str(self.dtype) + str(self.sim_dtype), self.data.samples, names, full,
+                              head)
         with self.timer("calibration stats"):
             return self.rt.batched(lambda bs: calib.collect(self.rt.model, self.data.samples, names, bs,
                                                             cache_path=self.cache / "calib" / f"{key}.pt",
-                                                            full_hessian=full))
+                                                            full_hessian=full, head_samples=head))
 
     def _recalibrate(self, add_domain: str) -> CalibStats:
         """A repair action: add ``add_domain`` to the calibration domains (same number of samples,

@@ -106,3 +106,26 @@ def test_only_the_diagonal_is_collected_when_no_algorithm_needs_the_hessian(comp
         assert a["metrics"]["kld_mean"] == pytest.approx(b["metrics"]["kld_mean"], rel=1e-3)
     with pytest.raises(RuntimeError, match="diagonal"):
         next(iter(seen[0].inputs.values())).full()
+
+
+def test_head_absmax_is_the_diagnosis_float_side_absmax(tmp_path):
+    """The calibration pass also keeps each input's absmax over the first samples: equal to what the
+    diagnosis measures with the float model on those samples (activations.input_absmax), served
+    back only for exactly those token ids (and after a reload from the cache)."""
+    from quantfix.diagnose.activations import input_absmax
+
+    model = tiny_llama(seed=3)
+    x = torch.randint(0, 384, (6, 16), generator=torch.Generator().manual_seed(4))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    path = tmp_path / "stats.pt"
+    stats = collect(model, x, names, batch_size=4, cache_path=path, progress=False, head_samples=3)  # mid-batch
+    direct = input_absmax(model, x[:3], names, batch_size=2, progress=False)
+    for loaded in (stats, CalibStats.load(path)):
+        got = loaded.head_absmax(names, x[:3])
+        assert set(got) == set(names)
+        for n in names:
+            assert torch.allclose(got[n], direct[n], rtol=1e-6, atol=1e-7)
+            assert not torch.equal(got[n], loaded.of(n).absmax)  # the head, not all six samples
+        assert loaded.head_absmax(names, x[:2]) == {}  # other samples: not served
+        assert loaded.head_absmax(names, x[1:4]) == {}
+    assert collect(model, x, names, batch_size=4, progress=False).head_absmax(names, x[:3]) == {}  # not asked for

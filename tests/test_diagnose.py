@@ -60,6 +60,29 @@ def test_diagnose_finds_the_planted_layer_channel_and_fix(compose, planted_dir, 
     assert report["final"] is None and not (out / "checkpoint").exists()
 
 
+def test_float_side_absmax_comes_from_the_calibration_pass(compose, planted_dir, tmp_path, monkeypatch):
+    """The float model's input absmax over the first calibration samples is read from the
+    calibration pass (one absmax pass left: the quantized side's), and the outliers are those the
+    diagnosis measured with its own float pass."""
+    from quantfix.calib import CalibStats
+    from quantfix.diagnose import activations
+
+    calls = []
+    real = activations.input_absmax
+    monkeypatch.setattr(activations, "input_absmax", lambda m, s, names, *a, **k: calls.append(len(names)) or
+                        real(m, s, names, *a, **k))
+    over = {"mode": "diagnose", "quant.group_size": 16, "diagnose.domain_seq_len": 64, "diagnose.probes": False,
+            "diagnose.sensitivity.windows": 2, "diagnose.histograms": 0}
+    run(compose(tiny_overrides(planted_dir, tmp_path / "cache", **over)), tmp_path / "a")
+    assert len(calls) == 1  # the quantized side only
+    calls.clear()
+    monkeypatch.setattr(CalibStats, "head_absmax", lambda self, names, samples: {})
+    run(compose(tiny_overrides(planted_dir, tmp_path / "cache", **over)), tmp_path / "b")
+    assert len(calls) == 2 and calls[0] == calls[1]  # without it: a float pass over every module
+    a, b = (json.loads((tmp_path / d / "diagnosis.json").read_text())["outliers"] for d in "ab")
+    assert a == b and a[0]["float"]["top"][0][0] == CHANNEL
+
+
 def test_repair_protects_the_planted_module(compose, planted_dir, tmp_path):
     cfg = compose(tiny_overrides(planted_dir, tmp_path / "cache", **{
         "quant.group_size": 16, "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 0.01,

@@ -157,8 +157,10 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     side = _Side(rt, data, cfg, names, _domain_windows(rt, data, cfg),
                  [asdict(p) if not isinstance(p, dict) else dict(p) for p in probes_cfg.prompts] if cfg.probes else [],
                  probes_cfg.max_new_tokens, progress)
-    # float side (the bank is restored: float weights live), then the quantized side
-    fp = side.measure(channels_of=bank.quantized_weights(plan))
+    # float side (the bank is restored: float weights live), then the quantized side. The float
+    # model's input absmax over these samples was taken in the calibration pass, where it holds it
+    known = subject.stats.head_absmax(names, data.samples[: cfg.absmax_samples]) if subject.stats is not None else {}
+    fp = side.measure(channels_of=bank.quantized_weights(plan), known_absmax=known)
     parts.lap("float side (activations, channels, probes, domains)")
     bank.apply(plan, progress=False)
     q = side.measure(domain_refs=fp["domains"])
@@ -259,12 +261,19 @@ class _Side:
     progress: bool
 
     def measure(self, channels_of: Optional[Dict[str, torch.Tensor]] = None,
-                domain_refs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                domain_refs: Optional[Dict[str, Any]] = None,
+                known_absmax: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
         """The model as it is now; with ``channels_of`` (the quantized weights; float model live)
-        also the per-channel output error; with ``domain_refs``, per-domain metrics against them."""
+        also the per-channel output error; with ``domain_refs``, per-domain metrics against them.
+        ``known_absmax``: input absmax already measured for this model on the same samples (the
+        others are measured here; none left: no pass)."""
         rt, data, cfg, bs = self.rt, self.data, self.cfg, self.rt.batch_size
-        out: Dict[str, Any] = {"absmax": activations.input_absmax(rt.model, data.samples[: cfg.absmax_samples],
-                                                                   self.names, bs, self.progress)}
+        absmax = dict(known_absmax or {})
+        rest = [n for n in self.names if n not in absmax]
+        if rest:
+            absmax.update(activations.input_absmax(rt.model, data.samples[: cfg.absmax_samples], rest, bs,
+                                                   self.progress))
+        out: Dict[str, Any] = {"absmax": absmax}
         if channels_of is not None:
             out["channels"] = activations.channel_errors(rt.model, data.windows[: cfg.channel_windows], channels_of, bs,
                                                          self.progress)

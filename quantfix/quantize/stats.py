@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -13,6 +14,8 @@ class InputStats:
     absmax: torch.Tensor  # [in]
     absmean: torch.Tensor  # [in]
     n_tokens: int
+    # [in]: the absmax over the first ``CalibStats.head_samples`` samples only (the diagnosis's float side)
+    head_absmax: Optional[torch.Tensor] = None
 
     def diagonal(self) -> torch.Tensor:
         return self.hessian if self.hessian.dim() == 1 else torch.diagonal(self.hessian)
