@@ -218,6 +218,9 @@ def quantfix_row(budget: float, target: float, start: str, label: str, ctx: dict
         report = run(cfg, out)
         secs = time.perf_counter() - t
         row = _quantfix_fields(report, budget, method, secs, ctx)
+        diag = out / "diagnosis_full.json"  # where the diagnosis's seconds went (option simulation, passes, sides)
+        if diag.exists():
+            row["diagnosis_timings_s"] = json.loads(diag.read_text()).get("timings_s", {})
     except Exception as e:  # an engine failing is a result too
         row = {"budget": budget, "method": method, "error": "".join(traceback.format_exception_only(e))[-600:]}
     finally:
