@@ -135,6 +135,19 @@ def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], 
     return hook
 
 
+def _cached(model, cache_path: Optional[Path]) -> Optional[CalibStats]:
+    """The statistics cached at ``cache_path``, their Hessians where they were computed (on the
+    accelerator while it has room); None when there are none."""
+    cached = CalibStats.load(cache_path) if cache_path is not None else None
+    if cached is not None:
+        log.info("calibration statistics: cached (%s)", cache_path.name)
+        dev = next(model.parameters()).device
+        for st in cached.inputs.values():
+            if st.hessian.dim() == 2 and device_room(dev, st.hessian.numel() * 4, HESSIAN_DEVICE_RESERVE):
+                st.hessian = st.hessian.to(dev)
+    return cached
+
+
 @torch.no_grad()
 def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
             cache_path: Optional[Path] = None, progress: bool = True, full_hessian: bool = True,
@@ -144,13 +157,8 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
     accumulated: at 8B 33 GB of float32 [in, in] matrices become a few MB, where no algorithm of
     the run needs more. ``head_samples``: also the input absmax over the first that many samples
     (``CalibStats.head_absmax``)."""
-    cached = CalibStats.load(cache_path) if cache_path is not None else None
+    cached = _cached(model, cache_path)
     if cached is not None:
-        log.info("calibration statistics: cached (%s)", cache_path.name)
-        dev = next(model.parameters()).device
-        for st in cached.inputs.values():  # as computed: on the accelerator while it has room
-            if st.hessian.dim() == 2 and device_room(dev, st.hessian.numel() * 4, HESSIAN_DEVICE_RESERVE):
-                st.hessian = st.hessian.to(dev)
         return cached
     wanted = set(names)
     prefix = {id(m): n for n, m in model.named_modules()}
