@@ -167,3 +167,34 @@ def test_rejects_bad_arguments():
         search_qparams(W, 4, 32, True, "mse", shrink=0.3)
     with pytest.raises(ValueError):
         search_qparams(W, 4, 48, True, "mse")
+
+
+@pytest.mark.parametrize("patience", [5, 1, 0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits,gs,sym", CONFIGS)
+def test_imatrix_search_with_one_read_equals_the_loop(bits, gs, sym, dtype, patience, monkeypatch):
+    """The accelerator's imatrix search (every grid step, then the engine's patience stop replayed
+    from one read of which steps improved) gives the loop's scales and zero points bit for bit,
+    early stops included; without importance too."""
+    from quantfix.quantize import scales
+
+    W = heavy_weight(bits * 100 + gs + 7, dtype)
+    imp = importance_from_activations(activations(bits + gs))
+    loop = [search_qparams(W, bits, gs, sym, "imatrix", importance=i, patience=patience) for i in (imp, None)]
+    real = scales._search_imatrix
+    monkeypatch.setattr(scales, "_search_imatrix", lambda *a, **k: real(*a, **k, one_sync=True))
+    for i, want in zip((imp, None), loop):
+        assert_same(search_qparams(W, bits, gs, sym, "imatrix", importance=i, patience=patience), want)
+
+
+def test_imatrix_search_with_one_read_stops_where_the_loop_stops(monkeypatch):
+    """One group whose error rises for a step and then falls lower: with patience 1 the loop stops
+    at the rise (another answer than without a stop), and the one-read search replays that stop."""
+    from quantfix.quantize import scales
+
+    W = torch.randn(1, 8, generator=torch.Generator().manual_seed(90))
+    stopped = search_qparams(W, 3, 8, False, "imatrix", patience=1)
+    assert not torch.equal(stopped[0], search_qparams(W, 3, 8, False, "imatrix", patience=0)[0])
+    real = scales._search_imatrix
+    monkeypatch.setattr(scales, "_search_imatrix", lambda *a, **k: real(*a, **k, one_sync=True))
+    assert_same(search_qparams(W, 3, 8, False, "imatrix", patience=1), stopped)

@@ -152,8 +152,10 @@ def _search_mse(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, patie
 
 @torch.no_grad()
 def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None,
-                    kwargs: dict) -> tuple[Tensor, Tensor]:
-    """llmcompressor.observers.imatrix._grid_search (``kwargs``: maxshrink, patience, grid, norm, expand)."""
+                    kwargs: dict, one_sync: bool | None = None) -> tuple[Tensor, Tensor]:
+    """llmcompressor.observers.imatrix._grid_search (``kwargs``: maxshrink, patience, grid, norm, expand).
+    ``one_sync`` (default: off the CPU): every grid step computed without reading a result back,
+    then the engine's early stop replayed from one read (``_replay_imatrix``), the same result."""
     maxshrink, patience, grid, norm, expand = (kwargs[k] for k in ("maxshrink", "patience", "grid", "norm", "expand"))
     if grid <= 0 or patience < 0 or not (0 <= maxshrink <= 1) or not (
             isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0):
@@ -162,6 +164,8 @@ def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None,
     q_min, q_max = _range(bits, obs.device)
     min_val = torch.amin(obs, dim=(0, -1)) * expand
     max_val = torch.amax(obs, dim=(0, -1)) * expand
+    if one_sync if one_sync is not None else obs.device.type != "cpu":
+        return _replay_imatrix(obs, bits, symmetric, imp, (min_val, max_val), (maxshrink, patience, grid, norm))
     best_error = torch.full(min_val.shape, torch.finfo(torch.float32).max, dtype=torch.float32,
                             device=min_val.device)
     best_min, best_max = min_val.clone(), max_val.clone()
@@ -186,6 +190,46 @@ def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None,
             no_improve += 1
             if patience > 0 and no_improve >= patience:
                 break
+    return best_min, best_max
+
+
+def _replay_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None, bounds, settings):
+    """``_search_imatrix``'s loop without its per-step reads (on an accelerator each ``torch.any`` and
+    masked write waits for the device: four waits a step, 20 steps, every module and width): every
+    step's error, then one read of which steps improved anything, the engine's patience stop replayed
+    on it, and per (row, group) the step of its last strict improvement up to the stop."""
+    min_val, max_val = bounds
+    maxshrink, patience, grid, norm = settings
+    q_min, q_max = _range(bits, obs.device)
+    obs_f = obs.float()
+    errs, mins, maxs = [], [], []
+    for i in range(max(1, int(maxshrink * grid)) + 1):
+        p = 1 - i / grid
+        smin, smax = p * min_val, p * max_val
+        s, z = _calc_qparams(smin, smax, bits, symmetric)
+        q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).float()
+        q.sub_(obs_f).abs_().pow_(norm)
+        if imp is not None:
+            q.mul_(imp)
+        errs.append(q.sum(dim=(0, -1)))
+        mins.append(smin)
+        maxs.append(smax)
+    err = torch.stack(errs)
+    err = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err)  # NaN never improves
+    big = torch.full_like(err[:1], torch.finfo(torch.float32).max)
+    before = torch.cat([big, torch.minimum(torch.cummin(err, dim=0).values[:-1], big)])  # best so far
+    improved = err < before
+    last, no_improve = len(errs) - 1, 0
+    for i, any_i in enumerate(improved.flatten(1).any(dim=1).tolist()):  # the one read
+        no_improve = 0 if any_i else no_improve + 1
+        if not any_i and patience > 0 and no_improve >= patience:
+            last = i
+            break
+    steps = torch.arange(len(errs), device=err.device).view(-1, *([1] * (err.dim() - 1)))
+    pick = torch.where(improved[: last + 1], steps[: last + 1], -1).amax(dim=0)  # -1: never improved
+    take = pick.clamp(min=0).unsqueeze(0)
+    best_min = torch.where(pick >= 0, torch.stack(mins).gather(0, take).squeeze(0), min_val)
+    best_max = torch.where(pick >= 0, torch.stack(maxs).gather(0, take).squeeze(0), max_val)
     return best_min, best_max
 
 
