@@ -115,16 +115,14 @@ def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], 
         a = acc.setdefault(owner, {"h": torch.zeros(shape, device=x2.device),
                                    "max": torch.zeros(x2.shape[1], device=x2.device),
                                    "sum": torch.zeros(x2.shape[1], device=x2.device), "n": 0,
-                                   "head": None, "seqs": 0, "head_ok": x.dim() == 3})
+                                   "head": None, "seqs": 0, "head_ok": True})
+        a["head_ok"] = a["head_ok"] and x.dim() == 3
         if head_samples and a["head_ok"]:
-            if x.dim() != 3:
-                a["head_ok"], a["head"] = False, None
-            else:
-                left = head_samples - a["seqs"]
-                if left > 0:  # as the diagnosis measures it: |x| in the model's dtype, then float32
-                    m = x[:left].reshape(-1, x.shape[-1]).abs().amax(0).float()
-                    a["head"] = m if a["head"] is None else torch.maximum(a["head"], m)
-                a["seqs"] += x.shape[0]
+            left = head_samples - a["seqs"]
+            if left > 0:  # as the diagnosis measures it: |x| in the model's dtype, then float32
+                m = x[:left].reshape(-1, x.shape[-1]).abs().amax(0).float()
+                a["head"] = m if a["head"] is None else torch.maximum(a["head"], m)
+            a["seqs"] += x.shape[0]
         if full_hessian:
             a["h"].addmm_(x2.T, x2)
         else:

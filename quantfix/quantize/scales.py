@@ -150,6 +150,23 @@ def _search_mse(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, patie
     return best_min, best_max
 
 
+def _imatrix_steps(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None, bounds, settings):
+    """The imatrix search's grid, one step at a time: (weighted error per (row, group), the step's
+    shrunk min, max); the range shrinks by 1/grid a step, down to maxshrink."""
+    (min_val, max_val), (maxshrink, grid, norm) = bounds, settings
+    q_min, q_max = _range(bits, obs.device)
+    obs_f = obs.float()
+    for i in range(max(1, int(maxshrink * grid)) + 1):
+        p = 1 - i / grid
+        smin, smax = p * min_val, p * max_val
+        s, z = _calc_qparams(smin, smax, bits, symmetric)
+        q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).float()
+        q.sub_(obs_f).abs_().pow_(norm)
+        if imp is not None:
+            q.mul_(imp)
+        yield q.sum(dim=(0, -1)), smin, smax
+
+
 @torch.no_grad()
 def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None,
                     kwargs: dict, one_sync: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -161,7 +178,6 @@ def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None,
             isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0):
         raise ValueError(f"bad imatrix observer kwargs: maxshrink={maxshrink} grid={grid} "
                          f"patience={patience} norm={norm}")
-    q_min, q_max = _range(bits, obs.device)
     min_val = torch.amin(obs, dim=(0, -1)) * expand
     max_val = torch.amax(obs, dim=(0, -1)) * expand
     if one_sync if one_sync is not None else obs.device.type != "cpu":
@@ -170,16 +186,7 @@ def _search_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None,
                             device=min_val.device)
     best_min, best_max = min_val.clone(), max_val.clone()
     no_improve = 0
-    obs_f = obs.float()
-    for i in range(max(1, int(maxshrink * grid)) + 1):
-        p = 1 - i / grid
-        smin, smax = p * min_val, p * max_val
-        s, z = _calc_qparams(smin, smax, bits, symmetric)
-        q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).float()
-        q.sub_(obs_f).abs_().pow_(norm)
-        if imp is not None:
-            q.mul_(imp)
-        err = q.sum(dim=(0, -1))
+    for err, smin, smax in _imatrix_steps(obs, bits, symmetric, imp, (min_val, max_val), (maxshrink, grid, norm)):
         improved = err < best_error
         if torch.any(improved):
             best_error[improved] = err[improved]
@@ -200,20 +207,7 @@ def _replay_imatrix(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None,
     on it, and per (row, group) the step of its last strict improvement up to the stop."""
     min_val, max_val = bounds
     maxshrink, patience, grid, norm = settings
-    q_min, q_max = _range(bits, obs.device)
-    obs_f = obs.float()
-    errs, mins, maxs = [], [], []
-    for i in range(max(1, int(maxshrink * grid)) + 1):
-        p = 1 - i / grid
-        smin, smax = p * min_val, p * max_val
-        s, z = _calc_qparams(smin, smax, bits, symmetric)
-        q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).float()
-        q.sub_(obs_f).abs_().pow_(norm)
-        if imp is not None:
-            q.mul_(imp)
-        errs.append(q.sum(dim=(0, -1)))
-        mins.append(smin)
-        maxs.append(smax)
+    errs, mins, maxs = zip(*_imatrix_steps(obs, bits, symmetric, imp, bounds, (maxshrink, grid, norm)))
     err = torch.stack(errs)
     err = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err)  # NaN never improves
     big = torch.full_like(err[:1], torch.finfo(torch.float32).max)
