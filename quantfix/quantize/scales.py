@@ -57,8 +57,9 @@ def _observed(W: Tensor, group_size: int) -> Tensor:
 
 def _range(bits: int, device=None) -> tuple[Tensor, Tensor]:
     """compressed-tensors `calculate_range` for INT: float32 0-dim q_min, q_max."""
-    bit_range = 2.0 ** bits
-    return torch.tensor(-bit_range / 2, device=device), torch.tensor(bit_range / 2 - 1, device=device)
+    bit_range = 2.0 ** bits  # filled where they are used: a host tensor copied to an accelerator waits for it
+    return (torch.full((), -bit_range / 2, dtype=torch.float32, device=device),
+            torch.full((), bit_range / 2 - 1, dtype=torch.float32, device=device))
 
 
 def _calc_qparams(mn: Tensor, mx: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
@@ -77,7 +78,7 @@ def _calc_qparams(mn: Tensor, mx: Tensor, bits: int, symmetric: bool) -> tuple[T
         zps = bit_min - (mn / scales)
         zps = torch.clamp(zps, bit_min, bit_max)
     eps = torch.finfo(scales.dtype).eps
-    scales = torch.where(scales == 0, torch.tensor(eps, dtype=scales.dtype, device=scales.device), scales)
+    scales = torch.where(scales == 0, torch.full((), eps, dtype=scales.dtype, device=scales.device), scales)
     zp_dtype = torch.int8 if bits <= 8 else (torch.int16 if bits <= 16 else torch.int32)
     ii = torch.iinfo(zp_dtype)
     zps = torch.round(torch.clamp(zps, ii.min, ii.max)).to(zp_dtype)
@@ -100,7 +101,7 @@ def _prepare_importance(importance: Tensor | None, W: Tensor, group_size: int) -
     if importance is None:
         return None
     imp = importance.detach().reshape(-1)
-    if (not torch.isfinite(imp).all()) or (imp < 0).any() or torch.all(imp == 0):
+    if bool(~torch.isfinite(imp).all() | (imp < 0).any() | (imp == 0).all()):  # one read
         return None
     if imp.numel() != W.shape[-1]:
         return None
