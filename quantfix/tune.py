@@ -71,6 +71,14 @@ def block_layouts(plan: Plan) -> int:
 MAX_COMPILED_LAYOUTS = 2
 
 
+def compile_words(compiled: bool, alg_ext: bool) -> str:
+    """What the tuning compiles, for its log line: AutoRound's algorithm extension never compiles the
+    block forward, only the weight quantization function."""
+    if not compiled:
+        return "off"
+    return "on for the quantization function only (the extension's block forward runs eager)" if alg_ext else "on"
+
+
 def use_compile(layouts: int, setting: Optional[bool]) -> bool:
     """torch.compile for AutoRound's tuning of a plan of ``layouts`` block layouts: the setting when
     given; else only when there are at most MAX_COMPILED_LAYOUTS (a mixed plan recompiled AutoRound's
@@ -157,8 +165,8 @@ def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype
     kwargs["enable_torch_compile"] = compiled = use_compile(layouts, settings.compile)
     first = next(iter(todo.values()))
     log.info("AutoRound: tuning %d modules (%d iterations per block, %d calibration samples, %d block layouts, "
-             "torch.compile %s%s)", len(todo), iters, len(data) * bs, layouts, "on" if compiled else "off",
-             ", algorithm extension" if kwargs.get("enable_alg_ext") else "")
+             "torch.compile %s%s)", len(todo), iters, len(data) * bs, layouts,
+             compile_words(compiled, "enable_alg_ext" in kwargs), ", algorithm extension" if kwargs.get("enable_alg_ext") else "")
     try:
         ar = AutoRound(work, tokenizer, bits=first.bits, group_size=first.group_size or -1, sym=first.symmetric,
                        **kwargs)

@@ -176,3 +176,13 @@ def test_budget_mode_tunes_the_best_candidates_and_ships_the_lowest(compose, tin
     assert fin["plan_summary"] == lowest["plan_summary"]
     assert fin["verified_metrics"]["kld_mean"] == pytest.approx(lowest["metrics"]["kld_mean"], rel=1e-4)
     assert fin["export_gap_pct"] < 0.1
+
+
+def test_the_log_says_what_is_compiled_with_the_algorithm_extension():
+    """With AutoRound's algorithm extension the block forward is never compiled (its quantizer says so),
+    only the weight quantization function: the tuning's log line says that, not a plain "on"."""
+    from auto_round.algorithms.quantization.sign_roundv2.quantizer import SignRoundV2Quantizer
+
+    assert SignRoundV2Quantizer.can_compile_block_forward(None) is False
+    assert autoround.compile_words(True, False) == "on" and autoround.compile_words(False, True) == "off"
+    assert "quantization function only" in autoround.compile_words(True, True)
