@@ -86,21 +86,26 @@ def sweep(W: Tensor, H: Tensor, qs: List[Quantizer], damp: float = 0.01, block: 
 
 def _block(Wb: Tensor, Hinv: Tensor, grids, i1: int, i2: int) -> Tensor:
     """One block of columns, every option at once: quantize each column, spread its error over the
-    block's later columns; the block's quantized values written back into ``Wb``. Returns the errors."""
+    block's later columns; the block's quantized values written back into ``Wb``. Returns the errors.
+    The block is held column-major ([options, columns, rows]): a column and the rows of each later
+    column it updates are contiguous (row-major, the update ran on short strided rows: 3-4x slower on
+    a CPU). Each element sees the same operations in the same order, so the same bits."""
     S, Z, lo, hi = grids
-    W1 = Wb[:, :, i1:i2].clone()
+    W1 = Wb[:, :, i1:i2].transpose(1, 2).contiguous()
+    Sb = S[:, :, i1:i2].transpose(1, 2).contiguous()
+    Zb = Z[:, :, i1:i2].transpose(1, 2).contiguous()
     Q1 = torch.zeros_like(W1)
     Err1 = torch.zeros_like(W1)
     Hinv1 = Hinv[i1:i2, i1:i2]
     for i in range(i2 - i1):
-        w = W1[:, :, i]
-        s, z = S[:, :, i1 + i], Z[:, :, i1 + i]
+        w = W1[:, i]
+        s, z = Sb[:, i], Zb[:, i]
         scaled = w / s
         scaled += z
         q = (torch.round(torch.clamp(scaled, lo, hi)) - z) * s
         error = (w - q) / Hinv1[i, i]
-        Q1[:, :, i] = q
-        Err1[:, :, i] = error
-        W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[i, i:]
-    Wb[:, :, i1:i2] = Q1
-    return Err1
+        Q1[:, i] = q
+        Err1[:, i] = error
+        W1[:, i:] -= error.unsqueeze(1) * Hinv1[i, i:].unsqueeze(-1)
+    Wb[:, :, i1:i2] = Q1.transpose(1, 2)
+    return Err1.transpose(1, 2).contiguous()
