@@ -161,7 +161,10 @@ def _imatrix_steps(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None, 
         p = 1 - i / grid
         smin, smax = p * min_val, p * max_val
         s, z = _calc_qparams(smin, smax, bits, symmetric)
-        q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).float()
+        if symmetric:  # zero point 0: the engine's += 0 and -= 0 only turn a -0 into +0, no error bit changes
+            q = (obs / s.unsqueeze(-1)).clamp_(q_min, q_max).round_().mul_(s.unsqueeze(-1)).float()
+        else:
+            q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).float()
         q.sub_(obs_f).abs_().pow_(norm)
         if imp is not None:
             q.mul_(imp)
