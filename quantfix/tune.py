@@ -166,7 +166,7 @@ def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype
     first = next(iter(todo.values()))
     log.info("AutoRound: tuning %d modules (%d iterations per block, %d calibration samples, %d block layouts, "
              "torch.compile %s%s)", len(todo), iters, len(data) * bs, layouts,
-             compile_words(compiled, "enable_alg_ext" in kwargs),
+             compile_words(compiled, bool(kwargs.get("enable_alg_ext"))),
              ", algorithm extension" if kwargs.get("enable_alg_ext") else "")
     try:
         ar = AutoRound(work, tokenizer, bits=first.bits, group_size=first.group_size or -1, sym=first.symmetric,

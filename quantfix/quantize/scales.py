@@ -85,8 +85,12 @@ def _calc_qparams(mn: Tensor, mx: Tensor, bits: int, symmetric: bool) -> tuple[T
     return scales, zps
 
 
-def _qdq(x: Tensor, scale: Tensor, zp: Tensor, q_min: Tensor, q_max: Tensor) -> Tensor:
-    """compressed-tensors `_quantize_dequantize` (INT): clamp, round half-to-even, rescale."""
+def _qdq(x: Tensor, scale: Tensor, zp: Tensor | None, q_min: Tensor, q_max: Tensor) -> Tensor:
+    """compressed-tensors `_quantize_dequantize` (INT): clamp, round half-to-even, rescale. ``zp`` None:
+    a symmetric grid's zero point 0 left out (the engine's += 0 / -= 0 only turn a -0 into +0: the
+    searches' errors come out the same bits)."""
+    if zp is None:
+        return (x / scale).clamp_(q_min, q_max).round_().mul_(scale)
     scaled = x / scale
     scaled += zp.to(x.dtype)
     if scaled.dtype != scale.dtype:  # never in the searches (scale has the weight's dtype)
@@ -136,7 +140,7 @@ def _search_mse(obs: Tensor, bits: int, symmetric: bool, maxshrink: float, patie
         p = 1 - i / grid
         smin, smax = min_val * p, max_val * p
         s, z = _calc_qparams(smin, smax, bits, symmetric)
-        q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).to(obs.dtype)
+        q = _qdq(obs, s.unsqueeze(-1), None if symmetric else z.unsqueeze(-1), q_min, q_max).to(obs.dtype)
         err = torch.sum(q.sub_(obs).abs_().pow_(norm), dim=(0, -1))
         improved = err < best_error
         if torch.any(improved):
@@ -161,10 +165,7 @@ def _imatrix_steps(obs: Tensor, bits: int, symmetric: bool, imp: Tensor | None, 
         p = 1 - i / grid
         smin, smax = p * min_val, p * max_val
         s, z = _calc_qparams(smin, smax, bits, symmetric)
-        if symmetric:  # zero point 0: the engine's += 0 and -= 0 only turn a -0 into +0, no error bit changes
-            q = (obs / s.unsqueeze(-1)).clamp_(q_min, q_max).round_().mul_(s.unsqueeze(-1)).float()
-        else:
-            q = _qdq(obs, s.unsqueeze(-1), z.unsqueeze(-1), q_min, q_max).float()
+        q = _qdq(obs, s.unsqueeze(-1), None if symmetric else z.unsqueeze(-1), q_min, q_max).float()
         q.sub_(obs_f).abs_().pow_(norm)
         if imp is not None:
             q.mul_(imp)
