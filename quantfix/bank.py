@@ -169,13 +169,14 @@ class WeightBank:
         every planned module that reads the input, whichever were asked for: the float rounding
         depends on the stack's shape, so a module's simulated weight must not depend on which
         trials came before (a resumed run measures what the uninterrupted one did). On the CPU the
-        jobs run in parallel, one thread each (the same arithmetic whatever the number of jobs).
+        jobs run in parallel, one thread each (the same arithmetic whatever the number of jobs); on an
+        accelerator one after another, their imatrix scales searched first, many modules at once.
         ``out``: a dict that receives the results instead of the bank keeping them."""
         jobs = self._jobs(items)
         if not jobs:
             return
-        on_cpu = all(weight_device(self.modules[names[0]]).type == "cpu" for _, names in jobs.values())
-        if not on_cpu:
+        if not self._on_cpu(jobs):
+            self._search_scales_together(jobs)
             for ps, names in jobs.values():
                 self._run_job(ps, names, out=out)
             return
@@ -212,6 +213,16 @@ class WeightBank:
             else:
                 jobs.setdefault(("one", n, p), ([p], [n]))
         return jobs
+
+    def _on_cpu(self, jobs) -> bool:
+        return all(weight_device(self.modules[names[0]]).type == "cpu" for _, names in jobs.values())
+
+    def _search_scales_together(self, jobs) -> None:
+        """An accelerator's scale searches for ``jobs``, batched across modules
+        (``algorithms.search_scales_together``): the jobs then find their scales searched."""
+        algorithms.search_scales_together([(lambda n=n: self.original(n), self.originals[n].numel(), p,
+                                            self._inputs(n, p)) for ps, names in jobs.values() for p in ps
+                                           if algorithms.get(p.algorithm).observer == "imatrix" for n in names])
 
     def _keep(self, name: str, q: torch.Tensor) -> torch.Tensor:
         """A simulation as kept: in the weight's own dtype, on its accelerator while there is room."""

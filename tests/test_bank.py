@@ -143,3 +143,32 @@ def test_weights_tuned_again_for_the_live_precision_are_applied():
     bank.use_tuned(plan, first)  # the first tuning kept after all: served again
     assert bank.apply(plan, progress=False) == len(names)
     assert all(torch.equal(mods[n].weight, first[n].to(mods[n].weight.dtype)) for n in names)
+
+
+def test_an_accelerator_searches_every_modules_scales_of_a_width_at_once(monkeypatch):
+    """On an accelerator each scale search is a short sequence of tiny kernels (the demo's 2100 took 31
+    of an H100's 54 s of option simulation): the bank searches all modules' imatrix scales of a width in
+    one batched search before the jobs run, and the options (imatrix and GPTQ, which starts from the same
+    scales) come out bit for bit as the CPU's search per module makes them."""
+    from quantfix.bank import WeightBank
+    from quantfix.plan import Precision
+    from quantfix.quantize import scales
+
+    model = tiny_llama(seed=4)
+    x = torch.randint(0, 384, (4, 32))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    stats = collect(model, x, names, batch_size=2, progress=False)
+    rungs = [(4, 64), (4, 32), (3, 64), (8, 0)]
+    options = {n: {f"{a}{b}/{g}": Precision(b, g, b != 3, a) for b, g in rungs for a in ("imatrix", "gptq_imatrix")}
+               for n in names}
+    per_module = WeightBank(model, names, stats).simulate_options(options)
+    single, many = [], []
+    real_one, real_many = scales.search_qparams, scales.search_imatrix_many
+    monkeypatch.setattr(scales, "search_qparams", lambda *a, **k: single.append(a[1:4]) or real_one(*a, **k))
+    monkeypatch.setattr(scales, "search_imatrix_many", lambda *a, **k: many.append(a[1:4]) or real_many(*a, **k))
+    monkeypatch.setattr(WeightBank, "_on_cpu", lambda self, jobs: False)
+    batched = WeightBank(model, names, stats).simulate_options(options)
+    assert sorted(many) == sorted((b, g, b != 3) for b, g in rungs) and single == []
+    for n in names:
+        for label in options[n]:
+            assert torch.equal(batched[n][label], per_module[n][label]), (n, label)

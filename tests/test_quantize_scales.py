@@ -219,3 +219,43 @@ def test_imatrix_search_copies_no_host_value_to_the_device(monkeypatch):
     got = search_qparams(W, 3, 64, True, "imatrix", importance=imp)
     assert made == [] and len(reads) == 1
     assert_same(got, want)
+
+
+@pytest.mark.parametrize("patience", [5, 1, 0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits,gs,sym", CONFIGS)
+def test_imatrix_search_over_many_weights_equals_one_search_each(bits, gs, sym, dtype, patience, monkeypatch):
+    """Several weights' imatrix searches as one batched search (an accelerator's option simulation: one
+    kernel sequence instead of one per module and width) give each weight its own search's scales and
+    zero points bit for bit: weighted, unweighted, with an unusable importance (the library's fallback),
+    per channel at two row lengths, in batches of several weights and alone."""
+    from quantfix.quantize import scales
+
+    shapes = [(64, 128), (32, 128), (16, 256), (48, 128), (8, 256)]
+    Ws = [heavy_weight(100 * k + bits + gs, dtype, out=o, inp=i) for k, (o, i) in enumerate(shapes)]
+    imps = [importance_from_activations(activations(k + gs, inp=i)) for k, (_, i) in enumerate(shapes)]
+    imps[1], imps[3] = None, torch.zeros(128)
+    want = [search_qparams(W, bits, gs, sym, "imatrix", importance=i, patience=patience) for W, i in zip(Ws, imps)]
+    monkeypatch.setattr(scales, "BATCH_ELEMENTS", 64 * 128 + 32 * 128)  # batches of two and three, one alone
+    got = scales.search_imatrix_many(Ws, bits, gs, sym, imps, patience=patience)
+    for g, w in zip(got, want):
+        assert_same(g, w)
+
+
+def test_imatrix_search_over_many_weights_stops_each_where_its_own_search_stops():
+    """A weight whose search stops early (patience 1) batched with one that keeps improving: each gets
+    its own search's stop. The batch's stop (no group of either weight improving) would let the first
+    run on to another scale."""
+    from quantfix.quantize import scales
+
+    W1 = torch.randn(1, 8, generator=torch.Generator().manual_seed(90))
+    W2 = heavy_weight(5, torch.float32, out=64, inp=8)
+    stopped = search_qparams(W1, 3, 8, False, "imatrix", patience=1)
+    assert not torch.equal(stopped[0], search_qparams(W1, 3, 8, False, "imatrix", patience=0)[0])
+    got = scales.search_imatrix_many([W1, W2], 3, 8, False, [None, None], patience=1)
+    assert_same(got[0], stopped)
+    assert_same(got[1], search_qparams(W2, 3, 8, False, "imatrix", patience=1))
+    obs = torch.cat([scales._observed(W, 8).reshape(1, -1, 1, 8) for W in (W1, W2)], dim=1)
+    mn, mx = scales._replay_imatrix(obs, 3, False, None, (obs.amin(dim=(0, -1)), obs.amax(dim=(0, -1))),
+                                    (0.95, 1, 20, 3.0))
+    assert not torch.equal(scales._calc_qparams(mn[:1], mx[:1], 3, False)[0], stopped[0])

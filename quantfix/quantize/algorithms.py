@@ -231,6 +231,40 @@ def _qparams(W, p, inputs: SimInputs, method: str):
     return entry.value
 
 
+def search_scales_together(items) -> None:
+    """The imatrix scales of many modules and widths at once, put in each module's scale cache
+    (``SimInputs.qparams_cache``) where ``_qparams`` then finds them: one batched grid search per width
+    (``scales.search_imatrix_many``, the same scales bit for bit) instead of one per module and width.
+    For accelerators, where each search is a short sequence of tiny kernels. ``items``: (a function
+    fetching the float weight to where it is searched, its number of elements, its precision, its
+    SimInputs); a batch's weights are fetched when it runs (within ``scales.BATCH_ELEMENTS``), never all
+    at once. Other observers, scales already cached and inputs without a dtype are left to ``_qparams``."""
+    todo: Dict[tuple, dict] = {}
+    for fetch, numel, p, inputs in items:
+        if get(p.algorithm).observer != "imatrix" or inputs.qparams_cache is None or inputs.dtype is None:
+            continue
+        key = ("imatrix", p.bits, p.group_size, p.symmetric, inputs.dtype)
+        if key not in inputs.qparams_cache:
+            todo.setdefault(key, {})[id(inputs.qparams_cache)] = (fetch, numel, inputs)
+    for key, entries in todo.items():
+        _, bits, group_size, symmetric, dtype = key
+        found, batch, size = list(entries.values()), [], 0
+        for k, (fetch, numel, inputs) in enumerate(found):
+            batch.append((fetch, inputs))
+            size += numel
+            if k + 1 < len(found) and size + found[k + 1][1] <= scales.BATCH_ELEMENTS:
+                continue
+            results = scales.search_imatrix_many([f().to(dtype) for f, _ in batch], bits, group_size, symmetric,
+                                                 [inp.importance() for _, inp in batch])
+            for (_, inp), value in zip(batch, results):
+                entry = _Searching()
+                entry.value = value
+                entry.done.set()
+                with _QP_LOCK:
+                    inp.qparams_cache.setdefault(key, entry)
+            batch, size = [], 0
+
+
 def _search(W, p, inputs: SimInputs, method: str):
     imp = inputs.importance() if method == "imatrix" else None
     return scales.search_qparams(W, p.bits, p.group_size, p.symmetric, method, importance=imp)
