@@ -1,0 +1,100 @@
+"""The option simulation (the budget ladder's imatrix and GPTQ options of every module, what the diagnosis
+scores) on a random-weight model of the demo's shape: the imatrix scale searches one per module and width,
+against one batched search per width (``scales.search_imatrix_many``, the accelerator path since 58a4a33).
+Both in one process, alternating, each on a fresh bank; the simulated weights are compared bit for bit.
+
+    python scripts/bench_option_sim.py [--device cuda] [--layers 30] [--calib 32] [--out benchmarks/option_sim.json]
+    python scripts/bench_option_sim.py --device cpu --layers 2 --calib 4 --accelerator-path --out /tmp/o.json  # a smoke run
+
+Prints a table and writes JSON (seconds per run, how many searches each made, whether the weights agree).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quantfix.bank import WeightBank
+from quantfix.calib import collect
+from quantfix.plan import Precision
+from quantfix.quantize import scales
+
+# the budget ladder's integer rungs (bits, group, symmetric) in both roundings the loop simulates
+RUNGS = [(2, 64, False), (3, 64, False), (3, 32, False), (4, 64, True), (4, 32, True), (5, 64, True), (6, 64, True),
+         (8, 0, True)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--calib", type=int, default=32, help="calibration windows of 512 random tokens")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--accelerator-path", action="store_true",
+                    help="on the CPU too, take the bank's accelerator path (jobs in turn, scales searched first)")
+    ap.add_argument("--out", default="benchmarks/option_sim.json")
+    a = ap.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dev = torch.device(a.device)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=a.layers, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if n.endswith("proj") and ".layers." in n]
+    ids = torch.randint(0, cfg.vocab_size, (a.calib, 512), generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    stats = collect(model, ids, names, batch_size=4, progress=False)
+    calib_s = time.perf_counter() - t
+    options = {n: {f"{alg}-{b}/{g}{'s' if s else 'a'}": Precision(b, g, s, alg) for b, g, s in RUNGS
+                   for alg in ("imatrix", "gptq_imatrix")} for n in names}
+    counts = {"one per module": 0, "batched": 0}
+    real_one, real_many = scales.search_qparams, scales.search_imatrix_many
+
+    def one(*args, **kw):
+        counts[mode] += 1
+        return real_one(*args, **kw)
+
+    def many(*args, **kw):
+        counts[mode] += 1
+        return real_many(*args, **kw)
+    scales.search_qparams, scales.search_imatrix_many = one, many
+    seconds: dict = {"one per module": [], "batched": []}
+    kept: dict = {}
+    together = WeightBank._search_scales_together
+    if a.accelerator_path:
+        WeightBank._on_cpu = lambda self, jobs: False
+    for _ in range(a.repeats):
+        for mode in ("one per module", "batched"):
+            WeightBank._search_scales_together = together if mode == "batched" else (lambda self, jobs: None)
+            bank = WeightBank(model, names, stats)
+            counts[mode] = 0
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = bank.simulate_options(options)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[mode].append(round(time.perf_counter() - t, 2))
+            kept[mode] = out
+            del bank
+    WeightBank._search_scales_together = together
+    same = all(torch.equal(kept["batched"][n][k], kept["one per module"][n][k]) for n in names for k in options[n])
+    result = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+              "model": f"random Llama {a.layers}x576 (the demo's shape)", "modules": len(names),
+              "options_per_module": len(RUNGS) * 2, "calibration_s": round(calib_s, 2), "seconds": seconds,
+              "searches_per_run": counts, "same_weights": same}
+    print(f"| scale searches | seconds per run | searches per run |\n|---|---|---|")
+    for mode in seconds:
+        print(f"| {mode} | {' / '.join(map(str, seconds[mode]))} | {counts[mode]} |")
+    print(f"same simulated weights, bit for bit: {same}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
