@@ -219,10 +219,11 @@ class WeightBank:
 
     def _search_scales_together(self, jobs) -> None:
         """An accelerator's scale searches for ``jobs``, batched across modules
-        (``algorithms.search_scales_together``): the jobs then find their scales searched."""
+        (``algorithms.search_scales_together``, which picks the searches it batches): the jobs then find
+        their scales searched."""
         algorithms.search_scales_together([(lambda n=n: self.original(n), self.originals[n].numel(), p,
                                             self._inputs(n, p)) for ps, names in jobs.values() for p in ps
-                                           if algorithms.get(p.algorithm).observer == "imatrix" for n in names])
+                                           for n in names])
 
     def _keep(self, name: str, q: torch.Tensor) -> torch.Tensor:
         """A simulation as kept: in the weight's own dtype, on its accelerator while there is room."""

@@ -248,21 +248,17 @@ def search_scales_together(items) -> None:
             todo.setdefault(key, {})[id(inputs.qparams_cache)] = (fetch, numel, inputs)
     for key, entries in todo.items():
         _, bits, group_size, symmetric, dtype = key
-        found, batch, size = list(entries.values()), [], 0
-        for k, (fetch, numel, inputs) in enumerate(found):
-            batch.append((fetch, inputs))
-            size += numel
-            if k + 1 < len(found) and size + found[k + 1][1] <= scales.BATCH_ELEMENTS:
-                continue
-            results = scales.search_imatrix_many([f().to(dtype) for f, _ in batch], bits, group_size, symmetric,
-                                                 [inp.importance() for _, inp in batch])
-            for (_, inp), value in zip(batch, results):
+        found = list(entries.values())
+        for group in scales.batches([numel for _, numel, _ in found]):
+            batch = [found[k] for k in group]
+            results = scales.search_imatrix_many([f().to(dtype) for f, _, _ in batch], bits, group_size, symmetric,
+                                                 [inp.importance() for _, _, inp in batch])
+            for (_, _, inp), value in zip(batch, results):
                 entry = _Searching()
                 entry.value = value
                 entry.done.set()
                 with _QP_LOCK:
                     inp.qparams_cache.setdefault(key, entry)
-            batch, size = [], 0
 
 
 def _search(W, p, inputs: SimInputs, method: str):

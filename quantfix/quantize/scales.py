@@ -295,6 +295,22 @@ def search_qparams(W: Tensor, bits: int, group_size: int, symmetric: bool, metho
 BATCH_ELEMENTS = 2 ** 25
 
 
+def batches(sizes: list, limit: int | None = None) -> list:
+    """Consecutive indexes of ``sizes`` grouped so that each group's total stays within ``limit``
+    (default ``BATCH_ELEMENTS``); an item larger than the limit is a group of its own."""
+    limit = BATCH_ELEMENTS if limit is None else limit
+    out: list = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if out and total + n <= limit:
+            out[-1].append(i)
+            total += n
+        else:
+            out.append([i])
+            total = n
+    return out
+
+
 @torch.no_grad()
 def search_imatrix_many(Ws: list, bits: int, group_size: int, symmetric: bool, importances: list,
                         **observer_kwargs) -> list:
@@ -306,7 +322,7 @@ def search_imatrix_many(Ws: list, bits: int, group_size: int, symmetric: bool, i
     (tests). On an accelerator one batch is one short kernel sequence where each search was its own (the
     demo's 2100 imatrix searches at 15 ms each were 31 of the option simulation's 54 s on an H100)."""
     kw = _kwargs(_IMATRIX_DEFAULTS, observer_kwargs)
-    _imatrix_settings(kw)  # checked before any search
+    settings = _imatrix_settings(kw)  # checked before any search
     out: list = [None] * len(Ws)
     buckets: dict = {}
     for i, W in enumerate(Ws):
@@ -317,24 +333,21 @@ def search_imatrix_many(Ws: list, bits: int, group_size: int, symmetric: bool, i
             raise ValueError(f"in_features {W.shape[-1]} is not divisible by group_size {group_size}")
         buckets.setdefault((g, W.dtype, W.device), []).append(i)
     for (g, _, _), idx in buckets.items():
-        chunk: list = []
-        for n, i in enumerate(idx):
-            chunk.append(i)
-            if n + 1 < len(idx) and sum(Ws[j].numel() for j in chunk) + Ws[idx[n + 1]].numel() <= BATCH_ELEMENTS:
-                continue
+        for group in batches([Ws[i].numel() for i in idx]):
+            chunk = [idx[k] for k in group]
             if len(chunk) == 1:  # alone: the single search (no copy of its importance per row)
-                out[i] = search_qparams(Ws[i], bits, group_size, symmetric, "imatrix", importances[i], **kw)
+                out[chunk[0]] = search_qparams(Ws[chunk[0]], bits, group_size, symmetric, "imatrix",
+                                               importances[chunk[0]], **kw)
             else:
-                _search_chunk(Ws, importances, chunk, (bits, group_size, symmetric, g), kw, out)
-            chunk = []
+                _search_chunk(Ws, importances, chunk, (bits, group_size, symmetric, g), settings, out)
     return out
 
 
-def _search_chunk(Ws: list, importances: list, chunk: list, spec: tuple, kw: dict, out: list) -> None:
-    """One batched imatrix search over the weights ``chunk`` indexes (same group length ``g``); results
-    into ``out``."""
+def _search_chunk(Ws: list, importances: list, chunk: list, spec: tuple, settings: tuple, out: list) -> None:
+    """One batched imatrix search over the weights ``chunk`` indexes (same group length ``g``; ``settings``
+    as ``_imatrix_settings`` returns them); results into ``out``."""
     bits, group_size, symmetric, g = spec
-    maxshrink, patience, grid, norm, expand = _imatrix_settings(kw)
+    maxshrink, patience, grid, norm, expand = settings
     obs = torch.cat([_observed(Ws[i].detach(), group_size).reshape(1, -1, 1, g) for i in chunk], dim=1)
     imps = [_prepare_importance(importances[i], Ws[i], group_size) for i in chunk]
     imp = None
