@@ -323,7 +323,17 @@ class PredictivePlanner:
         self.kld[n] = {q: k for _, k, q in [cur] + pts}
         if self.space.floor is None:
             return cur, pts
-        allowed = [pt for pt in [cur] + pts if pt[2].is_float or pt[0] >= self.space.floor * numel - 1e-6]
+        # budget mode: an uncalibrated plan 0 (RTN) stays a choice only where no option stores the same
+        # width rounded with the calibration data, which is at least as good on the data by construction
+        # (imatrix's clipping grid starts at the unclipped range, RTN's; GPTQ corrects RTN's error). A
+        # module's Fisher score could still rank RTN lower, and plans from a W3g64 RTN start kept 5-14
+        # RTN modules (demo at 3.43 bits, this CPU)
+        if not p.is_float and not p.alg.calibrated and any(
+                q.alg.calibrated and (q.bits, q.group_size, q.symmetric) == (p.bits, p.group_size, p.symmetric)
+                for _, _, q in pts):
+            cur = None
+        allowed = [pt for pt in ([cur] if cur else []) + pts
+                   if pt[2].is_float or pt[0] >= self.space.floor * numel - 1e-6]
         start = min(allowed, key=lambda t: (t[0], t[1]))
         return start, [pt for pt in allowed if pt is not start]
 

@@ -143,9 +143,16 @@ def test_the_simple_plans_are_measured_even_when_predicted_worse():
     search = BudgetSearch(trials, plan, diag, options, 4.6, ladder)
     must = [c for c in search.candidates() if c.must]
     assert must[0].name == "search" and any(c.name.startswith("floor") for c in must)
-    assert any(c.name.startswith("uniform") for c in must)
-    search.run()
     from quantfix.trials import plan_key
+
+    # the widest uniform plan in its best rounding is a must, by whatever name (here the highest floor's
+    # plan is the same plan: every module at W4g64 imatrix)
+    uniform = search._unique(search._uniform())
+    widest = max(c.plan.avg_bits for c in uniform)
+    best_uniform = min((c for c in uniform if c.plan.avg_bits == widest), key=lambda c: c.raw)
+    assert best_uniform.name.startswith("uniform")
+    assert plan_key(best_uniform.plan) in {plan_key(c.plan) for c in must}
+    search.run()
 
     measured = {plan_key(r.plan) for r in trials.records}  # plan 0 included: a floor may be plan 0 itself
     assert all(plan_key(c.plan) in measured for c in must)
@@ -204,3 +211,26 @@ def test_a_plans_prediction_is_corrected_by_what_its_measured_neighbour_missed()
         search.learn(p, truth(p))
     assert search.predicted(mixed_b) == pytest.approx(truth(mixed_b), rel=0.15)
     assert abs(search.predict(search.raw(mixed_b)) / truth(mixed_b) - 1) > 0.25  # without the neighbour's residual
+
+
+def test_a_budget_plan_does_not_keep_plan_0s_rtn_where_the_ladder_rounds_the_same_width_with_the_data():
+    """Plan 0 is W4g64 RTN; the ladder holds W4g64 in imatrix, whose (noisy) Fisher score reads a little
+    above RTN's. The budget planner starts each module at the cheapest point: the calibrated rounding
+    at that width, never RTN's (a W3g64 RTN start kept RTN modules so). The threshold search still
+    starts from plan 0 itself."""
+    plan = _plan()
+
+    def kld_of(p):
+        return _kld(p) + (0.02 if p.algorithm == "imatrix" and p.bits == 4 else 0.0)
+
+    diag, options, _ = _diagnosis(plan, kld_of)
+    sens = diag.sensitivity
+    floor4 = PredictivePlanner(plan, sens.option_base, sens.options, options, [], Space(floor=rung_bits("4/64")))
+    start = floor4.plan_at(0).modules
+    assert {(p.bits, p.algorithm) for p in start.values()} == {(4, "imatrix")}
+    assert floor4.bits_at(0) == pytest.approx(plan.avg_bits)  # the same width: no bits spent on the swap
+    full = PredictivePlanner(plan, sens.option_base, sens.options, options, [], Space(floor=0.0))
+    for i in range(len(full.steps) + 1):
+        assert all(p.algorithm != "rtn" for p in full.plan_at(i).modules.values() if not p.is_float)
+    plain = PredictivePlanner(plan, sens.option_base, sens.options, options, [])
+    assert plain.plan_at(0).modules == plan.modules

@@ -118,11 +118,13 @@ def test_domain_gap_recalibration_is_measured_and_kept_only_when_it_helps(compos
     assert again["recalibration"]["kept"] == rec["kept"]
 
 
-def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_a_calibrated_probe(compose, tiny_dir, tmp_path,
-                                                                                 monkeypatch):
+def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_the_calibrated_probes(compose, tiny_dir, tmp_path,
+                                                                                   monkeypatch):
     """Plan 0 in RTN does not change with the calibration data, so the recalibration is judged by plan 0's
-    widths in the loop's first calibrated algorithm, measured before and after (two trials), and the
-    search still starts from plan 0's own trial: its first candidate changes plan 0, not the probe."""
+    widths in each calibrated algorithm of loop.algorithms (imatrix, gptq_imatrix), each measured before
+    and after (four trials), the best before against the best after (imatrix alone judged it once and kept
+    data that made every GPTQ plan worse), and the search still starts from plan 0's own trial: its first
+    candidate changes plan 0, not a probe."""
     from quantfix.diagnose import rules
     from quantfix.diagnose.findings import Finding
 
@@ -139,16 +141,19 @@ def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_a_calibrated_probe(c
         "diagnose.domain_seq_len": 32}))
     report = run(cfg, tmp_path / "run")
     rec, its = report["recalibration"], report["iterations"]
-    checks = its[1:3]
-    assert [c["action"].split(",")[0] for c in checks] == ["recalibration check: plan 0's widths in imatrix"] * 2
-    assert checks[0]["plan_summary"] == checks[1]["plan_summary"] != its[0]["plan_summary"]
-    assert rec["probe"] == "plan 0's widths in imatrix"
-    assert (rec["kld_before"], rec["kld_after"]) == (pytest.approx(checks[0]["metrics"]["kld_mean"], abs=1e-5),
-                                                     pytest.approx(checks[1]["metrics"]["kld_mean"], abs=1e-5))
+    checks = its[1:5]
+    assert [c["action"].split(",")[0] for c in checks] == [
+        "recalibration check: plan 0's widths in imatrix", "recalibration check: plan 0's widths in gptq_imatrix"] * 2
+    assert checks[0]["plan_summary"] == checks[2]["plan_summary"] != its[0]["plan_summary"]
+    assert checks[1]["plan_summary"] == checks[3]["plan_summary"] != checks[0]["plan_summary"]
+    assert rec["probe"] == "the best of plan 0's widths in imatrix / plan 0's widths in gptq_imatrix"
+    kld = [c["metrics"]["kld_mean"] for c in checks]
+    assert (rec["kld_before"], rec["kld_after"]) == (pytest.approx(min(kld[:2]), abs=1e-5),
+                                                     pytest.approx(min(kld[2:]), abs=1e-5))
     assert rec["kept"] == (rec["kld_after"] < rec["kld_before"])
     assert (tmp_path / "run" / "diagnosis_full_recalibrated.json").exists() == rec["kept"]
-    assert its[3]["plan_summary"] not in (its[0]["plan_summary"], checks[0]["plan_summary"])  # the search's own
-    assert len(its) == 4 + 2  # the checks are not taken from the search's loop.max_iters=4
+    assert its[5]["plan_summary"] not in [its[0]["plan_summary"]] + [c["plan_summary"] for c in checks]  # the search's
+    assert len(its) == 4 + 4  # the checks are not taken from the search's loop.max_iters=4
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "arc_easy").exists(), reason="needs ../shared/data")
