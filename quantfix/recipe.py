@@ -444,7 +444,7 @@ class Recipe:
         windows the calibration goes back to what it was: a gap read off a broken plan 0 can name a domain
         whose data only dilutes the deployment text's (Gemma-3-270M from W3g64 RTN: uniform W4g64 GPTQ
         measured 0.153 calibrated on C4 alone, 0.208 after the recalibration; the demo from W3g64 RTN on
-        the CPU: imatrix at plan 0's widths 1.216 -> 1.184 with WikiText-2 added, GPTQ 0.873 -> 0.945, and
+        the CPU: imatrix at plan 0's widths 1.216 -> 1.184 with HumanEval added, GPTQ 0.873 -> 0.945, and
         the 3.43-bit plans 0.52 -> 0.68 when imatrix alone judged). The deployment text itself
         (calibration_mismatch) is not judged."""
         findings = self.diagnosis.findings
