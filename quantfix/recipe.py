@@ -438,15 +438,12 @@ class Recipe:
         algorithm learns from the calibration data, and diagnose again (the options' scores depend
         on the statistics). Returns plan 0 with the calibration it is now measured with, and its trial.
 
-        A missing domain is a hypothesis, so it is measured: calibrated plans at plan 0's widths (plan 0
-        itself when calibrated, else plan 0's widths in each calibrated algorithm of loop.algorithms) before
-        and after, the best of them compared. When the new data does not lower the best KLD on the eval
-        windows the calibration goes back to what it was: a gap read off a broken plan 0 can name a domain
-        whose data only dilutes the deployment text's (Gemma-3-270M from W3g64 RTN: uniform W4g64 GPTQ
-        measured 0.153 calibrated on C4 alone, 0.208 after the recalibration; the demo from W3g64 RTN on
-        the CPU: imatrix at plan 0's widths 1.216 -> 1.184 with HumanEval added, GPTQ 0.873 -> 0.945, and
-        the 3.43-bit plans 0.52 -> 0.68 when imatrix alone judged). The deployment text itself
-        (calibration_mismatch) is not judged."""
+        A missing domain is a hypothesis, so it is measured: plan 0 when calibrated, else plan 0's widths in
+        each calibrated algorithm of loop.algorithms, before and after, the best compared. When the best KLD
+        on the eval windows does not drop the calibration goes back: a gap read off a broken plan 0 can name
+        a domain that only dilutes the data (Gemma-3-270M from W3g64 RTN: uniform W4g64 GPTQ 0.153 -> 0.208;
+        the demo from W3g64 RTN with HumanEval added: imatrix 1.216 -> 1.184, GPTQ 0.873 -> 0.945, the
+        3.43-bit plans 0.52 -> 0.68 when imatrix alone judged). calibration_mismatch is not judged."""
         findings = self.diagnosis.findings
         gap = next((f for f in findings if f.kind == "calibration_mismatch"), None) or \
             next((f for f in findings if f.kind == "domain_gap"), None)
@@ -463,8 +460,7 @@ class Recipe:
         befores = [rec0]
         if judged and not own:
             self.trials.grant(2 * len(probes))  # measurements the search does not pay for
-            befores = [self.trials(p, action=f"recalibration check: {n}, calibrated on {before}", drivers={gap.kind: 1})
-                       for p, n in zip(probes, names)]
+            befores = self._measure_probes(probes, names, gap.kind)
         log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)
         self.stats = self._recalibrate(gap.source)
         aside = self.bank.use_stats(self.stats)  # served again if the recalibration is undone
@@ -472,15 +468,8 @@ class Recipe:
         self.report.recalibration = r = Recalibration(gap.finding, before, list(self.data.calibration_domains),
                                                       self.diagnosis.domains)
         context = self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
-        rec = rec0
-        afters = []
-        if own:  # measured again
-            rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1})
-            afters = [rec]
-        elif judged:
-            afters = [self.trials(p, drivers={gap.kind: 1},
-                                  action=f"recalibration check: {n}, calibrated on {list(self.data.calibration_domains)}")
-                      for p, n in zip(probes, names)]
+        rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1}) if own else rec0
+        afters = [rec] if own else self._measure_probes(probes, names, gap.kind) if judged else []
         if judged:
             kld = lambda recs: min(x.metrics.kld_mean for x in recs)  # noqa: E731
             r.kld_before, r.kld_after = kld(befores), kld(afters)
@@ -499,6 +488,12 @@ class Recipe:
         self.diagnosis = self._diagnose(plan0, rec, options, journal="diagnosis_full_recalibrated.json")
         r.domains_after_ppl = self.diagnosis.domains
         return plan0, rec
+
+    def _measure_probes(self, probes: List[Plan], names: List[str], kind: str) -> List[TrialRecord]:
+        """One trial per probe of a recalibration check, with the calibration data it is measured on."""
+        domains = list(self.data.calibration_domains)
+        return [self.trials(p, action=f"recalibration check: {n}, calibrated on {domains}", drivers={kind: 1})
+                for p, n in zip(probes, names)]
 
     def _calibrated_probes(self, plan0: Plan) -> List[Plan]:
         """The plans a recalibration is judged by: plan 0 when its algorithm learns from the calibration

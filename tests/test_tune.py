@@ -134,7 +134,9 @@ def test_budget_mode_tunes_the_best_candidates_and_ships_the_lowest(compose, tin
     """loop.tune_candidates=3: the three measured plans within the budget with the lowest KLD are
     each tuned; the lowest KLD measured ships, exported with its own tuned weights: here the first
     tuning is kept and the later ones (made worse: every code one step up, still on the grid) share
-    modules at one precision with it in the bank."""
+    modules at one precision with it in the bank. The search rounds with imatrix alone: with GPTQ too its
+    best plan measured within 0.4% of the first tuning on this model (0.004725 vs 0.004705), a margin the
+    suite's thread count could flip; imatrix alone, 0.0078 vs 0.0056."""
     real, calls = autoround.tune, []
 
     def tune(model, tokenizer, plan, samples, dtype, settings):
@@ -157,7 +159,7 @@ def test_budget_mode_tunes_the_best_candidates_and_ships_the_lowest(compose, tin
         "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
         "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": budget,
         "loop.max_iters": 5, "loop.tune": "autoround", "loop.tune_iters": 4, "loop.tune_batch_size": 4,
-        "loop.tune_candidates": 3}))
+        "loop.tune_candidates": 3, "loop.algorithms": "[imatrix]"}))
     report = run(cfg, tmp_path / "run")
     its = report["iterations"]
     tuned = [it for it in its if it.get("tuned_from") is not None]
