@@ -455,7 +455,7 @@ class Recipe:
         old = (self.stats, self.data.samples, self.data.calibration_domains)
         probes = self._calibrated_probes(plan0)
         judged = gap.kind == "domain_gap" and bool(probes)  # the deployment text itself is not judged
-        own = probes == [plan0]  # plan 0 learns from the data: it is its own probe
+        own = bool(probes) and probes[0] is plan0  # plan 0 learns from the data: its own probe
         names = ["plan 0" if own else getattr(p, "note", "") for p in probes]
         befores = [rec0]
         if judged and not own:
