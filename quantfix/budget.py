@@ -192,8 +192,9 @@ class BudgetSearch:
                 break
             tried.add(plan_key(c.plan))
             self.searched = self.searched or c.name == "search"
-            rec = self.trial(c.plan, self.plan0, predicted=guess, budget_avg_bits=self.budget,
-                             action=f"budget candidate: {c.name}", actions=_kinds(self.plan0, c.plan))
+            rec = self.trial.earlier(c.plan) or self.trial(  # a recalibration's probe may be a candidate
+                c.plan, self.plan0, predicted=guess, budget_avg_bits=self.budget, action=f"budget candidate: {c.name}",
+                actions=_kinds(self.plan0, c.plan))
             recs.append(rec)
             self.learn(c.plan, rec.metrics.kld_mean)
         best = self._best(recs)

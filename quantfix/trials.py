@@ -66,6 +66,7 @@ class Trials:
         self.warnings: List[str] = []
         self._granted = 0  # trials beyond loop.max_iters (grant)
         self._context: List[str] = []  # what changed the weights a plan gets (recalibration, re-rounding)
+        self._by_key: Dict[str, TrialRecord] = {}  # this run's trials of plans (not tunings), by journal key
         self.memo: Dict[str, Dict[str, Any]] = self._replay() if setup.resume else {}
         setup.journal.unlink(missing_ok=True)  # rewritten with the trials kept: no foreign lines stay
         if self.memo:
@@ -122,6 +123,12 @@ class Trials:
         recalibration's check of a plan the search will not ship): the search keeps its own count."""
         self._granted += n
 
+    def earlier(self, plan: Plan) -> Optional[TrialRecord]:
+        """This run's trial of ``plan`` with the weights it would get now (same plan, same
+        calibration context; a tuning never counts), or None: a plan measured once is not measured
+        again (a recalibration check's probe that the budget search also proposes)."""
+        return self._by_key.get(plan_key(plan, "; ".join(self._context)))
+
     @property
     def last(self) -> TrialRecord:
         return self.records[-1]
@@ -152,6 +159,8 @@ class Trials:
             r.predicted_kld = round(predicted, 5)
             r.prediction_error_pct = round(100 * (predicted / max(m.kld_mean, 1e-12) - 1), 1)
         self.records.append(r)
+        if not fresh:
+            self._by_key[key] = r
         log.info("trial %d: %s | avg bits %.2f | PPL %.3f | KLD %.4f | %s", r.id, plan.summary_str(), plan.avg_bits,
                  m.ppl, m.kld_mean, "PASS" if not fails else "; ".join(fails))
         return r

@@ -10,7 +10,7 @@ from quantfix.config import rung_bits
 from quantfix.evaluate import Metrics
 from quantfix.plan import Plan, Precision
 from quantfix.planner import Ladder, PredictivePlanner, Space, ladder_options
-from quantfix.trials import record
+from quantfix.trials import plan_key, record
 from tests.conftest import run_report as run
 from tests.conftest import tiny_overrides
 
@@ -45,6 +45,9 @@ class FakeTrials:
     @property
     def last(self):
         return self.records[-1]
+
+    def earlier(self, plan):
+        return next((r for r in self.records if plan_key(r.plan) == plan_key(plan)), None)
 
     def __call__(self, plan, prev=None, predicted=None, **why):
         k = self.truth(plan)
@@ -113,6 +116,31 @@ def test_the_low_bit_multiplier_is_learned_from_the_measurements():
     # once learned, the prediction of a measured plan with W3 modules is close to its measurement
     rec = next(r for r in trials.records if any(q.bits == 3 for q in r.plan.modules.values()))
     assert search.predict(search.raw(rec.plan)) == pytest.approx(rec.metrics.kld_mean, rel=0.35)
+
+
+def test_a_candidate_measured_before_the_search_is_not_measured_again():
+    """A recalibration's check measures plan 0's widths in a calibrated rounding before the search;
+    the search proposes the same plan as its uniform candidate: it takes that trial (no second
+    measurement, no trial of loop.max_iters spent on it) and may ship it."""
+    plan = _plan()
+    diag, options, ladder = _diagnosis(plan, _kld)
+    trials = FakeTrials(lambda p: sum(_kld(q) for q in p.modules.values()) * (0.5 if _uniform4(p) else 1.0),
+                        max_iters=4)
+    trials(plan)
+    search = BudgetSearch(trials, plan, diag, options, 4.6, ladder)
+    probe = next(c for c in search.candidates() if _uniform4(c.plan))
+    assert probe.must  # a plan the search measures whatever its prediction (the highest floor)
+    trials(probe.plan, action="recalibration check: plan 0's widths in imatrix")
+    trials.max_iters += 1  # the recipe grants the checks
+    result = search.run()
+    keys = [plan_key(r.plan) for r in trials.records]
+    assert keys.count(plan_key(probe.plan)) == 1 and len(keys) == len(set(keys))
+    assert plan_key(probe.plan) in {plan_key(p) for p, _ in search.measured}  # learned from like a candidate
+    assert result.chosen.action.startswith("recalibration check")  # the probe, half the others' KLD, ships
+
+
+def _uniform4(p):
+    return all(q.bits == 4 and q.algorithm == "imatrix" for q in p.modules.values())
 
 
 def test_a_budget_below_the_cheapest_rung_is_refused():
