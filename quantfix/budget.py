@@ -67,6 +67,7 @@ class BudgetSearch:
                  budget: float, ladder: Ladder, reserve: int = 0, start: Optional[TrialRecord] = None):
         sens = diagnosis.sensitivity
         self.trial, self.plan0, self.budget, self.ladder, self.reserve = trial, plan0, budget, ladder, reserve
+        self.options = options
         self._make = lambda space: PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options,
                                                      diagnosis.findings, space)
         self.table = self._make(Space(floor=0.0))  # unweighted scores of every scored precision
@@ -111,8 +112,12 @@ class BudgetSearch:
     def _refit(self) -> Tuple[float, float]:
         """The low-bit multiplier and the power law that best explain the measured plans. Two points
         fit the multiplier with the prior power (they cannot fit both); three or more fit both; the
-        multiplier moves only when the measured plans differ in their low-bit share."""
-        pts = [(plan, kld) for plan, kld in self.measured if kld > 0]
+        multiplier moves only when the measured plans differ in their low-bit share. A plan with
+        low-bit modules in a rounding no candidate may use (a W3g64 RTN plan 0 beside the ladder's
+        W3g64 in imatrix / GPTQ) is no point of the fit: it says nothing of the options the candidates
+        are made of, and it sits where the KLD saturates (the demo at 3.43 bits: plan 0 at 2.04 set
+        the multiplier to 0.5, from W4g64 it was 3, and the plans from W3g64 measured 0.578 vs 0.535)."""
+        pts = [(plan, kld) for plan, kld in self.measured if kld > 0 and self._low_bits_chosen(plan)]
         if not pts:
             return 1.0, PRIOR_POWER
         fixed = PRIOR_POWER if len(pts) < 3 else None
@@ -120,6 +125,17 @@ class BudgetSearch:
         if len(pts) >= 2 and len(shares) > 1:
             self.weight = min(WEIGHT_GRID, key=lambda w: _log_sse([(self.raw(p, w), k) for p, k in pts], fixed))
         return _fit([(self.raw(p), k) for p, k in pts], fixed)
+
+    def _low_bits_chosen(self, plan: Plan) -> bool:
+        """No low-bit module of ``plan`` is uncalibrated where an option rounds its width with the
+        calibration data (the planner's budget mode never chooses it: planner ``_points``)."""
+        for n, q in plan.modules.items():
+            if q.is_float or q.bits > LOW_BITS or q.alg.calibrated:
+                continue
+            if any(o.alg.calibrated and (o.bits, o.group_size, o.symmetric) == (q.bits, q.group_size, q.symmetric)
+                   for o in self.options.get(n, {}).values()):
+                return False
+        return True
 
     # ---- candidates -------------------------------------------------------------------------
     def candidates(self) -> List[Candidate]:

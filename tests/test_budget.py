@@ -143,6 +143,38 @@ def _uniform4(p):
     return all(q.bits == 4 and q.algorithm == "imatrix" for q in p.modules.values())
 
 
+def test_a_plan_0_in_a_rounding_no_candidate_uses_does_not_set_the_low_bit_multiplier():
+    """Plan 0 at W3g64 RTN (the ladder rounds W3g64 with the data: no candidate keeps RTN) measures
+    saturated, far above what its scores add to; the candidates' low-bit modules cost 3x their
+    scores. The multiplier and the power law come from the candidates alone: the same as a search
+    that never measured plan 0 (with plan 0 in the fit: multiplier 2 and power 2.0)."""
+    plan = _plan(6)
+    names = sorted(plan.modules)
+    w3rtn = plan.with_changes({n: Precision(3, 64, False, "rtn") for n in names})
+
+    def truth(p):
+        if any(q.algorithm == "rtn" and q.bits <= 3 for q in p.modules.values()):
+            return 2.0
+        return 0.2 * sum((3.0 if not q.is_float and q.bits <= 3 else 1.0) * _kld(q) for q in p.modules.values())
+
+    diag, options, ladder = _diagnosis(w3rtn, _kld)
+    by_bits = {q.bits: q for q in options[names[0]].values()}
+    a = w3rtn.with_changes({**{n: by_bits[3] for n in names[:4]}, **{n: by_bits[8] for n in names[4:]}})
+    b = w3rtn.with_changes({**{n: by_bits[3] for n in names[:2]}, **{n: by_bits[4] for n in names[2:]}})
+    trials = FakeTrials(truth)
+    trials(w3rtn)
+    search = BudgetSearch(trials, w3rtn, diag, options, 4.0, ladder)
+    for p in (a, b):
+        search.learn(p, truth(p))
+    alone = FakeTrials(truth)
+    alone(a)
+    without = BudgetSearch(alone, w3rtn, diag, options, 4.0, ladder)
+    without.learn(b, truth(b))
+    assert (search.weight, search.fit) == (without.weight, without.fit)
+    assert search.weight >= 3.0  # the candidates' own multiplier (the grid's nearest fit)
+    assert search.predict(search.raw(b)) == pytest.approx(truth(b), rel=0.05)
+
+
 def test_a_budget_below_the_cheapest_rung_is_refused():
     from quantfix.errors import QuantfixError
 
