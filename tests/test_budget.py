@@ -46,6 +46,9 @@ class FakeTrials:
     def last(self):
         return self.records[-1]
 
+    def grant(self, n=1):
+        self.max_iters += n
+
     def earlier(self, plan):
         return next((r for r in self.records if plan_key(r.plan) == plan_key(plan)), None)
 
@@ -175,6 +178,38 @@ def test_a_plan_0_in_a_rounding_no_candidate_uses_does_not_set_the_low_bit_multi
     assert search.predict(search.raw(b)) == pytest.approx(truth(b), rel=0.05)
 
 
+def test_a_plan_0_outside_the_fit_is_replaced_by_an_anchor_without_low_bit_modules():
+    """From W3g64 RTN the search first measures the cheapest uniform plan without low-bit modules (a
+    granted trial, over the budget so never shipped) and fits on it: the multiplier is then learned
+    from plans of different low-bit shares (demo, this CPU, 3.43 bits: 0.5246 -> 0.5121, the W4g64
+    start's plan). A W4g64 plan 0 is its own anchor: no extra trial."""
+    plan = _plan(6)
+    names = sorted(plan.modules)
+    w3rtn = plan.with_changes({n: Precision(3, 64, False, "rtn") for n in names})
+
+    def truth(p):
+        if any(q.algorithm == "rtn" and q.bits <= 3 for q in p.modules.values()):
+            return 2.0
+        return 0.2 * sum((3.0 if not q.is_float and q.bits <= 3 else 1.0) * _kld(q) for q in p.modules.values())
+
+    diag, options, ladder = _diagnosis(w3rtn, _kld)
+    trials = FakeTrials(truth, max_iters=4)
+    trials(w3rtn)
+    result = BudgetSearch(trials, w3rtn, diag, options, 3.8, ladder).run()
+    first = trials.records[1]
+    assert first.action.startswith("budget search: the fit's anchor")
+    assert all(q.bits == 4 for q in first.plan.modules.values()) and first.avg_bits > 3.8
+    assert trials.max_iters == 4 + 1  # granted: the candidates keep their loop.max_iters
+    assert sum((r.action or "").startswith("budget candidate") for r in trials.records) >= 2
+    assert result.chosen is not first and result.chosen.avg_bits <= 3.8 + 1e-9  # over the budget: never shipped
+
+    diag4, options4, _ = _diagnosis(plan, _kld)
+    trials4 = FakeTrials(truth, max_iters=4)
+    trials4(plan)
+    BudgetSearch(trials4, plan, diag4, options4, 3.8, ladder).run()
+    assert not any((r.action or "").startswith("budget search: the fit's anchor") for r in trials4.records)
+
+
 def test_a_budget_below_the_cheapest_rung_is_refused():
     from quantfix.errors import QuantfixError
 
@@ -228,8 +263,9 @@ def test_budget_mode_measures_candidates_and_ships_the_best_within_the_budget(co
         "loop.max_iters": 4}))
     report = run(cfg, tmp_path / "run")
     its = report["iterations"]
-    cands = its[1:]
-    assert len(its) == 4 and all(it["action"].startswith("budget candidate") for it in cands)
+    cands = its[2:]  # after plan 0 (W3 RTN: no point of the fit) the fit's anchor, a granted trial
+    assert its[1]["action"].startswith("budget search: the fit's anchor")  # W4 per channel: within 5.0 bits
+    assert len(its) == 5 and all(it["action"].startswith("budget candidate") for it in cands)
     assert all(it["avg_bits"] <= 5.0 + 1e-9 for it in cands)
     assert all("prediction_error_pct" in it for it in cands)
     fin = report["final"]
