@@ -226,9 +226,9 @@ class BudgetSearch:
 
     def _anchor(self) -> Optional[TrialRecord]:
         """A plan 0 that is no point of the fit (W3g64 RTN) leaves the candidates alone to fit the low-bit
-        multiplier, and plans at one budget hold nearly the same low-bit share: the multiplier went to the
-        ends of its grid (0.5 on the demo, 6 on Gemma at 3.43 bits) where a W4g64 plan 0 (no low-bit
-        module) gave 1.5-3 and better plans. So one plan without low-bit modules is measured first, the
+        multiplier, and plans at one budget hold nearly the same low-bit share: fit on them alone it stayed
+        at the end of its grid (0.5, demo at 3.43 bits, this CPU: 0.5246) where a W4g64 plan 0 (no low-bit
+        module) gave 2-3 and better plans (0.5121). So one plan without low-bit modules is measured first, the
         cheapest such uniform rung in its best predicted rounding (a trial granted: not a candidate; shipped
         like one when it is the best measured within the budget)."""
         if self._low_bits_chosen(self.start.plan):
