@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from quantfix.config import parse_rung, rung_bits
 from quantfix.errors import QuantfixError
 from quantfix.plan import Plan, Precision
-from quantfix.planner import PRIOR_POWER, Ladder, PredictivePlanner, Space, fit_power
+from quantfix.planner import PRIOR_POWER, Ladder, PredictivePlanner, Space, fit_power, has_calibrated_twin
 from quantfix.runreport import TrialRecord
 from quantfix.search import SearchResult
 from quantfix.trials import Trials, plan_key
@@ -68,6 +68,7 @@ class BudgetSearch:
         sens = diagnosis.sensitivity
         self.trial, self.plan0, self.budget, self.ladder, self.reserve = trial, plan0, budget, ladder, reserve
         self.options = options
+        self.anchor: Optional[TrialRecord] = None  # the fit's anchor (``_anchor``), when one was measured
         self._make = lambda space: PredictivePlanner(plan0, sens.option_base or sens.modules, sens.options, options,
                                                      diagnosis.findings, space)
         self.table = self._make(Space(floor=0.0))  # unweighted scores of every scored precision
@@ -127,15 +128,10 @@ class BudgetSearch:
         return _fit([(self.raw(p), k) for p, k in pts], fixed)
 
     def _low_bits_chosen(self, plan: Plan) -> bool:
-        """No low-bit module of ``plan`` is uncalibrated where an option rounds its width with the
-        calibration data (the planner's budget mode never chooses it: planner ``_points``)."""
-        for n, q in plan.modules.items():
-            if q.is_float or q.bits > LOW_BITS or q.alg.calibrated:
-                continue
-            if any(o.alg.calibrated and (o.bits, o.group_size, o.symmetric) == (q.bits, q.group_size, q.symmetric)
-                   for o in self.options.get(n, {}).values()):
-                return False
-        return True
+        """No low-bit module of ``plan`` is at a precision budget mode never chooses (RTN beside a
+        calibrated option of its width)."""
+        return not any(q.bits <= LOW_BITS and has_calibrated_twin(q, self.options.get(n, {}).values())
+                       for n, q in plan.modules.items())
 
     # ---- candidates -------------------------------------------------------------------------
     def candidates(self) -> List[Candidate]:
@@ -194,14 +190,14 @@ class BudgetSearch:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> SearchResult:
-        anchor = self._anchor()
+        self.anchor = self._anchor()
         tried = {plan_key(p) for p, _ in self.measured}
         recs: List[TrialRecord] = []
         while self.trial.left > self.reserve and len(recs) < MAX_CANDIDATES:
             todo = [c for c in self.candidates() if plan_key(c.plan) not in tried]
             if not todo:
                 break
-            c, best = todo[0], self._best(recs + ([anchor] if anchor is not None else []))
+            c, best = todo[0], self._best(recs)
             guess = self.predicted(c.plan, c.raw)
             if not c.must and len(self.measured) >= 3 and best is not None and guess > GIVE_UP * best.metrics.kld_mean:
                 log.info("budget search: the next candidate (%s) is predicted %.4f, far above the best measured %.4f: "
@@ -214,7 +210,7 @@ class BudgetSearch:
                 actions=_kinds(self.plan0, c.plan))
             recs.append(rec)
             self.learn(c.plan, rec.metrics.kld_mean)
-        best = self._best(recs + ([anchor] if anchor is not None else []))
+        best = self._best(recs)
         if best is None:
             raise QuantfixError(f"plan.budget.avg_bits={self.budget}: no plan within the budget could be measured "
                                 "(loop.max_iters too low?): raise loop.max_iters")
@@ -246,8 +242,8 @@ class BudgetSearch:
     def _best(self, recs: List[TrialRecord]) -> Optional[TrialRecord]:
         """The lowest measured KLD within the budget among the search's candidates (the fit's anchor
         included) and plan 0."""
-        pool = [r for r in list(recs) + [self.start]
-                if r.avg_bits <= self.budget + 1e-6 and math.isfinite(r.metrics.kld_mean)]
+        pool = [r for r in list(recs) + [self.start, self.anchor]
+                if r is not None and r.avg_bits <= self.budget + 1e-6 and math.isfinite(r.metrics.kld_mean)]
         return min(pool, key=lambda r: r.metrics.kld_mean) if pool else None
 
 

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -258,6 +258,13 @@ class Space:
     weigh: Optional[Callable[[Precision], float]] = None
 
 
+def has_calibrated_twin(p: Precision, options: Iterable[Precision]) -> bool:
+    """``p`` rounds without the calibration data (RTN) and one of ``options`` stores the same width
+    (bits, group, symmetry) rounded with it: budget mode never chooses ``p`` (``_points``)."""
+    return not p.is_float and not p.alg.calibrated and any(
+        q.alg.calibrated and (q.bits, q.group_size, q.symmetric) == (p.bits, p.group_size, p.symmetric) for q in options)
+
+
 def fit_power(measured: List[Tuple[float, float]]) -> Tuple[float, float]:
     """(scale, power) of measured ~ scale * raw ** power over (raw, measured) points: through the
     last point with the prior power while the raw values do not differ, else log-log least squares
@@ -328,9 +335,7 @@ class PredictivePlanner:
         # (imatrix's clipping grid starts at the unclipped range, RTN's; GPTQ corrects RTN's error). A
         # module's Fisher score could still rank RTN lower, and plans from a W3g64 RTN start kept 5-14
         # RTN modules (demo at 3.43 bits, this CPU)
-        if not p.is_float and not p.alg.calibrated and any(
-                q.alg.calibrated and (q.bits, q.group_size, q.symmetric) == (p.bits, p.group_size, p.symmetric)
-                for _, _, q in pts):
+        if has_calibrated_twin(p, (q for _, _, q in pts)):
             cur = None
         allowed = [pt for pt in ([cur] if cur else []) + pts
                    if pt[2].is_float or pt[0] >= self.space.floor * numel - 1e-6]

@@ -469,7 +469,7 @@ class Recipe:
                                                       self.diagnosis.domains)
         context = self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
         rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1}) if own else rec0
-        afters = [rec] if own else self._measure_probes(probes, names, gap.kind) if judged else []
+        afters = [rec] if own else (self._measure_probes(probes, names, gap.kind) if judged else [])
         if judged:
             kld = lambda recs: min(x.metrics.kld_mean for x in recs)  # noqa: E731
             r.kld_before, r.kld_after = kld(befores), kld(afters)

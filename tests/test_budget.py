@@ -146,20 +146,25 @@ def _uniform4(p):
     return all(q.bits == 4 and q.algorithm == "imatrix" for q in p.modules.values())
 
 
+def _w3_rtn(plan):
+    return plan.with_changes({n: Precision(3, 64, False, "rtn") for n in plan.modules})
+
+
+def _saturated_rtn_truth(p):
+    """A plan with a W3 RTN module measures saturated (2.0); otherwise its low-bit modules cost 3x their scores."""
+    if any(q.algorithm == "rtn" and q.bits <= 3 for q in p.modules.values()):
+        return 2.0
+    return 0.2 * sum((3.0 if not q.is_float and q.bits <= 3 else 1.0) * _kld(q) for q in p.modules.values())
+
+
 def test_a_plan_0_in_a_rounding_no_candidate_uses_does_not_set_the_low_bit_multiplier():
     """Plan 0 at W3g64 RTN (the ladder rounds W3g64 with the data: no candidate keeps RTN) measures
     saturated, far above what its scores add to; the candidates' low-bit modules cost 3x their
     scores. The multiplier and the power law come from the candidates alone: the same as a search
     that never measured plan 0 (with plan 0 in the fit: multiplier 2 and power 2.0)."""
-    plan = _plan(6)
+    plan, w3rtn = _plan(6), _w3_rtn(_plan(6))
     names = sorted(plan.modules)
-    w3rtn = plan.with_changes({n: Precision(3, 64, False, "rtn") for n in names})
-
-    def truth(p):
-        if any(q.algorithm == "rtn" and q.bits <= 3 for q in p.modules.values()):
-            return 2.0
-        return 0.2 * sum((3.0 if not q.is_float and q.bits <= 3 else 1.0) * _kld(q) for q in p.modules.values())
-
+    truth = _saturated_rtn_truth
     diag, options, ladder = _diagnosis(w3rtn, _kld)
     by_bits = {q.bits: q for q in options[names[0]].values()}
     a = w3rtn.with_changes({**{n: by_bits[3] for n in names[:4]}, **{n: by_bits[8] for n in names[4:]}})
@@ -183,15 +188,9 @@ def test_a_plan_0_outside_the_fit_is_replaced_by_an_anchor_without_low_bit_modul
     granted trial, over the budget so never shipped) and fits on it: the multiplier is then learned
     from plans of different low-bit shares (demo, this CPU, 3.43 bits: 0.5246 -> 0.5121, the W4g64
     start's plan). A W4g64 plan 0 is its own anchor: no extra trial."""
-    plan = _plan(6)
+    plan, w3rtn = _plan(6), _w3_rtn(_plan(6))
     names = sorted(plan.modules)
-    w3rtn = plan.with_changes({n: Precision(3, 64, False, "rtn") for n in names})
-
-    def truth(p):
-        if any(q.algorithm == "rtn" and q.bits <= 3 for q in p.modules.values()):
-            return 2.0
-        return 0.2 * sum((3.0 if not q.is_float and q.bits <= 3 else 1.0) * _kld(q) for q in p.modules.values())
-
+    truth = _saturated_rtn_truth
     diag, options, ladder = _diagnosis(w3rtn, _kld)
     trials = FakeTrials(truth, max_iters=4)
     trials(w3rtn)
