@@ -162,7 +162,8 @@ def test_a_plan_0_in_a_rounding_no_candidate_uses_does_not_set_the_low_bit_multi
     saturated, far above what its scores add to; the candidates' low-bit modules cost 3x their
     scores. The multiplier and the power law come from the candidates alone: the same as a search
     that never measured plan 0 (with plan 0 in the fit: multiplier 2 and power 2.0)."""
-    plan, w3rtn = _plan(6), _w3_rtn(_plan(6))
+    plan = _plan(6)
+    w3rtn = _w3_rtn(plan)
     names = sorted(plan.modules)
     truth = _saturated_rtn_truth
     diag, options, ladder = _diagnosis(w3rtn, _kld)
@@ -188,7 +189,8 @@ def test_a_plan_0_outside_the_fit_is_replaced_by_an_anchor_without_low_bit_modul
     granted trial, over the budget so never shipped) and fits on it: the multiplier is then learned
     from plans of different low-bit shares (demo, this CPU, 3.43 bits: 0.5246 -> 0.5121, the W4g64
     start's plan). A W4g64 plan 0 is its own anchor: no extra trial."""
-    plan, w3rtn = _plan(6), _w3_rtn(_plan(6))
+    plan = _plan(6)
+    w3rtn = _w3_rtn(plan)
     names = sorted(plan.modules)
     truth = _saturated_rtn_truth
     diag, options, ladder = _diagnosis(w3rtn, _kld)
