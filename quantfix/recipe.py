@@ -308,11 +308,17 @@ class Recipe:
             goal = search.Goal(cfg.thresholds, budget, cfg.loop.refine_misses)
             result = search.predictive(self.trials, plan0, self.diagnosis, options, goal, self.timer, start=start)
         else:
-            reserve = 0 if cfg.loop.tune == "none" else 1
             with self.timer("plan"):
-                searcher = BudgetSearch(self.trials, plan0, self.diagnosis, options, budget, ladder, reserve, start=start)
+                searcher = self._budget_search(plan0, options, start)
             result = searcher.run()
         return self._tune(result)
+
+    def _budget_search(self, plan0: Plan, options, start: TrialRecord) -> BudgetSearch:
+        """Budget mode's search from ``plan0`` (measured as ``start``) with the diagnosis in place."""
+        cfg, budget = self.cfg, self.cfg.plan.budget.avg_bits
+        ladder = Ladder.parse(prune_ladder(ladder_of(cfg), budget))
+        return BudgetSearch(self.trials, plan0, self.diagnosis, options, budget, ladder,
+                            0 if cfg.loop.tune == "none" else 1, start=start)
 
     # ---- the pieces of a repair ------------------------------------------------------------------
     def _setup_trials(self) -> Plan:
@@ -409,8 +415,10 @@ class Recipe:
             self.trials.vary("ckpt_approx re-rounded")  # the same plan now measures differently
         return changed
 
-    def _diagnose(self, plan: Plan, rec: TrialRecord, options, journal: str = "diagnosis_full.json") -> Diagnosis:
-        """The diagnosis of ``plan`` (replayed from ``journal`` on resume), written to diagnosis.json."""
+    def _diagnose(self, plan: Plan, rec: TrialRecord, options, journal: str = "diagnosis_full.json",
+                  plots: str = "plots", publish: bool = True) -> Diagnosis:
+        """The diagnosis of ``plan`` (replayed from ``journal`` on resume), its plots in ``plots``; with
+        ``publish``, written to diagnosis.json and the report (``_publish``: once it is the one acted on)."""
         saved = self.out_dir / journal
         diag = None
         if self.cfg.loop.resume:
@@ -421,10 +429,14 @@ class Recipe:
             key = sensitivity_cache_key(self.model_fp, plan, self.data.windows, self.cfg.diagnose.sensitivity, options,
                                         self._weights_key())
             subject = Subject(plan, rec.metrics, self.reference, self.base, self.stats, options)
-            files = Files(self.out_dir / "plots", self.cache / "sensitivity" / f"{key}.json")
+            files = Files(self.out_dir / plots, self.cache / "sensitivity" / f"{key}.json")
             with self.timer("diagnose"):
                 diag = run_diagnosis(self.cfg.diagnose, self.cfg.probes, self.rt, self.data, self.bank, subject, files)
             diagnose_journal.save(saved, diag, self.fingerprint)
+        return self._publish(diag) if publish else diag
+
+    def _publish(self, diag: Diagnosis) -> Diagnosis:
+        """``diag`` into diagnosis.json and the report's diagnosis summary."""
         (self.out_dir / "diagnosis.json").write_text(json.dumps(diag.to_dict(with_options=False), indent=2, default=str))
         self.report.diagnosis = DiagnosisSummary(
             findings=[f.to_dict() for f in diag.findings], top_layers=diag.top_layers(5),
@@ -443,7 +455,8 @@ class Recipe:
         on the eval windows does not drop the calibration goes back: a gap read off a broken plan 0 can name
         a domain that only dilutes the data (Gemma-3-270M from W3g64 RTN: uniform W4g64 GPTQ 0.153 -> 0.208;
         the demo from W3g64 RTN with HumanEval added: imatrix 1.216 -> 1.184, GPTQ 0.873 -> 0.945, the
-        3.43-bit plans 0.52 -> 0.68 when imatrix alone judged). calibration_mismatch is not judged."""
+        3.43-bit plans 0.52 -> 0.68 when imatrix alone judged). calibration_mismatch is not judged. Budget
+        mode judges a domain gap by its search's first plans (``_recalibrate_judged_by_the_search``)."""
         findings = self.diagnosis.findings
         gap = next((f for f in findings if f.kind == "calibration_mismatch"), None) or \
             next((f for f in findings if f.kind == "domain_gap"), None)
@@ -451,6 +464,8 @@ class Recipe:
                          for p in o.values() if not p.is_float)
         if gap is None or not self.cfg.loop.recalibrate or not calibrated or gap.source in self.data.calibration_domains:
             return plan0, rec0
+        if gap.kind == "domain_gap" and self.cfg.plan.budget.avg_bits is not None and not self.gguf:
+            return self._recalibrate_judged_by_the_search(plan0, rec0, options, gap)
         before = list(self.data.calibration_domains)
         old = (self.stats, self.data.samples, self.data.calibration_domains)
         probes = self._calibrated_probes(plan0)
@@ -488,6 +503,44 @@ class Recipe:
         self.diagnosis = self._diagnose(plan0, rec, options, journal="diagnosis_full_recalibrated.json")
         r.domains_after_ppl = self.diagnosis.domains
         return plan0, rec
+
+    def _recalibrate_judged_by_the_search(self, plan0: Plan, rec0: TrialRecord, options, gap) -> Tuple[Plan, TrialRecord]:
+        """Budget mode's judge of a domain gap's recalibration: the plans the budget search measures first
+        (``BudgetSearch.opening``), with the diagnosis and calibration before, then with the new data and a
+        new diagnosis; kept when the best of them within the budget measures lower. Plan 0's widths judged
+        it wrongly both ways: the demo from W3g64 RTN at 3.92 bits kept HumanEval (plan 0's widths in GPTQ
+        0.873 -> 0.791) and shipped 0.300 where the old calibration's search shipped 0.271; Gemma-3-270M from
+        W3g64 RTN undid WikiText-2 (GPTQ 0.661 -> 0.682 at plan 0's widths). The undone calibration's
+        diagnosis is kept in diagnosis_full_recalibrated.json; the search reuses the kept side's trials."""
+        before, check = list(self.data.calibration_domains), "recalibration check: the budget search's first plans"
+        old = (self.stats, self.data.samples, self.data.calibration_domains, self.diagnosis)
+        befores = self._budget_search(plan0, options, rec0).opening(f"{check}, calibrated on {before}")
+        log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)
+        self.stats = self._recalibrate(gap.source)
+        aside = self.bank.use_stats(self.stats)  # served again if the recalibration is undone
+        action = f"recalibrate: data.domains {before} + {gap.source}"
+        self.report.recalibration = r = Recalibration(gap.finding, before, list(self.data.calibration_domains),
+                                                      self.diagnosis.domains)
+        context = self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
+        own = any(p.alg.calibrated for p in plan0.modules.values() if not p.is_float)
+        rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1}) if own else rec0
+        new0 = plan0 if self.existing else dataclasses.replace(
+            plan0, calibration=dict(plan0.calibration, domains=list(self.data.calibration_domains)))
+        self.diagnosis = self._diagnose(new0, rec, options, journal="diagnosis_full_recalibrated.json",
+                                        plots="plots_recalibrated", publish=False)
+        afters = self._budget_search(new0, options, rec).opening(f"{check}, calibrated on {list(self.data.calibration_domains)}")
+        r.kld_before, r.kld_after = _best_within(befores, self.cfg.plan.budget.avg_bits), \
+            _best_within(afters, self.cfg.plan.budget.avg_bits)
+        r.probe = "the budget search's first plans"
+        if r.kld_after < r.kld_before:
+            r.domains_after_ppl = self._publish(self.diagnosis).domains
+            return new0, rec
+        r.kept = False
+        self.stats, self.data.samples, self.data.calibration_domains, self.diagnosis = old
+        self.bank.use_stats(self.stats, aside)
+        self.trials.revert(context)  # the plans measured before the recalibration keep their keys
+        self._warn(f"recalibration on {gap.source} ({gap.kind}) undone: {r.undone_words()}")
+        return plan0, rec0
 
     def _measure_probes(self, probes: List[Plan], names: List[str], kind: str) -> List[TrialRecord]:
         """One trial per probe of a recalibration check, with the calibration data it is measured on."""
@@ -836,3 +889,10 @@ def prior_run(out_dir: Path):
     if not d and not ckpt.exists():
         return None
     return fp, d.get("status") == "finished" or (not d.get("status") and ckpt.exists())
+
+
+def _best_within(recs: List[TrialRecord], budget: float) -> float:
+    """The lowest finite KLD among ``recs`` within ``budget`` bits (all of them when none is)."""
+    finite = [r for r in recs if math.isfinite(r.metrics.kld_mean)]
+    pool = [r for r in finite if r.avg_bits <= budget + 1e-6] or finite
+    return min((r.metrics.kld_mean for r in pool), default=math.inf)

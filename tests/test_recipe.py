@@ -156,6 +156,60 @@ def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_the_calibrated_probe
     assert len(its) == 4 + 4  # the checks are not taken from the search's loop.max_iters=4
 
 
+@pytest.mark.parametrize("calib,add,junk", [("stdlib", "pydoc", False), ("pydoc", "stdlib", True)])
+def test_a_budget_runs_recalibration_is_judged_by_the_searchs_first_plans(compose, tiny_dir, tmp_path, monkeypatch,
+                                                                          calib, add, junk):
+    """Budget mode judges a domain gap's recalibration by what its search measures first (the fit's anchor
+    from a W3 RTN plan 0, then the first candidate), measured under the old diagnosis and calibration and
+    under the new ones: plan 0's widths judged it wrongly both ways on the real models. Kept when the best
+    of them within the budget is lower; else the calibration and the diagnosis (diagnosis.json too) go
+    back, and the search goes on from the plans measured before (not measured twice)."""
+    from quantfix.diagnose import rules
+    from quantfix.diagnose.findings import Finding
+
+    def gap(diag, dcfg):
+        if add in diag.calibration_domains:
+            return []
+        return [Finding("domain_gap", f"{add} is worst and absent from the calibration data", f"calibrate on {add}",
+                        evidence={}, domain="code", source=add)]
+
+    monkeypatch.setattr(rules, "_domain_gap", gap)
+    if junk:  # the added domain's data made junk (one token repeated): the recalibration must be undone
+        from quantfix import data as data_mod
+
+        real = data_mod.calibration_samples
+        monkeypatch.setattr(data_mod, "calibration_samples", lambda domains, *a, **k: (
+            torch.full_like(s, 7) if add in domains else s) if (s := real(domains, *a, **k)) is not None else s)
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
+        "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": 5.0,
+        "loop.max_iters": 4, "export.enabled": "false", "diagnose.domains": "{code: stdlib, prose: pydoc}",
+        "diagnose.domain_seq_len": 32, "data.domains": f"[{calib}]"}))
+    report = run(cfg, tmp_path / "run")
+    rec, its = report["recalibration"], report["iterations"]
+    actions = [it["action"] for it in its[1:5]]
+    assert actions[0].startswith("budget search: the fit's anchor") and actions[2].startswith(
+        "budget search: the fit's anchor")
+    assert actions[1] == f"recalibration check: the budget search's first plans, calibrated on ['{calib}']: search"
+    assert actions[3] == f"recalibration check: the budget search's first plans, calibrated on ['{calib}', '{add}']: search"
+    assert rec["probe"] == "the budget search's first plans"
+    kld = [it["metrics"]["kld_mean"] for it in its[1:5]]
+    within = [it["avg_bits"] <= 5.0 + 1e-9 for it in its[1:5]]
+    best = lambda k, w: min(x for x, ok in zip(k, w) if ok)  # noqa: E731
+    assert (rec["kld_before"], rec["kld_after"]) == (pytest.approx(best(kld[:2], within[:2]), abs=1e-6),
+                                                     pytest.approx(best(kld[2:], within[2:]), abs=1e-6))
+    assert rec["kept"] == (rec["kld_after"] < rec["kld_before"])
+    assert rec["kept"] != junk
+    published = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
+    assert published["calibration_domains"] == ([calib, add] if rec["kept"] else [calib])
+    assert any("undone" in w for w in report["warnings"]) != rec["kept"]
+    # the search's own trials: the check of the kept side is reused, never measured again
+    kept_side = its[3:5] if rec["kept"] else its[1:3]
+    later = [it["plan_summary"] for it in its[5:] if not it["action"].startswith("AutoRound")]
+    assert not set(later) & {it["plan_summary"] for it in kept_side}
+    assert report["final"]["avg_bits"] <= 5.0 + 1e-9
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "arc_easy").exists(), reason="needs ../shared/data")
 def test_tasks_are_scored_per_trial_and_gate_the_loop(compose, tiny_dir, tmp_path, monkeypatch):
     over = tiny_overrides(tiny_dir, tmp_path / "cache", **{
