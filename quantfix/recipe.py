@@ -517,7 +517,9 @@ class Recipe:
         befores = self._budget_search(plan0, options, rec0).opening(f"{check}, calibrated on {before}")
         log.info("domain gap (%s): recalibrating on %s too", gap.domain, gap.source)
         self.stats = self._recalibrate(gap.source)
-        aside = self.bank.use_stats(self.stats)  # served again if the recalibration is undone
+        # the old simulations go (not kept aside: beside the new diagnosis's they doubled the demo's peak
+        # memory, 20 GB); if undone, a trial re-simulates the few options its plan picks
+        self.bank.use_stats(self.stats)
         action = f"recalibrate: data.domains {before} + {gap.source}"
         self.report.recalibration = r = Recalibration(gap.finding, before, list(self.data.calibration_domains),
                                                       self.diagnosis.domains)
@@ -537,7 +539,7 @@ class Recipe:
             return new0, rec
         r.kept = False
         self.stats, self.data.samples, self.data.calibration_domains, self.diagnosis = old
-        self.bank.use_stats(self.stats, aside)
+        self.bank.use_stats(self.stats)
         self.trials.revert(context)  # the plans measured before the recalibration keep their keys
         self._warn(f"recalibration on {gap.source} ({gap.kind}) undone: {r.undone_words()}")
         return plan0, rec0
