@@ -813,6 +813,9 @@ class Recipe:
                                                              d.seq_len, d.seed, offline=self.offline,
                                                              holdout=self._holdout())
         self.data.calibration_domains = tuple(domains)
+        # the float model's statistics, as at set-up (and as their cache key says): the pass ran on whatever
+        # plan was applied last (the diagnosis's plan 0, a check's plan), its Hessians of quantized inputs
+        self.bank.restore()
         return self._calib_stats(self._calib_names)
 
     # ---- the end -----------------------------------------------------------------------------

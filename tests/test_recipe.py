@@ -66,16 +66,23 @@ def test_loop_repairs_and_exports_a_verified_checkpoint(compose, tiny_dir, tmp_p
     assert (out / "plots" / "iterations.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("calib,add", [("stdlib", "pydoc"), ("pydoc", "stdlib")])
+@pytest.mark.parametrize("calib,add,junk", [("stdlib", "pydoc", False), ("pydoc", "stdlib", True)])
 def test_domain_gap_recalibration_is_measured_and_kept_only_when_it_helps(compose, tiny_dir, tmp_path, monkeypatch,
-                                                                          calib, add):
+                                                                          calib, add, junk):
     """A domain_gap finding is an action and a hypothesis: the missing domain joins the calibration data,
     the statistics are recomputed, plan 0 (GPTQ learns from them) is measured again and the report shows
     the per-domain numbers before and after -- when plan 0's KLD on the eval text (pydoc) dropped. Adding
-    the eval text's own source (stdlib -> +pydoc) helps; adding another (pydoc -> +stdlib) does not here,
+    the eval text's own source (stdlib -> +pydoc) helps; added data made junk (one token repeated) does not,
     and the calibration goes back: same domains, plan 0 measured as before, a warning, no second diagnosis."""
     from quantfix.diagnose import rules
     from quantfix.diagnose.findings import Finding
+
+    if junk:
+        from quantfix import data as data_mod
+
+        real = data_mod.calibration_samples
+        monkeypatch.setattr(data_mod, "calibration_samples", lambda domains, *a, **k: (
+            torch.full_like(s, 7) if add in domains else s) if (s := real(domains, *a, **k)) is not None else s)
 
     def gap(diag, dcfg):
         if add in diag.calibration_domains:
@@ -98,16 +105,17 @@ def test_domain_gap_recalibration_is_measured_and_kept_only_when_it_helps(compos
     assert (rec["kld_before"], rec["kld_after"]) == (pytest.approx(before, abs=1e-5), pytest.approx(after, abs=1e-5))
     md = (tmp_path / "run" / "report.md").read_text()
     recalibrated = tmp_path / "run" / "diagnosis_full_recalibrated.json"
-    if add == "pydoc":  # the eval text's own source: a clear drop (measured 0.0149 -> 0.0121 here)
-        assert rec["kept"] and after < 0.9 * before
+    if not junk:  # the eval text's own source: a drop (measured 0.0149 -> 0.0145 here; 0.0121 while the
+        # recalibration's statistics were taken with plan 0's quantized weights live)
+        assert rec["kept"] and after < before
         assert "code" in rec["domains_after_ppl"] and recalibrated.exists()
         assert "Recalibration" in md
-    else:  # another domain: no drop, undone (measured 0.0136 -> 0.0144 here)
+    else:  # junk data: no drop, undone
         assert not rec["kept"] and after >= before
         assert not recalibrated.exists()
         assert any("undone" in w for w in report["warnings"])
         assert "undone" in md
-        # the search went on from plan 0 as first measured: the next trial is the search's, calibrated on pydoc
+        # the search went on from plan 0 as first measured: the next trial is the search's, on the old data
         assert not any(it.get("action", "").startswith("recal") for it in its[2:])
     # resumed in the same dir: the recalibration (and its outcome) is replayed, so every trial comes back
     # from the journal with the metrics measured before
@@ -116,6 +124,29 @@ def test_domain_gap_recalibration_is_measured_and_kept_only_when_it_helps(compos
     assert all(it.get("resumed") for it in again["iterations"])
     assert [it["metrics"]["kld_mean"] for it in again["iterations"]] == [it["metrics"]["kld_mean"] for it in its]
     assert again["recalibration"]["kept"] == rec["kept"]
+
+
+def test_a_recalibrated_plan_measures_what_a_fresh_run_on_those_domains_measures(compose, tiny_dir, tmp_path,
+                                                                                    monkeypatch):
+    """The recalibration's statistics are the float model's, as at set-up (and as their cache key says):
+    plan 0 measured after a kept recalibration on stdlib + pydoc equals plan 0 of a fresh run calibrated on
+    [stdlib, pydoc]. They were collected with plan 0's quantized weights live (0.0121 against 0.0145 here:
+    GPTQ on the quantized model's inputs), cached under the float statistics' key."""
+    from quantfix.diagnose import rules
+    from quantfix.diagnose.findings import Finding
+
+    monkeypatch.setattr(rules, "_domain_gap", lambda diag, dcfg: [] if "pydoc" in diag.calibration_domains else [
+        Finding("domain_gap", "pydoc is worst", "calibrate on pydoc", evidence={}, domain="prose", source="pydoc")])
+    base = {"quant": "gptq", "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
+            "export.enabled": "false", "diagnose.domains": "{code: stdlib, prose: pydoc}", "diagnose.domain_seq_len": 32}
+    recal = run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **base, **{"data.domains": "[stdlib]",
+                                                                             "loop.max_iters": 2})), tmp_path / "a")
+    fresh = run(compose(tiny_overrides(tiny_dir, tmp_path / "c2", **base, **{"data.domains": "[stdlib,pydoc]",
+                                                                             "loop.max_iters": 1})), tmp_path / "b")
+    again = recal["iterations"][1]
+    assert recal["recalibration"]["kept"] and again["action"].startswith("recalibrate")
+    assert again["plan_summary"] == fresh["iterations"][0]["plan_summary"]
+    assert again["metrics"]["kld_mean"] == pytest.approx(fresh["iterations"][0]["metrics"]["kld_mean"], rel=1e-6)
 
 
 def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_the_calibrated_probes(compose, tiny_dir, tmp_path,
