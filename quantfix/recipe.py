@@ -507,11 +507,11 @@ class Recipe:
     def _recalibrate_judged_by_the_search(self, plan0: Plan, rec0: TrialRecord, options, gap) -> Tuple[Plan, TrialRecord]:
         """Budget mode's judge of a domain gap's recalibration: the plans the budget search measures first
         (``BudgetSearch.opening``), with the diagnosis and calibration before, then with the new data and a
-        new diagnosis; kept when the best of them within the budget measures lower. Plan 0's widths judged
-        it wrongly both ways: the demo from W3g64 RTN at 3.92 bits kept HumanEval (plan 0's widths in GPTQ
-        0.873 -> 0.791) and shipped 0.300 where the old calibration's search shipped 0.271; Gemma-3-270M from
-        W3g64 RTN undid WikiText-2 (GPTQ 0.661 -> 0.682 at plan 0's widths). The undone calibration's
-        diagnosis is kept in diagnosis_full_recalibrated.json; the search reuses the kept side's trials."""
+        new diagnosis; kept when the best of them within the budget measures lower. Plan 0's widths are not
+        what a budget plan is made of: from W3g64 RTN at 3.92 bits the demo kept HumanEval by them (GPTQ at
+        plan 0's widths 0.873 -> 0.791) and shipped 0.300 where the old calibration's search shipped 0.271.
+        The undone calibration's diagnosis is kept in diagnosis_full_recalibrated.json (its plots in
+        plots_recalibrated); the search reuses the kept side's trials."""
         before, check = list(self.data.calibration_domains), "recalibration check: the budget search's first plans"
         old = (self.stats, self.data.samples, self.data.calibration_domains, self.diagnosis)
         befores = self._budget_search(plan0, options, rec0).opening(f"{check}, calibrated on {before}")
