@@ -66,6 +66,22 @@ def test_loop_repairs_and_exports_a_verified_checkpoint(compose, tiny_dir, tmp_p
     assert (out / "plots" / "iterations.png").stat().st_size > 1000
 
 
+def _plant_gap(monkeypatch, add: str, domain: str = "code", junk: bool = False) -> None:
+    """A planted domain_gap finding naming ``add`` while the calibration data lacks it; with ``junk``,
+    the calibration samples drawn with ``add`` made junk (one token repeated), so adding it must not help."""
+    from quantfix import data as data_mod
+    from quantfix.diagnose import rules
+    from quantfix.diagnose.findings import Finding
+
+    monkeypatch.setattr(rules, "_domain_gap", lambda diag, dcfg: [] if add in diag.calibration_domains else [
+        Finding("domain_gap", f"{add} is worst and absent from the calibration data", f"calibrate on {add}",
+                evidence={}, domain=domain, source=add)])
+    if junk:
+        real = data_mod.calibration_samples
+        monkeypatch.setattr(data_mod, "calibration_samples", lambda domains, *a, **k: (
+            torch.full_like(s, 7) if add in domains else s) if (s := real(domains, *a, **k)) is not None else s)
+
+
 @pytest.mark.parametrize("calib,add,junk", [("stdlib", "pydoc", False), ("pydoc", "stdlib", True)])
 def test_domain_gap_recalibration_is_measured_and_kept_only_when_it_helps(compose, tiny_dir, tmp_path, monkeypatch,
                                                                           calib, add, junk):
@@ -74,23 +90,7 @@ def test_domain_gap_recalibration_is_measured_and_kept_only_when_it_helps(compos
     the per-domain numbers before and after -- when plan 0's KLD on the eval text (pydoc) dropped. Adding
     the eval text's own source (stdlib -> +pydoc) helps; added data made junk (one token repeated) does not,
     and the calibration goes back: same domains, plan 0 measured as before, a warning, no second diagnosis."""
-    from quantfix.diagnose import rules
-    from quantfix.diagnose.findings import Finding
-
-    if junk:
-        from quantfix import data as data_mod
-
-        real = data_mod.calibration_samples
-        monkeypatch.setattr(data_mod, "calibration_samples", lambda domains, *a, **k: (
-            torch.full_like(s, 7) if add in domains else s) if (s := real(domains, *a, **k)) is not None else s)
-
-    def gap(diag, dcfg):
-        if add in diag.calibration_domains:
-            return []
-        return [Finding("domain_gap", f"{add} is worst and absent from the calibration data", f"calibrate on {add}",
-                        evidence={}, domain="code", source=add)]
-
-    monkeypatch.setattr(rules, "_domain_gap", gap)
+    _plant_gap(monkeypatch, add, junk=junk)
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
         "quant": "gptq", "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
         "loop.max_iters": 3, "export.enabled": "false", "diagnose.domains": "{code: stdlib, prose: pydoc}",
@@ -132,11 +132,7 @@ def test_a_recalibrated_plan_measures_what_a_fresh_run_on_those_domains_measures
     plan 0 measured after a kept recalibration on stdlib + pydoc equals plan 0 of a fresh run calibrated on
     [stdlib, pydoc]. They were collected with plan 0's quantized weights live (0.0121 against 0.0145 here:
     GPTQ on the quantized model's inputs), cached under the float statistics' key."""
-    from quantfix.diagnose import rules
-    from quantfix.diagnose.findings import Finding
-
-    monkeypatch.setattr(rules, "_domain_gap", lambda diag, dcfg: [] if "pydoc" in diag.calibration_domains else [
-        Finding("domain_gap", "pydoc is worst", "calibrate on pydoc", evidence={}, domain="prose", source="pydoc")])
+    _plant_gap(monkeypatch, "pydoc", domain="prose")
     base = {"quant": "gptq", "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
             "export.enabled": "false", "diagnose.domains": "{code: stdlib, prose: pydoc}", "diagnose.domain_seq_len": 32}
     recal = run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **base, **{"data.domains": "[stdlib]",
@@ -192,25 +188,10 @@ def test_a_budget_runs_recalibration_is_judged_by_the_searchs_first_plans(compos
                                                                           calib, add, junk):
     """Budget mode judges a domain gap's recalibration by what its search measures first (the fit's anchor
     from a W3 RTN plan 0, then the first candidate), measured under the old diagnosis and calibration and
-    under the new ones: plan 0's widths judged it wrongly both ways on the real models. Kept when the best
-    of them within the budget is lower; else the calibration and the diagnosis (diagnosis.json too) go
-    back, and the search goes on from the plans measured before (not measured twice)."""
-    from quantfix.diagnose import rules
-    from quantfix.diagnose.findings import Finding
-
-    def gap(diag, dcfg):
-        if add in diag.calibration_domains:
-            return []
-        return [Finding("domain_gap", f"{add} is worst and absent from the calibration data", f"calibrate on {add}",
-                        evidence={}, domain="code", source=add)]
-
-    monkeypatch.setattr(rules, "_domain_gap", gap)
-    if junk:  # the added domain's data made junk (one token repeated): the recalibration must be undone
-        from quantfix import data as data_mod
-
-        real = data_mod.calibration_samples
-        monkeypatch.setattr(data_mod, "calibration_samples", lambda domains, *a, **k: (
-            torch.full_like(s, 7) if add in domains else s) if (s := real(domains, *a, **k)) is not None else s)
+    under the new ones (plan 0's widths kept a recalibration on the demo that made its budget plans worse).
+    Kept when the best of them within the budget is lower; else the calibration and the diagnosis
+    (diagnosis.json too) go back, and the search goes on from the plans measured before (not measured twice)."""
+    _plant_gap(monkeypatch, add, junk=junk)
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
         "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
         "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": 5.0,
