@@ -19,6 +19,7 @@ from quantfix.weights import device_room, set_weight, weight_device, weight_of
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import algorithms, fake
 from quantfix.calib import CalibStats
+from quantfix.quantize.stats import InputStats
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,12 @@ class WeightBank:
 
     def _inputs(self, name: str, p: Precision) -> algorithms.SimInputs:
         has_stats = self.stats is not None and name in self.stats.module_input
-        return algorithms.SimInputs(stats=self.stats.of(name) if has_stats else None,
+        return self.inputs_with(name, p, self.stats.of(name) if has_stats else None)
+
+    def inputs_with(self, name: str, p: Precision, stats: Optional[InputStats]) -> algorithms.SimInputs:
+        """What a simulation of ``name`` at ``p`` reads, with ``stats`` as its calibration statistics
+        (sequential GPTQ's, collected on a plan's quantized inputs) and the bank's searched scales."""
+        return algorithms.SimInputs(stats=stats,
                                     awq_scales=lambda: self._awq_scales(name, p), gptq_damp=self.gptq_damp,
                                     gptq_block=self.gptq_block, int8_threshold=self.int8_threshold,
                                     dtype=self._dtype(name), qparams_cache=self._qp.setdefault(name, {}))
@@ -361,13 +367,16 @@ class WeightBank:
             if algorithms.get(p.algorithm).external:
                 out[n] = self.external[n]
                 continue
-            scale, zero = self._tuned_qp.get((n, p)) or \
-                algorithms.get(p.algorithm).qparams(self.original(n), p, self._inputs(n, p))
+            scale, zero = self._tuned_qp.get((n, p)) or self.qparams(n, p)
             # the kept simulation itself where there is one (no copy: an 8B plan's weights are 14 GB),
             # else computed now; in the weight's dtype, which holds the simulated values exactly
             w = self._sim[(n, p)] if (n, p) in self._sim else self.simulate(n, p).to("cpu", self.originals[n].dtype)
             out[n] = (w, scale.cpu(), zero.cpu())
         return out
+
+    def qparams(self, name: str, p: Precision) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero point the simulation of ``name`` at ``p`` rounds with (searched once)."""
+        return algorithms.get(p.algorithm).qparams(self.original(name), p, self._inputs(name, p))
 
     def release(self) -> None:
         """Drop everything the bank holds (float originals, kept simulations, a checkpoint's weights)

@@ -12,7 +12,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -149,12 +149,18 @@ def _cached(model, cache_path: Optional[Path]) -> Optional[CalibStats]:
 @torch.no_grad()
 def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
             cache_path: Optional[Path] = None, progress: bool = True, full_hessian: bool = True,
-            head_samples: int = 0) -> CalibStats:
+            head_samples: int = 0, after_layer: Optional[Callable[[torch.nn.Module, CalibStats], None]] = None
+            ) -> CalibStats:
     """Hessians and channel statistics of every input of the named linear modules, layer by layer.
     Without ``full_hessian`` only each Hessian's diagonal (sum of x^2 per channel: the imatrix) is
     accumulated: at 8B 33 GB of float32 [in, in] matrices become a few MB, where no algorithm of
     the run needs more. ``head_samples``: also the input absmax over the first that many samples
-    (``CalibStats.head_absmax``)."""
+    (``CalibStats.head_absmax``). ``after_layer(layer, stats)``: called once a layer's statistics are
+    in; the next layer's inputs are then computed with the layer as it leaves it (sequential GPTQ
+    quantizes it there: each layer's statistics see the quantized layers before it). Such statistics
+    are the plan's, not the float model's: pass no ``cache_path``."""
+    if after_layer is not None and cache_path is not None:
+        raise ValueError("statistics collected with after_layer depend on what it does: they are not cached")
     cached = _cached(model, cache_path)
     if cached is not None:
         return cached
@@ -181,7 +187,8 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
             for h, kw in zip(layer_in.hidden, layer_in.kwargs):
                 seen.clear()
                 outs.append(layer_output(layer, h, kw))
-            layer_in.outputs = outs  # the hooks only read: the next layer's inputs, without a second pass
+            if after_layer is None:  # the hooks only read: the next layer's inputs, without a second pass
+                layer_in.outputs = outs
         finally:
             for hd in handles:
                 hd.remove()
@@ -191,6 +198,8 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
             head = a["head"].cpu() if a["head_ok"] and a["head"] is not None and a["seqs"] >= head_samples else None
             stats.inputs[owner] = InputStats(h, a["max"].cpu(), (a["sum"] / a["n"]).cpu(), a["n"], head)
         acc.clear()
+        if after_layer is not None:
+            after_layer(layer, stats)
         bar.update(1)
     bar.close()
     missing = wanted - set(stats.module_input)

@@ -311,7 +311,7 @@ class Recipe:
             with self.timer("plan"):
                 searcher = self._budget_search(plan0, options, start)
             result = searcher.run()
-        return self._tune(result)
+        return self._tune(self._sequential(result))
 
     def _budget_search(self, plan0: Plan, options, start: TrialRecord) -> BudgetSearch:
         """Budget mode's search from ``plan0`` (measured as ``start``) with the diagnosis in place."""
@@ -562,6 +562,39 @@ class Recipe:
             if changes:
                 out.append(plan0.with_changes(changes, note=f"plan 0's widths in {alg}"))
         return out
+
+    def _sequential(self, result: search.SearchResult) -> search.SearchResult:
+        """loop.sequential_gptq (loop.tune=none): a measured plan's GPTQ modules rounded again layer by
+        layer on the plan's own quantized inputs (quantize/sequential.py), measured as one more trial.
+        Budget mode: the chosen plan, replaced where this measures a lower KLD. Threshold mode: the
+        largest failing plan below the passing one, which then ships if it passes (a smaller plan);
+        with no passing plan, the last one."""
+        from quantfix.quantize import sequential
+
+        cfg, budget = self.cfg.loop, self.cfg.plan.budget.avg_bits
+        if not cfg.sequential_gptq or cfg.tune != "none" or self.gguf:
+            return result
+        if budget is not None:
+            src = result.chosen
+        else:
+            src = result.below if result.best is not None else result.last
+        seq_plan = sequential.sequential_plan(src.plan) if src is not None else None
+        if seq_plan is None or seq_plan == src.plan:
+            return result
+        self.trials.grant(1)
+        with self.timer("sequential gptq"):
+            out = self.rt.batched(lambda bs: sequential.requantize(self.bank, src.plan, self.data.samples, bs))
+        self.bank.use_tuned(seq_plan, {n: w for n, (w, _, _) in out.items()}, {n: (s, z) for n, (_, s, z) in out.items()})
+        action = f"sequential GPTQ of trial {src.id}"
+        rec = self.trials(seq_plan, src.plan, fresh=True, action=action, tuned_from=src.id, drivers={"sequential": 1})
+        before = result.chosen.metrics.kld_mean
+        better = rec.metrics.kld_mean < before if budget is not None else not rec.failed
+        log.info("sequential GPTQ of trial %s: KLD %.5f -> %.5f (%s)", src.id, src.metrics.kld_mean, rec.metrics.kld_mean,
+                 "kept" if better else "not kept")
+        if better:
+            result.reason += f"; {action}: KLD {src.metrics.kld_mean:.5f} -> {rec.metrics.kld_mean:.5f}"
+            result.best, result.last = (None if rec.failed else rec), rec
+        return result
 
     def _tune(self, result: search.SearchResult) -> search.SearchResult:
         """loop.tune=autoround, the search's last step: AutoRound tunes the rounding and scales of a

@@ -244,7 +244,10 @@ def _quantfix_fields(report, budget: float, method: str, secs: float, ctx: dict)
            "timings_s": report.timings_s}
     if ctx["a"].override:  # --override flags (e.g. a ladder): what else this row ran with
         row["overrides"] = list(ctx["a"].override)
-    if chosen.tuned_from is not None:  # the plan before tuning: its own trial, exact-export path
+    if chosen.tuned_from is not None and "AutoRound tuning" not in method:  # sequential GPTQ of the search's plan
+        src = report.trial(chosen.tuned_from)
+        row["sequential_gptq_from"] = {"kld_mean": src.metrics.kld_mean, "plan": src.plan_summary}
+    elif chosen.tuned_from is not None:  # the plan before tuning: its own trial, exact-export path
         src = report.trial(chosen.tuned_from)
         row["tuned_from"] = {"budget": budget, "method": method.replace(" + AutoRound tuning", "") + " (its trial)",
                              "avg_bits": row["avg_bits"], "kld_mean": src.metrics.kld_mean, "ppl": src.metrics.ppl,

@@ -82,6 +82,8 @@ class Algorithm:
     static_export: bool = False
     # simulated one module at a time (False: its weights come from tuning a whole plan)
     per_module: bool = True
+    # not per module: the setting that runs it on the chosen plan
+    whole_plan_setting: str = ""
     # the export writes the trial's weights bit for bit (False: it re-rounds them, e.g. an existing
     # checkpoint's float-minimum grid, so the reloaded metrics may differ a little from the trial's)
     exact_export: bool = True
@@ -153,7 +155,7 @@ class Algorithm:
             return (f"{self.name} names an existing checkpoint's own weights: pass the checkpoint as "
                     "quantized.name_or_path=<dir or .gguf> instead")
         if not self.per_module:
-            return f"{self.name} tunes a whole plan: start from another algorithm and set loop.tune={self.name}"
+            return f"{self.name} rounds a whole plan: start from another algorithm and set {self.whole_plan_setting}"
         return None
 
     def option_problem(self) -> Optional[str]:
@@ -161,7 +163,7 @@ class Algorithm:
         if self.external:
             return "names an existing checkpoint's own weights, not a way to round"
         if not self.per_module:
-            return f"tunes a whole plan, not one module: set loop.tune={self.name} instead"
+            return f"rounds a whole plan, not one module: set {self.whole_plan_setting} instead"
         if not self.mixable:
             return f"applies to a whole plan: use it as quant={self.name} instead"
         if self.llama_cpp:
@@ -378,6 +380,11 @@ def _tuned_only(W, p, _inputs: SimInputs):
                        "loop.tune=autoround), not from a per-module simulation")
 
 
+def _whole_plan_only(W, p, _inputs: SimInputs):
+    raise RuntimeError(f"{p.label}: sequential GPTQ weights come from rounding the whole plan layer by layer "
+                       "(quantize/sequential.py, loop.sequential_gptq), not from a per-module simulation")
+
+
 # ---- exports --------------------------------------------------------------------------------------
 
 def _awq_transforms(_q) -> list:
@@ -442,7 +449,13 @@ REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
     # (loop.tune=autoround), its weights handed to the bank and exported statically
     Algorithm("autoround", COMPRESSED_TENSORS, "AutoRound: rounding and scales tuned per decoder block on the "
               "calibration data (SignSGD), run on the plan the search chose", INT_BITS, _tuned_only, _int_bits,
-              _tagged("ar"), calibrated=True, static_export=True, per_module=False),
+              _tagged("ar"), calibrated=True, static_export=True, per_module=False, whole_plan_setting="loop.tune=autoround"),
+    # sequential GPTQ re-rounds a chosen plan's GPTQ modules on the plan's own quantized inputs
+    # (quantize/sequential.py, loop.sequential_gptq), its weights handed to the bank and exported statically
+    Algorithm("gptq_seq", COMPRESSED_TENSORS, "GPTQ run again layer by layer on the inputs of the plan's own quantized "
+              "layers (llm-compressor's sequential order), each module's scales as its search chose", INT_BITS,
+              _whole_plan_only, _int_bits, _tagged("gptq-seq"), calibrated=True, static_export=True, per_module=False,
+              whole_plan_setting="loop.sequential_gptq=true"),
     Algorithm("awq", COMPRESSED_TENSORS, "AWQ: activation-aware per-channel scales (smoothing), then RTN", INT_BITS,
               _sim_awq, _int_bits, _tagged("awq"), transforms=_awq_transforms, calibrated=True,
               mixable=False, needs_hessian=True),
