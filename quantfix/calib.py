@@ -149,21 +149,37 @@ def _cached(model, cache_path: Optional[Path]) -> Optional[CalibStats]:
 @torch.no_grad()
 def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
             cache_path: Optional[Path] = None, progress: bool = True, full_hessian: bool = True,
-            head_samples: int = 0, after_layer: Optional[Callable[[torch.nn.Module, CalibStats], None]] = None
-            ) -> CalibStats:
-    """Hessians and channel statistics of every input of the named linear modules, layer by layer.
-    Without ``full_hessian`` only each Hessian's diagonal (sum of x^2 per channel: the imatrix) is
-    accumulated: at 8B 33 GB of float32 [in, in] matrices become a few MB, where no algorithm of
-    the run needs more. ``head_samples``: also the input absmax over the first that many samples
-    (``CalibStats.head_absmax``). ``after_layer(layer, stats)``: called once a layer's statistics are
-    in; the next layer's inputs are then computed with the layer as it leaves it (sequential GPTQ
-    quantizes it there: each layer's statistics see the quantized layers before it). Such statistics
-    are the plan's, not the float model's: pass no ``cache_path``."""
-    if after_layer is not None and cache_path is not None:
-        raise ValueError("statistics collected with after_layer depend on what it does: they are not cached")
+            head_samples: int = 0) -> CalibStats:
+    """Hessians and channel statistics of every input of the named linear modules, layer by layer
+    (``collect_layers``), cached at ``cache_path``. Without ``full_hessian`` only each Hessian's
+    diagonal (sum of x^2 per channel: the imatrix) is accumulated: at 8B 33 GB of float32 [in, in]
+    matrices become a few MB, where no algorithm of the run needs more. ``head_samples``: also the
+    input absmax over the first that many samples (``CalibStats.head_absmax``)."""
     cached = _cached(model, cache_path)
     if cached is not None:
         return cached
+    stats = collect_layers(model, samples, names, batch_size, progress, full_hessian, head_samples)
+    wanted = set(names)
+    missing = wanted - set(stats.module_input)
+    if missing:
+        log.warning("no calibration statistics for %d modules outside decoder layers (e.g. %s): they use RTN",
+                    len(missing), sorted(missing)[0])
+    if cache_path is not None:
+        size = stats.nbytes()
+        if size <= CACHE_MAX_BYTES:
+            stats.save(cache_path)
+        else:  # writing and re-reading tens of GB costs more than computing them again
+            log.info("calibration statistics (%.1f GB) not cached: above %.0f GB", size / 1e9, CACHE_MAX_BYTES / 1e9)
+    return stats
+
+
+@torch.no_grad()
+def collect_layers(model, samples: torch.Tensor, names: List[str], batch_size: int = 4, progress: bool = True,
+                   full_hessian: bool = True, head_samples: int = 0,
+                   after_layer: Optional[Callable[[torch.nn.Module, CalibStats], None]] = None) -> CalibStats:
+    """``collect``'s pass, uncached. ``after_layer(layer, stats)``: called once a layer's statistics
+    are in; the next layer's inputs are then computed with the layer as it leaves it (sequential
+    GPTQ rounds it there: each layer's statistics see the quantized layers before it)."""
     wanted = set(names)
     prefix = {id(m): n for n, m in model.named_modules()}
     head_samples = min(head_samples, len(samples))
@@ -192,24 +208,20 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
         finally:
             for hd in handles:
                 hd.remove()
-        for owner, a in acc.items():  # Hessians stay on the accelerator while it has room (an 8B model's
-            # take 33 GB in float32: more than the host should hold beside the weights), else the host
-            h = a["h"] if device_room(a["h"].device, 0, HESSIAN_DEVICE_RESERVE) else a["h"].cpu()
-            head = a["head"].cpu() if a["head_ok"] and a["head"] is not None and a["seqs"] >= head_samples else None
-            stats.inputs[owner] = InputStats(h, a["max"].cpu(), (a["sum"] / a["n"]).cpu(), a["n"], head)
-        acc.clear()
+        _keep_layer(acc, stats, head_samples)
         if after_layer is not None:
             after_layer(layer, stats)
         bar.update(1)
     bar.close()
-    missing = wanted - set(stats.module_input)
-    if missing:
-        log.warning("no calibration statistics for %d modules outside decoder layers (e.g. %s): they use RTN",
-                    len(missing), sorted(missing)[0])
-    if cache_path is not None:
-        size = stats.nbytes()
-        if size <= CACHE_MAX_BYTES:
-            stats.save(cache_path)
-        else:  # writing and re-reading tens of GB costs more than computing them again
-            log.info("calibration statistics (%.1f GB) not cached: above %.0f GB", size / 1e9, CACHE_MAX_BYTES / 1e9)
     return stats
+
+
+def _keep_layer(acc: Dict[str, dict], stats: CalibStats, head_samples: int) -> None:
+    """One layer's accumulated statistics into ``stats``. Hessians stay on the accelerator while it has
+    room (an 8B model's take 33 GB in float32: more than the host should hold beside the weights), else
+    the host."""
+    for owner, a in acc.items():
+        h = a["h"] if device_room(a["h"].device, 0, HESSIAN_DEVICE_RESERVE) else a["h"].cpu()
+        head = a["head"].cpu() if a["head_ok"] and a["head"] is not None and a["seqs"] >= head_samples else None
+        stats.inputs[owner] = InputStats(h, a["max"].cpu(), (a["sum"] / a["n"]).cpu(), a["n"], head)
+    acc.clear()

@@ -217,9 +217,11 @@ class LoopConfig:
     # with loop.tune=none, the search's last step: the chosen plan's GPTQ modules rounded again layer by
     # layer on the plan's own quantized inputs (llm-compressor's sequential order; the search simulates
     # GPTQ on the float model's), measured as one more trial and shipped if it measures better (budget
-    # mode), or (threshold mode) the largest failing plan below the passing one, which may pass then.
-    # Demo, uniform GPTQ-imatrix: W4g64 KLD 0.2216 -> 0.2017, W3g64 0.8724 -> 0.6960
-    sequential_gptq: bool = True
+    # mode), or (threshold mode) the largest failing plan below the passing one, which ships if it
+    # passes then. null: budget mode only. Demo, CPU: uniform GPTQ-imatrix W4g64 KLD 0.2216 -> 0.2017,
+    # W3g64 0.8724 -> 0.6960; the threshold loop's 5.18-bit plan (mostly W5/W6) only 0.0542 -> 0.0532,
+    # still failing, for another calibration pass
+    sequential_gptq: Optional[bool] = None
     # AutoRound iterations per block. 100 (half AutoRound's default): within 0-5% of 200's KLD at budgets
     # 3.5-5.0 on both test models, still below AutoScheme iters=200 at each, half the tuning time
     tune_iters: int = 100

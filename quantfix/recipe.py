@@ -564,15 +564,16 @@ class Recipe:
         return out
 
     def _sequential(self, result: search.SearchResult) -> search.SearchResult:
-        """loop.sequential_gptq (loop.tune=none): a measured plan's GPTQ modules rounded again layer by
-        layer on the plan's own quantized inputs (quantize/sequential.py), measured as one more trial.
-        Budget mode: the chosen plan, replaced where this measures a lower KLD. Threshold mode: the
-        largest failing plan below the passing one, which then ships if it passes (a smaller plan);
-        with no passing plan, the last one."""
-        from quantfix.quantize import sequential
+        """loop.sequential_gptq (null: budget mode only; with loop.tune=none): a measured plan's GPTQ
+        modules rounded again layer by layer on the plan's own quantized inputs (sequential.py),
+        measured as one more trial. Budget mode: the chosen plan, replaced where this measures a lower
+        KLD. Threshold mode: the largest failing plan below the passing one, which then ships if it
+        passes (a smaller plan); with no passing plan, the last one."""
+        from quantfix import sequential
 
         cfg, budget = self.cfg.loop, self.cfg.plan.budget.avg_bits
-        if not cfg.sequential_gptq or cfg.tune != "none" or self.gguf:
+        wanted = cfg.sequential_gptq if cfg.sequential_gptq is not None else budget is not None
+        if not wanted or cfg.tune != "none" or self.gguf:
             return result
         if budget is not None:
             src = result.chosen

@@ -27,7 +27,7 @@ LAYERS: List[List[str]] = [
     ["source"],
     ["loading", "data", "evaluate", "tasks", "calib"],
     ["verdict", "runreport", "tune", "export", "bank", "gguf_export"],
-    ["trials", "verify", "existing", "diagnose"],
+    ["trials", "verify", "existing", "diagnose", "sequential"],
     ["planner", "explain"],
     ["search", "report"],
     ["budget"],
@@ -142,7 +142,7 @@ def test_the_layout_check_catches_an_upward_import(tmp_path):
 # __init__ tests/test_<package>.py. A new stage module goes here with its tests.
 TESTED = {
     "recipe", "cli", "source", "loading", "weights", "cache", "runtime", "timing", "config", "arch", "layerwise",
-    "plan", "data", "evaluate", "tasks", "calib", "verdict", "runreport", "tune", "export", "bank", "trials", "verify",
+    "plan", "data", "evaluate", "tasks", "calib", "verdict", "runreport", "tune", "sequential", "export", "bank", "trials", "verify",
     "existing", "planner", "explain", "search", "report", "llamacpp",
     "formats", "formats.gguf_tokenizer", "formats.gguf_io", "formats.packed", "formats.parent",
     "quantize.algorithms", "quantize.fake", "quantize.scales", "quantize.gguf", "gguf_plan", "gguf_export",

@@ -6,7 +6,8 @@ import torch
 from quantfix import calib
 from quantfix.bank import WeightBank
 from quantfix.plan import Plan, Precision
-from quantfix.quantize import algorithms, sequential
+from quantfix import sequential
+from quantfix.quantize import algorithms
 from tests.conftest import run_report, tiny_llama, tiny_overrides
 
 
@@ -96,3 +97,29 @@ def test_off_or_with_autoround_no_sequential_trial(compose, tiny_dir, tmp_path):
         "loop.ladder": "[3/32,4/32,5/32,8/0,16/0]", "plan.budget.avg_bits": 4.5, "loop.max_iters": 3,
         "loop.algorithms": "[gptq_imatrix]", "loop.sequential_gptq": "false"}))
     assert not _sequential_trials(run_report(cfg, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("setting", ["true", "null"])
+def test_threshold_mode_rounds_the_largest_failing_plan_below_the_passing_one_again(compose, tiny_dir, tmp_path,
+                                                                                   setting):
+    """On request (null: budget mode only) the plan just below the passing one, which ships if it passes now."""
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quant.bits": 3, "quant.group_size": 32, "quant.algorithm": "gptq_imatrix",
+        "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 0.01,
+        "loop.ladder": "[3/32,4/32,5/32,6/32,8/0,16/0]", "loop.max_iters": 6, "loop.algorithms": "[gptq_imatrix]",
+        "loop.sequential_gptq": setting}))
+    report = run_report(cfg, tmp_path / "run")
+    seq, its = _sequential_trials(report), report["iterations"]
+    if setting == "null":
+        assert not seq
+        return
+    assert len(seq) == 1
+    others = [it for it in its if it is not seq[0]]
+    passing = [it for it in others if not it["failed"]]
+    assert passing, "the thresholds are for a run that passes"
+    best = min(passing, key=lambda it: it["avg_bits"])
+    below = max((it for it in others if it["failed"] and it["avg_bits"] < best["avg_bits"]), key=lambda it: it["avg_bits"])
+    assert its[seq[0]["tuned_from"]] is below or its[seq[0]["tuned_from"]] == below
+    assert seq[0]["avg_bits"] == below["avg_bits"]
+    shipped = seq[0] if not seq[0]["failed"] else best
+    assert report["final"]["plan_summary"] == shipped["plan_summary"]

@@ -382,7 +382,7 @@ def _tuned_only(W, p, _inputs: SimInputs):
 
 def _whole_plan_only(W, p, _inputs: SimInputs):
     raise RuntimeError(f"{p.label}: sequential GPTQ weights come from rounding the whole plan layer by layer "
-                       "(quantize/sequential.py, loop.sequential_gptq), not from a per-module simulation")
+                       "(quantfix/sequential.py, loop.sequential_gptq), not from a per-module simulation")
 
 
 # ---- exports --------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
               "calibration data (SignSGD), run on the plan the search chose", INT_BITS, _tuned_only, _int_bits,
               _tagged("ar"), calibrated=True, static_export=True, per_module=False, whole_plan_setting="loop.tune=autoround"),
     # sequential GPTQ re-rounds a chosen plan's GPTQ modules on the plan's own quantized inputs
-    # (quantize/sequential.py, loop.sequential_gptq), its weights handed to the bank and exported statically
+    # (quantfix/sequential.py, loop.sequential_gptq), its weights handed to the bank and exported statically
     Algorithm("gptq_seq", COMPRESSED_TENSORS, "GPTQ run again layer by layer on the inputs of the plan's own quantized "
               "layers (llm-compressor's sequential order), each module's scales as its search chose", INT_BITS,
               _whole_plan_only, _int_bits, _tagged("gptq-seq"), calibrated=True, static_export=True, per_module=False,

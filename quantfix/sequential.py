@@ -78,7 +78,7 @@ def requantize(bank, plan: Plan, samples: torch.Tensor, batch_size: int = 4,
                 set_weight(bank.modules[n], bank.simulate(n, p))
 
     try:
-        calib.collect(bank.model, samples, list(todo), batch_size, progress=progress, after_layer=after_layer)
+        calib.collect_layers(bank.model, samples, list(todo), batch_size, progress=progress, after_layer=after_layer)
     finally:
         for n in bank.modules:
             set_weight(bank.modules[n], bank.originals[n])
