@@ -44,6 +44,7 @@ def test_each_layer_is_rounded_on_the_inputs_of_the_quantized_layers_before_it()
     for group in stats.groups().values():
         again = algorithms.get(p.algorithm).simulate_many([floats[n].float() for n in group], p,
                                                           [bank.inputs_with(n, p, stats.of(n)) for n in group])
+        # (the engine's own per-column sweep; the CPU's batched one agrees bit for bit)
         assert all(torch.equal(q.to(out[n][0].dtype), out[n][0]) for q, n in zip(again, group))
     # scales: the search's (from the float statistics), which a static export packs
     for n in out:
