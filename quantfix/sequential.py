@@ -88,14 +88,8 @@ def requantize(bank, plan: Plan, samples: torch.Tensor, batch_size: int = 4,
 def _sweep(bank, names, p: Precision, stats: calib.CalibStats):
     """GPTQ of ``names`` (one input, one width) on ``stats``' Hessian with the bank's scales."""
     Ws = [bank.original(n) for n in names]
-    flush = Ws[0].device.type == "cpu"
-    if flush:  # the demo's massive activations make denormal floats: ~15x slower sweeps on the CPU
-        torch.set_flush_denormal(True)
-    try:
-        # on the CPU one factorization and a batched sweep (gptq.sweep: the engine's arithmetic, ~10x faster
-        # than its per-column loop here: 170 of the demo's 385 s went there)
-        qs = algorithms.gptq_options(Ws, [p], {p: [bank.inputs_with(n, p, stats.of(n)) for n in names]})[p]
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
+    # on the CPU one factorization and a batched sweep (gptq.sweep: the engine's arithmetic, ~10x faster
+    # than its per-column loop here: 170 of the demo's 385 s went there); a CPU run flushes denormal
+    # floats (the recipe's set-up), which the demo's massive activations make plenty of
+    qs = algorithms.gptq_options(Ws, [p], {p: [bank.inputs_with(n, p, stats.of(n)) for n in names]})[p]
     return [q.to(bank.originals[n].dtype) for q, n in zip(qs, names)]
