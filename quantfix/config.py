@@ -218,10 +218,11 @@ class LoopConfig:
     # layer on the plan's own quantized inputs (llm-compressor's sequential order; the search simulates
     # GPTQ on the float model's), measured as one more trial and shipped if it measures better (budget
     # mode), or (threshold mode) the largest failing plan below the passing one, which ships if it
-    # passes then. null: budget mode only. Demo, CPU: uniform GPTQ-imatrix W4g64 KLD 0.2216 -> 0.2017,
-    # W3g64 0.8724 -> 0.6960; the threshold loop's 5.18-bit plan (mostly W5/W6) only 0.0542 -> 0.0532,
-    # still failing, for another calibration pass
-    sequential_gptq: Optional[bool] = None
+    # passes then. Off: measured on the demo (CPU) it helps uniform GPTQ plans (GPTQ-imatrix W4g64 KLD
+    # 0.2216 -> 0.2017, W3g64 0.8724 -> 0.6960; min/max W3g64 1.734 -> 1.824, worse) but not the loop's
+    # own mixed plans: budget 4.0 0.2273 -> 0.2292 (within-layer order 0.2330), threshold 5.18 bits
+    # 0.0542 -> 0.0532, still failing; each time one more calibration pass (76 s on the demo's CPU)
+    sequential_gptq: bool = False
     # AutoRound iterations per block. 100 (half AutoRound's default): within 0-5% of 200's KLD at budgets
     # 3.5-5.0 on both test models, still below AutoScheme iters=200 at each, half the tuning time
     tune_iters: int = 100

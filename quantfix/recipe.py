@@ -564,7 +564,7 @@ class Recipe:
         return out
 
     def _sequential(self, result: search.SearchResult) -> search.SearchResult:
-        """loop.sequential_gptq (null: budget mode only; with loop.tune=none): a measured plan's GPTQ
+        """loop.sequential_gptq (with loop.tune=none): a measured plan's GPTQ
         modules rounded again layer by layer on the plan's own quantized inputs (sequential.py),
         measured as one more trial. Budget mode: the chosen plan, replaced where this measures a lower
         KLD. Threshold mode: the largest failing plan below the passing one, which then ships if it
@@ -572,8 +572,7 @@ class Recipe:
         from quantfix import sequential
 
         cfg, budget = self.cfg.loop, self.cfg.plan.budget.avg_bits
-        wanted = cfg.sequential_gptq if cfg.sequential_gptq is not None else budget is not None
-        if not wanted or cfg.tune != "none" or self.gguf:
+        if not cfg.sequential_gptq or cfg.tune != "none" or self.gguf:
             return result
         if budget is not None:
             src = result.chosen

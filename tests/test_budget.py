@@ -261,7 +261,7 @@ def test_budget_mode_measures_candidates_and_ships_the_best_within_the_budget(co
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
         "quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
         "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": 5.0,
-        "loop.max_iters": 4, "loop.sequential_gptq": "false"}))
+        "loop.max_iters": 4}))
     report = run(cfg, tmp_path / "run")
     its = report["iterations"]
     cands = its[2:]  # after plan 0 (W3 RTN: no point of the fit) the fit's anchor, a granted trial

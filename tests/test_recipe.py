@@ -165,7 +165,7 @@ def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_the_calibrated_probe
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
         "quant": "rtn", "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
         "loop.max_iters": 4, "export.enabled": "false", "diagnose.domains": "{code: stdlib}",
-        "diagnose.domain_seq_len": 32, "loop.sequential_gptq": "false"}))
+        "diagnose.domain_seq_len": 32}))
     report = run(cfg, tmp_path / "run")
     rec, its = report["recalibration"], report["iterations"]
     checks = its[1:5]

@@ -74,7 +74,7 @@ def test_budget_mode_measures_the_chosen_plan_rounded_sequentially_and_ships_the
         "quant.bits": 3, "quant.group_size": group, "quant.algorithm": "gptq_imatrix",
         "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
         "loop.ladder": f"[3/{group},4/{group},5/{group},6/{group},8/0,16/0]", "plan.budget.avg_bits": 4.5,
-        "loop.max_iters": 4, "loop.algorithms": "[gptq_imatrix]"}))
+        "loop.max_iters": 4, "loop.algorithms": "[gptq_imatrix]", "loop.sequential_gptq": "true"}))
     report = run_report(cfg, tmp_path / "run")
     seq = _sequential_trials(report)
     assert len(seq) == 1
@@ -91,19 +91,19 @@ def test_budget_mode_measures_the_chosen_plan_rounded_sequentially_and_ships_the
     assert fin["verified_metrics"]["kld_mean"] == pytest.approx(shipped["metrics"]["kld_mean"], rel=1e-4)
 
 
-def test_off_or_with_autoround_no_sequential_trial(compose, tiny_dir, tmp_path):
+def test_off_by_default_in_budget_mode_too(compose, tiny_dir, tmp_path):
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
         "quant.bits": 3, "quant.group_size": 32, "quant.algorithm": "gptq_imatrix",
         "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
         "loop.ladder": "[3/32,4/32,5/32,8/0,16/0]", "plan.budget.avg_bits": 4.5, "loop.max_iters": 3,
-        "loop.algorithms": "[gptq_imatrix]", "loop.sequential_gptq": "false"}))
+        "loop.algorithms": "[gptq_imatrix]"}))
     assert not _sequential_trials(run_report(cfg, tmp_path / "run"))
 
 
-@pytest.mark.parametrize("setting", ["true", "null"])
+@pytest.mark.parametrize("setting", ["true", "false"])
 def test_threshold_mode_rounds_the_largest_failing_plan_below_the_passing_one_again(compose, tiny_dir, tmp_path,
                                                                                    setting):
-    """On request (null: budget mode only) the plan just below the passing one, which ships if it passes now."""
+    """On request (off by default) the plan just below the passing one, which ships if it passes now."""
     cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
         "quant.bits": 3, "quant.group_size": 32, "quant.algorithm": "gptq_imatrix",
         "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 0.01,
@@ -111,7 +111,7 @@ def test_threshold_mode_rounds_the_largest_failing_plan_below_the_passing_one_ag
         "loop.sequential_gptq": setting}))
     report = run_report(cfg, tmp_path / "run")
     seq, its = _sequential_trials(report), report["iterations"]
-    if setting == "null":
+    if setting == "false":
         assert not seq
         return
     assert len(seq) == 1
