@@ -489,7 +489,7 @@ class Recipe:
             kld = lambda recs: min(x.metrics.kld_mean for x in recs)  # noqa: E731
             r.kld_before, r.kld_after = kld(befores), kld(afters)
             r.probe = names[0] if len(names) == 1 else "the best of " + " / ".join(names)
-            if not r.kld_after < r.kld_before:  # no better: the old calibration stays
+            if not Recalibration.pays(r.kld_before, r.kld_after):  # no better: the old calibration stays
                 r.kept = False
                 self.stats, self.data.samples, self.data.calibration_domains = old
                 self.bank.use_stats(self.stats, aside)
@@ -534,7 +534,7 @@ class Recipe:
         r.kld_before, r.kld_after = _best_within(befores, self.cfg.plan.budget.avg_bits), \
             _best_within(afters, self.cfg.plan.budget.avg_bits)
         r.probe = "the budget search's first plans"
-        if r.kld_after < r.kld_before:
+        if Recalibration.pays(r.kld_before, r.kld_after):
             r.domains_after_ppl = self._publish(self.diagnosis).domains
             return new0, rec
         r.kept = False

@@ -87,3 +87,17 @@ def test_load_reads_a_run_dir_or_its_report_json(tmp_path):
     path = r.save(tmp_path)
     assert path == tmp_path / "report.json"
     assert RunReport.load(tmp_path) == r and RunReport.load(path) == r
+
+
+def test_a_recalibration_pays_only_for_a_clear_drop():
+    """A tie (the demo's 0.6339 -> 0.6328 at 3.5 bits on an H100) keeps the user's calibration data;
+    a drop of RECALIBRATION_MIN_GAIN or more keeps the recalibration."""
+    from quantfix.runreport import RECALIBRATION_MIN_GAIN, Recalibration
+
+    assert not Recalibration.pays(0.6339, 0.6328)
+    assert not Recalibration.pays(0.5, 0.5) and not Recalibration.pays(0.5, 0.6)
+    assert Recalibration.pays(0.5, 0.5 * (1 - RECALIBRATION_MIN_GAIN) - 1e-6)
+    assert Recalibration.pays(0.0149, 0.0145)
+    r = Recalibration("gap", ["c4"], ["c4", "humaneval"], {}, kept=False, probe="plan 0", kld_before=0.6339,
+                      kld_after=0.6328)
+    assert "not 1% better" in r.undone_words()
