@@ -449,7 +449,8 @@ REGISTRY: Dict[str, Algorithm] = {a.name: a for a in (
     # (loop.tune=autoround), its weights handed to the bank and exported statically
     Algorithm("autoround", COMPRESSED_TENSORS, "AutoRound: rounding and scales tuned per decoder block on the "
               "calibration data (SignSGD), run on the plan the search chose", INT_BITS, _tuned_only, _int_bits,
-              _tagged("ar"), calibrated=True, static_export=True, per_module=False, whole_plan_setting="loop.tune=autoround"),
+              _tagged("ar"), calibrated=True, static_export=True, per_module=False,
+              whole_plan_setting="loop.tune=autoround"),
     # sequential GPTQ re-rounds a chosen plan's GPTQ modules on the plan's own quantized inputs
     # (quantfix/sequential.py, loop.sequential_gptq), its weights handed to the bank and exported statically
     Algorithm("gptq_seq", COMPRESSED_TENSORS, "GPTQ run again layer by layer on the inputs of the plan's own quantized "
