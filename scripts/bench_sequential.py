@@ -48,16 +48,18 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_flush_denormal(True)  # as a CPU run of the loop does
     ctx = setup(a.model, torch.device(a.device))
-    rows = []
+    result = {"model": a.model, "device": a.device, "eval": "wikitext2 16x512", "calibration": "c4 32x512", "rows": []}
+    rows = result["rows"]
+    plans = []
     for spec in a.uniform:
         width, alg = spec.split(":")
         bits, group = int(width[1:].split("g")[0]), int(width.split("g")[1])
-        plan = Plan(modules={n: Precision(bits, group, True, alg) for n in ctx["names"]}, shapes=ctx["shapes"])
-        rows.append(measure(f"uniform {width} {alg}", plan, ctx, a))
-    for path in a.plans:
-        rows.append(measure(f"loop plan {path}", Plan.load(path), ctx, a))
-    result = {"model": a.model, "device": a.device, "eval": "wikitext2 16x512", "calibration": "c4 32x512", "rows": rows}
-    Path(a.out).write_text(json.dumps(result, indent=1))
+        plans.append((f"uniform {width} {alg}",
+                      Plan(modules={n: Precision(bits, group, True, alg) for n in ctx["names"]}, shapes=ctx["shapes"])))
+    plans += [(f"loop plan {path}", Plan.load(path)) for path in a.plans]
+    for label, plan in plans:
+        rows.append(measure(label, plan, ctx, a))
+        Path(a.out).write_text(json.dumps(result, indent=1))  # after every row: a run cut short keeps them
     print("| plan | avg bits | " + " | ".join(VARIANTS) + " |")
     print("|---|---|" + "---|" * len(VARIANTS))
     for r in rows:
