@@ -219,7 +219,7 @@ class LoopConfig:
     # GPTQ on the float model's), measured as one more trial and shipped if it measures better (budget
     # mode), or (threshold mode) the largest failing plan below the passing one, which ships if it
     # passes then. Off: measured on the demo (CPU) it helps uniform GPTQ plans (GPTQ-imatrix W4g64 KLD
-    # 0.2216 -> 0.2017, W3g64 0.8724 -> 0.6960; min/max W3g64 1.734 -> 1.824, worse) but not the loop's
+    # 0.2214 -> 0.2065, W3g64 0.8726 -> 0.6966; min/max W3g64 1.785 -> 1.803, worse) but not the loop's
     # own mixed plans: budget 4.0 0.2273 -> 0.2292 (within-layer order 0.2330), threshold 5.18 bits
     # 0.0542 -> 0.0532, still failing; each time one more calibration pass (76 s on the demo's CPU)
     sequential_gptq: bool = False

@@ -9,17 +9,16 @@ kept only where it measures better. Each module keeps the scales its search chos
 observer, on the float weight); only the error-compensating rounding sees other Hessians. The weights
 ship statically, as measured.
 
-Measured on the demo (SmolLM2-135M, C4 32x512 calibration, WikiText-2 16x512, CPU float32), uniform
-plans, KLD float Hessians -> sequential: GPTQ-imatrix W4g64 0.2216 -> 0.2017, W3g64 0.8724 -> 0.6960;
-GPTQ min/max W4g64 0.3787 -> 0.3391 (llm-compressor's own GPTQ: 0.3374 on an H100), but W3g64 1.7340 ->
-1.8241. On the loop's own mixed plans it did not pay: budget 4.0 bits 0.2273 -> 0.2292 (each input
-group's Hessian after the groups before it in the layer are rounded, "true sequential": 0.2330), the
-threshold loop's 5.18-bit plan 0.0542 -> 0.0532 (still failing). Hence off by default, and measured,
-not assumed, where it is on.
+Measured on the demo (SmolLM2-135M, C4 32x512 calibration, WikiText-2 16x512, CPU, parameters rounded to
+the export dtype as the trials see them; scripts/bench_sequential.py, benchmarks/sequential_cpu_demo.json),
+KLD float Hessians -> sequential: uniform GPTQ-imatrix W4g64 0.2214 -> 0.2065, W3g64 0.8726 -> 0.6966;
+GPTQ min/max W4g64 0.3233 -> 0.2809, but W3g64 1.7849 -> 1.8027. On the loop's own mixed plans it did
+not pay: budget 4.0 bits 0.2273 -> 0.2292 (each input group's Hessian after the groups before it in the
+layer are rounded, "true sequential": 0.2330), the threshold loop's 5.18-bit plan 0.0542 -> 0.0532
+(still failing). Hence off by default, and measured, not assumed, where it is on.
 """
 from __future__ import annotations
 
-import logging
 from typing import Dict, Tuple
 
 import torch
@@ -28,8 +27,6 @@ from quantfix import calib
 from quantfix.plan import Plan, Precision
 from quantfix.quantize import algorithms
 from quantfix.weights import set_weight
-
-log = logging.getLogger(__name__)
 
 NAME = "gptq_seq"
 
