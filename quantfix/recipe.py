@@ -416,9 +416,10 @@ class Recipe:
         return changed
 
     def _diagnose(self, plan: Plan, rec: TrialRecord, options, journal: str = "diagnosis_full.json",
-                  plots: str = "plots", publish: bool = True) -> Diagnosis:
+                  plots: str = "plots", publish: bool = True, earlier: Optional[Diagnosis] = None) -> Diagnosis:
         """The diagnosis of ``plan`` (replayed from ``journal`` on resume), its plots in ``plots``; with
-        ``publish``, written to diagnosis.json and the report (``_publish``: once it is the one acted on)."""
+        ``publish``, written to diagnosis.json and the report (``_publish``: once it is the one acted on).
+        ``earlier``: the diagnosis of the same weights before the options changed (only they are measured)."""
         saved = self.out_dir / journal
         diag = None
         if self.cfg.loop.resume:
@@ -431,7 +432,8 @@ class Recipe:
             subject = Subject(plan, rec.metrics, self.reference, self.base, self.stats, options)
             files = Files(self.out_dir / plots, self.cache / "sensitivity" / f"{key}.json")
             with self.timer("diagnose"):
-                diag = run_diagnosis(self.cfg.diagnose, self.cfg.probes, self.rt, self.data, self.bank, subject, files)
+                diag = run_diagnosis(self.cfg.diagnose, self.cfg.probes, self.rt, self.data, self.bank, subject, files,
+                                     earlier)
             diagnose_journal.save(saved, diag, self.fingerprint)
         return self._publish(diag) if publish else diag
 
@@ -500,7 +502,8 @@ class Recipe:
         if not self.existing:  # plan 0's own calibration record; an existing checkpoint keeps its provenance
             plan0 = dataclasses.replace(plan0, calibration=dict(plan0.calibration,
                                                                 domains=list(self.data.calibration_domains)))
-        self.diagnosis = self._diagnose(plan0, rec, options, journal="diagnosis_full_recalibrated.json")
+        self.diagnosis = self._diagnose(plan0, rec, options, journal="diagnosis_full_recalibrated.json",
+                                        earlier=self._same_weights(plan0))
         r.domains_after_ppl = self.diagnosis.domains
         return plan0, rec
 
@@ -511,7 +514,7 @@ class Recipe:
         what a budget plan is made of: from W3g64 RTN at 3.92 bits the demo kept HumanEval by them (GPTQ at
         plan 0's widths 0.873 -> 0.791) and shipped 0.300 where the old calibration's search shipped 0.271.
         The undone calibration's diagnosis is kept in diagnosis_full_recalibrated.json (its plots in
-        plots_recalibrated); the search reuses the kept side's trials."""
+        plots_recalibrated when plan 0 changed with the data); the search reuses the kept side's trials."""
         before, check = list(self.data.calibration_domains), "recalibration check: the budget search's first plans"
         old = (self.stats, self.data.samples, self.data.calibration_domains, self.diagnosis)
         befores = self._budget_search(plan0, options, rec0).opening(f"{check}, calibrated on {before}")
@@ -524,12 +527,13 @@ class Recipe:
         self.report.recalibration = r = Recalibration(gap.finding, before, list(self.data.calibration_domains),
                                                       self.diagnosis.domains)
         context = self.trials.vary("calibration: " + ", ".join(self.data.calibration_domains))
-        own = any(p.alg.calibrated for p in plan0.modules.values() if not p.is_float)
-        rec = self.trials(plan0.with_changes({}, note=action), action=action, drivers={gap.kind: 1}) if own else rec0
+        earlier = self._same_weights(plan0)  # plan 0 unchanged: only its options are diagnosed again
+        rec = rec0 if earlier is not None else self.trials(plan0.with_changes({}, note=action), action=action,
+                                                           drivers={gap.kind: 1})
         new0 = plan0 if self.existing else dataclasses.replace(
             plan0, calibration=dict(plan0.calibration, domains=list(self.data.calibration_domains)))
         self.diagnosis = self._diagnose(new0, rec, options, journal="diagnosis_full_recalibrated.json",
-                                        plots="plots_recalibrated", publish=False)
+                                        plots="plots_recalibrated", publish=False, earlier=earlier)
         afters = self._budget_search(new0, options, rec).opening(f"{check}, calibrated on {list(self.data.calibration_domains)}")
         r.kld_before, r.kld_after = _best_within(befores, self.cfg.plan.budget.avg_bits), \
             _best_within(afters, self.cfg.plan.budget.avg_bits)
@@ -543,6 +547,11 @@ class Recipe:
         self.trials.revert(context)  # the plans measured before the recalibration keep their keys
         self._warn(f"recalibration on {gap.source} ({gap.kind}) undone: {r.undone_words()}")
         return plan0, rec0
+
+    def _same_weights(self, plan0: Plan) -> Optional[Diagnosis]:
+        """After a recalibration: the diagnosis before it when plan 0's weights did not change with the
+        data (no module in a rounding that reads it), so the new one measures only the options."""
+        return None if any(p.alg.calibrated for p in plan0.modules.values() if not p.is_float) else self.diagnosis
 
     def _measure_probes(self, probes: List[Plan], names: List[str], kind: str) -> List[TrialRecord]:
         """One trial per probe of a recalibration check, with the calibration data it is measured on."""

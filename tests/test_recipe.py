@@ -224,6 +224,34 @@ def test_a_budget_runs_recalibration_is_judged_by_the_searchs_first_plans(compos
     assert report["final"]["avg_bits"] <= 5.0 + 1e-9
 
 
+def test_a_recalibration_of_an_rtn_plan0_diagnoses_only_the_options_again(compose, tiny_dir, tmp_path, monkeypatch):
+    """Plan 0 in RTN is the same model after a recalibration: the second diagnosis keeps its Taylor scores,
+    sides and domains, and simulates and scores only the options, which equal those of a fresh run
+    calibrated on both domains from the start (its first diagnosis, every part measured)."""
+    _plant_gap(monkeypatch, "pydoc")
+    base = {"quant.bits": 3, "quant.group_size": 0, "thresholds.max_ppl_increase_pct": "null",
+            "thresholds.max_kld_mean": 1e-6, "loop.ladder": "[3/0,4/0,5/0,6/0,8/0,16/0]", "plan.budget.avg_bits": 5.0,
+            "loop.max_iters": 4, "export.enabled": "false", "diagnose.domains": "{code: stdlib, prose: pydoc}",
+            "diagnose.domain_seq_len": 32}
+    run(compose(tiny_overrides(tiny_dir, tmp_path / "c1", **base, **{"data.domains": "[stdlib]"})), tmp_path / "a")
+    run(compose(tiny_overrides(tiny_dir, tmp_path / "c2", **base, **{"data.domains": "[stdlib,pydoc]"})), tmp_path / "b")
+    first, again, fresh = (json.loads(p.read_text()) for p in (
+        tmp_path / "a" / "diagnosis_full.json", tmp_path / "a" / "diagnosis_full_recalibrated.json",
+        tmp_path / "b" / "diagnosis_full.json"))
+    assert "the plan's own measurements: kept from the diagnosis before" in again["timings_s"]
+    assert "float side (activations, channels, probes, domains)" in fresh["timings_s"]
+    assert again["calibration_domains"] == ["stdlib", "pydoc"] and first["calibration_domains"] == ["stdlib"]
+    for part in ("layers", "modules"):  # the plan's own scores: kept
+        assert again["sensitivity"][part] == first["sensitivity"][part]
+        assert again["sensitivity"][part] == pytest.approx(fresh["sensitivity"][part], rel=1e-6)
+    assert again["domains"] == first["domains"] and again["outliers"] == first["outliers"]
+    opts = lambda d: {(n, k): v for n, o in d["sensitivity"]["options"].items() for k, v in o.items()}  # noqa: E731
+    assert opts(again) and opts(again).keys() == opts(fresh).keys()
+    assert opts(again) == pytest.approx(opts(fresh), rel=1e-6)  # the options: measured under the new calibration
+    assert opts(again) != opts(first)
+    assert not any(f["kind"] == "domain_gap" for f in again["findings"])  # read again: pydoc is calibrated on now
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "arc_easy").exists(), reason="needs ../shared/data")
 def test_tasks_are_scored_per_trial_and_gate_the_loop(compose, tiny_dir, tmp_path, monkeypatch):
     over = tiny_overrides(tiny_dir, tmp_path / "cache", **{

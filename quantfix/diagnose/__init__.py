@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -49,10 +49,12 @@ def sensitivity_cache_key(model_fp: str, plan: Plan, windows: torch.Tensor, scfg
 
 
 def measure_sensitivity(rt: Runtime, bank, subject: "Subject", windows: torch.Tensor, scfg: SensitivityConfig,
-                        cache_path: Optional[Path] = None, progress: bool = True) -> sensitivity.Sensitivity:
+                        cache_path: Optional[Path] = None, progress: bool = True,
+                        plan_scores: Optional[sensitivity.Sensitivity] = None) -> sensitivity.Sensitivity:
     """Sensitivity of the subject plan's parts (cached at ``cache_path``), its precision options
     (``subject.options``: module -> label -> precision) scored too (fast / taylor / fisher).
-    Leaves the float weights live."""
+    ``plan_scores`` (fast): the plan's own scores, measured before on the same weights: only the
+    options are scored. Leaves the float weights live."""
     cached = load_entry(cache_path, lambda b: sensitivity.Sensitivity.from_dict(json.loads(b))) \
         if cache_path is not None else None
     if cached is not None:
@@ -67,10 +69,14 @@ def measure_sensitivity(rt: Runtime, bank, subject: "Subject", windows: torch.Te
         opts = bank.simulate_options(options) if scfg.method == "taylor" else None
         bank.apply(plan, progress=False)
         fw, sub = bank.float_weights(plan), windows[: scfg.windows]
-        if scfg.method == "fast":
+        chunks = option_chunks(bank, options, scfg.options_memory_gb)
+        if scfg.method == "fast" and plan_scores is not None:
+            result = sensitivity.options_scored(rt.model, plan_scores, fw, bank.quantized_weights(plan), settings,
+                                                windows[: scfg.fisher_windows], chunks)
+            bank.forget_applied()  # the float weights are live
+        elif scfg.method == "fast":
             result = sensitivity.fast(rt.model, sub, ref, fw, bank.quantized_weights(plan), settings,
-                                      fisher_windows=windows[: scfg.fisher_windows],
-                                      option_chunks=option_chunks(bank, options, scfg.options_memory_gb))
+                                      fisher_windows=windows[: scfg.fisher_windows], option_chunks=chunks)
             bank.forget_applied()  # fast() leaves the float weights live
         else:
             result = sensitivity.taylor(rt.model, sub, ref, fw, opts, settings)
@@ -144,9 +150,14 @@ class Files:
 
 
 def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunData, bank, subject: Subject,
-        files: Files) -> Diagnosis:
+        files: Files, earlier: Optional[Diagnosis] = None) -> Diagnosis:
     """Full diagnosis of ``subject.plan`` (applied through ``bank``) against the float model. Writes
-    plots under ``files.plots``; leaves the plan applied."""
+    plots under ``files.plots``; leaves the plan applied. ``earlier``: a diagnosis of the same quantized
+    weights, taken before the options changed (a recalibration: plan 0 in a rounding that reads no
+    calibration data is the same model, its options are not); only the options are measured again
+    (``_options_again``)."""
+    if earlier is not None and earlier.sides is not None and cfg.sensitivity.method == "fast":
+        return _options_again(cfg, rt, data, bank, subject, files, earlier)
     t0 = time.perf_counter()
     plan, progress = subject.plan, files.progress
     parts = _Laps()
@@ -174,6 +185,27 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
                   "float_generations": fp["gen"], "max_new_tokens": side.max_new_tokens}
     diag.timings_s = dict(parts.timings, total=round(time.perf_counter() - t0, 2))
     diag.memory_gb = parts.memory
+    return diag
+
+
+def _options_again(cfg: DiagnoseConfig, rt: Runtime, data: RunData, bank, subject: Subject, files: Files,
+                   earlier: Diagnosis) -> Diagnosis:
+    """``earlier`` with the precision options simulated and scored again (Fisher) and the findings
+    read again with the calibration domains of now. What depends on the plan's weights alone (Taylor's
+    layer and module scores, outliers, per-channel error, domains, probes) is the same model measured
+    again: kept (on the demo's CPU, 69 of the 177 s of a second diagnosis)."""
+    t0 = time.perf_counter()
+    sens = measure_sensitivity(rt, bank, subject, data.windows, cfg.sensitivity, files.sensitivity_cache, files.progress,
+                               plan_scores=earlier.sensitivity)
+    bank.apply(subject.plan, progress=False)
+    diag = replace(earlier, sensitivity=sens, findings=[], plots=dict(earlier.plots),
+                   calibration_domains=[] if data.external_checkpoint else list(data.calibration_domains))
+    diag.findings = root_causes(diag, cfg)
+    diag.timings_s = {"sensitivity": round(sens.seconds, 2),
+                      **{f"sensitivity: {k}": round(v, 2) for k, v in sens.parts.items()},
+                      "the plan's own measurements: kept from the diagnosis before": 0.0,
+                      "total": round(time.perf_counter() - t0, 2)}
+    diag.memory_gb = {}
     return diag
 
 

@@ -440,10 +440,23 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
     seed's exact measurement (on the demo model, 8 windows: Spearman 0.94 against exact at 14x
     less wall time, see benchmarks/); each module's precision options (``option_chunks``: an
     iterable of module -> label -> weight dicts, one Fisher pass each, float context) by Fisher,
-    which predicted plans better than Taylor in the repair loop. ``model`` holds the quantized
-    weights on entry and the float ones on exit."""
+    which predicted plans better than Taylor in the repair loop (``options_scored``). ``model``
+    holds the quantized weights on entry and the float ones on exit."""
     t0 = time.perf_counter()
     t = taylor(model, windows, ref, float_weights, None, settings)
+    s = options_scored(model, t, float_weights, quantized, settings, windows if fisher_windows is None else fisher_windows,
+                       option_chunks)
+    s.seconds, s.parts["taylor"] = time.perf_counter() - t0, t.seconds
+    return s
+
+
+def options_scored(model, plan_scores: Sensitivity, float_weights: Dict[str, torch.Tensor],
+                   quantized: Dict[str, torch.Tensor], settings: PassSettings, windows: torch.Tensor,
+                   option_chunks=None) -> Sensitivity:
+    """``plan_scores``' layers, module types and modules (Taylor's, of the ``quantized`` weights) with
+    each module's precision options scored by Fisher on ``windows``, the float weights live (set here,
+    left live). Alone, after a recalibration: the plan's weights unchanged, its options not."""
+    t0 = time.perf_counter()
     mods = dict(model.named_modules())
     with torch.no_grad():
         for n, w in float_weights.items():
@@ -451,9 +464,9 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
     opts, base, parts = {}, {}, {}
     chunks = option_chunks if option_chunks is not None else []
     if chunks:
-        f = fisher_chunks(model, windows if fisher_windows is None else fisher_windows, quantized, chunks,
-                          settings, layer_scores=False)  # layers: Taylor's
+        f = fisher_chunks(model, windows, quantized, chunks, settings, layer_scores=False)  # layers: Taylor's
         opts, base, parts = f.options, f.modules, f.parts
+    t = plan_scores
     return Sensitivity(method="fast", layers=t.layers, types=t.types, modules=t.modules, options=opts,
                        seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base,
-                       parts={"taylor": t.seconds, **parts})
+                       parts={"taylor": 0.0, **parts})
