@@ -193,7 +193,7 @@ def _options_again(cfg: DiagnoseConfig, rt: Runtime, data: RunData, bank, subjec
     """``earlier`` with the precision options simulated and scored again (Fisher) and the findings
     read again with the calibration domains of now. What depends on the plan's weights alone (Taylor's
     layer and module scores, outliers, per-channel error, domains, probes) is the same model measured
-    again: kept (on the demo's CPU, 69 of the 177 s of a second diagnosis)."""
+    again: kept (the demo's budget-3.43 row from W3g64 on a 2-core CPU: 177 -> 119 s, the same trials to the digit)."""
     t0 = time.perf_counter()
     sens = measure_sensitivity(rt, bank, subject, data.windows, cfg.sensitivity, files.sensitivity_cache, files.progress,
                                plan_scores=earlier.sensitivity)
