@@ -111,6 +111,10 @@ def test_domain_gap_recalibration_is_measured_and_kept_only_when_it_helps(compos
         # recalibration's statistics were taken with plan 0's quantized weights live)
         assert rec["kept"] and after < before
         assert "code" in rec["domains_after_ppl"] and recalibrated.exists()
+        # plan 0 in GPTQ changed with the data: diagnosed again in full, not only its options
+        timings = json.loads(recalibrated.read_text())["timings_s"]
+        assert "float side (activations, channels, probes, domains)" in timings and timings["sensitivity: taylor"] > 0
+        assert not any(k.startswith("the plan's own measurements") for k in timings)
         assert "Recalibration" in md
     else:  # junk data: no drop, undone
         assert not rec["kept"] and after >= before
@@ -183,6 +187,26 @@ def test_domain_gap_from_an_uncalibrated_plan0_is_judged_by_the_calibrated_probe
     assert (tmp_path / "run" / "diagnosis_full_recalibrated.json").exists() == rec["kept"]
     assert its[5]["plan_summary"] not in [its[0]["plan_summary"]] + [c["plan_summary"] for c in checks]  # the search's
     assert len(its) == 4 + 4  # the checks are not taken from the search's loop.max_iters=4
+
+
+def test_a_kept_recalibration_of_an_rtn_plan0_rediagnoses_only_the_options(compose, tiny_dir, tmp_path, monkeypatch):
+    """Threshold mode: plan 0 in RTN, the eval text's own source (pydoc) added and kept by the calibrated
+    probes; the diagnosis acted on from then on keeps plan 0's own measurements and has the options scored
+    under the new data."""
+    _plant_gap(monkeypatch, "pydoc", domain="prose")
+    cfg = compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{
+        "quant": "rtn", "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 1e-6,
+        "loop.max_iters": 2, "export.enabled": "false", "diagnose.domains": "{code: stdlib, prose: pydoc}",
+        "diagnose.domain_seq_len": 32, "data.domains": "[stdlib]"}))
+    report = run(cfg, tmp_path / "run")
+    assert report["recalibration"]["kept"]
+    first, again = (json.loads((tmp_path / "run" / f).read_text())
+                    for f in ("diagnosis_full.json", "diagnosis_full_recalibrated.json"))
+    assert "the plan's own measurements: kept from the diagnosis before" in again["timings_s"]
+    assert again["sensitivity"]["layers"] == first["sensitivity"]["layers"]
+    assert again["sensitivity"]["options"] != first["sensitivity"]["options"]
+    published = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
+    assert published["calibration_domains"] == ["stdlib", "pydoc"]
 
 
 @pytest.mark.parametrize("calib,add,junk", [("stdlib", "pydoc", False), ("pydoc", "stdlib", True)])
