@@ -99,6 +99,11 @@ class Plan:
         """The checkpoint formats the quantized modules need (a plan must fit in one)."""
         return {p.family for p in self.modules.values() if not p.is_float}
 
+    def reads_calibration(self) -> bool:
+        """Whether a quantized module's rounding reads the calibration data (its weights change when the
+        data does)."""
+        return any(p.alg.calibrated for p in self.modules.values() if not p.is_float)
+
     def algorithm(self) -> str:
         algs = Counter(p.algorithm for p in self.modules.values() if not p.is_float)
         return algs.most_common(1)[0][0] if algs else "none"

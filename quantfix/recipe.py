@@ -551,7 +551,7 @@ class Recipe:
     def _same_weights(self, plan0: Plan) -> Optional[Diagnosis]:
         """After a recalibration: the diagnosis before it when plan 0's weights did not change with the
         data (no module in a rounding that reads it), so the new one measures only the options."""
-        return None if any(p.alg.calibrated for p in plan0.modules.values() if not p.is_float) else self.diagnosis
+        return None if plan0.reads_calibration() else self.diagnosis
 
     def _measure_probes(self, probes: List[Plan], names: List[str], kind: str) -> List[TrialRecord]:
         """One trial per probe of a recalibration check, with the calibration data it is measured on."""
@@ -562,7 +562,7 @@ class Recipe:
     def _calibrated_probes(self, plan0: Plan) -> List[Plan]:
         """The plans a recalibration is judged by: plan 0 when its algorithm learns from the calibration
         data, else plan 0's widths in each calibrated algorithm of loop.algorithms (none: not judged)."""
-        if any(p.alg.calibrated for p in plan0.modules.values() if not p.is_float):
+        if plan0.reads_calibration():
             return [plan0]
         out = []
         for alg in dict.fromkeys(str(a) for a in self.cfg.loop.algorithms if algorithms.get(str(a)).calibrated):

@@ -65,18 +65,19 @@ def measure_sensitivity(rt: Runtime, bank, subject: "Subject", windows: torch.Te
     settings = sensitivity.PassSettings(min(2, rt.batch_size), scfg.label_samples, rt.seed, progress)
     if scfg.method == "exact":
         result = _exact(rt, bank, plan, ref, windows, scfg, progress)
+    elif scfg.method == "fast" and plan_scores is not None:  # the float model scores the options
+        bank.restore()
+        result = sensitivity.options_scored(rt.model, plan_scores, bank.float_weights(plan), bank.quantized_weights(plan),
+                                            settings, windows[: scfg.fisher_windows],
+                                            option_chunks(bank, options, scfg.options_memory_gb))
     elif scfg.method in ("fast", "taylor"):
         opts = bank.simulate_options(options) if scfg.method == "taylor" else None
         bank.apply(plan, progress=False)
         fw, sub = bank.float_weights(plan), windows[: scfg.windows]
-        chunks = option_chunks(bank, options, scfg.options_memory_gb)
-        if scfg.method == "fast" and plan_scores is not None:
-            result = sensitivity.options_scored(rt.model, plan_scores, fw, bank.quantized_weights(plan), settings,
-                                                windows[: scfg.fisher_windows], chunks)
-            bank.forget_applied()  # the float weights are live
-        elif scfg.method == "fast":
+        if scfg.method == "fast":
             result = sensitivity.fast(rt.model, sub, ref, fw, bank.quantized_weights(plan), settings,
-                                      fisher_windows=windows[: scfg.fisher_windows], option_chunks=chunks)
+                                      fisher_windows=windows[: scfg.fisher_windows],
+                                      option_chunks=option_chunks(bank, options, scfg.options_memory_gb))
             bank.forget_applied()  # fast() leaves the float weights live
         else:
             result = sensitivity.taylor(rt.model, sub, ref, fw, opts, settings)

@@ -466,7 +466,6 @@ def options_scored(model, plan_scores: Sensitivity, float_weights: Dict[str, tor
     if chunks:
         f = fisher_chunks(model, windows, quantized, chunks, settings, layer_scores=False)  # layers: Taylor's
         opts, base, parts = f.options, f.modules, f.parts
-    t = plan_scores
-    return Sensitivity(method="fast", layers=t.layers, types=t.types, modules=t.modules, options=opts,
-                       seconds=time.perf_counter() - t0, n_tokens=t.n_tokens, option_base=base,
+    return Sensitivity(method="fast", layers=plan_scores.layers, types=plan_scores.types, modules=plan_scores.modules,
+                       options=opts, seconds=time.perf_counter() - t0, n_tokens=plan_scores.n_tokens, option_base=base,
                        parts={"taylor": 0.0, **parts})
