@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from quantfix.weights import device_room, set_weight, weight_device, weight_of
 from quantfix.plan import Plan, Precision
-from quantfix.quantize import algorithms, fake
+from quantfix.quantize import algorithms, fake, scales
 from quantfix.calib import CalibStats
 from quantfix.quantize.stats import InputStats
 
@@ -183,7 +183,7 @@ class WeightBank:
             return
         if not self._on_cpu(jobs):
             self._search_scales_together(jobs)
-            for ps, names in jobs.values():
+            for ps, names in self._sweep_together(jobs, out).values():
                 self._run_job(ps, names, out=out)
             return
         threads = torch.get_num_threads()
@@ -231,6 +231,29 @@ class WeightBank:
                                             self._inputs(n, p)) for ps, names in jobs.values() for p in ps
                                            for n in names])
 
+    def _sweep_together(self, jobs, out: Optional[dict]) -> dict:
+        """An accelerator's GPTQ jobs whose stacks have one shape, swept in batched engine calls
+        (``algorithms.gptq_stacks``): one per precision where each stack was one; the results stored as
+        ``_run_job`` stores them. Returns the jobs left."""
+        shapes: Dict[tuple, list] = {}
+        for key, (ps, names) in jobs.items():
+            if algorithms.get(ps[0].algorithm).sweeps_options_together:
+                rows = sum(self.originals[n].shape[0] for n in names)
+                shapes.setdefault((rows, self.originals[names[0]].shape[1], self.originals[names[0]].dtype), []).append(key)
+        done = set()
+        for (rows, cols, _), keys in shapes.items():
+            if len(keys) < 2:
+                continue
+            for group in scales.batches([4 * (rows * cols + cols * cols)] * len(keys), algorithms.GPTQ_BATCH_BYTES):
+                chunk = [keys[i] for i in group]  # fetched to the device a batch at a time
+                precisions = list(dict.fromkeys(p for k in chunk for p in jobs[k][0]))
+                stacks = [([self.original(n) for n in jobs[k][1]],
+                           {p: [self._inputs(n, p) for n in jobs[k][1]] for p in jobs[k][0]}) for k in chunk]
+                for k, results in zip(chunk, algorithms.gptq_stacks(stacks, precisions)):
+                    self._store(results, jobs[k][1], out)
+                    done.add(k)
+        return {k: job for k, job in jobs.items() if k not in done}
+
     def _keep(self, name: str, q: torch.Tensor) -> torch.Tensor:
         """A simulation as kept: in the weight's own dtype, on its accelerator while there is room."""
         dtype = self.originals[name].dtype
@@ -257,6 +280,10 @@ class WeightBank:
                                                 [self._inputs(n, ps[0]) for n in names])}
         else:
             results = {ps[0]: [alg.simulate(self.original(names[0]), ps[0], self._inputs(names[0], ps[0]))]}
+        self._store(results, names, out)
+
+    def _store(self, results: Dict[Precision, List[torch.Tensor]], names: List[str], out: Optional[dict]) -> None:
+        """A job's results ({precision: one weight per module of ``names``}): kept, or handed to ``out``."""
         for p, outs in results.items():
             for n, q in zip(names, outs):
                 if out is None:

@@ -2,9 +2,12 @@
 scores) on a random-weight model of the demo's shape: the imatrix scale searches one per module and width,
 against one batched search per width (``scales.search_imatrix_many``, the accelerator path since 58a4a33).
 Both in one process, alternating, each on a fresh bank; the simulated weights are compared bit for bit.
+``--compare gptq``: the GPTQ options one engine call per input and precision, against one batched call per
+stack shape and precision (``WeightBank._sweep_together``, the accelerator path), scales batched in both.
 
     python scripts/bench_option_sim.py [--device cuda] [--layers 30] [--calib 32] [--out benchmarks/option_sim.json]
     python scripts/bench_option_sim.py --device cpu --layers 2 --calib 4 --accelerator-path --out /tmp/o.json  # a smoke run
+    python scripts/bench_option_sim.py --compare gptq --out benchmarks/option_sim_gptq.json
 
 Prints a table and writes JSON (seconds per run, how many searches each made, whether the weights agree).
 """
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--accelerator-path", action="store_true",
                     help="on the CPU too, take the bank's accelerator path (jobs in turn, scales searched first)")
+    ap.add_argument("--compare", choices=("scales", "gptq"), default="scales")
     ap.add_argument("--out", default="benchmarks/option_sim.json")
     a = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,7 +56,8 @@ def main() -> None:
     calib_s = time.perf_counter() - t
     options = {n: {f"{alg}-{b}/{g}{'s' if s else 'a'}": Precision(b, g, s, alg) for b, g, s in RUNGS
                    for alg in ("imatrix", "gptq_imatrix")} for n in names}
-    counts = {"one per module": 0, "batched": 0}
+    modes = ("one per module", "batched") if a.compare == "scales" else ("GPTQ per input", "GPTQ batched")
+    counts = {m: 0 for m in modes}
     real_one, real_many = scales.search_qparams, scales.search_imatrix_many
 
     def one(*args, **kw):
@@ -63,14 +68,18 @@ def main() -> None:
         counts[mode] += 1
         return real_many(*args, **kw)
     scales.search_qparams, scales.search_imatrix_many = one, many
-    seconds: dict = {"one per module": [], "batched": []}
+    seconds: dict = {m: [] for m in modes}
     kept: dict = {}
-    together = WeightBank._search_scales_together
+    together, sweep = WeightBank._search_scales_together, WeightBank._sweep_together
     if a.accelerator_path:
         WeightBank._on_cpu = lambda self, jobs: False
     for _ in range(a.repeats):
-        for mode in ("one per module", "batched"):
-            WeightBank._search_scales_together = together if mode == "batched" else (lambda self, jobs: None)
+        for mode in modes:
+            if a.compare == "scales":
+                WeightBank._search_scales_together = together if mode == "batched" else (lambda self, jobs: None)
+                WeightBank._sweep_together = lambda self, jobs, out: jobs
+            else:
+                WeightBank._sweep_together = sweep if mode == "GPTQ batched" else (lambda self, jobs, out: jobs)
             bank = WeightBank(model, names, stats)
             counts[mode] = 0
             if dev.type == "cuda":
@@ -82,16 +91,19 @@ def main() -> None:
             seconds[mode].append(round(time.perf_counter() - t, 2))
             kept[mode] = out
             del bank
-    WeightBank._search_scales_together = together
-    same = all(torch.equal(kept["batched"][n][k], kept["one per module"][n][k]) for n in names for k in options[n])
+    WeightBank._search_scales_together, WeightBank._sweep_together = together, sweep
+    same = all(torch.equal(kept[modes[1]][n][k], kept[modes[0]][n][k]) for n in names for k in options[n])
+    worst = max(float((kept[modes[1]][n][k].float() - kept[modes[0]][n][k].float()).abs().max())
+                for n in names for k in options[n])
     result = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
               "model": f"random Llama {a.layers}x576 (the demo's shape)", "modules": len(names),
               "options_per_module": len(RUNGS) * 2, "calibration_s": round(calib_s, 2), "seconds": seconds,
-              "searches_per_run": counts, "same_weights": same}
-    print(f"| scale searches | seconds per run | searches per run |\n|---|---|---|")
+              "searches_per_run": counts, "same_weights": same,
+              "largest_difference": worst, "compare": a.compare}
+    print(f"| {a.compare} | seconds per run | searches per run |\n|---|---|---|")
     for mode in seconds:
         print(f"| {mode} | {' / '.join(map(str, seconds[mode]))} | {counts[mode]} |")
-    print(f"same simulated weights, bit for bit: {same}")
+    print(f"same simulated weights, bit for bit: {same} (largest difference {worst:.3g})")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
 

@@ -172,3 +172,34 @@ def test_an_accelerator_searches_every_modules_scales_of_a_width_at_once(monkeyp
     for n in names:
         for label in options[n]:
             assert torch.equal(batched[n][label], per_module[n][label]), (n, label)
+
+
+def test_an_accelerator_sweeps_the_gptq_stacks_of_one_shape_in_one_engine_call_per_precision(monkeypatch):
+    """On an accelerator each engine GPTQ call is a short kernel sequence (the demo has 120 stacks x 4 GPTQ
+    options): the bank sweeps every stack of one shape in one batched ``quantize_weight`` call per precision,
+    and each module's weights come out bit for bit as the CPU's sweep per stack makes them."""
+    from llmcompressor.modifiers.gptq import gptq_quantize
+
+    from quantfix.bank import WeightBank
+    from quantfix.plan import Precision
+    from quantfix.quantize import algorithms
+
+    model = tiny_llama(seed=4)
+    x = torch.randint(0, 384, (4, 32))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    stats = collect(model, x, names, batch_size=2, progress=False)
+    ps = [Precision(4, 32, True, "gptq_imatrix"), Precision(3, 64, False, "gptq_imatrix")]
+    options = {n: {f"{p.bits}/{p.group_size}": p for p in ps} for n in names}
+    per_stack = WeightBank(model, names, stats).simulate_options(options)
+    batches = []
+    real_engine, real_stacks = gptq_quantize.quantize_weight, algorithms.gptq_stacks
+    monkeypatch.setattr(gptq_quantize, "quantize_weight", lambda W, *a, **k: batches.append(W.shape[0]) or real_engine(W, *a, **k))
+    monkeypatch.setattr(algorithms, "gptq_stacks", lambda stacks, precisions: real_stacks(stacks, precisions, batched=True))
+    monkeypatch.setattr(WeightBank, "_on_cpu", lambda self, jobs: False)
+    batched = WeightBank(model, names, stats).simulate_options(options)
+    layers = len(model.model.layers)
+    # four input shapes per layer (q/k/v, o, gate/up, down), each one call per precision over every layer
+    assert sorted(batches) == [layers] * (4 * len(ps)), batches
+    for n in names:
+        for label in options[n]:
+            assert torch.equal(batched[n][label], per_stack[n][label]), (n, label)

@@ -331,6 +331,57 @@ def gptq_options(Ws, precisions: List["Precision"], inputs: Dict["Precision", Li
     return out
 
 
+def gptq_stacks(stacks, precisions: List["Precision"], batched: Optional[bool] = None) -> List[dict]:
+    """``gptq_options`` for several stacks of one shape on CUDA: per precision, the stacks' engine
+    sweeps in batched ``quantize_weight`` calls ([stacks, rows, columns], within ``GPTQ_BATCH_BYTES``)
+    where each was its own call (the demo's 120 stacks x 4 GPTQ options were 480 short kernel sequences).
+    ``stacks``: (weights of the modules that read one input, {precision: their SimInputs}). Returns, per
+    stack, {precision: [one weight per module]}. Elsewhere (the CPU, no engine, no statistics): one
+    ``gptq_options`` per stack. ``batched``: force the engine's batched calls on (any device) or off."""
+    try:
+        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: F401
+        engine = True
+    except ImportError:
+        engine = False
+    first = stacks[0][1][precisions[0]][0]
+    if batched is None:
+        batched = stacks[0][0][0].device.type == "cuda"
+    if not engine or first.stats is None or not batched:
+        return [gptq_options(Ws, [p for p in precisions if p in inputs], inputs) for Ws, inputs in stacks]
+    out: List[dict] = [{} for _ in stacks]
+    for p in precisions:
+        todo = [k for k, (_, inputs) in enumerate(stacks) if p in inputs]
+        size = lambda k: 4 * (sum(w.numel() for w in stacks[k][0]) + stacks[k][0][0].shape[1] ** 2)  # noqa: E731
+        for group in scales.batches([size(k) for k in todo], GPTQ_BATCH_BYTES):
+            ks = [todo[i] for i in group]
+            for k, Q in zip(ks, _gptq_batch([stacks[k][0] for k in ks], p, [stacks[k][1][p] for k in ks])):
+                out[k][p] = Q
+    return out
+
+
+def _gptq_batch(stacks: List[List[torch.Tensor]], p: "Precision", inputs: List[List[SimInputs]]) -> List[List[torch.Tensor]]:
+    """One engine sweep over several stacks (each: the modules that read one input, their own scales)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    method = get(p.algorithm).observer
+    Ws, Hs, Ss, Zs = [], [], [], []
+    for mods, inps in zip(stacks, inputs):
+        qps = [_qparams(w.to(inp.dtype or w.dtype), p, inp, method) for w, inp in zip(mods, inps)]
+        Ws.append(torch.cat([w.float() for w in mods]))
+        Hs.append(inps[0].stats.full().to(Ws[-1].device).float())
+        Ss.append(torch.cat([s.float() for s, _ in qps]))
+        Zs.append(torch.cat([z.float() for _, z in qps]))
+    args = QuantizationArgs(num_bits=p.bits, type="int", symmetric=p.symmetric,
+                            strategy="group" if p.group_size else "channel", group_size=p.group_size or None,
+                            actorder="static")
+    first = inputs[0][0]
+    Q, _, _ = quantize_weight(torch.stack(Ws), torch.stack(Hs), torch.stack(Ss), torch.stack(Zs).to(torch.int8),
+                              None, args, blocksize=first.gptq_block, percdamp=first.gptq_damp)
+    return [[q.to(w.dtype) for q, w in zip(Q[k].split([w.shape[0] for w in mods]), mods)]
+            for k, mods in enumerate(stacks)]
+
+
 def _gptq_sweep(W, H, p, scale, zero, damp: float, block: int):
     """The GPTQ column sweep: llm-compressor's own ``quantize_weight`` (a Triton kernel on CUDA,
     several times faster than a per-column loop; 1.7x faster than ``fake.gptq`` on the CPU too),
