@@ -174,15 +174,17 @@ def test_an_accelerator_searches_every_modules_scales_of_a_width_at_once(monkeyp
             assert torch.equal(batched[n][label], per_module[n][label]), (n, label)
 
 
-def test_an_accelerator_sweeps_the_gptq_stacks_of_one_shape_in_one_engine_call_per_precision(monkeypatch):
-    """On an accelerator each engine GPTQ call is a short kernel sequence (the demo has 120 stacks x 4 GPTQ
-    options): the bank sweeps every stack of one shape in one batched ``quantize_weight`` call per precision,
-    and each module's weights come out bit for bit as the CPU's sweep per stack makes them."""
+def test_cuda_sweeps_the_gptq_stacks_of_one_shape_in_one_fixed_engine_call_per_precision(monkeypatch):
+    """On CUDA each engine GPTQ call is a short kernel sequence (the demo has 120 stacks x 4 GPTQ options):
+    the bank sweeps every stack of one shape in one batched ``quantize_weight`` call per precision (on the
+    CPU that call's weights are bit for bit the sweep per stack's), and the batch is every stack of that
+    shape whatever was asked for: CUDA's batched sweep rounds a few weights differently from its single
+    sweep, so a module's weights must not depend on which others were simulated with it."""
     from llmcompressor.modifiers.gptq import gptq_quantize
 
+    from quantfix import bank as bank_module
     from quantfix.bank import WeightBank
     from quantfix.plan import Precision
-    from quantfix.quantize import algorithms
 
     model = tiny_llama(seed=4)
     x = torch.randint(0, 384, (4, 32))
@@ -192,10 +194,10 @@ def test_an_accelerator_sweeps_the_gptq_stacks_of_one_shape_in_one_engine_call_p
     options = {n: {f"{p.bits}/{p.group_size}": p for p in ps} for n in names}
     per_stack = WeightBank(model, names, stats).simulate_options(options)
     batches = []
-    real_engine, real_stacks = gptq_quantize.quantize_weight, algorithms.gptq_stacks
+    real_engine = gptq_quantize.quantize_weight
     monkeypatch.setattr(gptq_quantize, "quantize_weight", lambda W, *a, **k: batches.append(W.shape[0]) or real_engine(W, *a, **k))
-    monkeypatch.setattr(algorithms, "gptq_stacks", lambda stacks, precisions: real_stacks(stacks, precisions, batched=True))
     monkeypatch.setattr(WeightBank, "_on_cpu", lambda self, jobs: False)
+    monkeypatch.setattr(bank_module, "SWEEP_TOGETHER_ON", ("cpu",))  # CUDA's path, on this CPU
     batched = WeightBank(model, names, stats).simulate_options(options)
     layers = len(model.model.layers)
     # four input shapes per layer (q/k/v, o, gate/up, down), each one call per precision over every layer
@@ -203,3 +205,8 @@ def test_an_accelerator_sweeps_the_gptq_stacks_of_one_shape_in_one_engine_call_p
     for n in names:
         for label in options[n]:
             assert torch.equal(batched[n][label], per_stack[n][label]), (n, label)
+    # one module's option alone: still swept with every stack of its shape, and the same weights
+    batches.clear()
+    one = WeightBank(model, names, stats).simulate_options({names[0]: {"4/32": ps[0]}})
+    assert batches == [layers]
+    assert torch.equal(one[names[0]]["4/32"], per_stack[names[0]]["4/32"])

@@ -331,21 +331,20 @@ def gptq_options(Ws, precisions: List["Precision"], inputs: Dict["Precision", Li
     return out
 
 
-def gptq_stacks(stacks, precisions: List["Precision"], batched: Optional[bool] = None) -> List[dict]:
+def gptq_stacks(stacks, precisions: List["Precision"], batched: bool = True) -> List[dict]:
     """``gptq_options`` for several stacks of one shape on CUDA: per precision, the stacks' engine
     sweeps in batched ``quantize_weight`` calls ([stacks, rows, columns], within ``GPTQ_BATCH_BYTES``)
     where each was its own call (the demo's 120 stacks x 4 GPTQ options were 480 short kernel sequences).
     ``stacks``: (weights of the modules that read one input, {precision: their SimInputs}). Returns, per
-    stack, {precision: [one weight per module]}. Elsewhere (the CPU, no engine, no statistics): one
-    ``gptq_options`` per stack. ``batched``: force the engine's batched calls on (any device) or off."""
+    stack, {precision: [one weight per module]}. Without the engine or statistics, or ``batched`` off: one
+    ``gptq_options`` per stack. On CUDA the batched sweep rounds a few weights one grid step away from the
+    single sweep's: the caller fixes which stacks go together (``WeightBank._sweep_together``)."""
     try:
         from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: F401
         engine = True
     except ImportError:
         engine = False
     first = stacks[0][1][precisions[0]][0]
-    if batched is None:
-        batched = stacks[0][0][0].device.type == "cuda"
     if not engine or first.stats is None or not batched:
         return [gptq_options(Ws, [p for p in precisions if p in inputs], inputs) for Ws, inputs in stacks]
     out: List[dict] = [{} for _ in stacks]
