@@ -57,6 +57,10 @@ def _host_copy(w: torch.Tensor) -> torch.Tensor:
 
 SIM_DEVICE_RESERVE = 0.25  # kept simulations live on the accelerator while this share of it stays free
 SWEEP_TOGETHER_ON = ("cuda",)  # devices where GPTQ stacks of one shape are swept in one engine call
+# ... stacks of at most this many weights (rows x columns): the demo's (1.8M) cost 16 ms a call on an H100,
+# 30 of them batched 0.23 s; a larger stack's call is its arithmetic, which a batch does not shorten, while a
+# fixed batch would make a trial's one stack cost its whole shape's
+SWEEP_TOGETHER_MAX = 2 ** 22
 
 
 class WeightBank:
@@ -235,16 +239,16 @@ class WeightBank:
 
     def _sweep_together(self, jobs, out: Optional[dict]) -> dict:
         """CUDA's GPTQ jobs swept in batched engine calls (``algorithms.gptq_stacks``): per stack shape and
-        precision one call over every stack of that shape in the bank (``_batches``), where each stack was
-        its own call (the demo's 120 stacks x 4 options: 15-22 -> 7.3-7.5 s on an H100, the options' bench).
-        The engine's batched sweep does not round every weight as its single sweep does (0.06 at most, a
-        grid step: ``bench_option_sim.py --compare gptq``), so the batches are fixed, not made of what was
+        precision one call over every stack of that shape in the bank (``_batches``; stacks within
+        ``SWEEP_TOGETHER_MAX``), where each stack was its own call (the demo's 120 stacks x 8 GPTQ options:
+        15-22 -> 7.3-7.5 s on an H100, the options' bench).
+        The engine's batched sweep does not round every weight as its single sweep does (a grid step, 0.06
+        the largest in ``bench_option_sim.py --compare gptq``), so the batches are fixed, not made of what was
         asked: a module's weights never depend on what else was simulated with it (a trial after a cached
         diagnosis measures what one after a fresh diagnosis did). The results asked for are stored as
         ``_run_job`` stores them; returns the jobs left."""
         gptq = {k: job for k, job in jobs.items() if k[0] == "stack"
-                and algorithms.get(job[0][0].algorithm).sweeps_options_together
-                and weight_device(self.modules[job[1][0]]).type in SWEEP_TOGETHER_ON}
+                and algorithms.get(job[0][0].algorithm).sweeps_options_together and self._batched(job[1])}
         asked: Dict[tuple, set] = {}  # (stack shape, precision) -> the stacks (input keys) asked for
         for key, (ps, names) in gptq.items():
             for p in ps:
@@ -256,13 +260,18 @@ class WeightBank:
                     continue
                 stacks = [([self.original(n) for n in chunk[k]], {p: [self._inputs(n, p) for n in chunk[k]]}) for k in chunk]
                 for k, results in zip(chunk, algorithms.gptq_stacks(stacks, [p], batched=True)):
-                    if k in keys:
-                        self._store(results, chunk[k], out)
+                    if k in keys or out is None:  # kept: the batch's other stacks too (computed, valid)
+                        self._store(results, chunk[k], out if k in keys else None)
         return {k: job for k, job in jobs.items() if k not in gptq}
 
     def _stack_shape(self, names: List[str]) -> tuple:
         w = self.originals[names[0]]
         return sum(self.originals[n].shape[0] for n in names), w.shape[1], w.dtype
+
+    def _batched(self, names: List[str]) -> bool:
+        """Whether the stack of ``names`` is swept in ``_sweep_together``'s batches."""
+        rows, cols, _ = self._stack_shape(names)
+        return weight_device(self.modules[names[0]]).type in SWEEP_TOGETHER_ON and rows * cols <= SWEEP_TOGETHER_MAX
 
     def _batches(self) -> Dict[tuple, List[Dict[str, List[str]]]]:
         """Stack shape -> its batches ({input key: the modules that read it}), every stack of the bank in
@@ -270,7 +279,7 @@ class WeightBank:
         by_shape: Dict[tuple, List[Tuple[str, List[str]]]] = {}
         for key, members in self.stats.groups().items():
             names = [m for m in members if m in self.modules]
-            if names:
+            if names and self._batched(names):
                 by_shape.setdefault(self._stack_shape(names), []).append((key, names))
         out: Dict[tuple, List[Dict[str, List[str]]]] = {}
         for shape, stacks in by_shape.items():

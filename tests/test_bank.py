@@ -207,6 +207,17 @@ def test_cuda_sweeps_the_gptq_stacks_of_one_shape_in_one_fixed_engine_call_per_p
             assert torch.equal(batched[n][label], per_stack[n][label]), (n, label)
     # one module's option alone: still swept with every stack of its shape, and the same weights
     batches.clear()
-    one = WeightBank(model, names, stats).simulate_options({names[0]: {"4/32": ps[0]}})
+    bank = WeightBank(model, names, stats)
+    one = bank.simulate_options({names[0]: {"4/32": ps[0]}})
     assert batches == [layers]
     assert torch.equal(one[names[0]]["4/32"], per_stack[names[0]]["4/32"])
+    # the batch's other stacks were computed: kept for the trials that will ask for them, not swept again
+    other = next(n for n in names if n.endswith("q_proj") and n != names[0])  # another layer's q_proj
+    assert torch.equal(bank.simulate(other, ps[0]).to(per_stack[other]["4/32"].dtype), per_stack[other]["4/32"])
+    assert batches == [layers]
+    # stacks above SWEEP_TOGETHER_MAX: each its own job, as before (here the CPU's own sweep: no engine call)
+    batches.clear()
+    monkeypatch.setattr(bank_module, "SWEEP_TOGETHER_MAX", 0)
+    alone = WeightBank(model, names, stats).simulate_options(options)
+    assert batches == []
+    assert all(torch.equal(alone[n][k], per_stack[n][k]) for n in names for k in options[n])
