@@ -57,9 +57,9 @@ def _host_copy(w: torch.Tensor) -> torch.Tensor:
 
 SIM_DEVICE_RESERVE = 0.25  # kept simulations live on the accelerator while this share of it stays free
 SWEEP_TOGETHER_ON = ("cuda",)  # devices where GPTQ stacks of one shape are swept in one engine call
-# ... stacks of at most this many weights (rows x columns): the demo's (1.8M) cost 16 ms a call on an H100,
-# 30 of them batched 0.23 s; a larger stack's call is its arithmetic, which a batch does not shorten, while a
-# fixed batch would make a trial's one stack cost its whole shape's
+# ... stacks of at most this many weights (rows x columns): the demo's (at most 1.8M) took 16-23 ms a call on
+# an H100, 30 of them batched 0.23 s. Larger stacks (not measured batched) stay one call each: there a call is
+# mostly arithmetic, and a fixed batch would make a trial's one stack cost its whole shape's
 SWEEP_TOGETHER_MAX = 2 ** 22
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from quantfix import bank as bank_module
 from quantfix.bank import WeightBank
 from quantfix.calib import collect
 from quantfix.plan import Precision
@@ -37,7 +38,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration windows of 512 random tokens")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--accelerator-path", action="store_true",
-                    help="on the CPU too, take the bank's accelerator path (jobs in turn, scales searched first)")
+                    help="on the CPU too, take the bank's accelerator path (jobs in turn, scales searched first, "
+                         "CUDA's GPTQ batches)")
     ap.add_argument("--compare", choices=("scales", "gptq"), default="scales")
     ap.add_argument("--out", default="benchmarks/option_sim.json")
     a = ap.parse_args()
@@ -73,6 +75,7 @@ def main() -> None:
     together, sweep = WeightBank._search_scales_together, WeightBank._sweep_together
     if a.accelerator_path:
         WeightBank._on_cpu = lambda self, jobs: False
+        bank_module.SWEEP_TOGETHER_ON = (dev.type,)  # CUDA's batched GPTQ too
     for _ in range(a.repeats):
         for mode in modes:
             if a.compare == "scales":
