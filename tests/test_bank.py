@@ -215,6 +215,10 @@ def test_cuda_sweeps_the_gptq_stacks_of_one_shape_in_one_fixed_engine_call_per_p
     other = next(n for n in names if n.endswith("q_proj") and n != names[0])  # another layer's q_proj
     assert torch.equal(bank.simulate(other, ps[0]).to(per_stack[other]["4/32"].dtype), per_stack[other]["4/32"])
     assert batches == [layers]
+    # handed back, not kept (a chunk of a large model's options): only what was asked for comes back
+    fresh = WeightBank(model, names, stats)
+    handed = fresh.simulate_options({names[0]: {"4/32": ps[0]}}, keep=False)
+    assert torch.equal(handed[names[0]]["4/32"], per_stack[names[0]]["4/32"]) and not fresh._sim
     # stacks above SWEEP_TOGETHER_MAX: each its own job, as before (here the CPU's own sweep: no engine call)
     batches.clear()
     monkeypatch.setattr(bank_module, "SWEEP_TOGETHER_MAX", 0)
