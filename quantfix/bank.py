@@ -238,7 +238,7 @@ class WeightBank:
                                            for n in names])
 
     def _sweep_together(self, jobs, out: Optional[dict]) -> dict:
-        """CUDA's GPTQ jobs swept in batched engine calls (``algorithms.gptq_stacks``): per stack shape and
+        """CUDA's GPTQ jobs swept in batched engine calls (``algorithms.gptq_batch``): per stack shape and
         precision one call over every stack of that shape in the bank (``_batches``; stacks within
         ``SWEEP_TOGETHER_MAX``), where each stack was its own call (the demo's 120 stacks x 8 GPTQ options:
         15-22 -> 7.3-7.5 s on an H100, the options' bench).
@@ -249,6 +249,8 @@ class WeightBank:
         ``_run_job`` stores them; returns the jobs left."""
         gptq = {k: job for k, job in jobs.items() if k[0] == "stack"
                 and algorithms.get(job[0][0].algorithm).sweeps_options_together and self._batched(job[1])}
+        if not gptq:
+            return jobs
         asked: Dict[tuple, set] = {}  # (stack shape, precision) -> the stacks (input keys) asked for
         for key, (ps, names) in gptq.items():
             for p in ps:
@@ -258,10 +260,11 @@ class WeightBank:
             for chunk in batches[shape]:
                 if keys.isdisjoint(chunk):
                     continue
-                stacks = [([self.original(n) for n in chunk[k]], {p: [self._inputs(n, p) for n in chunk[k]]}) for k in chunk]
-                for k, results in zip(chunk, algorithms.gptq_stacks(stacks, [p], batched=True)):
+                outs = algorithms.gptq_batch([[self.original(n) for n in names] for names in chunk.values()], p,
+                                             [[self._inputs(n, p) for n in names] for names in chunk.values()])
+                for (k, names), q in zip(chunk.items(), outs):
                     if k in keys or out is None:  # kept: the batch's other stacks too (computed, valid)
-                        self._store(results, chunk[k], out if k in keys else None)
+                        self._store({p: q}, names, out if k in keys else None)
         return {k: job for k, job in jobs.items() if k not in gptq}
 
     def _stack_shape(self, names: List[str]) -> tuple:

@@ -331,38 +331,19 @@ def gptq_options(Ws, precisions: List["Precision"], inputs: Dict["Precision", Li
     return out
 
 
-def gptq_stacks(stacks, precisions: List["Precision"], batched: bool = True) -> List[dict]:
-    """``gptq_options`` for several stacks of one shape on CUDA: per precision, the stacks' engine
-    sweeps in batched ``quantize_weight`` calls ([stacks, rows, columns], within ``GPTQ_BATCH_BYTES``)
-    where each was its own call (the demo's 120 stacks x 4 GPTQ options were 480 short kernel sequences).
-    ``stacks``: (weights of the modules that read one input, {precision: their SimInputs}). Returns, per
-    stack, {precision: [one weight per module]}. Without the engine or statistics, or ``batched`` off: one
-    ``gptq_options`` per stack. On CUDA the batched sweep rounds a few weights one grid step away from the
-    single sweep's: the caller fixes which stacks go together (``WeightBank._sweep_together``)."""
+def gptq_batch(stacks: List[List[torch.Tensor]], p: "Precision", inputs: List[List[SimInputs]]) -> List[List[torch.Tensor]]:
+    """GPTQ of several stacks of one shape at ``p`` (each stack: the modules that read one input, with their
+    SimInputs, statistics required) in one batched engine ``quantize_weight`` call ([stacks, rows, columns])
+    where each stack was its own call: on CUDA each call is a short kernel sequence (the demo's 120 stacks x
+    8 GPTQ options). The caller bounds the batch's memory, and fixes which stacks go together: on CUDA the
+    batched sweep rounds a few weights one grid step away from the single sweep's
+    (``WeightBank._sweep_together``). Returns, per stack, one weight per module. Without the engine: one
+    sweep per stack (``fake.gptq``)."""
     try:
-        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: F401
-        engine = True
-    except ImportError:
-        engine = False
-    first = stacks[0][1][precisions[0]][0]
-    if not engine or first.stats is None or not batched:
-        return [gptq_options(Ws, [p for p in precisions if p in inputs], inputs) for Ws, inputs in stacks]
-    out: List[dict] = [{} for _ in stacks]
-    for p in precisions:
-        todo = [k for k, (_, inputs) in enumerate(stacks) if p in inputs]
-        size = lambda k: 4 * (sum(w.numel() for w in stacks[k][0]) + stacks[k][0][0].shape[1] ** 2)  # noqa: E731
-        for group in scales.batches([size(k) for k in todo], GPTQ_BATCH_BYTES):
-            ks = [todo[i] for i in group]
-            for k, Q in zip(ks, _gptq_batch([stacks[k][0] for k in ks], p, [stacks[k][1][p] for k in ks])):
-                out[k][p] = Q
-    return out
-
-
-def _gptq_batch(stacks: List[List[torch.Tensor]], p: "Precision", inputs: List[List[SimInputs]]) -> List[List[torch.Tensor]]:
-    """One engine sweep over several stacks (each: the modules that read one input, their own scales)."""
-    from compressed_tensors.quantization import QuantizationArgs
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-
+        from compressed_tensors.quantization import QuantizationArgs
+        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    except ImportError:  # the engine is optional for simulation
+        return [get(p.algorithm).simulate_many(mods, p, inps) for mods, inps in zip(stacks, inputs)]
     method = get(p.algorithm).observer
     Ws, Hs, Ss, Zs = [], [], [], []
     for mods, inps in zip(stacks, inputs):
