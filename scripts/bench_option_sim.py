@@ -8,6 +8,10 @@ stack shape and precision (``WeightBank._sweep_together``, the accelerator path)
     python scripts/bench_option_sim.py [--device cuda] [--layers 30] [--calib 32] [--out benchmarks/option_sim.json]
     python scripts/bench_option_sim.py --device cpu --layers 2 --calib 4 --accelerator-path --out /tmp/o.json  # a smoke run
     python scripts/bench_option_sim.py --compare gptq --out benchmarks/option_sim_gptq.json
+    python scripts/bench_option_sim.py --compare gptq --time-calls  # + each GPTQ call's seconds, engine's share
+
+``--time-calls`` synchronizes around every GPTQ call (slower in all) and writes, per run, each call's seconds and
+the engine's ``quantize_weight`` share of them: the first run against the second tells compilation from work.
 
 Prints a table and writes JSON (seconds per run, how many searches each made, whether the weights agree).
 """
@@ -24,7 +28,7 @@ from quantfix import bank as bank_module
 from quantfix.bank import WeightBank
 from quantfix.calib import collect
 from quantfix.plan import Precision
-from quantfix.quantize import scales
+from quantfix.quantize import algorithms, scales
 
 # the budget ladder's integer rungs (bits, group, symmetric) in both roundings the loop simulates
 RUNGS = [(2, 64, False), (3, 64, False), (3, 32, False), (4, 64, True), (4, 32, True), (5, 64, True), (6, 64, True),
@@ -41,6 +45,7 @@ def main() -> None:
                     help="on the CPU too, take the bank's accelerator path (jobs in turn, scales searched first, "
                          "CUDA's GPTQ batches)")
     ap.add_argument("--compare", choices=("scales", "gptq"), default="scales")
+    ap.add_argument("--time-calls", action="store_true", help="each GPTQ call's seconds and the engine's share")
     ap.add_argument("--out", default="benchmarks/option_sim.json")
     a = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -70,6 +75,9 @@ def main() -> None:
         counts[mode] += 1
         return real_many(*args, **kw)
     scales.search_qparams, scales.search_imatrix_many = one, many
+    calls: list = []
+    if a.time_calls:
+        _time_gptq_calls(calls, dev)
     seconds: dict = {m: [] for m in modes}
     kept: dict = {}
     together, sweep = WeightBank._search_scales_together, WeightBank._sweep_together
@@ -85,6 +93,7 @@ def main() -> None:
                 WeightBank._sweep_together = sweep if mode == "GPTQ batched" else (lambda self, jobs, out: jobs)
             bank = WeightBank(model, names, stats)
             counts[mode] = 0
+            calls.append({"mode": mode, "calls": []})
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -103,12 +112,48 @@ def main() -> None:
               "options_per_module": len(RUNGS) * 2, "calibration_s": round(calib_s, 2), "seconds": seconds,
               "searches_per_run": counts, "same_weights": same,
               "largest_difference": worst, "compare": a.compare}
+    if a.time_calls:
+        result["gptq_calls"] = calls
+        for run in calls:
+            tot = [c["s"] for c in run["calls"]]
+            eng = [c["engine_s"] for c in run["calls"]]
+            if tot:
+                print(f"{run['mode']}: {len(tot)} calls, {sum(tot):.2f} s (engine {sum(eng):.2f} s), first "
+                      f"{tot[0]:.3f} s, median {sorted(tot)[len(tot) // 2]:.3f} s")
     print(f"| {a.compare} | seconds per run | searches per run |\n|---|---|---|")
     for mode in seconds:
         print(f"| {mode} | {' / '.join(map(str, seconds[mode]))} | {counts[mode]} |")
     print(f"same simulated weights, bit for bit: {same} (largest difference {worst:.3g})")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
+
+
+def _time_gptq_calls(calls: list, dev: torch.device) -> None:
+    """Wrap the GPTQ entry points so that each call's seconds (and the engine's share) land in ``calls[-1]``."""
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn, key):
+        def run(*args, **kw):
+            sync()
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            sync()
+            s = time.perf_counter() - t
+            if key == "s":
+                calls[-1]["calls"].append({"s": round(s, 4), "engine_s": round(calls[-1].pop("_engine", 0.0), 4)})
+            else:
+                calls[-1]["_engine"] = calls[-1].get("_engine", 0.0) + s
+            return out
+        return run
+    algorithms.gptq_batch = timed(algorithms.gptq_batch, "s")
+    algorithms._gptq_sweep = timed(algorithms._gptq_sweep, "s")
+    try:
+        from llmcompressor.modifiers.gptq import gptq_quantize
+        gptq_quantize.quantize_weight = timed(gptq_quantize.quantize_weight, "engine")
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":
