@@ -10,8 +10,10 @@ stack shape and precision (``WeightBank._sweep_together``, the accelerator path)
     python scripts/bench_option_sim.py --compare gptq --out benchmarks/option_sim_gptq.json
     python scripts/bench_option_sim.py --compare gptq --time-calls  # + each GPTQ call's seconds, engine's share
 
-``--time-calls`` synchronizes around every GPTQ call (slower in all) and writes, per run, each call's seconds and
-the engine's ``quantize_weight`` share of them: the first run against the second tells compilation from work.
+``--time-calls`` synchronizes around every call into the GPTQ engine's paths (``algorithms.gptq_batch`` and
+``_gptq_sweep``: CUDA's; the CPU sweeps its GPTQ options in quantfix's own ``gptq.sweep``, not timed) and writes,
+per run, their count, seconds, the engine's ``quantize_weight`` share, the first and the median call: the first run
+against the second tells compilation from work.
 
 Prints a table and writes JSON (seconds per run, how many searches each made, whether the weights agree).
 """
@@ -113,19 +115,28 @@ def main() -> None:
               "searches_per_run": counts, "same_weights": same,
               "largest_difference": worst, "compare": a.compare}
     if a.time_calls:
-        result["gptq_calls"] = calls
-        for run in calls:
-            tot = [c["s"] for c in run["calls"]]
-            eng = [c["engine_s"] for c in run["calls"]]
-            if tot:
-                print(f"{run['mode']}: {len(tot)} calls, {sum(tot):.2f} s (engine {sum(eng):.2f} s), first "
-                      f"{tot[0]:.3f} s, median {sorted(tot)[len(tot) // 2]:.3f} s")
+        result["gptq_calls"] = [call_summary(run) for run in calls]
+        for run in result["gptq_calls"]:
+            if run["calls"]:
+                print(f"{run['mode']}: {run['calls']} calls, {run['seconds']} s (engine {run['engine_seconds']} s), "
+                      f"first {run['first_s']} s, median {run['median_s']} s")
+            else:
+                print(f"{run['mode']}: no call into the GPTQ engine's paths (the CPU sweeps in gptq.sweep)")
     print(f"| {a.compare} | seconds per run | searches per run |\n|---|---|---|")
     for mode in seconds:
         print(f"| {mode} | {' / '.join(map(str, seconds[mode]))} | {counts[mode]} |")
     print(f"same simulated weights, bit for bit: {same} (largest difference {worst:.3g})")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
+
+
+def call_summary(run: dict) -> dict:
+    """One run's timed GPTQ calls ({"mode", "calls": [{"s", "engine_s"}]}) summarized."""
+    tot = [c["s"] for c in run["calls"]]
+    return {"mode": run["mode"], "calls": len(tot), "seconds": round(sum(tot), 2),
+            "engine_seconds": round(sum(c["engine_s"] for c in run["calls"]), 2),
+            "first_s": tot[0] if tot else None, "median_s": sorted(tot)[len(tot) // 2] if tot else None,
+            "first_five_s": tot[:5]}
 
 
 def _time_gptq_calls(calls: list, dev: torch.device) -> None:
