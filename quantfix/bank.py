@@ -57,9 +57,9 @@ def _host_copy(w: torch.Tensor) -> torch.Tensor:
 
 SIM_DEVICE_RESERVE = 0.25  # kept simulations live on the accelerator while this share of it stays free
 SWEEP_TOGETHER_ON = ("cuda",)  # devices where GPTQ stacks of one shape are swept in one engine call
-# ... stacks of at most this many weights (rows x columns): the demo's (at most 1.8M) took 16-23 ms a call on
-# an H100, 30 of them batched 0.23 s. Larger stacks (not measured batched) stay one call each: there a call is
-# mostly arithmetic, and a fixed batch would make a trial's one stack cost its whole shape's
+# ... stacks of at most this many weights (rows x columns): the demo's (at most 1.8M) took 5-7 ms a call on an
+# H100, 30 of them batched 20-23 ms (`bench_option_sim.py --compare gptq --time-calls`). Larger stacks (not
+# measured batched) stay one call each: a fixed batch would make a trial's one stack cost its whole shape's
 SWEEP_TOGETHER_MAX = 2 ** 22
 
 
@@ -240,8 +240,8 @@ class WeightBank:
     def _sweep_together(self, jobs, out: Optional[dict]) -> dict:
         """CUDA's GPTQ jobs swept in batched engine calls (``algorithms.gptq_batch``): per stack shape and
         precision one call over every stack of that shape in the bank (``_batches``; stacks within
-        ``SWEEP_TOGETHER_MAX``), where each stack was its own call (the demo's 120 stacks x 8 GPTQ options:
-        15-22 -> 7.3-7.5 s on an H100, the options' bench).
+        ``SWEEP_TOGETHER_MAX``), where each stack was its own call (the demo's 120 stacks x 8 GPTQ options on an H100: 960 calls
+        6.5 s -> 32 calls 1.0 s, the options' bench with ``--time-calls``).
         The engine's batched sweep does not round every weight as its single sweep does (a grid step, 0.06
         the largest in ``bench_option_sim.py --compare gptq``), so the batches are fixed, not made of what was
         asked: a module's weights never depend on what else was simulated with it (a trial after a cached

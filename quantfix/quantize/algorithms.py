@@ -288,13 +288,28 @@ def _gptq_many(method: str):
         if inputs.stats is None:
             return [scales.quantize_with(W.to(inputs.dtype or W.dtype), s, z, p.bits, p.group_size, out_dtype=W.dtype)
                     for W, (s, z) in zip(Ws, qps)]
-        W = torch.cat([w.float() for w in Ws])
-        # scales in float32 (their values stay those of the export dtype): the sweep's q * scale is
-        # then exact, as the checkpoint's dequantization in the reload dtype is
-        Q = _gptq_sweep(W, inputs.stats.full().to(W.device), p, torch.cat([s.float() for s, _ in qps]),
-                        torch.cat([z.float() for _, z in qps]), inputs.gptq_damp, inputs.gptq_block)
+        W, scale, zero = _stacked(Ws, qps)
+        Q = _gptq_sweep(W, inputs.stats.full().to(W.device), p, scale, zero, inputs.gptq_damp, inputs.gptq_block)
         return [q.to(w.dtype) for q, w in zip(Q.split([w.shape[0] for w in Ws]), Ws)]
     return sim
+
+
+def _stacked(Ws, qps):
+    """A stack's rows and its modules' scales and zero points, concatenated in float32 (the scales' values
+    stay those of the export dtype: the sweep's q * scale is then exact, as the checkpoint's
+    dequantization in the reload dtype is)."""
+    return (torch.cat([w.float() for w in Ws]), torch.cat([s.float() for s, _ in qps]),
+            torch.cat([z.float() for _, z in qps]))
+
+
+def _engine_args(p: "Precision"):
+    """The engine's ``QuantizationArgs`` for an integer precision, static activation order (columns swept
+    by descending Hessian diagonal, groups kept in the columns' own order, as the export stores them)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=p.bits, type="int", symmetric=p.symmetric,
+                            strategy="group" if p.group_size else "channel", group_size=p.group_size or None,
+                            actorder="static")
 
 
 # a batched CPU sweep keeps every option's weights, scales and zero points per column at once:
@@ -340,24 +355,21 @@ def gptq_batch(stacks: List[List[torch.Tensor]], p: "Precision", inputs: List[Li
     (``WeightBank._sweep_together``). Returns, per stack, one weight per module. Without the engine: one
     sweep per stack (``fake.gptq``)."""
     try:
-        from compressed_tensors.quantization import QuantizationArgs
         from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     except ImportError:  # the engine is optional for simulation
         return [get(p.algorithm).simulate_many(mods, p, inps) for mods, inps in zip(stacks, inputs)]
     method = get(p.algorithm).observer
     Ws, Hs, Ss, Zs = [], [], [], []
     for mods, inps in zip(stacks, inputs):
-        qps = [_qparams(w.to(inp.dtype or w.dtype), p, inp, method) for w, inp in zip(mods, inps)]
-        Ws.append(torch.cat([w.float() for w in mods]))
-        Hs.append(inps[0].stats.full().to(Ws[-1].device).float())
-        Ss.append(torch.cat([s.float() for s, _ in qps]))
-        Zs.append(torch.cat([z.float() for _, z in qps]))
-    args = QuantizationArgs(num_bits=p.bits, type="int", symmetric=p.symmetric,
-                            strategy="group" if p.group_size else "channel", group_size=p.group_size or None,
-                            actorder="static")
+        W, scale, zero = _stacked(mods, [_qparams(w.to(inp.dtype or w.dtype), p, inp, method)
+                                         for w, inp in zip(mods, inps)])
+        Ws.append(W)
+        Hs.append(inps[0].stats.full().to(W.device).float())
+        Ss.append(scale)
+        Zs.append(zero)
     first = inputs[0][0]
     Q, _, _ = quantize_weight(torch.stack(Ws), torch.stack(Hs), torch.stack(Ss), torch.stack(Zs).to(torch.int8),
-                              None, args, blocksize=first.gptq_block, percdamp=first.gptq_damp)
+                              None, _engine_args(p), blocksize=first.gptq_block, percdamp=first.gptq_damp)
     return [[q.to(w.dtype) for q, w in zip(Q[k].split([w.shape[0] for w in mods]), mods)]
             for k, mods in enumerate(stacks)]
 
@@ -367,15 +379,11 @@ def _gptq_sweep(W, H, p, scale, zero, damp: float, block: int):
     several times faster than a per-column loop; 1.7x faster than ``fake.gptq`` on the CPU too),
     ``fake.gptq`` without the engine; the two agree bit for bit (tests/test_quantize_algorithms.py)."""
     try:
-        from compressed_tensors.quantization import QuantizationArgs
         from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     except ImportError:  # the engine is optional for simulation
         return fake.gptq(W, H, p.bits, p.group_size, p.symmetric, (scale, zero), fake.GPTQOptions(damp, block))
-    args = QuantizationArgs(num_bits=p.bits, type="int", symmetric=p.symmetric,
-                            strategy="group" if p.group_size else "channel", group_size=p.group_size or None,
-                            actorder="static")
     Q, _, _ = quantize_weight(W[None].clone(), H[None].float().clone(), scale[None], zero[None].to(torch.int8),
-                              None, args, blocksize=block, percdamp=damp)
+                              None, _engine_args(p), blocksize=block, percdamp=damp)
     return Q[0]
 
 
