@@ -438,6 +438,24 @@ class PredictivePlanner:
                 return k
         return None
 
+    def bracket_floor(self, lo: Tuple[int, float], hi: Tuple[int, float], target_kld: float,
+                      margin: float = 1.0) -> Optional[int]:
+        """The smallest step in (lo, hi] that the power law through two measured steps alone (``lo``:
+        (step, KLD), failing; ``hi``: passing) predicts to reach margin x target: the planner's own
+        map, fit on the bracket the next plans lie in instead of on every trial (plan 0's far point
+        bends a global fit, which on the demo proposed two plans in a row that missed). ``hi`` when
+        no step in between is predicted to pass; None when the two points give no map (equal raw
+        predictions, or the failing plan's KLD not above the passing one's and the target: it failed
+        on something else)."""
+        (k_lo, m_lo), (k_hi, m_hi) = lo, hi
+        r_lo, r_hi = self.raw_prediction(k_lo), self.raw_prediction(k_hi)
+        goal = margin * target_kld
+        if not (r_lo > r_hi > 0 and m_lo > max(m_hi, goal) and m_hi > 0):
+            return None
+        power = math.log(m_lo / m_hi) / math.log(r_lo / r_hi)
+        return next((k for k in range(k_lo + 1, k_hi)
+                     if m_hi * (max(self.raw_prediction(k), 1e-12) / r_hi) ** power <= goal), k_hi)
+
     def largest_within(self, avg_bits: float) -> int:
         """The longest prefix whose plan stays within the average-bits budget (0 when even the
         starting point does not: see ``fits``)."""

@@ -138,7 +138,9 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
     """After a pass at ``hi`` (its step and trial; ``lo``: the failing step and its trial, or plan 0's
     step 0): the predictor, refit on every trial, proposes the smallest plan it expects to pass in
     between; it is measured; repeat. Where the prediction would not move, the midpoint is tried
-    instead. Stops when the failing and the passing plan are within 0.05 average bits, when
+    instead. Once a smaller plan has failed, no plan is tried that the map fit on the failing and
+    the passing plan alone predicts to fail (``bracket_floor``). Stops when the failing and the
+    passing plan are within 0.05 average bits, or the smallest plan that map predicts to pass is, when
     ``misses`` smaller plans in a row have failed (each miss says the predictor is optimistic this
     close to the threshold, and what is left to win is less than the gap), or no trial is left.
     Returns (the smallest passing trial, why it stopped, the largest failing trial below it)."""
@@ -154,9 +156,15 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
             return best, (f"passed; {missed} smaller plan{'s' if missed > 1 else ''} in a row failed "
                           f"(loop.refine_misses={misses}): the smallest passing plan is within {gap:.2f} bits of a "
                           "failing one"), lo_rec
+        floor = None if lo_rec is None else planner.bracket_floor((lo, lo_rec.metrics.kld_mean),
+                                                                   (hi, best.metrics.kld_mean), target)
+        if floor is not None and planner.bits_at(hi) - planner.bits_at(floor) < 0.05:
+            return best, ("passed; converged (the map through the smallest passing and the largest failing plan "
+                          "predicts no plan 0.05 bits smaller to pass)"), lo_rec
         k = planner.first_passing(target, margin=0.97, after=lo)
         if k is None or k >= hi:
             k = (lo + hi) // 2
+        k = max(k, floor or 0)
         rec = trial(planner.plan_at(k), plan0, **_why(planner, k, kld_target=round(target, 5)))
         planner.calibrate(k, rec.metrics.kld_mean)
         if not (rec.task_failed and len(rec.task_failed) == len(rec.failed)):

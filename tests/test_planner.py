@@ -114,6 +114,24 @@ def test_power_law_refit_from_two_trials():
     assert pl.predict(k2) == pytest.approx(0.3 * pl.raw_prediction(k2) ** 0.7, rel=1e-6)
 
 
+def test_bracket_floor_is_the_power_law_through_the_two_measured_plans():
+    """The truth between a failing and a passing plan is 0.3 * raw^1.4 there, while plan 0 (far)
+    follows another law: the map through the bracket alone finds the smallest passing step, and
+    says so (hi) when none in between passes, or nothing (None) when the failing plan's KLD is
+    not above the target (it failed on something else)."""
+    plan, names, pl = _planner([1.0, 0.8, 0.6, 0.5], [{"W4g32": 0.6, "W8ch": 0.1}, {"W4g32": 0.5, "W8ch": 0.08},
+                                                    {"W4g32": 0.35, "W8ch": 0.05}, {"W4g32": 0.3, "W8ch": 0.04}])
+    truth = [0.3 * pl.raw_prediction(k) ** 1.4 for k in range(len(pl.steps) + 1)]
+    pl.calibrate(0, 5.0 * truth[0])  # plan 0 off the law: a global fit is bent by it
+    lo, hi = 1, len(pl.steps) - 1
+    assert hi - lo > 3 and truth[lo] > truth[hi]
+    target = truth[lo + 2] * 1.001  # step lo + 2 is the smallest that passes
+    assert pl.bracket_floor((lo, truth[lo]), (hi, truth[hi]), target) == lo + 2
+    assert pl.bracket_floor((lo, truth[lo]), (hi, truth[hi]), truth[hi] * 1.001) == hi  # only hi itself
+    assert pl.bracket_floor((lo, truth[lo]), (hi, truth[hi]), truth[lo] * 1.1) is None
+    assert pl.bracket_floor((lo, truth[hi]), (hi, truth[hi]), target) is None  # no slope: no map
+
+
 def test_free_swap_to_a_better_algorithm_comes_first():
     plan = _plan(2)
     names = list(plan.modules)
