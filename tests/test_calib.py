@@ -129,3 +129,30 @@ def test_head_absmax_is_the_diagnosis_float_side_absmax(tmp_path):
         assert loaded.head_absmax(names, x[:2]) == {}  # other samples: not served
         assert loaded.head_absmax(names, x[1:4]) == {}
     assert collect(model, x, names, batch_size=4, progress=False).head_absmax(names, x[:3]) == {}  # not asked for
+
+
+def test_input_absmax_stops_before_the_head_unless_it_reads_it():
+    """``input_absmax`` needs no logits: it stops after the last decoder block (the vocabulary-wide head
+    never runs) with the same absmax a full forward pass gives; asked for the head's own input it runs it."""
+    from quantfix.diagnose.activations import input_absmax
+
+    model = tiny_llama(seed=3)
+    x = torch.randint(0, 384, (5, 16), generator=torch.Generator().manual_seed(4))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    head_calls, full = [], {}
+    hooks = [model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))]
+    hooks += [dict(model.named_modules())[n].register_forward_pre_hook(
+        lambda _m, a, n=n: full.__setitem__(n, torch.maximum(full[n], a[0].abs().amax((0, 1))) if n in full
+                                            else a[0].abs().amax((0, 1)))) for n in names]
+    with torch.no_grad():
+        for ids in x.split(2):
+            model(input_ids=ids, use_cache=False)
+    assert len(head_calls) == 3
+    got = input_absmax(model, x, names, batch_size=2, progress=False)
+    assert len(head_calls) == 3  # stopped after the last block: the head did not run
+    for n in names:
+        assert torch.equal(got[n], full[n].float())
+    with_head = input_absmax(model, x, names + ["lm_head"], batch_size=2, progress=False)
+    assert len(head_calls) == 6 and with_head["lm_head"].shape == (model.config.hidden_size,)
+    for h in hooks:
+        h.remove()

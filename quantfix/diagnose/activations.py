@@ -41,14 +41,30 @@ def input_absmax(model, samples: torch.Tensor, names: List[str], batch_size: int
         return h
 
     handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    layers = decoder_layers(model)
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    if len(layers) and all(id(mods[n]) in inside for n in names):  # no logits needed: stop after the last block
+        handles.append(layers[-1].register_forward_hook(_stop))
     try:
         for ids in tqdm(list(samples.split(batch_size)), desc="activation absmax", unit="batch",
                         disable=not progress, leave=False):
-            model(input_ids=ids.to(input_device(model)), use_cache=False)
+            try:
+                model(input_ids=ids.to(input_device(model)), use_cache=False)
+            except _Stopped:
+                pass
     finally:
         for h in handles:
             h.remove()
     return acc
+
+
+class _Stopped(Exception):
+    """Raised by ``_stop`` after the last decoder block: the rest of the forward pass (the final norm and
+    the vocabulary-wide head, a fifth of a small model's products) computes nothing ``input_absmax`` reads."""
+
+
+def _stop(*_):
+    raise _Stopped
 
 
 @torch.no_grad()
