@@ -185,8 +185,9 @@ class ThresholdsConfig:
 class LoopConfig:
     max_iters: int = 6
     # predictive, threshold mode: after the first passing plan, stop refining once this many smaller
-    # plans in a row have failed (null: refine until within 0.05 bits of a failing plan or out of trials).
-    # The demo's last four refinements all missed, each costing an evaluation pass
+    # plans in a row have failed, or once the power law through the last failing and the passing plan predicts
+    # no plan 0.05 bits smaller to pass (null: neither; refine until within 0.05 bits of a failing plan or out
+    # of trials). Each refinement trial costs an evaluation pass
     refine_misses: Optional[int] = 2
     # predictive: diagnose plan 0, predict the cheapest passing plan, verify, recalibrate on a miss;
     # greedy: promote the modules with the largest calibration output error per added bit

@@ -79,8 +79,9 @@ class Goal:
     """What the predictive search aims at: the cheapest plan passing ``thresholds``, or with
     ``budget`` (GGUF mode's plan.budget.avg_bits; other budgets are ``quantfix.budget``'s measured
     candidates) the lowest predicted KLD within it. ``refine_misses``, threshold mode: after a pass,
-    stop refining once this many smaller plans in a row have failed (None: until converged or out of
-    trials)."""
+    stop refining once this many smaller plans in a row have failed, or the map through the last failing
+    and passing plan predicts no plan 0.05 bits smaller to pass (None: neither; until converged or out
+    of trials)."""
 
     thresholds: ThresholdsConfig
     budget: Optional[float] = None
@@ -138,11 +139,13 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
     """After a pass at ``hi`` (its step and trial; ``lo``: the failing step and its trial, or plan 0's
     step 0): the predictor, refit on every trial, proposes the smallest plan it expects to pass in
     between; it is measured; repeat. Where the prediction would not move, the midpoint is tried
-    instead. Once a smaller plan has failed, no plan is tried that the map fit on the failing and
-    the passing plan alone predicts to fail (``bracket_floor``). Stops when the failing and the
-    passing plan are within 0.05 average bits, or the smallest plan that map predicts to pass is, when
-    ``misses`` smaller plans in a row have failed (each miss says the predictor is optimistic this
-    close to the threshold, and what is left to win is less than the gap), or no trial is left.
+    instead. Once a smaller plan has failed, no plan is tried that the map fit on the failing and the
+    passing plan alone predicts to fail (``bracket_floor``; not with ``misses`` None, which asks for
+    the exhaustive refinement): on the demo the midpoint tried after the first miss (5.18 bits, where
+    the global fit too predicted a miss) missed as well. Stops when the failing and the passing plan
+    are within 0.05 average bits, or the smallest plan that map predicts to pass is; when ``misses``
+    smaller plans in a row have failed (each miss says the predictor is optimistic this close to the
+    threshold, and what is left to win is less than the gap); or when no trial is left.
     Returns (the smallest passing trial, why it stopped, the largest failing trial below it)."""
     base = trial.base
     (lo, lo_rec), (hi, best) = lo, hi
@@ -156,11 +159,12 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
             return best, (f"passed; {missed} smaller plan{'s' if missed > 1 else ''} in a row failed "
                           f"(loop.refine_misses={misses}): the smallest passing plan is within {gap:.2f} bits of a "
                           "failing one"), lo_rec
-        floor = None if lo_rec is None else planner.bracket_floor((lo, lo_rec.metrics.kld_mean),
+        floor = None if lo_rec is None or misses is None else planner.bracket_floor((lo, lo_rec.metrics.kld_mean),
                                                                    (hi, best.metrics.kld_mean), target)
         if floor is not None and planner.bits_at(hi) - planner.bits_at(floor) < 0.05:
             return best, ("passed; converged (the map through the smallest passing and the largest failing plan "
-                          "predicts no plan 0.05 bits smaller to pass)"), lo_rec
+                          f"predicts no plan 0.05 bits smaller to pass: the smallest it predicts to pass has "
+                          f"{planner.bits_at(floor):.3f} bits, the passing plan {planner.bits_at(hi):.3f})"), lo_rec
         k = planner.first_passing(target, margin=0.97, after=lo)
         if k is None or k >= hi:
             k = (lo + hi) // 2

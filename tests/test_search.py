@@ -135,9 +135,10 @@ def test_refinement_stops_where_the_bracket_map_predicts_no_smaller_plan_passes(
     """Eight modules, 0.4 KLD each at W4g64 and 0.05 at W8: plans with 7 or 8 modules at W8 pass
     (0.75 <= 0.8). The first pick (two modules in float, six at W8) passes, then seven at W8; the
     midpoint below it (three at W8, 2.15) fails. The power law through those two measurements
-    alone predicts 1.45 and 1.1 for five and six at W8: no smaller plan passes, so the refinement
-    stops there (the bisection before it measured both, and both failed). refine_misses=1 stops
-    at the same point by its own rule."""
+    alone predicts 1.45 and 1.1 for five and six at W8: no smaller plan passes, so with the default
+    refine_misses=2 the refinement stops there. refine_misses=null asks for the exhaustive
+    refinement: the bisection measures both (both fail) and converges on the same plan;
+    refine_misses=1 stops after the first miss by its own rule."""
     def run(misses):
         plan0 = _plan(8)
         names = list(plan0.modules)
@@ -153,10 +154,13 @@ def test_refinement_stops_where_the_bracket_map_predicts_no_smaller_plan_passes(
         return res, ["".join(p.label[1] for p in r.plan.modules.values()) for r in trial.records]
 
     full, full_plans = run(None)
-    assert full_plans == ["44444444", "PP888888", "88888884", "88844444"]
-    assert full.reason.startswith("passed; converged (the map through the smallest passing")
-    assert full.best.metrics.kld_mean == pytest.approx(0.75)
-    assert full.below.metrics.kld_mean == pytest.approx(2.15)  # the largest failing plan below it
-    short, short_plans = run(1)
-    assert short_plans == full_plans and "1 smaller plan in a row failed" in short.reason
-    assert short.best.plan == full.best.plan
+    assert full_plans == ["44444444", "PP888888", "88888884", "88844444", "88888444", "88888844"]
+    assert full.reason.startswith("passed; converged (one upgrade step")
+    short, short_plans = run(2)
+    assert short_plans == full_plans[:4]
+    assert short.reason.startswith("passed; converged (the map through the smallest passing")
+    assert short.best.plan == full.best.plan and short.best.metrics.kld_mean == pytest.approx(0.75)
+    assert short.below.metrics.kld_mean == pytest.approx(2.15)  # the largest failing plan below it
+    one, one_plans = run(1)
+    assert one_plans == full_plans[:4] and "1 smaller plan in a row failed" in one.reason
+    assert one.best.plan == full.best.plan
