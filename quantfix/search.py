@@ -159,8 +159,9 @@ def _refine(trial: Trials, planner: PredictivePlanner, plan0: Plan, thresholds: 
             return best, (f"passed; {missed} smaller plan{'s' if missed > 1 else ''} in a row failed "
                           f"(loop.refine_misses={misses}): the smallest passing plan is within {gap:.2f} bits of a "
                           "failing one"), lo_rec
-        floor = None if lo_rec is None or misses is None else planner.bracket_floor((lo, lo_rec.metrics.kld_mean),
-                                                                   (hi, best.metrics.kld_mean), target)
+        floor = None
+        if lo_rec is not None and misses is not None:  # the map through the bracket bounds the next plan
+            floor = planner.bracket_floor((lo, lo_rec.metrics.kld_mean), (hi, best.metrics.kld_mean), target)
         if floor is not None and planner.bits_at(hi) - planner.bits_at(floor) < 0.05:
             return best, ("passed; converged (the map through the smallest passing and the largest failing plan "
                           f"predicts no plan 0.05 bits smaller to pass: the smallest it predicts to pass has "
