@@ -39,7 +39,7 @@ from quantfix.plan import Plan, Precision
 from quantfix.planner import Ladder, group_problem, initial_plan, ladder_options
 from quantfix.quantize import algorithms
 from quantfix.runreport import DiagnosisSummary, ExistingInfo, Outcome, Recalibration, RunReport, TrialRecord
-from quantfix.runtime import RunData, Runtime
+from quantfix.runtime import RunData, Runtime, keep_freed_host_memory
 from quantfix.timing import Timer, peak_memory_mb
 from quantfix.trials import Trials, TrialSetup, plan_key
 
@@ -127,6 +127,8 @@ class Recipe:
             # (one demo down_proj: 13.2 s -> 0.9 s); flushed to zero they change nothing measurable. Set
             # before any torch worker thread starts (they inherit it); the bank's simulation jobs set it too
             torch.set_flush_denormal(True)
+            if cfg.host_memory_reuse:
+                keep_freed_host_memory()
         self.dtype = loading.resolve_dtype(cfg.model.dtype, self.device)
         self.sim_dtype = self.dtype
         self.cache = cache_mod.cache_dir(cfg.cache_dir)

@@ -3,8 +3,10 @@ the token windows of the run (``RunData``). The loop builds both once; stages ta
 arguments and never see the loop's session."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -51,3 +53,27 @@ class RunData:
     # the diagnosed weights come from an existing checkpoint (quantized.name_or_path): its
     # calibration set is unknown (calibration_domains are quantfix's own, for its options)
     external_checkpoint: bool = False
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def keep_freed_host_memory() -> bool:
+    """Have glibc serve every allocation from its heap and keep what is freed there (up to 2 GB free at
+    the top), instead of mapping each block above 32 MB fresh and unmapping it on free: a CPU run
+    allocates and frees the same large tensors batch after batch (the logits alone, 400 MB a batch on
+    the demo), and every fresh mapping is page-faulted and zeroed again. The demo's run on a 2-core CPU
+    (warm caches): 11.5M -> 2.0M page faults, system time 51 -> 14 s, 2:50 -> 2:15 wall, peak host memory
+    5.95 -> 6.29 GB, the same trials. Returns whether it was applied (glibc on Linux only; elsewhere nothing
+    changes)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1), (_M_TOP_PAD, 2 ** 28)))
