@@ -1,14 +1,11 @@
 """``scripts/bench_demo_cpu.py``: a demo run's report as a benchmark row, and the run it launches."""
-import importlib.util
 from pathlib import Path
+
+from tests.conftest import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "bench_demo_cpu", Path(__file__).resolve().parent.parent / "scripts" / "bench_demo_cpu.py")
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    return load_script("bench_demo_cpu")
 
 
 def test_a_report_becomes_a_row_against_both_yardsticks():

@@ -1,17 +1,14 @@
 """``scripts/bench_repair.py``: split streams still compare at matched bits, and the merged table plots."""
-import importlib.util
 import json
 import time
 import types
 from pathlib import Path
 
+from tests.conftest import load_script
+
 
 def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_repair", Path(__file__).resolve().parent.parent / "scripts" / "bench_repair.py")
-    br = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(br)
-    return br
+    return load_script("bench_repair")
 
 
 def test_peer_bits_reads_other_streams_rows(tmp_path):

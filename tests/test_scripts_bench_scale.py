@@ -5,12 +5,9 @@ def test_bench_scale_extrapolates_slices_and_plots(tmp_path):
     """bench_scale's 70B arithmetic: per stage a + b x layers through the slices, evaluated at the
     full depth; a stage that falls with depth is a fixed cost, not a negative one; the plot's bars
     split the diagnosis into its parts and carry every second of the run."""
-    import importlib.util
-    from pathlib import Path
+    from tests.conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("bench_scale", Path(__file__).resolve().parent.parent / "scripts" / "bench_scale.py")
-    bs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bs)
+    bs = load_script("bench_scale")
 
     def row(layers, diag, load):
         parts = {"sensitivity: taylor": 1.0, "sensitivity: option simulation": 10.0 * layers,
