@@ -266,7 +266,9 @@ class DiagnoseConfig:
     outlier_k: float = 6.0
     max_outlier_findings: int = 8  # one per residual channel / input, the rest merged into the last
     histograms: int = 4  # PNGs for the inputs with the largest outliers
-    absmax_samples: int = 8  # calibration samples used for float-vs-quantized activation absmax
+    # calibration samples for the float-vs-quantized activation absmax, where the sensitivity passes did not
+    # take it (the fast method takes both sides in its Taylor and Fisher forwards, on their shared eval windows)
+    absmax_samples: int = 8
     channel_windows: int = 2
     probes: bool = True
     # per-domain perplexity: label -> data source

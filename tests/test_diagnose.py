@@ -61,9 +61,10 @@ def test_diagnose_finds_the_planted_layer_channel_and_fix(compose, planted_dir, 
 
 
 def test_float_side_absmax_comes_from_the_calibration_pass(compose, planted_dir, tmp_path, monkeypatch):
-    """The float model's input absmax over the first calibration samples is read from the
-    calibration pass (one absmax pass left: the quantized side's), and the outliers are those the
-    diagnosis measured with its own float pass."""
+    """Where the sensitivity passes share no windows (Fisher on 1, Taylor on 2, in batches of 2), the
+    float model's input absmax over the first calibration samples is read from the calibration pass
+    (one absmax pass left: the quantized side's), and the outliers are those the diagnosis measured
+    with its own float pass. Where they share them (2 and 2), both sides come from those passes: none."""
     from quantfix.calib import CalibStats
     from quantfix.diagnose import activations
 
@@ -73,6 +74,12 @@ def test_float_side_absmax_comes_from_the_calibration_pass(compose, planted_dir,
                         real(m, s, names, *a, **k))
     over = {"mode": "diagnose", "quant.group_size": 16, "diagnose.domain_seq_len": 64, "diagnose.probes": False,
             "diagnose.sensitivity.windows": 2, "diagnose.histograms": 0}
+    run(compose(tiny_overrides(planted_dir, tmp_path / "cache", **over, **{"diagnose.sensitivity.fisher_windows": 2})),
+        tmp_path / "shared")
+    assert calls == []
+    shared = json.loads((tmp_path / "shared" / "diagnosis.json").read_text())["outliers"]
+    assert shared[0]["float"]["top"][0][0] == CHANNEL and shared[0]["quantized"] is not None
+    over["diagnose.sensitivity.fisher_windows"] = 1
     run(compose(tiny_overrides(planted_dir, tmp_path / "cache", **over)), tmp_path / "a")
     assert len(calls) == 1  # the quantized side only
     calls.clear()

@@ -1,5 +1,7 @@
 """Sensitivity (``quantfix.diagnose.sensitivity``): Fisher scores rank the planted layer first, and
 scoring the options in chunks gives what one pass gives."""
+import json
+
 import pytest
 import torch
 
@@ -35,3 +37,77 @@ def test_fisher_in_chunks_scores_the_options_of_one_pass():
     for n in names:
         for lab, v in one.options[n].items():
             assert split.options[n][lab] == pytest.approx(v, rel=1e-5)
+
+
+def test_fisher_draws_its_labels_from_the_float_model_and_estimates_the_kld_of_a_small_change():
+    """The labels are drawn from the float model's distribution (as often the top token as its mean
+    probability; uniform labels would almost never be, the top token always), and half the mean squared
+    label score of one module's change is its exact KL divergence to second order (a small change; 64
+    labels per token). With uniform labels the estimate was 2.5x the exact KLD, here 1.02-1.06."""
+    import torch.nn.functional as F
+    from quantfix.diagnose.sensitivity import FisherScope
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight *= 6  # a peaked next-token distribution (mean top probability 0.46)
+    mods = dict(model.named_modules())
+    name = "model.layers.1.mlp.down_proj"
+    W = mods[name].weight.detach().clone()
+    dW = torch.randn(W.shape, generator=torch.Generator().manual_seed(1)) * 0.01
+    ids = torch.randint(0, 384, (16, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p = F.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        mods[name].weight += dW
+        q = F.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        mods[name].weight -= dW
+    exact = float((p.exp() * (p - q)).sum(-1).mean())
+    labels = {}
+    s = fisher(model, ids, {name: W + dW}, settings=PassSettings(batch_size=8, label_samples=64, progress=False),
+               scope=FisherScope(labels=labels))
+    assert 0.85 * exact < s.modules[name] < 1.2 * exact
+    assert len(labels) == 2 * 64
+    top = p.argmax(-1).reshape(2, 8, 63, 1)
+    hits = sum(float((labels[(b, k)] == top[b]).float().mean()) for b, k in labels) / len(labels)
+    assert hits == pytest.approx(float(p.exp().amax(-1).mean()), abs=0.03)
+
+
+def test_fast_takes_both_sides_input_absmax_in_its_own_forwards_over_their_shared_windows(tmp_path):
+    """``fast`` records every quantized module's input absmax in Taylor's forwards (the quantized model)
+    and in the first Fisher pass's (the float model), over the first windows both passes run in whole
+    batches: the values ``activations.input_absmax`` measures on those windows, kept through the cache
+    entry; none where the passes share no batch."""
+    from quantfix import evaluate as ev
+    from quantfix.diagnose import activations
+    from quantfix.diagnose.sensitivity import Sensitivity, fast
+
+    model = planted()
+    mods = dict(model.named_modules())
+    names = [n for n in mods if n.endswith("proj")]
+    fw = {n: mods[n].weight.detach().clone() for n in names}
+    qw = {n: fake.rtn(fw[n], 4, 16, True) for n in names}
+    ids = torch.randint(0, 384, (6, 32), generator=torch.Generator().manual_seed(0))
+    ref = ev.reference(model, ids, 2, 16, 64, progress=False)
+    float_abs = activations.input_absmax(model, ids[:4], names, 2, progress=False)
+    with torch.no_grad():
+        for n in names:
+            mods[n].weight.copy_(qw[n])
+    quant_abs = activations.input_absmax(model, ids[:4], names, 2, progress=False)
+    opts = {n: {"W8": fake.rtn(fw[n], 8, 16, True)} for n in names}
+    s = fast(model, ids, ref, fw, qw, PassSettings(batch_size=2, progress=False), fisher_windows=ids[:5],
+             option_chunks=iter([opts]))
+    assert s.absmax_windows == 4 and set(s.absmax) == {"float", "quantized"}
+    for side, want in (("float", float_abs), ("quantized", quant_abs)):
+        assert set(s.absmax[side]) == set(names)
+        for n in names:
+            assert torch.allclose(s.absmax[side][n], want[n], rtol=1e-5, atol=1e-6), (side, n)
+    assert not torch.allclose(s.absmax["float"][names[-1]], s.absmax["quantized"][names[-1]])  # after quantized layers
+    again = Sensitivity.from_dict(json.loads(json.dumps(s.cache_dict())))
+    assert all(torch.equal(again.absmax[side][n], s.absmax[side][n]) for side in s.absmax for n in names)
+    assert "absmax" not in s.to_dict()
+    with torch.no_grad():
+        for n in names:
+            mods[n].weight.copy_(qw[n])
+    none = fast(model, ids, ref, fw, qw, PassSettings(batch_size=2, progress=False), fisher_windows=ids[:1],
+                option_chunks=iter([opts]))
+    assert none.absmax == {} and none.absmax_windows == 0

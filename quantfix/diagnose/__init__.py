@@ -88,7 +88,7 @@ def measure_sensitivity(rt: Runtime, bank, subject: "Subject", windows: torch.Te
                                            option_chunks(bank, options, scfg.options_memory_gb), settings)
     bank.restore()
     if cache_path is not None:
-        atomic_write(cache_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict())))
+        atomic_write(cache_path, lambda tmp: tmp.write_text(json.dumps(result.cache_dict())))
     return result
 
 
@@ -169,13 +169,12 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     side = _Side(rt, data, cfg, names, _domain_windows(rt, data, cfg),
                  [asdict(p) if not isinstance(p, dict) else dict(p) for p in probes_cfg.prompts] if cfg.probes else [],
                  probes_cfg.max_new_tokens, progress)
-    # float side (the bank is restored: float weights live), then the quantized side. The float
-    # model's input absmax over these samples was taken in the calibration pass, where it holds it
-    known = subject.stats.head_absmax(names, data.samples[: cfg.absmax_samples]) if subject.stats is not None else {}
-    fp = side.measure(channels_of=bank.quantized_weights(plan), known_absmax=known)
+    # float side (the bank is restored: float weights live), then the quantized side
+    known_fp, known_q = _known_absmax(sens, subject, names, data.samples[: cfg.absmax_samples])
+    fp = side.measure(channels_of=bank.quantized_weights(plan), known_absmax=known_fp)
     parts.lap("float side (activations, channels, probes, domains)")
     bank.apply(plan, progress=False)
-    q = side.measure(domain_refs=fp["domains"])
+    q = side.measure(domain_refs=fp["domains"], known_absmax=known_q)
     parts.lap("quantized side (activations, probes, domains)")
     diag = _assemble(subject, sens, (fp, q), side, bank)
     diag.plots["histograms"] = activations.plot_histograms(
@@ -187,6 +186,17 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     diag.timings_s = dict(parts.timings, total=round(time.perf_counter() - t0, 2))
     diag.memory_gb = parts.memory
     return diag
+
+
+def _known_absmax(sens, subject: Subject, names: List[str], samples: torch.Tensor):
+    """(float, quantized) input absmax already measured: both sides from the sensitivity passes' own
+    forwards on the same first eval windows (``fast``: Fisher's float model, Taylor's quantized one) when
+    they cover every module; else the float side over the first calibration samples from the calibration
+    pass, where it holds it, and the quantized side measured on those samples ({})."""
+    both = sens.absmax.get("float", {}), sens.absmax.get("quantized", {})
+    if all(n in both[0] and n in both[1] for n in names):
+        return {n: both[0][n] for n in names}, {n: both[1][n] for n in names}
+    return (subject.stats.head_absmax(names, samples) if subject.stats is not None else {}), {}
 
 
 def _options_again(cfg: DiagnoseConfig, rt: Runtime, data: RunData, bank, subject: Subject, files: Files,

@@ -49,6 +49,10 @@ class Sensitivity:
     option_base: Dict[str, float] = field(default_factory=dict)
     # where the seconds went: "taylor", "option simulation", "fisher passes" (seconds), "passes" (count)
     parts: Dict[str, float] = field(default_factory=dict)
+    # side ("float", "quantized") -> module -> per-channel input absmax over the first ``absmax_windows``
+    # windows, taken in the passes' own forwards (``fast``); kept in the cache entry, not in the report
+    absmax: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    absmax_windows: int = 0
 
     def to_dict(self) -> dict:
         return {"method": self.method, "seconds": round(self.seconds, 2), "n_tokens": self.n_tokens,
@@ -56,11 +60,19 @@ class Sensitivity:
                 "layers": {str(k): v for k, v in self.layers.items()}, "types": self.types,
                 "modules": self.modules, "options": self.options, "option_base": self.option_base}
 
+    def cache_dict(self) -> dict:
+        """``to_dict`` with the input absmax (float32 values: exact through JSON's float64)."""
+        return {**self.to_dict(), "absmax_windows": self.absmax_windows,
+                "absmax": {side: {n: t.tolist() for n, t in mods.items()} for side, mods in self.absmax.items()}}
+
     @classmethod
     def from_dict(cls, d: dict) -> "Sensitivity":
         return cls(method=d["method"], layers={int(k): v for k, v in d["layers"].items()}, types=d["types"],
                    modules=d.get("modules", {}), options=d.get("options", {}), seconds=d.get("seconds", 0.0),
-                   n_tokens=d.get("n_tokens", 0), option_base=d.get("option_base", {}), parts=d.get("parts", {}))
+                   n_tokens=d.get("n_tokens", 0), option_base=d.get("option_base", {}), parts=d.get("parts", {}),
+                   absmax={side: {n: torch.tensor(v, dtype=torch.float32) for n, v in mods.items()}
+                           for side, mods in d.get("absmax", {}).items()},
+                   absmax_windows=d.get("absmax_windows", 0))
 
     def ranked_layers(self) -> List[int]:
         return sorted(self.layers, key=lambda i: -self.layers[i])
@@ -98,10 +110,17 @@ def _layer_delta_hook(weights: Dict[str, torch.Tensor], state: Dict[str, object]
 
 def _input_grad_hook(state: Dict[str, object], on_grad):
     """Forward hook factory for the named linear modules: keep the module's input (once, not one
-    output per option) and call on_grad(name, grad of the output, input) in the backward pass."""
+    output per option) and call on_grad(name, grad of the output, input) in the backward pass. While
+    ``state["absmax"]`` is a dict, also the input's per-channel absmax into it (running maximum)."""
     def make(name):
         def fwd(_m, args, out):
-            if state.get("busy") or not out.requires_grad:
+            if state.get("busy"):
+                return
+            acc = state.get("absmax")
+            if acc is not None:  # as the diagnosis measures it: |x| in the model's dtype, then float32
+                a = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+                acc[name] = torch.maximum(acc[name], a) if name in acc else a
+            if not out.requires_grad:
                 return
             x = args[0].detach()
             out.register_hook(lambda g: on_grad(name, g, x))
@@ -204,10 +223,13 @@ class _Hooks:
     backward: Callable
 
 
-def _gradient_pass(model, windows: torch.Tensor, settings: PassSettings, hooks: _Hooks, desc: str) -> None:
+def _gradient_pass(model, windows: torch.Tensor, settings: PassSettings, hooks: _Hooks, desc: str,
+                   absmax_windows: int = 0) -> Dict[str, torch.Tensor]:
     """The scaffolding the one-pass estimators share: every batch through ``hooks.backward`` with
-    the module and layer hooks in place."""
+    the module and layer hooks in place. Returns the hooked modules' input absmax over the batches that
+    start within the first ``absmax_windows`` windows (on the host; {} for 0)."""
     state: Dict[str, object] = {}
+    absmax: Dict[str, torch.Tensor] = {}
 
     def layer_hook(i):
         return _layer_delta_hook(hooks.layer_w[i], state, lambda h_out, d, i=i: h_out.register_hook(
@@ -215,9 +237,11 @@ def _gradient_pass(model, windows: torch.Tensor, settings: PassSettings, hooks: 
 
     layer_ids = [i for i, w in hooks.layer_w.items() if w]
     with _gradient_hooks(model, hooks.modules, _input_grad_hook(state, hooks.on_module), layer_ids, layer_hook):
-        for ids in tqdm(list(windows.split(settings.batch_size)), desc=desc, unit="batch",
-                        disable=not settings.progress, leave=False):
+        for b, ids in enumerate(tqdm(list(windows.split(settings.batch_size)), desc=desc, unit="batch",
+                                     disable=not settings.progress, leave=False)):
+            state["absmax"] = absmax if b * settings.batch_size < absmax_windows else None
             hooks.backward(ids)
+    return {n: t.cpu() for n, t in absmax.items()}
 
 
 def _per_type(modules: Dict[str, float]) -> Dict[str, float]:
@@ -238,6 +262,7 @@ class FisherScope:
     plan_scores: bool = True
     layer_scores: bool = True
     labels: Optional[dict] = None
+    absmax_windows: int = 0  # the hooked modules' input absmax over this many first windows (``Sensitivity.absmax``)
 
 
 class _FisherSums:
@@ -282,18 +307,25 @@ class _FisherSums:
         logp = F.log_softmax(self.model(input_ids=ids.to(self.dev), use_cache=False).logits[:, :-1].float(), dim=-1)
         self.n_tokens += logp.shape[0] * logp.shape[1]
         b, self.batch = self.batch, self.batch + 1
-        probs, labels, k_all = None, self.scope.labels, self.s.label_samples
-        for k in range(k_all):
-            y = labels.get((b, k)) if labels is not None else None
-            if y is None:  # sampled once; a later pass (same float model, same windows) reuses them
-                if probs is None:
-                    probs = logp.detach().exp().reshape(-1, logp.shape[-1])
-                    if self.gen.device != probs.device:  # sample where the model runs (a device generator on CUDA)
-                        self.gen = torch.Generator(device=probs.device).manual_seed(self.s.seed)
-                y = torch.multinomial(probs, 1, generator=self.gen).view(logp.shape[0], logp.shape[1], 1)
-                if labels is not None:
-                    labels[(b, k)] = y
+        labels, k_all = self.scope.labels, self.s.label_samples
+        drawn = [labels.get((b, k)) for k in range(k_all)] if labels is not None else [None] * k_all
+        if any(y is None for y in drawn):  # sampled once; a later pass (same float model, same windows) reuses them
+            drawn = self._draw(logp)
+            if labels is not None:
+                labels.update({(b, k): y for k, y in enumerate(drawn)})
+        for k, y in enumerate(drawn):
             logp.gather(-1, y.to(logp.device)).sum().backward(retain_graph=k < k_all - 1)
+
+    def _draw(self, logp) -> List[torch.Tensor]:
+        """``label_samples`` labels per token, independent draws from the float model's distribution, in one
+        call with replacement (an inverse-CDF draw: one uniform number per label; drawing one label at a time
+        takes the exponential trick, one random number per vocabulary entry: 2.2 s a batch of 2048 tokens x
+        49k on a 2-core CPU against 0.1 s for both)."""
+        probs = logp.detach().exp().reshape(-1, logp.shape[-1])
+        if self.gen.device != probs.device:  # sample where the model runs (a device generator on CUDA)
+            self.gen = torch.Generator(device=probs.device).manual_seed(self.s.seed)
+        y = torch.multinomial(probs, self.s.label_samples, replacement=True, generator=self.gen)
+        return [y[:, k].reshape(logp.shape[0], logp.shape[1], 1) for k in range(self.s.label_samples)]
 
     def result(self, seconds: float) -> "Sensitivity":
         norm = 1.0 / (self.s.label_samples * max(1, self.n_tokens))
@@ -318,13 +350,16 @@ def fisher(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor],
     options = options or {}
     sums = _FisherSums(model, quantized, options, settings, scope)
     hooked = list(quantized) if scope.plan_scores else [n for n in options if n in quantized]
-    _gradient_pass(model, windows, settings, _Hooks(hooked, sums.layer_q, sums.on_module, sums.on_layer,
-                                                    sums.backward), "sensitivity (fisher)")
-    return sums.result(time.perf_counter() - t0)
+    absmax = _gradient_pass(model, windows, settings, _Hooks(hooked, sums.layer_q, sums.on_module, sums.on_layer,
+                                                             sums.backward), "sensitivity (fisher)", scope.absmax_windows)
+    result = sums.result(time.perf_counter() - t0)
+    if absmax:
+        result.absmax, result.absmax_windows = {"float": absmax}, scope.absmax_windows
+    return result
 
 
 def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tensor], chunks,
-                  settings: PassSettings = PassSettings(), layer_scores: bool = True) -> Sensitivity:
+                  settings: PassSettings = PassSettings(), layer_scores: bool = True, absmax_windows: int = 0) -> Sensitivity:
     """``fisher`` with the options given in chunks (an iterable of module -> label -> weight dicts):
     one pass per chunk, so the options' weights need not all be in memory at once. The plan's
     module scores (and with ``layer_scores`` the layers') come from the first pass; a later pass
@@ -339,7 +374,8 @@ def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tenso
         sim_s += time.perf_counter() - t
         first = result is None
         f = fisher(model, windows, quantized, chunk, settings,
-                   FisherScope(plan_scores=first, layer_scores=layer_scores and first, labels=labels))
+                   FisherScope(plan_scores=first, layer_scores=layer_scores and first, labels=labels,
+                               absmax_windows=absmax_windows if first else 0))
         del chunk  # its weights go before the next chunk is simulated: one chunk in memory at a time
         passes += 1
         if first:
@@ -351,7 +387,7 @@ def fisher_chunks(model, windows: torch.Tensor, quantized: Dict[str, torch.Tenso
     if result is not None:
         result.parts = {"option simulation": sim_s, "fisher passes": result.seconds, "passes": passes}
     return result if result is not None else fisher(model, windows, quantized, {}, settings,
-                                                    FisherScope(layer_scores=layer_scores))
+                                                    FisherScope(layer_scores=layer_scores, absmax_windows=absmax_windows))
 
 
 def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_module: bool = False,
@@ -379,7 +415,7 @@ def exact(evaluate_kld: Callable[[Sequence[str]], float], names: List[str], per_
 @torch.enable_grad()
 def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
            options: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
-           settings: PassSettings = PassSettings()) -> Sensitivity:
+           settings: PassSettings = PassSettings(), absmax_windows: int = 0) -> Sensitivity:
     """First-order estimate of the seed's exact measurement, in one forward + backward pass of the
     quantized model. ``model`` must hold the quantized weights; ``float_weights`` maps each
     quantized module to its float weight. The mean KLD from the cached float reference is
@@ -424,13 +460,14 @@ def taylor(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Ten
         rows[0] += q_logp.shape[0]
         (_kld_rows(ref, sl, q_logp).sum() / total).backward()  # the mean KLD over all windows
 
-    _gradient_pass(model, windows, settings, _Hooks(list(float_weights), layer_fp, on_module, on_layer, backward),
-                   "sensitivity (taylor)")
+    absmax = _gradient_pass(model, windows, settings, _Hooks(list(float_weights), layer_fp, on_module, on_layer,
+                                                             backward), "sensitivity (taylor)", absmax_windows)
     modules = _to_floats(acc_mod)
     # per option: the contribution that remains at that option (what the planner consumes)
     opts = {n: {k: max(modules[n] - v, 0.0) for k, v in _to_floats(o).items()} for n, o in acc_opt.items()}
     return Sensitivity("taylor", dict(_to_floats(acc_layer)), _per_type(modules), modules, opts,
-                       time.perf_counter() - t0, rows[0])
+                       time.perf_counter() - t0, rows[0], absmax={"quantized": absmax} if absmax else {},
+                       absmax_windows=absmax_windows if absmax else 0)
 
 
 def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tensor],
@@ -443,16 +480,28 @@ def fast(model, windows: torch.Tensor, ref, float_weights: Dict[str, torch.Tenso
     which predicted plans better than Taylor in the repair loop (``options_scored``). ``model``
     holds the quantized weights on entry and the float ones on exit."""
     t0 = time.perf_counter()
-    t = taylor(model, windows, ref, float_weights, None, settings)
-    s = options_scored(model, t, float_weights, quantized, settings, windows if fisher_windows is None else fisher_windows,
-                       option_chunks)
+    fw = windows if fisher_windows is None else fisher_windows
+    k = shared_windows(windows, fw, settings.batch_size)
+    t = taylor(model, windows, ref, float_weights, None, settings, absmax_windows=k)
+    s = options_scored(model, t, float_weights, quantized, settings, fw, option_chunks, absmax_windows=k)
     s.seconds, s.parts["taylor"] = time.perf_counter() - t0, t.seconds
+    if "float" in s.absmax and t.absmax:
+        s.absmax["quantized"], s.absmax_windows = t.absmax["quantized"], k
+    else:
+        s.absmax, s.absmax_windows = {}, 0
     return s
+
+
+def shared_windows(windows: torch.Tensor, other: torch.Tensor, batch_size: int) -> int:
+    """How many first windows two passes both run, in whole batches of ``batch_size`` (0: none)."""
+    n = min(len(windows), len(other))
+    n -= n % max(1, batch_size)
+    return n if n and torch.equal(windows[:n], other[:n]) else 0
 
 
 def options_scored(model, plan_scores: Sensitivity, float_weights: Dict[str, torch.Tensor],
                    quantized: Dict[str, torch.Tensor], settings: PassSettings, windows: torch.Tensor,
-                   option_chunks=None) -> Sensitivity:
+                   option_chunks=None, absmax_windows: int = 0) -> Sensitivity:
     """``plan_scores``' layers, module types and modules (Taylor's, of the ``quantized`` weights) with
     each module's precision options scored by Fisher on ``windows``, the float weights live (set here,
     left live). Alone, after a recalibration: the plan's weights unchanged, its options not."""
@@ -461,11 +510,12 @@ def options_scored(model, plan_scores: Sensitivity, float_weights: Dict[str, tor
     with torch.no_grad():
         for n, w in float_weights.items():
             set_weight(mods[n], w)
-    opts, base, parts = {}, {}, {}
+    opts, base, parts, absmax = {}, {}, {}, {}
     chunks = option_chunks if option_chunks is not None else []
     if chunks:
-        f = fisher_chunks(model, windows, quantized, chunks, settings, layer_scores=False)  # layers: Taylor's
-        opts, base, parts = f.options, f.modules, f.parts
+        f = fisher_chunks(model, windows, quantized, chunks, settings, layer_scores=False,  # layers: Taylor's
+                          absmax_windows=absmax_windows)
+        opts, base, parts, absmax = f.options, f.modules, f.parts, f.absmax
     return Sensitivity(method="fast", layers=plan_scores.layers, types=plan_scores.types, modules=plan_scores.modules,
                        options=opts, seconds=time.perf_counter() - t0, n_tokens=plan_scores.n_tokens, option_base=base,
-                       parts={"taylor": 0.0, **parts})
+                       parts={"taylor": 0.0, **parts}, absmax=dict(absmax), absmax_windows=absmax_windows if absmax else 0)
