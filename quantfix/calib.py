@@ -127,8 +127,9 @@ def _input_hook(full_name: str, seen: Dict[tuple, tuple], acc: Dict[str, dict], 
             add_gram(a["h"], x2)
         else:
             a["h"] += (x2 * x2).sum(0)
-        a["max"] = torch.maximum(a["max"], x2.abs().amax(0))
-        a["sum"] += x2.abs().sum(0)
+        ax = x2.abs()
+        a["max"] = torch.maximum(a["max"], ax.amax(0))
+        a["sum"] += ax.sum(0)
         a["n"] += x2.shape[0]
     return hook
 
