@@ -173,10 +173,12 @@ def test_cpu_hessians_accumulate_the_lower_triangle_and_mirror_it_to_the_full_pr
             x = torch.randn(300, d) * scale
             full.addmm_(x.T, x)
             add_gram(blocked, x)
+        left_out = torch.count_nonzero(torch.triu(blocked, 1 + -(-d // 4)))  # above the diagonal blocks
         h = symmetric(blocked)
+        assert h is blocked  # mirrored in place
         assert torch.allclose(h, full, rtol=1e-5, atol=1e-4)
         if d < 8:
             assert torch.equal(h, full)
             continue
+        assert left_out == 0 and torch.count_nonzero(torch.triu(h, 1 + -(-d // 4))) > 0
         assert torch.equal(h, h.T) and torch.equal(torch.tril(h), torch.tril(full)), d
-        assert torch.count_nonzero(torch.triu(blocked, 1 + -(-d // 4))) == 0  # left out until mirrored
