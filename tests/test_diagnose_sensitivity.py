@@ -102,7 +102,9 @@ def test_fast_takes_both_sides_input_absmax_in_its_own_forwards_over_their_share
         for n in names:
             assert torch.allclose(s.absmax[side][n], want[n], rtol=1e-5, atol=1e-6), (side, n)
     assert not torch.allclose(s.absmax["float"][names[-1]], s.absmax["quantized"][names[-1]])  # after quantized layers
-    again = Sensitivity.from_dict(json.loads(json.dumps(s.cache_dict())))
+    entry = s.cache_dict()
+    assert len(entry["absmax"]["float"]["values"]) == 4 * len(model.model.layers)  # q/k/v and gate/up share one
+    again = Sensitivity.from_dict(json.loads(json.dumps(entry)))
     assert all(torch.equal(again.absmax[side][n], s.absmax[side][n]) for side in s.absmax for n in names)
     assert "absmax" not in s.to_dict()
     with torch.no_grad():

@@ -16,6 +16,8 @@ module costs one extra product.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -61,21 +63,36 @@ class Sensitivity:
                 "modules": self.modules, "options": self.options, "option_base": self.option_base}
 
     def cache_dict(self) -> dict:
-        """``to_dict`` with the input absmax (float32 values: exact through JSON's float64)."""
-        return {**self.to_dict(), "absmax_windows": self.absmax_windows,
-                "absmax": {side: {n: t.tolist() for n, t in mods.items()} for side, mods in self.absmax.items()}}
+        """``to_dict`` with the input absmax: per side, each distinct vector once (modules that read one input
+        share it) as its float32 bytes in base64, and module -> which (the demo's entry 6.1 MB as JSON
+        numbers, one per module)."""
+        out = {}
+        for side, mods in self.absmax.items():
+            values, of = {}, {}
+            for n, t in mods.items():
+                raw = t.detach().float().cpu().contiguous().numpy().tobytes()
+                key = hashlib.sha1(raw).hexdigest()[:16]
+                values.setdefault(key, base64.b64encode(raw).decode())
+                of[n] = key
+            out[side] = {"values": values, "of": of}
+        return {**self.to_dict(), "absmax_windows": self.absmax_windows, "absmax": out}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sensitivity":
         return cls(method=d["method"], layers={int(k): v for k, v in d["layers"].items()}, types=d["types"],
                    modules=d.get("modules", {}), options=d.get("options", {}), seconds=d.get("seconds", 0.0),
                    n_tokens=d.get("n_tokens", 0), option_base=d.get("option_base", {}), parts=d.get("parts", {}),
-                   absmax={side: {n: torch.tensor(v, dtype=torch.float32) for n, v in mods.items()}
-                           for side, mods in d.get("absmax", {}).items()},
+                   absmax={side: _absmax_of(v) for side, v in d.get("absmax", {}).items()},
                    absmax_windows=d.get("absmax_windows", 0))
 
     def ranked_layers(self) -> List[int]:
         return sorted(self.layers, key=lambda i: -self.layers[i])
+
+
+def _absmax_of(entry: dict) -> Dict[str, torch.Tensor]:
+    """One side of ``Sensitivity.cache_dict``'s absmax back to module -> float32 tensor."""
+    vec = {k: torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.float32) for k, v in entry["values"].items()}
+    return {n: vec[k] for n, k in entry["of"].items()}
 
 
 def _layer_prefix(model) -> Dict[int, str]:
