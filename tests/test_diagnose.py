@@ -79,6 +79,13 @@ def test_float_side_absmax_comes_from_the_calibration_pass(compose, planted_dir,
     assert calls == []
     shared = json.loads((tmp_path / "shared" / "diagnosis.json").read_text())["outliers"]
     assert shared[0]["float"]["top"][0][0] == CHANNEL and shared[0]["quantized"] is not None
+    from quantfix.diagnose import sensitivity
+
+    with monkeypatch.context() as m:  # the sensitivity from its cache entry, the absmax with it
+        m.setattr(sensitivity, "taylor", lambda *a, **k: pytest.fail("the sensitivity was not read from the cache"))
+        run(compose(tiny_overrides(planted_dir, tmp_path / "cache", **over, **{"diagnose.sensitivity.fisher_windows": 2})),
+            tmp_path / "warm")
+    assert calls == [] and json.loads((tmp_path / "warm" / "diagnosis.json").read_text())["outliers"] == shared
     over["diagnose.sensitivity.fisher_windows"] = 1
     run(compose(tiny_overrides(planted_dir, tmp_path / "cache", **over)), tmp_path / "a")
     assert len(calls) == 1  # the quantized side only
