@@ -154,9 +154,9 @@ def add_gram(h: torch.Tensor, x: torch.Tensor, blocks: int = GRAM_BLOCKS) -> Non
 
 def symmetric(h: torch.Tensor, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
     """The full Hessian from ``add_gram``'s accumulation: the lower triangle mirrored, in place (as
-    computed, where ``add_gram`` computed the full product). In place: a new tensor per input, allocated
-    after the layer's activations, pinned the heap between them and the next trials' 400 MB logits took
-    fresh memory (the demo's peak host memory 11.0 -> 12.9 GB)."""
+    computed, where ``add_gram`` computed the full product). In place because a new tensor per input,
+    allocated after the layer's activations, raised the demo's peak host memory 11.0 -> 12.9 GB (the
+    trials' 400 MB logits no longer fit the heap's free room)."""
     d = h.shape[-1]
     if h.dim() != 2 or h.device.type != "cpu" or blocks <= 1 or d < 2 * blocks:
         return h
