@@ -136,7 +136,11 @@ def _input_grad_hook(state: Dict[str, object], on_grad):
             acc = state.get("absmax")
             if acc is not None:  # as the diagnosis measures it: |x| in the model's dtype, then float32
                 a = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
-                acc[name] = torch.maximum(acc[name], a) if name in acc else a
+                if name in acc and acc[name].shape == a.shape and acc[name].device == a.device:
+                    torch.maximum(acc[name], a, out=acc[name])  # in place: no new tensor between the activations
+                else:
+                    acc[name] = a
+                state["absmax_seen"].add(name)
             if not out.requires_grad:
                 return
             x = args[0].detach()
@@ -246,7 +250,10 @@ def _gradient_pass(model, windows: torch.Tensor, settings: PassSettings, hooks: 
     the module and layer hooks in place. Returns the hooked modules' input absmax over the batches that
     start within the first ``absmax_windows`` windows (on the host; {} for 0)."""
     state: Dict[str, object] = {}
-    absmax: Dict[str, torch.Tensor] = {}
+    # allocated before the pass: running maxima allocated between a batch's activations and kept to the end held
+    # the host heap apart (glibc keeps freed memory for reuse on the CPU), and the later trials took fresh memory
+    absmax: Dict[str, torch.Tensor] = _absmax_buffers(model, hooks.modules) if absmax_windows else {}
+    state["absmax_seen"] = set()  # the modules that saw an input (an expert no token reached did not)
 
     def layer_hook(i):
         return _layer_delta_hook(hooks.layer_w[i], state, lambda h_out, d, i=i: h_out.register_hook(
@@ -258,7 +265,19 @@ def _gradient_pass(model, windows: torch.Tensor, settings: PassSettings, hooks: 
                                      disable=not settings.progress, leave=False)):
             state["absmax"] = absmax if b * settings.batch_size < absmax_windows else None
             hooks.backward(ids)
-    return {n: t.cpu() for n, t in absmax.items()}
+    return {n: t.cpu() for n, t in absmax.items() if n in state["absmax_seen"]}
+
+
+def _absmax_buffers(model, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Zeros (an absmax is never below) per named module's input width, where its weight is (a module without
+    an [out, in] weight gets its buffer at its first input)."""
+    mods = dict(model.named_modules())
+    out = {}
+    for n in names:
+        w = getattr(mods[n], "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type != "meta":
+            out[n] = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+    return out
 
 
 def _per_type(modules: Dict[str, float]) -> Dict[str, float]:
