@@ -113,3 +113,21 @@ def test_fast_takes_both_sides_input_absmax_in_its_own_forwards_over_their_share
     none = fast(model, ids, ref, fw, qw, PassSettings(batch_size=2, progress=False), fisher_windows=ids[:1],
                 option_chunks=iter([opts]))
     assert none.absmax == {} and none.absmax_windows == 0
+
+
+def test_taylor_reports_no_absmax_for_a_module_that_saw_no_input():
+    """The running maxima are allocated before the pass (zeros): a hooked module that never runs (an
+    expert no token reached) is left out, not reported as all zeros."""
+    from quantfix import evaluate as ev
+    from quantfix.diagnose.sensitivity import taylor
+
+    model = planted()
+    model.unused = torch.nn.Linear(64, 64)  # hooked, never called in the forward pass
+    mods = dict(model.named_modules())
+    names = [n for n in mods if n.endswith("proj")] + ["unused"]
+    ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    ref = ev.reference(model, ids, 2, 16, 64, progress=False)
+    fw = {n: mods[n].weight.detach().clone() for n in names}
+    s = taylor(model, ids, ref, fw, None, PassSettings(batch_size=2, progress=False), absmax_windows=4)
+    assert "unused" not in s.absmax["quantized"] and len(s.absmax["quantized"]) == len(names) - 1
+    assert all(bool((t > 0).any()) for t in s.absmax["quantized"].values())
