@@ -86,8 +86,10 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_kept_host_memory_is_reused_with_fewer_page_faults():
     """A CPU run allocates and frees the same large tensors batch after batch: by default glibc maps each
     block above 32 MB afresh and every page faults again (five steps of three 100 MB tensors: about
-    384k faults); after keep_freed_host_memory freed blocks are served again (about a third as many
-    here; the demo run: 11.5M -> 2.0M). In a subprocess: the setting lasts for the process."""
+    384k faults); after keep_freed_host_memory freed blocks are served again (a third to three quarters
+    as many here: 128k, 154k or 282k in seven runs on a 2-core VM, by where the aligned blocks land in the
+    heap; the demo run: 11.5M -> 2.0M). Three runs, each below 0.8x. In a subprocess: the setting lasts for
+    the process."""
     import subprocess
     import sys
 
@@ -96,11 +98,11 @@ def test_kept_host_memory_is_reused_with_fewer_page_faults():
         applied, n = out.stdout.split()
         return applied == "True", int(n)
 
-    applied, kept = faults("keep")
+    runs = [faults("keep") for _ in range(3)]
     _, fresh = faults("default")
     assert fresh > 5 * 3 * 25_000  # every 100 MB tensor mapped afresh: 25.6k pages of 4 KB each
-    if applied:  # glibc
-        assert kept < 0.6 * fresh
+    if all(applied for applied, _ in runs):  # glibc
+        assert all(kept < 0.8 * fresh for _, kept in runs), (runs, fresh)
 
 
 def test_cpu_runs_keep_freed_host_memory_unless_told_not_to(compose, tiny_dir, tmp_path, monkeypatch):
