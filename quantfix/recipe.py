@@ -30,7 +30,7 @@ from quantfix.bank import WeightBank
 from quantfix.calib import CalibStats
 from quantfix.budget import BudgetSearch, prune_ladder
 from quantfix.config import Config, gguf_mode, ladder_of, validate
-from quantfix.diagnose import Diagnosis, Files, Subject, measure_like, sensitivity_cache_key
+from quantfix.diagnose import Diagnosis, Files, Subject, measure_like, pass_dtype, sensitivity_cache_key
 from quantfix.diagnose import journal as diagnose_journal
 from quantfix.diagnose import run as run_diagnosis
 from quantfix.errors import QuantfixError
@@ -429,8 +429,9 @@ class Recipe:
             if warning:
                 self._warn(warning)
         if diag is None:
-            key = sensitivity_cache_key(self.model_fp, plan, self.data.windows, self.cfg.diagnose.sensitivity, options,
-                                        self._weights_key())
+            scfg = self.cfg.diagnose.sensitivity
+            key = sensitivity_cache_key(self.model_fp, plan, self.data.windows, scfg, options, self._weights_key(),
+                                        pass_dtype(scfg.dtype, self.rt.model))
             subject = Subject(plan, rec.metrics, self.reference, self.base, self.stats, options)
             files = Files(self.out_dir / plots, self.cache / "sensitivity" / f"{key}.json")
             with self.timer("diagnose"):

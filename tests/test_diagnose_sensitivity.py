@@ -131,3 +131,72 @@ def test_taylor_reports_no_absmax_for_a_module_that_saw_no_input():
     s = taylor(model, ids, ref, fw, None, PassSettings(batch_size=2, progress=False), absmax_windows=4)
     assert "unused" not in s.absmax["quantized"] and len(s.absmax["quantized"]) == len(names) - 1
     assert all(bool((t > 0).any()) for t in s.absmax["quantized"].values())
+
+
+def test_pass_dtype_is_bfloat16_only_for_a_float32_model_on_a_device_with_native_bfloat16(monkeypatch):
+    from quantfix.diagnose import sensitivity as sens
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    monkeypatch.setattr(sens, "native_bf16", lambda device: True)
+    assert sens.pass_dtype("auto", model) == torch.bfloat16
+    assert sens.pass_dtype("model", model) is None
+    monkeypatch.setattr(sens, "native_bf16", lambda device: False)
+    assert sens.pass_dtype("auto", model) is None  # emulated bfloat16 products are slower than float32's
+    assert sens.pass_dtype("bfloat16", model) == torch.bfloat16  # asked for: taken anyway
+    model.to(torch.bfloat16)
+    monkeypatch.setattr(sens, "native_bf16", lambda device: True)
+    assert sens.pass_dtype("auto", model) is None and sens.pass_dtype("bfloat16", model) is None  # already bf16
+
+
+def test_passes_in_bfloat16_run_the_model_in_bfloat16_and_rank_as_float32_does():
+    """With ``PassSettings.dtype`` bfloat16 the forwards of Taylor and Fisher compute their products in
+    bfloat16 (autocast: the layers' outputs are bfloat16), the weights are left as they were (float32,
+    the same bits), and the scores rank the planted layer first with module scores close to float32's."""
+    from scipy.stats import spearmanr
+    from quantfix import evaluate as ev
+    from quantfix.diagnose.sensitivity import taylor
+
+    model = planted()
+    mods = dict(model.named_modules())
+    names = [n for n in mods if n.endswith("proj")]
+    fw = {n: mods[n].weight.detach().clone() for n in names}
+    qw = {n: fake.rtn(fw[n], 4, 16, True) for n in names}
+    ids = torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0))
+    ref = ev.reference(model, ids, 2, 16, 64, progress=False)
+    seen = []
+    hook = mods[names[0]].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    scores = {}
+    for dtype in (None, torch.bfloat16):
+        seen.clear()
+        settings = PassSettings(batch_size=2, progress=False, dtype=dtype)
+        scores[dtype] = (fisher(model, ids, qw, settings=settings), None)
+        assert set(seen) == {dtype or torch.float32}
+        with torch.no_grad():
+            for n in names:
+                mods[n].weight.copy_(qw[n])
+        scores[dtype] = scores[dtype][0], taylor(model, ids, ref, fw, None, settings)
+        with torch.no_grad():
+            for n in names:
+                mods[n].weight.copy_(fw[n])
+    hook.remove()
+    assert all(torch.equal(mods[n].weight, fw[n]) and mods[n].weight.dtype == torch.float32 for n in names)
+    for k in range(2):
+        a, b = scores[None][k], scores[torch.bfloat16][k]
+        assert b.ranked_layers()[0] == LAYER
+        rho = spearmanr([a.modules[n] for n in names], [b.modules[n] for n in names]).statistic
+        assert rho > 0.9, (k, rho)
+        assert sum(b.modules.values()) == pytest.approx(sum(a.modules.values()), rel=0.2)
+
+
+def test_the_sensitivity_cache_key_names_the_pass_dtype():
+    from quantfix.config import SensitivityConfig
+    from quantfix.diagnose import sensitivity_cache_key
+    from quantfix.planner import initial_plan
+    from quantfix.config import QuantConfig
+    from tests.conftest import tiny_llama
+
+    plan, _ = initial_plan(tiny_llama(), QuantConfig(bits=4, group_size=32), {})
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    keys = {sensitivity_cache_key("fp", plan, ids, SensitivityConfig(), None, "w", d) for d in (None, torch.bfloat16)}
+    assert len(keys) == 2

@@ -22,26 +22,28 @@ from quantfix.timing import memory_now_gb, memory_rise
 from quantfix.config import DiagnoseConfig, ProbesConfig, SensitivityConfig
 from quantfix.diagnose import activations, probes, sensitivity
 from quantfix.diagnose.findings import Diagnosis, Finding
+from quantfix.diagnose.sensitivity import pass_dtype
 from quantfix.diagnose.plots import plot_diagnosis
 from quantfix.diagnose.rules import root_causes
 from quantfix.plan import Plan, Precision, layer_index
 from quantfix.runtime import RunData, Runtime
 
-__all__ = ["Diagnosis", "Files", "Finding", "Subject", "run", "measure_sensitivity", "sensitivity_cache_key"]
+__all__ = ["Diagnosis", "Files", "Finding", "Subject", "run", "measure_sensitivity", "sensitivity_cache_key",
+           "pass_dtype"]
 log = logging.getLogger(__name__)
 Options = Dict[str, Dict[str, Precision]]
 
 
 def sensitivity_cache_key(model_fp: str, plan: Plan, windows: torch.Tensor, scfg: SensitivityConfig,
-                          options: Optional[Options], weights_key: str) -> str:
+                          options: Optional[Options], weights_key: str, dtype: Optional[torch.dtype] = None) -> str:
     """Key of a sensitivity measurement: the float model's content fingerprint, the plan and every
     option's precision, the eval windows, the method, and ``weights_key``: what else decides the
     quantized weights (calibration samples, algorithm settings, the fingerprint of an existing
     checkpoint whose weights are diagnosed), so two plans with the same labels but other weights
-    never share an entry."""
+    never share an entry; ``dtype``: the dtype the passes compute in (``pass_dtype``)."""
     opts = {n: {lab: asdict(p) for lab, p in o.items()} for n, o in sorted((options or {}).items())}
     h = hashlib.sha256(f"sens-v{CACHE_VERSION}|{model_fp}|{weights_key}|{scfg.method}|{scfg.windows}|"
-                       f"{scfg.label_samples}|{scfg.fisher_windows}".encode())
+                       f"{scfg.label_samples}|{scfg.fisher_windows}|{dtype}".encode())
     h.update(json.dumps(plan.to_dict()["modules"], sort_keys=True).encode())
     h.update(json.dumps(opts, sort_keys=True).encode())
     h.update(windows.numpy().tobytes())
@@ -62,7 +64,8 @@ def measure_sensitivity(rt: Runtime, bank, subject: "Subject", windows: torch.Te
         bank.restore()
         return cached
     plan, ref, options = subject.plan, subject.reference, subject.options or {}
-    settings = sensitivity.PassSettings(min(2, rt.batch_size), scfg.label_samples, rt.seed, progress)
+    settings = sensitivity.PassSettings(min(2, rt.batch_size), scfg.label_samples, rt.seed, progress,
+                                        pass_dtype(scfg.dtype, rt.model))
     if scfg.method == "exact":
         result = _exact(rt, bank, plan, ref, windows, scfg, progress)
     elif scfg.method == "fast" and plan_scores is not None:  # the float model scores the options
