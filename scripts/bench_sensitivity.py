@@ -1,6 +1,8 @@
 """Fast (Fisher, one pass) vs exact (restore-one-at-a-time) sensitivity on the demo model.
 
     python scripts/bench_sensitivity.py [--windows 16] [--fast-windows 1 2 4] [--methods fast taylor fisher]
+    python scripts/bench_sensitivity.py --methods taylor fisher --fast-windows 4 8 --pass-dtype bfloat16 \
+        --exact-from benchmarks/sensitivity_cpu.json --out benchmarks/sensitivity_bf16_cpu.json
 
 Prints a table (wall time, Spearman rank correlation of the layer ranking with exact, top-5
 overlap) and writes JSON. Every method diagnoses the same plan (W4 g64 RTN by default) against
@@ -39,6 +41,10 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--algorithm", default="rtn")
     ap.add_argument("--methods", nargs="+", default=["fast", "fisher"])
+    ap.add_argument("--pass-dtype", default="model", choices=["model", "bfloat16"],
+                    help="the one-pass methods under autocast to bfloat16 (diagnose.sensitivity.dtype)")
+    ap.add_argument("--exact-from", default=None,
+                    help="a JSON this script wrote for the same model, plan and windows: its exact scores, not re-measured")
     ap.add_argument("--out", default="benchmarks/sensitivity.json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -64,12 +70,20 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    sync()
-    t = time.perf_counter()
-    ex = sens.exact(kld_with_restored, list(plan.modules))
-    sync()
-    t_exact = time.perf_counter() - t
+    if a.exact_from:  # the stored exact measurement (its plan and windows must be these)
+        stored = json.loads(Path(a.exact_from).read_text())
+        same = stored["plan"].replace(" ", "") == plan.summary_str().replace(" ", "")
+        if not same or stored["windows_exact"] != a.windows or stored["seq_len"] != a.seq_len:
+            raise SystemExit(f"{a.exact_from} measured another plan or other windows")
+        ex, t_exact = sens.Sensitivity.from_dict(stored["exact"]), stored["exact_seconds"]
+    else:
+        sync()
+        t = time.perf_counter()
+        ex = sens.exact(kld_with_restored, list(plan.modules))
+        sync()
+        t_exact = time.perf_counter() - t
     bank.restore()
+    pass_dtype = sens.pass_dtype(a.pass_dtype, model)
     # the fast methods, each on a prefix of the eval windows
     qweights = bank.quantized_weights(plan)
     fweights = {n: bank.originals[n] for n in plan.modules}
@@ -81,12 +95,15 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         if method == "fast":
-            fa = sens.fast(model, windows[:fw], ref, fweights, qweights, sens.PassSettings(batch_size=2, progress=False))
+            fa = sens.fast(model, windows[:fw], ref, fweights, qweights,
+                           sens.PassSettings(batch_size=2, progress=False, dtype=pass_dtype))
             bank.current.clear()
         elif method == "taylor":
-            fa = sens.taylor(model, windows[:fw], ref, fweights, None, sens.PassSettings(batch_size=2, progress=False))
+            fa = sens.taylor(model, windows[:fw], ref, fweights, None,
+                             sens.PassSettings(batch_size=2, progress=False, dtype=pass_dtype))
         else:
-            fa = sens.fisher(model, windows[:fw], qweights, None, sens.PassSettings(batch_size=2, label_samples=ls, progress=False))
+            fa = sens.fisher(model, windows[:fw], qweights, None,
+                            sens.PassSettings(batch_size=2, label_samples=ls, progress=False, dtype=pass_dtype))
         sync()
         t_fast = time.perf_counter() - t
         rho = spearmanr([ex.layers[i] for i in layers], [fa.layers[i] for i in layers]).statistic
@@ -118,7 +135,8 @@ def main() -> None:
                 run_variant(method, fw)
     res = {"model": a.model, "plan": plan.summary_str(), "device": str(device), "dtype": str(dtype),
            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-           "threads": torch.get_num_threads(), "exact_seconds": round(t_exact, 2),
+           "threads": torch.get_num_threads(), "exact_seconds": round(t_exact, 2), "exact_from": a.exact_from,
+           "pass_dtype": str(pass_dtype or dtype),
            "exact_evaluations": len(ex.layers) + len(ex.types) + 1, "exact_top5": ex.ranked_layers()[:5],
            "exact": ex.to_dict(), "windows_exact": a.windows, "seq_len": a.seq_len, "variants": variants}
     Path(a.out).write_text(json.dumps(res, indent=2))
