@@ -54,3 +54,11 @@ def test_gptq_options_on_the_cpu_match_the_per_precision_path():
     for p in ps:
         alone = algorithms.get(p.algorithm).simulate_many([W], p, [SimInputs(stats=stats, qparams_cache={})])[0]
         assert torch.equal(got[p][0], alone), p
+
+
+def test_factorize_leaves_the_hessian_and_weight_it_reads_as_they_were():
+    W, H = _problem(seed=9)  # with a dead column: factorize zeroes it in its own permuted copy
+    W0, H0 = W.clone(), H.clone()
+    perm, Wp, _ = gptq.factorize(H, W, 0.01)
+    assert torch.equal(H, H0) and torch.equal(W, W0)
+    assert torch.equal(Wp, torch.where(torch.diagonal(H0)[perm] == 0, 0.0, W0[:, perm]))
