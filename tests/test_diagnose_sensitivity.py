@@ -10,6 +10,25 @@ from quantfix.quantize import fake
 from tests.conftest import LAYER, planted
 
 
+
+def _planted_problem(windows: int, seq_len: int):
+    """The planted model, its projections, their float and 4-bit RTN weights, eval windows and the float reference."""
+    from quantfix import evaluate as ev
+
+    model = planted()
+    mods = dict(model.named_modules())
+    names = [n for n in mods if n.endswith("proj")]
+    fw = {n: mods[n].weight.detach().clone() for n in names}
+    qw = {n: fake.rtn(fw[n], 4, 16, True) for n in names}
+    ids = torch.randint(0, 384, (windows, seq_len), generator=torch.Generator().manual_seed(0))
+    return model, mods, names, fw, qw, ids, ev.reference(model, ids, 2, 16, 64, progress=False)
+
+
+def _set_weights(mods, weights) -> None:
+    with torch.no_grad():
+        for n, w in weights.items():
+            mods[n].weight.copy_(w)
+
 def test_fisher_ranks_the_planted_layer_first():
     model = planted()
     names = [n for n, m in model.named_modules() if n.endswith("proj")]
@@ -77,21 +96,12 @@ def test_fast_takes_both_sides_input_absmax_in_its_own_forwards_over_their_share
     and in the first Fisher pass's (the float model), over the first windows both passes run in whole
     batches: the values ``activations.input_absmax`` measures on those windows, kept through the cache
     entry; none where the passes share no batch."""
-    from quantfix import evaluate as ev
     from quantfix.diagnose import activations
     from quantfix.diagnose.sensitivity import Sensitivity, fast
 
-    model = planted()
-    mods = dict(model.named_modules())
-    names = [n for n in mods if n.endswith("proj")]
-    fw = {n: mods[n].weight.detach().clone() for n in names}
-    qw = {n: fake.rtn(fw[n], 4, 16, True) for n in names}
-    ids = torch.randint(0, 384, (6, 32), generator=torch.Generator().manual_seed(0))
-    ref = ev.reference(model, ids, 2, 16, 64, progress=False)
+    model, mods, names, fw, qw, ids, ref = _planted_problem(6, 32)
     float_abs = activations.input_absmax(model, ids[:4], names, 2, progress=False)
-    with torch.no_grad():
-        for n in names:
-            mods[n].weight.copy_(qw[n])
+    _set_weights(mods, qw)
     quant_abs = activations.input_absmax(model, ids[:4], names, 2, progress=False)
     opts = {n: {"W8": fake.rtn(fw[n], 8, 16, True)} for n in names}
     s = fast(model, ids, ref, fw, qw, PassSettings(batch_size=2, progress=False), fisher_windows=ids[:5],
@@ -107,9 +117,7 @@ def test_fast_takes_both_sides_input_absmax_in_its_own_forwards_over_their_share
     again = Sensitivity.from_dict(json.loads(json.dumps(entry)))
     assert all(torch.equal(again.absmax[side][n], s.absmax[side][n]) for side in s.absmax for n in names)
     assert "absmax" not in s.to_dict()
-    with torch.no_grad():
-        for n in names:
-            mods[n].weight.copy_(qw[n])
+    _set_weights(mods, qw)
     none = fast(model, ids, ref, fw, qw, PassSettings(batch_size=2, progress=False), fisher_windows=ids[:1],
                 option_chunks=iter([opts]))
     assert none.absmax == {} and none.absmax_windows == 0
@@ -154,31 +162,20 @@ def test_passes_in_bfloat16_run_the_model_in_bfloat16_and_rank_as_float32_does()
     bfloat16 (autocast: the layers' outputs are bfloat16), the weights are left as they were (float32,
     the same bits), and the scores rank the planted layer first with module scores close to float32's."""
     from scipy.stats import spearmanr
-    from quantfix import evaluate as ev
     from quantfix.diagnose.sensitivity import taylor
 
-    model = planted()
-    mods = dict(model.named_modules())
-    names = [n for n in mods if n.endswith("proj")]
-    fw = {n: mods[n].weight.detach().clone() for n in names}
-    qw = {n: fake.rtn(fw[n], 4, 16, True) for n in names}
-    ids = torch.randint(0, 384, (4, 64), generator=torch.Generator().manual_seed(0))
-    ref = ev.reference(model, ids, 2, 16, 64, progress=False)
+    model, mods, names, fw, qw, ids, ref = _planted_problem(4, 64)
     seen = []
     hook = mods[names[0]].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
     scores = {}
     for dtype in (None, torch.bfloat16):
         seen.clear()
         settings = PassSettings(batch_size=2, label_samples=8, progress=False, dtype=dtype)  # 8: less label noise
-        scores[dtype] = (fisher(model, ids, qw, settings=settings), None)
+        f = fisher(model, ids, qw, settings=settings)
         assert set(seen) == {dtype or torch.float32}
-        with torch.no_grad():
-            for n in names:
-                mods[n].weight.copy_(qw[n])
-        scores[dtype] = scores[dtype][0], taylor(model, ids, ref, fw, None, settings)
-        with torch.no_grad():
-            for n in names:
-                mods[n].weight.copy_(fw[n])
+        _set_weights(mods, qw)
+        scores[dtype] = f, taylor(model, ids, ref, fw, None, settings)
+        _set_weights(mods, fw)
     hook.remove()
     assert all(torch.equal(mods[n].weight, fw[n]) and mods[n].weight.dtype == torch.float32 for n in names)
     for k in range(2):

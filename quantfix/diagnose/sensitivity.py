@@ -403,7 +403,8 @@ class _FisherSums:
         """``label_samples`` labels per token, independent draws from the float model's distribution, one
         label at a time. (Both at once with replacement, an inverse-CDF draw, took 0.1 s instead of 2.2 s a
         batch of 2048 tokens x 49k on a 2-core CPU, but other draws move the Fisher scores and so the plans:
-        the demo's seeded path then takes a fourth trial, 17 s, in every run: benchmarks/README.md; kept as drawn.)"""
+        the demo's seeded path then took a fourth trial, 17 s, in every run, and five or more with the passes in
+        bfloat16 and that draw on the CPU only: benchmarks/README.md; kept as drawn.)"""
         probs = logp.detach().exp().reshape(-1, logp.shape[-1])
         if self.gen.device != probs.device:  # sample where the model runs (a device generator on CUDA)
             self.gen = torch.Generator(device=probs.device).manual_seed(self.s.seed)
