@@ -147,3 +147,42 @@ def test_full_reference_is_fp16_and_exact_in_chunks(setup, monkeypatch):
     chunked = ev.evaluate(q, windows, ref, 2, progress=False)
     assert chunked.kld_mean == pytest.approx(whole.kld_mean, rel=1e-5)
     assert ev.evaluate(model, windows, ref, 2, progress=False).kld_mean == pytest.approx(0, abs=1e-6)
+
+
+class _Counting(torch.nn.Module):
+    """Wraps a causal LM, counting forward passes; ``stuck``: its logits always favour that token."""
+
+    def __init__(self, model, stuck=None):
+        super().__init__()
+        self.model, self.stuck, self.calls = model, stuck, 0
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids, **kw):
+        self.calls += 1
+        out = self.model(input_ids=input_ids, **kw)
+        if self.stuck is not None:
+            out.logits[..., self.stuck] += 1e4
+        return out
+
+
+def test_greedy_repeats_names_a_stuck_model_and_stops_a_healthy_one_at_its_second_token(setup):
+    from tests.conftest import tiny_tokenizer
+
+    model, windows = setup
+    window = torch.randint(0, 384, (ev.GREEDY_PROMPT + 8,), generator=torch.Generator().manual_seed(3))
+    stuck = _Counting(model, stuck=17)
+    token, text = ev.greedy_repeats(stuck, tiny_tokenizer(), window)
+    assert token == 17 and stuck.calls == ev.GREEDY_NEW and isinstance(text, str)
+    healthy = _Counting(model)
+    full = []
+    ids = window[:ev.GREEDY_PROMPT].unsqueeze(0)
+    with torch.no_grad():
+        for _ in range(ev.GREEDY_NEW):
+            full.append(int(model(input_ids=ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[full[-1]]])], 1)
+    assert len(set(full)) > 1  # the tiny model's own continuation varies
+    first_change = next(i for i, t in enumerate(full) if t != full[0])
+    assert ev.greedy_repeats(healthy, tiny_tokenizer(), window) is None
+    assert healthy.calls == first_change + 1 < ev.GREEDY_NEW

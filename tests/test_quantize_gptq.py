@@ -1,6 +1,7 @@
 """GPTQ at several precisions in one sweep (quantize/gptq.py) equals llm-compressor's own sweep run
 once per precision, bit for bit, and the bank simulates a module's GPTQ options of one input in one
 call whichever of them a plan asks for."""
+import pytest
 import torch
 
 from quantfix.quantize import algorithms, gptq, scales
@@ -21,7 +22,12 @@ def _problem(rows=48, cols=192, seed=0):
     return W, H
 
 
-def test_one_sweep_equals_the_engines_sweep_per_precision():
+@pytest.mark.parametrize("loop", ["scripted", "python"])
+def test_one_sweep_equals_the_engines_sweep_per_precision(loop, monkeypatch):
+    if loop == "python":  # the loop TorchScript's absence leaves: the same bits
+        monkeypatch.setattr(gptq, "_SCRIPTED", [gptq._columns])
+    else:
+        assert isinstance(gptq._script(), torch.jit.ScriptFunction)  # this torch compiles it
     W, H = _problem()
     qs, ref = [], []
     for bits, g, sym in OPTIONS:
