@@ -282,7 +282,8 @@ class DiagnoseConfig:
     absmax_samples: int = 8
     channel_windows: int = 2
     probes: bool = True
-    # per-domain perplexity: label -> data source
+    # per-domain perplexity: label -> data source; a domain whose source is eval.source is measured by the
+    # eval windows themselves (the same text from its start, more of it: no pass of its own)
     domains: Dict[str, str] = field(default_factory=lambda: {"prose": "wikitext2", "web": "c4", "code": "humaneval"})
     domain_windows: int = 4
     domain_seq_len: int = 256

@@ -684,7 +684,7 @@ class Recipe:
         self.report.pareto = {"measured": [[t.avg_bits, t.metrics.kld_mean, t.metrics.ppl] for t in self.trials.records]}
         if result.frontier:
             self.report.pareto["predicted"] = [[round(b, 4), round(k, 6)] for b, k in result.frontier]
-        like = self._measure_like(plan)
+        like = self._measure_like(plan, chosen.metrics)
         static = self.bank.export_tensors(plan) if cfg.export.enabled else {}  # what the trials measured, to ship
         self.bank.restore()
         self.bank.release()  # the float copies and kept simulations: the export and the reload need the memory
@@ -701,15 +701,17 @@ class Recipe:
             self.report.final.llama_quantize_overrides = str(path) if path else None
         self._verdict()
 
-    def _measure_like(self, plan: Plan) -> dict:
-        """The shipped plan (its trial's weights: what the checkpoint holds) measured as the diagnosis
-        measured plan 0: per-domain perplexity and KLD, probe generations. Done on the live model,
-        before the export: a reloaded compressed checkpoint generates tokens far slower."""
+    def _measure_like(self, plan: Plan, metrics) -> dict:
+        """The shipped plan (its trial's weights: what the checkpoint holds; ``metrics``: that trial's on
+        the eval windows) measured as the diagnosis measured plan 0: per-domain perplexity and KLD, probe
+        generations. Done on the live model, before the export: a reloaded compressed checkpoint
+        generates tokens far slower."""
         if self.diagnosis is None or not self.diagnosis.sides:
             return {}
         self.bank.apply(plan, progress=False)
         with self.timer("shipped plan: domains and probes"):
-            return measure_like(self.diagnosis, self.rt.model, self.rt.tokenizer, self.rt.batch_size)
+            return measure_like(self.diagnosis, self.rt.model, self.rt.tokenizer, self.rt.batch_size,
+                                evals=(self.base, metrics))
 
     def _export_and_verify(self, plan: Plan, trial: TrialRecord, static) -> verify.Verification:
         cfg = self.cfg

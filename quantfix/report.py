@@ -569,7 +569,8 @@ def _before_after(report: RunReport, diag: Diagnosis) -> List[tuple]:
             rows.append([k, f"{d['ppl_float']:.2f}", f"{d['ppl_quantized']:.2f} ({d['ppl_increase_pct']:+.1f}%)",
                          f"{d['kld_mean']:.3g}",
                          f"{s['ppl_quantized']:.2f} ({s['ppl_increase_pct']:+.1f}%)" if s else "not measured",
-                         f"{s['kld_mean']:.3g}" if s else "-", d["n_tokens"]])
+                         f"{s['kld_mean']:.3g}" if s else "-",
+                         f"{d['n_tokens']} (the eval windows)" if d.get("windows") == "eval" else d["n_tokens"]])
         b += [("h3", "Perplexity per domain"),
               ("table", ["domain", "float PPL", "plan 0 PPL", "plan 0 KLD", "shipped PPL", "shipped KLD", "tokens"], rows)]
     if diag.generations:

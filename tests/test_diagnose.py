@@ -101,11 +101,23 @@ def test_repair_protects_the_planted_module(compose, planted_dir, tmp_path):
     cfg = compose(tiny_overrides(planted_dir, tmp_path / "cache", **{
         "quant.group_size": 16, "thresholds.max_ppl_increase_pct": "null", "thresholds.max_kld_mean": 0.01,
         "diagnose.domain_seq_len": 64, "probes.max_new_tokens": 4, "loop.max_iters": 5,
-        "loop.ladder": "[4/16,8/0,16/0]"}))
+        "loop.ladder": "[4/16,8/0,16/0]", "diagnose.domains.prose": "pydoc", "diagnose.domain_windows": 2}))
     out = tmp_path / "run"
     report = run(cfg, out)
     assert not report["iterations"][0]["passed"]
     assert report["final"]["passed"], report["final"]
+    # the domain whose text is the eval's (pydoc) is the eval itself: plan 0's trial, then the shipped one's
+    domains, trial0 = json.loads((out / "diagnosis.json").read_text())["domains"], report["iterations"][0]["metrics"]
+    assert list(domains) == ["prose", "web", "code"]
+    assert domains["prose"]["windows"] == "eval" and "windows" not in domains["web"]
+    assert domains["prose"]["n_tokens"] == trial0["n_tokens"] > domains["web"]["n_tokens"]
+    assert domains["prose"]["kld_mean"] == pytest.approx(trial0["kld_mean"], abs=1e-5)
+    assert domains["prose"]["ppl_quantized"] == pytest.approx(trial0["ppl"], abs=1e-3)
+    shipped, chosen = report["final"]["domains"], report["iterations"][report["final"]["chosen_trial"]]["metrics"]
+    assert list(shipped) == ["prose", "web", "code"]
+    assert shipped["prose"]["kld_mean"] == pytest.approx(chosen["kld_mean"], abs=1e-5)
+    assert shipped["web"]["kld_mean"] < domains["web"]["kld_mean"]  # measured again on the shipped weights
+    assert "(the eval windows)" in (out / "report.md").read_text()
     plan = Plan.load(out / "plan.yaml")
     q = plan.modules[f"model.layers.{LAYER}.self_attn.q_proj"]
     v = plan.modules[f"model.layers.{LAYER}.self_attn.v_proj"]

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -169,7 +169,7 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     parts.lap("sensitivity")
     parts.timings.update({f"sensitivity: {k}": round(v, 2) for k, v in sens.parts.items()})
     names = [n for n, p in plan.modules.items() if not p.is_float]
-    side = _Side(rt, data, cfg, names, _domain_windows(rt, data, cfg),
+    side = _Side(rt, data, cfg, names, _domain_windows(rt, data, cfg, _eval_domains(cfg, data)),
                  [asdict(p) if not isinstance(p, dict) else dict(p) for p in probes_cfg.prompts] if cfg.probes else [],
                  probes_cfg.max_new_tokens, progress)
     # float side (the bank is restored: float weights live), then the quantized side
@@ -185,7 +185,8 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     diag.findings = root_causes(diag, cfg)
     diag.plots.update(plot_diagnosis(diag, files.plots))
     diag.sides = {"domain_windows": side.domain_sets, "domain_refs": fp["domains"], "prompts": side.prompts,
-                  "float_generations": fp["gen"], "max_new_tokens": side.max_new_tokens}
+                  "float_generations": fp["gen"], "max_new_tokens": side.max_new_tokens,
+                  "eval_domains": _eval_domains(cfg, data)}
     diag.timings_s = dict(parts.timings, total=round(time.perf_counter() - t0, 2))
     diag.memory_gb = parts.memory
     return diag
@@ -245,13 +246,14 @@ def _assemble(subject: Subject, sens, sides, side: "_Side", bank) -> Diagnosis:
     plan, base, qmetrics = subject.plan, subject.base, subject.metrics
     (fp, q), rt, data, cfg = sides, side.rt, side.data, side.cfg
     outliers = _outlier_rows(fp["absmax"], q["absmax"], subject.stats, side.names, sens, cfg.outlier_k)
-    domain_sets = side.domain_sets
+    domains = {k: probes.domain_metrics(w, fp["domains"][k], q["domains"][k]) for k, w in side.domain_sets.items()}
+    domains.update({k: probes.eval_domain_metrics(base, qmetrics) for k in _eval_domains(cfg, data)})
     return Diagnosis(
         plan_summary=plan.summary_str(), avg_bits=round(plan.avg_bits, 4),
         metrics={"baseline": base.to_dict(), "quantized": qmetrics.to_dict(),
                  "ppl_increase_pct": round(100 * (qmetrics.ppl / base.ppl - 1), 3)},
         sensitivity=sens, outliers=outliers, channel_errors={str(k): v for k, v in fp["channels"].items()},
-        domains={k: probes.domain_metrics(domain_sets[k], fp["domains"][k], q["domains"][k]) for k in domain_sets},
+        domains={k: domains[k] for k in cfg.domains if k in domains},
         generations=probes.compare_generations(rt.tokenizer, side.prompts, fp["gen"], q["gen"]) if side.prompts else [],
         calibration_domains=[] if data.external_checkpoint else list(data.calibration_domains),
         plots={}, eval_source=data.eval_source,
@@ -281,9 +283,20 @@ def _calibration_check(rt: Runtime, data: RunData, bank, plan: Plan, ref, qmetri
     return {"kld": round(qmetrics.kld_mean, 6), "rtn_kld": round(m.kld_mean, 6), "algorithms": algs}
 
 
-def _domain_windows(rt: Runtime, data: RunData, cfg: DiagnoseConfig) -> Dict[str, torch.Tensor]:
+def _eval_domains(cfg: DiagnoseConfig, data: RunData) -> List[str]:
+    """The domains whose text is the eval's: the eval windows (from the same text's start, 8x the
+    domain's tokens at the defaults) measure them, with the float reference and the plan's trial
+    (a pass per side fewer: 6 s of the CPU demo's run)."""
+    return [label for label, src in cfg.domains.items() if src == data.eval_source]
+
+
+def _domain_windows(rt: Runtime, data: RunData, cfg: DiagnoseConfig, skip: List[str]) -> Dict[str, torch.Tensor]:
+    """Each domain's windows (the first ``domain_windows`` x ``domain_seq_len`` tokens of its text),
+    but those in ``skip`` (measured by the eval)."""
     out = {}
     for label, src in cfg.domains.items():
+        if label in skip:
+            continue
         try:
             out[label] = data_mod.eval_windows(src, data.data_dir, rt.tokenizer, cfg.domain_windows, cfg.domain_seq_len,
                                                offline=data.offline)
@@ -410,16 +423,22 @@ def histogram_inputs(outliers: List[Dict[str, Any]], k: int) -> List[str]:
     return out
 
 
-def measure_like(diag: Diagnosis, model, tokenizer, batch_size: int) -> Dict[str, Any]:
+def measure_like(diag: Diagnosis, model, tokenizer, batch_size: int,
+                 evals: Optional[Tuple[Any, Any]] = None) -> Dict[str, Any]:
     """Another model (the shipped checkpoint) measured as the diagnosis measured plan 0: per-domain
     perplexity and KLD against the same float references, probe generations against the float
-    model's. {} when the diagnosis was replayed from its journal (the references are not kept)."""
+    model's. ``evals``: (the float reference's, the model's) Metrics on the eval windows, which
+    measure the domains of the eval's own text. {} when the diagnosis was replayed from its journal
+    (the references are not kept)."""
     s = diag.sides
     if not s:
         return {}
     domains = {k: probes.domain_metrics(w, s["domain_refs"][k], probes.domain_eval(model, w, s["domain_refs"][k],
                                                                                    batch_size))
                for k, w in s["domain_windows"].items()}
+    if evals is not None:
+        domains.update({k: probes.eval_domain_metrics(*evals) for k in s.get("eval_domains", [])})
+    domains = {k: domains[k] for k in [*diag.domains, *domains] if k in domains}  # the diagnosis's order
     gens = []
     if s["prompts"]:
         ids = probes.generate(model, tokenizer, s["prompts"], s["max_new_tokens"], progress=False)

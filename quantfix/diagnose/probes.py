@@ -124,6 +124,16 @@ def domain_eval(model, windows: torch.Tensor, ref, batch_size: int):
     return ev.evaluate(model, windows, ref, batch_size, progress=False)
 
 
+def eval_domain_metrics(base, q) -> dict:
+    """A domain whose text is the eval's own (``eval.source``), measured by the eval: the float
+    reference's and a trial's Metrics (``base``, ``q``) on the eval windows, which begin with that
+    domain's windows and hold 8x their tokens at the defaults; ``domain_metrics``' keys, and
+    ``windows: eval``."""
+    return {"ppl_float": round(base.ppl, 3), "ppl_quantized": round(q.ppl, 3),
+            "ppl_increase_pct": round(100 * (math.exp(q.nll - base.nll) - 1), 2), "kld_mean": round(q.kld_mean, 5),
+            "n_tokens": int(q.n_tokens), "windows": "eval"}
+
+
 def domain_metrics(windows: torch.Tensor, fp_ref, q) -> dict:
     """Float vs quantized perplexity and KL divergence on one domain (``q``: ``domain_eval``'s Metrics)."""
     nll_fp = float(fp_ref.nll.double().mean())
