@@ -118,6 +118,9 @@ class DataConfig:
     n_samples: int = 32
     seq_len: int = 512
     seed: int = 0
+    # the calibration forward's dtype (its statistics accumulate in float32): auto = bfloat16 for a float32
+    # model on a device with native bfloat16 products (as a bfloat16 model calibrates on a GPU); model; bfloat16
+    dtype: PassDtype = PassDtype.auto
 
 
 @dataclass

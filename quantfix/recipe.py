@@ -843,12 +843,13 @@ class Recipe:
         self._calib_names = list(names)
         full = self.needs_full_hessian()
         head = self.cfg.diagnose.absmax_samples  # the diagnosis's float-side absmax, read from this pass
+        dtype = pass_dtype(self.cfg.data.dtype, self.rt.model)
         key = calib.cache_key(self.model_fp + str(self.dtype) + str(self.sim_dtype), self.data.samples, names, full,
-                              head)
+                              head, dtype)
         with self.timer("calibration stats"):
             return self.rt.batched(lambda bs: calib.collect(self.rt.model, self.data.samples, names, bs,
                                                             cache_path=self.cache / "calib" / f"{key}.pt",
-                                                            full_hessian=full, head_samples=head))
+                                                            full_hessian=full, head_samples=head, dtype=dtype))
 
     def _recalibrate(self, add_domain: str) -> CalibStats:
         """A repair action: add ``add_domain`` to the calibration domains (same number of samples,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantfix.calib import CalibStats, collect
+from quantfix.calib import CalibStats, cache_key, collect
 from tests.conftest import tiny_llama
 
 
@@ -182,3 +182,32 @@ def test_cpu_hessians_accumulate_the_lower_triangle_and_mirror_it_to_the_full_pr
             continue
         assert left_out == 0 and torch.count_nonzero(torch.triu(h, 1 + -(-d // 4))) > 0
         assert torch.equal(h, h.T) and torch.equal(torch.tril(h), torch.tril(full)), d
+
+
+def test_a_bfloat16_forward_keeps_float32_statistics_near_the_float32_passes():
+    """``dtype``: the layers compute under autocast (their products in bfloat16, as a bfloat16 model's on a
+    GPU), the statistics still accumulate in float32, near the float32 pass's; the weights stay float32."""
+    model = tiny_llama(seed=3)
+    x = torch.randint(0, 384, (4, 16), generator=torch.Generator().manual_seed(1))
+    names = [n for n, m in model.named_modules() if n.endswith("proj")]
+    dtypes = []
+    hook = dict(model.named_modules())[names[0]].register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    a = collect(model, x, names, batch_size=2, progress=False)
+    seen_fp32, dtypes[:] = set(dtypes), []
+    b = collect(model, x, names, batch_size=2, progress=False, dtype=torch.bfloat16)
+    hook.remove()
+    assert seen_fp32 == {torch.float32} and set(dtypes) == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    rel = {}
+    for k, st in a.inputs.items():
+        hb = b.inputs[k].hessian
+        assert hb.dtype == torch.float32 and b.inputs[k].absmax.dtype == torch.float32
+        rel[k] = float((hb - st.hessian).norm() / st.hessian.norm())
+    assert max(rel.values()) < 0.02, rel  # to bfloat16's precision
+    # the first layer's attention input is the embedding's, normed in float32: the same; every input
+    # after a product computed in bfloat16 differs
+    assert rel["model.layers.0.self_attn.q_proj"] == 0
+    assert all(v > 0 for k, v in rel.items() if k != "model.layers.0.self_attn.q_proj"), rel
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    keys = {cache_key("fp", ids, names, True, 0, d) for d in (None, torch.bfloat16)}
+    assert len(keys) == 2 and cache_key("fp", ids, names) in keys  # the key of a model-dtype pass as before

@@ -20,7 +20,7 @@ import base64
 import hashlib
 import logging
 from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,7 +32,8 @@ from accelerate.utils import send_to_device
 
 from quantfix.arch import decoder_layers
 
-from quantfix.weights import detached_copy, device_room, input_device, set_weight, weight_of
+from quantfix.weights import autocast as _autocast
+from quantfix.weights import detached_copy, device_room, input_device, pass_dtype, set_weight, weight_of
 from quantfix.plan import layer_index, module_type
 
 log = logging.getLogger(__name__)
@@ -229,39 +230,6 @@ class PassSettings:
     seed: int = 0
     progress: bool = True
     dtype: Optional[torch.dtype] = None  # the forwards under autocast to it and the hooks' products in it (``pass_dtype``)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices natively (a CPU with AVX512-BF16 or AMX tiles: on this
-    2-core EPYC 2.9x the float32 product of the demo's shapes; a CUDA GPU that supports bf16)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = torch.cpu
-        return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
-
-
-def pass_dtype(setting: str, model) -> Optional[torch.dtype]:
-    """The dtype the one-pass estimates compute in (None: the model's own). ``auto``: bfloat16 for a float32
-    model on a device with native bfloat16 products; the passes rank parts and options, and in bfloat16 on
-    the CPU demo they take ~37% less time with the same ranking (layers against exact 0.939 -> 0.935, module
-    scores 0.9997 Spearman against float32, benchmarks/README.md). The trials, the references and the
-    diagnosis's other measurements stay in the model's dtype."""
-    setting = str(getattr(setting, "value", setting))
-    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if setting == "model":
-        return None
-    if setting == "bfloat16":
-        return None if model_dtype == torch.bfloat16 else torch.bfloat16
-    return torch.bfloat16 if model_dtype == torch.float32 and native_bf16(input_device(model)) else None
-
-
-def _autocast(model, dtype: Optional[torch.dtype]):
-    """The model's forward under autocast to ``dtype`` (its backward follows the casts); a no-op for None."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(input_device(model).type, dtype=dtype)
 
 
 def _products(g: torch.Tensor, x: torch.Tensor, dtype: Optional[torch.dtype], equation: Optional[str] = None):
