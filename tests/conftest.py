@@ -94,6 +94,9 @@ def tiny_overrides(tiny_dir: Path, cache: Path, **extra) -> list:
         "model.name_or_path": str(tiny_dir), "eval.source": "pydoc", "eval.n_windows": 4, "eval.seq_len": 64,
         "eval.batch_size": 2, "data.domains": "[pydoc]", "data.n_samples": 8, "data.seq_len": 64,
         "cache_dir": str(cache), "device": "cpu", "export.dtype": "auto",
+        # the calibration forward in float32 on any CPU (auto takes bfloat16 where the CPU has native bf16
+        # products, so the runs' paths would differ by machine); its bfloat16 path: tests/test_calib.py
+        "data.dtype": "model",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

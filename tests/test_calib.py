@@ -211,3 +211,20 @@ def test_a_bfloat16_forward_keeps_float32_statistics_near_the_float32_passes():
     ids = torch.zeros(2, 8, dtype=torch.long)
     keys = {cache_key("fp", ids, names, True, 0, d) for d in (None, torch.bfloat16)}
     assert len(keys) == 2 and cache_key("fp", ids, names) in keys  # the key of a model-dtype pass as before
+
+
+def test_data_dtype_reaches_the_calibration_pass_and_its_cache_key(compose, tiny_dir, tmp_path, monkeypatch):
+    """``data.dtype=bfloat16``: the run's calibration pass computes in bfloat16 and caches under its own
+    key; ``model`` (the tests' default) in the model's float32."""
+    from quantfix import calib
+    from tests.conftest import run_report as run
+    from tests.conftest import tiny_overrides
+
+    seen = []
+    real = calib.collect
+    monkeypatch.setattr(calib, "collect", lambda *a, **k: seen.append((k["dtype"], k["cache_path"].name)) or real(*a, **k))
+    for dtype in ("bfloat16", "model"):
+        run(compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{"mode": "diagnose", "data.dtype": dtype,
+                                                                     "diagnose.probes": "false"})), tmp_path / dtype)
+    assert [d for d, _ in seen] == [torch.bfloat16, None] and seen[0][1] != seen[1][1]
+    assert len(list((tmp_path / "cache" / "calib").iterdir())) == 2
