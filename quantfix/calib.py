@@ -21,7 +21,7 @@ from quantfix.cache import CACHE_VERSION, atomic_write, load_entry
 from quantfix.layerwise import capture_layer0_inputs, iterate_layers, layer_output
 from quantfix.arch import decoder_layers
 from quantfix.quantize.stats import InputStats
-from quantfix.weights import autocast, device_room
+from quantfix.weights import device_room
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +181,17 @@ def _cached(model, cache_path: Optional[Path]) -> Optional[CalibStats]:
 @torch.no_grad()
 def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
             cache_path: Optional[Path] = None, progress: bool = True, full_hessian: bool = True,
-            head_samples: int = 0, dtype: Optional[torch.dtype] = None) -> CalibStats:
+            head_samples: int = 0) -> CalibStats:
     """Hessians and channel statistics of every input of the named linear modules, layer by layer
     (``collect_layers``), cached at ``cache_path``. Without ``full_hessian`` only each Hessian's
     diagonal (sum of x^2 per channel: the imatrix) is accumulated: at 8B 33 GB of float32 [in, in]
     matrices become a few MB, where no algorithm of the run needs more. ``head_samples``: also the
-    input absmax over the first that many samples (``CalibStats.head_absmax``). ``dtype``: the layers'
-    forward under autocast to it (``weights.pass_dtype``; the statistics accumulate in float32)."""
+    input absmax over the first that many samples (``CalibStats.head_absmax``). Called under autocast
+    (``weights.autocast``), the layers compute in its dtype; the statistics accumulate in float32."""
     cached = _cached(model, cache_path)
     if cached is not None:
         return cached
-    stats = collect_layers(model, samples, names, batch_size, progress, full_hessian, head_samples, dtype=dtype)
+    stats = collect_layers(model, samples, names, batch_size, progress, full_hessian, head_samples)
     wanted = set(names)
     missing = wanted - set(stats.module_input)
     if missing:
@@ -209,18 +209,10 @@ def collect(model, samples: torch.Tensor, names: List[str], batch_size: int = 4,
 @torch.no_grad()
 def collect_layers(model, samples: torch.Tensor, names: List[str], batch_size: int = 4, progress: bool = True,
                    full_hessian: bool = True, head_samples: int = 0,
-                   after_layer: Optional[Callable[[torch.nn.Module, CalibStats], None]] = None,
-                   dtype: Optional[torch.dtype] = None) -> CalibStats:
+                   after_layer: Optional[Callable[[torch.nn.Module, CalibStats], None]] = None) -> CalibStats:
     """``collect``'s pass, uncached. ``after_layer(layer, stats)``: called once a layer's statistics
     are in; the next layer's inputs are then computed with the layer as it leaves it (sequential
-    GPTQ rounds it there: each layer's statistics see the quantized layers before it). ``dtype``: the
-    layers compute under autocast to it (None: in the model's dtype)."""
-    with autocast(model, dtype):
-        return _collect_layers(model, samples, names, batch_size, progress, full_hessian, head_samples, after_layer)
-
-
-def _collect_layers(model, samples: torch.Tensor, names: List[str], batch_size: int, progress: bool,
-                    full_hessian: bool, head_samples: int, after_layer) -> CalibStats:
+    GPTQ rounds it there: each layer's statistics see the quantized layers before it)."""
     wanted = set(names)
     prefix = {id(m): n for n, m in model.named_modules()}
     head_samples = min(head_samples, len(samples))

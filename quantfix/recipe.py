@@ -846,10 +846,10 @@ class Recipe:
         dtype = pass_dtype(self.cfg.data.dtype, self.rt.model)
         key = calib.cache_key(self.model_fp + str(self.dtype) + str(self.sim_dtype), self.data.samples, names, full,
                               head, dtype)
-        with self.timer("calibration stats"):
+        with self.timer("calibration stats"), weights.autocast(self.rt.model, dtype):  # statistics in float32
             return self.rt.batched(lambda bs: calib.collect(self.rt.model, self.data.samples, names, bs,
                                                             cache_path=self.cache / "calib" / f"{key}.pt",
-                                                            full_hessian=full, head_samples=head, dtype=dtype))
+                                                            full_hessian=full, head_samples=head))
 
     def _recalibrate(self, add_domain: str) -> CalibStats:
         """A repair action: add ``add_domain`` to the calibration domains (same number of samples,

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from quantfix.calib import CalibStats, cache_key, collect
+from quantfix.weights import autocast
 from tests.conftest import tiny_llama
 
 
@@ -185,8 +186,8 @@ def test_cpu_hessians_accumulate_the_lower_triangle_and_mirror_it_to_the_full_pr
 
 
 def test_a_bfloat16_forward_keeps_float32_statistics_near_the_float32_passes():
-    """``dtype``: the layers compute under autocast (their products in bfloat16, as a bfloat16 model's on a
-    GPU), the statistics still accumulate in float32, near the float32 pass's; the weights stay float32."""
+    """Under autocast the layers compute in bfloat16 (their products, as a bfloat16 model's on a GPU), the
+    statistics still accumulate in float32, near the float32 pass's; the weights stay float32."""
     model = tiny_llama(seed=3)
     x = torch.randint(0, 384, (4, 16), generator=torch.Generator().manual_seed(1))
     names = [n for n, m in model.named_modules() if n.endswith("proj")]
@@ -194,7 +195,8 @@ def test_a_bfloat16_forward_keeps_float32_statistics_near_the_float32_passes():
     hook = dict(model.named_modules())[names[0]].register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
     a = collect(model, x, names, batch_size=2, progress=False)
     seen_fp32, dtypes[:] = set(dtypes), []
-    b = collect(model, x, names, batch_size=2, progress=False, dtype=torch.bfloat16)
+    with autocast(model, torch.bfloat16):
+        b = collect(model, x, names, batch_size=2, progress=False)
     hook.remove()
     assert seen_fp32 == {torch.float32} and set(dtypes) == {torch.bfloat16}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -222,7 +224,13 @@ def test_data_dtype_reaches_the_calibration_pass_and_its_cache_key(compose, tiny
 
     seen = []
     real = calib.collect
-    monkeypatch.setattr(calib, "collect", lambda *a, **k: seen.append((k["dtype"], k["cache_path"].name)) or real(*a, **k))
+
+    def record(*a, **k):
+        on = torch.is_autocast_enabled("cpu")
+        seen.append((torch.get_autocast_dtype("cpu") if on else None, k["cache_path"].name))
+        return real(*a, **k)
+
+    monkeypatch.setattr(calib, "collect", record)
     for dtype in ("bfloat16", "model"):
         run(compose(tiny_overrides(tiny_dir, tmp_path / "cache", **{"mode": "diagnose", "data.dtype": dtype,
                                                                      "diagnose.probes": "false"})), tmp_path / dtype)
