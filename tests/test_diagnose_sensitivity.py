@@ -198,35 +198,3 @@ def test_the_sensitivity_cache_key_names_the_pass_dtype():
     keys = {sensitivity_cache_key("fp", plan, ids, SensitivityConfig(), None, "w", d) for d in (None, torch.bfloat16)}
     assert len(keys) == 2
 
-
-def test_fishers_labels_from_noise_drawn_during_the_forward_are_multinomials_own(monkeypatch):
-    """On the CPU the draws' exponential noise comes from a thread while the forward runs: the same labels
-    as torch.multinomial's, the same scores, and the generator left where multinomial leaves it."""
-    from quantfix.diagnose import sensitivity as sens
-
-    model = planted()
-    names = [n for n, m in model.named_modules() if n.endswith("proj")]
-    qw = {n: fake.rtn(dict(model.named_modules())[n].weight.detach(), 4, 16, True) for n in names}
-    ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
-    started, states = [], []
-    real_start, real_draw = sens._Noise.start, sens._FisherSums._draw
-
-    def draw(self, logp, noise=None):
-        out = real_draw(self, logp, noise)
-        states.append(self.gen.get_state())
-        return out
-
-    monkeypatch.setattr(sens._FisherSums, "_draw", draw)
-    monkeypatch.setattr(sens._Noise, "start", classmethod(lambda cls, *a: started.append(a) or real_start(*a)))
-    calls, multinomial = [], torch.multinomial
-    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: calls.append(1) or multinomial(*a, **k))
-    threaded = sens.FisherScope(labels={})
-    a = fisher(model, ids, qw, settings=PassSettings(batch_size=2, progress=False, label_samples=3), scope=threaded)
-    assert not calls  # every label came from the noise
-    monkeypatch.setattr(sens._Noise, "start", classmethod(lambda cls, *a: None))  # multinomial itself
-    serial = sens.FisherScope(labels={})
-    b = fisher(model, ids, qw, settings=PassSettings(batch_size=2, progress=False, label_samples=3), scope=serial)
-    assert len(calls) == 6 and len(started) == 2 and len(threaded.labels) == len(serial.labels) == 6  # 2 x 3
-    assert all(torch.equal(threaded.labels[k], serial.labels[k]) for k in serial.labels)
-    assert all(torch.equal(x, y) for x, y in zip(states[:2], states[2:]))
-    assert a.modules == b.modules and a.layers == b.layers

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import threading
 from collections.abc import Mapping
 from contextlib import contextmanager
 import time
@@ -314,43 +313,6 @@ class FisherScope:
     absmax_windows: int = 0  # the hooked modules' input absmax over this many first windows (``Sensitivity.absmax``)
 
 
-def _vocab(model) -> int:
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else -1
-
-
-class _Noise:
-    """The exponential noise of ``k`` multinomial draws ([rows, vocab] each, Exp(1)), drawn in a thread
-    from a copy of the generator while the model's forward runs: on the CPU the generator is serial,
-    2.1 of the 2.5 s a demo draw took (2044 tokens x 49k), and the forward does not need it. The
-    labels are ``torch.multinomial``'s (without replacement, one sample: argmax of p / q), the same bits,
-    and the generator ends where the draws would have left it (tests/test_diagnose_sensitivity.py)."""
-
-    def __init__(self, gen: torch.Generator, shape, k: int):
-        self.gen = torch.Generator(device="cpu")
-        self.gen.set_state(gen.get_state())
-        self.shape, self.k, self.out = tuple(shape), k, []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    @classmethod
-    def start(cls, gen: torch.Generator, shape, k: int) -> "_Noise":
-        noise = cls(gen, shape, k)
-        noise.thread.start()
-        return noise
-
-    def _run(self) -> None:
-        for _ in range(self.k):
-            self.out.append(torch.empty(self.shape, dtype=torch.float32).exponential_(1, generator=self.gen))
-
-    def result(self, probs: torch.Tensor) -> Optional[List[torch.Tensor]]:
-        """The noise, or None where it does not fit ``probs`` (the caller's generator then untouched)."""
-        self.thread.join()
-        if len(self.out) != self.k or tuple(probs.shape) != self.shape or probs.dtype != torch.float32 \
-                or not probs.is_contiguous() or probs.device.type != "cpu":
-            return None
-        return self.out
-
-
 class _FisherSums:
     """The running sums of one Fisher pass (kept on the device: one host copy at the end)."""
 
@@ -391,37 +353,32 @@ class _FisherSums:
         self.layer[i] = self.layer[i] + 0.5 * ((g.float() * d).sum(dim=(1, 2)) ** 2).sum()
 
     def backward(self, ids):
-        b, self.batch = self.batch, self.batch + 1
-        labels, k_all = self.scope.labels, self.s.label_samples
-        drawn = [labels.get((b, k)) for k in range(k_all)] if labels is not None else [None] * k_all
-        need = any(y is None for y in drawn)  # sampled once; a later pass (same float model, same windows) reuses them
-        noise = _Noise.start(self.gen, (ids.shape[0] * (ids.shape[1] - 1), _vocab(self.model)), k_all) \
-            if need and self.gen.device.type == "cpu" and self.dev.type == "cpu" else None
         with _autocast(self.model, self.s.dtype):
             logits = self.model(input_ids=ids.to(self.dev), use_cache=False).logits[:, :-1].float()
         logp = F.log_softmax(logits, dim=-1)
         self.n_tokens += logp.shape[0] * logp.shape[1]
-        if need:
-            drawn = self._draw(logp, noise)
+        b, self.batch = self.batch, self.batch + 1
+        labels, k_all = self.scope.labels, self.s.label_samples
+        drawn = [labels.get((b, k)) for k in range(k_all)] if labels is not None else [None] * k_all
+        if any(y is None for y in drawn):  # sampled once; a later pass (same float model, same windows) reuses them
+            drawn = self._draw(logp)
             if labels is not None:
                 labels.update({(b, k): y for k, y in enumerate(drawn)})
         for k, y in enumerate(drawn):
             logp.gather(-1, y.to(logp.device)).sum().backward(retain_graph=k < k_all - 1)
 
-    def _draw(self, logp, noise: Optional["_Noise"] = None) -> List[torch.Tensor]:
+    def _draw(self, logp) -> List[torch.Tensor]:
         """``label_samples`` labels per token, independent draws from the float model's distribution, one
         label at a time. (Both at once with replacement, an inverse-CDF draw, took 0.1 s instead of 2.2 s a
         batch of 2048 tokens x 49k on a 2-core CPU, but other draws move the Fisher scores and so the plans:
         the demo's seeded path then took a fourth trial, 17 s, in every run, and five or more with the passes in
-        bfloat16 and that draw on the CPU only: benchmarks/README.md; kept as drawn.)"""
+        bfloat16 and that draw on the CPU only: benchmarks/README.md; kept as drawn. The same draw from
+        exponential noise drawn in a thread during the forward, the same labels bit for bit: the Fisher pass
+        18.6-19.6 -> 20.8-22.7 s, the serial generator's thread slowing the forward's two more than it saved.)"""
         probs = logp.detach().exp().reshape(-1, logp.shape[-1])
-        shape = (logp.shape[0], logp.shape[1], 1)
-        qs = noise.result(probs) if noise is not None else None
-        if qs is not None:  # multinomial's own draw (argmax of p / q, q ~ Exp(1)) on noise drawn beforehand
-            self.gen.set_state(noise.gen.get_state())
-            return [torch.argmax(probs / q, dim=-1, keepdim=True).view(shape) for q in qs]
         if self.gen.device != probs.device:  # sample where the model runs (a device generator on CUDA)
             self.gen = torch.Generator(device=probs.device).manual_seed(self.s.seed)
+        shape = (logp.shape[0], logp.shape[1], 1)
         return [torch.multinomial(probs, 1, generator=self.gen).view(shape) for _ in range(self.s.label_samples)]
 
     def result(self, seconds: float) -> "Sensitivity":
