@@ -119,7 +119,8 @@ class DataConfig:
     seq_len: int = 512
     seed: int = 0
     # the calibration forward's dtype (its statistics accumulate in float32): auto = bfloat16 for a float32
-    # model on a device with native bfloat16 products (as a bfloat16 model calibrates on a GPU); model; bfloat16
+    # model on a device with native bfloat16 products (as a bfloat16 model calibrates on a GPU); model; bfloat16.
+    # Sequential GPTQ's layer-by-layer pass (loop.sequential_gptq) keeps the model's dtype
     dtype: PassDtype = PassDtype.auto
 
 
