@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -169,9 +169,10 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     parts.lap("sensitivity")
     parts.timings.update({f"sensitivity: {k}": round(v, 2) for k, v in sens.parts.items()})
     names = [n for n, p in plan.modules.items() if not p.is_float]
-    side = _Side(rt, data, cfg, names, _domain_windows(rt, data, cfg, _eval_domains(cfg, data)),
+    by_eval = _eval_domains(cfg, data)
+    side = _Side(rt, data, cfg, names, _domain_windows(rt, data, cfg, by_eval),
                  [asdict(p) if not isinstance(p, dict) else dict(p) for p in probes_cfg.prompts] if cfg.probes else [],
-                 probes_cfg.max_new_tokens, progress)
+                 probes_cfg.max_new_tokens, progress, by_eval)
     # float side (the bank is restored: float weights live), then the quantized side
     known_fp, known_q = _known_absmax(sens, subject, names, data.samples[: cfg.absmax_samples])
     fp = side.measure(channels_of=bank.quantized_weights(plan), known_absmax=known_fp)
@@ -186,7 +187,7 @@ def run(cfg: DiagnoseConfig, probes_cfg: ProbesConfig, rt: Runtime, data: RunDat
     diag.plots.update(plot_diagnosis(diag, files.plots))
     diag.sides = {"domain_windows": side.domain_sets, "domain_refs": fp["domains"], "prompts": side.prompts,
                   "float_generations": fp["gen"], "max_new_tokens": side.max_new_tokens,
-                  "eval_domains": _eval_domains(cfg, data)}
+                  "eval_domains": side.eval_domains}
     diag.timings_s = dict(parts.timings, total=round(time.perf_counter() - t0, 2))
     diag.memory_gb = parts.memory
     return diag
@@ -247,7 +248,7 @@ def _assemble(subject: Subject, sens, sides, side: "_Side", bank) -> Diagnosis:
     (fp, q), rt, data, cfg = sides, side.rt, side.data, side.cfg
     outliers = _outlier_rows(fp["absmax"], q["absmax"], subject.stats, side.names, sens, cfg.outlier_k)
     domains = {k: probes.domain_metrics(w, fp["domains"][k], q["domains"][k]) for k, w in side.domain_sets.items()}
-    domains.update({k: probes.eval_domain_metrics(base, qmetrics) for k in _eval_domains(cfg, data)})
+    domains.update({k: probes.eval_domain_metrics(base, qmetrics) for k in side.eval_domains})
     return Diagnosis(
         plan_summary=plan.summary_str(), avg_bits=round(plan.avg_bits, 4),
         metrics={"baseline": base.to_dict(), "quantized": qmetrics.to_dict(),
@@ -318,6 +319,7 @@ class _Side:
     prompts: List[dict]
     max_new_tokens: int
     progress: bool
+    eval_domains: List[str] = field(default_factory=list)  # measured by the eval windows, not in domain_sets
 
     def measure(self, channels_of: Optional[Dict[str, torch.Tensor]] = None,
                 domain_refs: Optional[Dict[str, Any]] = None,

@@ -129,14 +129,15 @@ def eval_domain_metrics(base, q) -> dict:
     reference's and a trial's Metrics (``base``, ``q``) on the eval windows, which begin with that
     domain's windows and hold 8x their tokens at the defaults; ``domain_metrics``' keys, and
     ``windows: eval``."""
-    return {"ppl_float": round(base.ppl, 3), "ppl_quantized": round(q.ppl, 3),
-            "ppl_increase_pct": round(100 * (math.exp(q.nll - base.nll) - 1), 2), "kld_mean": round(q.kld_mean, 5),
-            "n_tokens": int(q.n_tokens), "windows": "eval"}
+    return dict(_float_vs_quantized(base.nll, q), windows="eval")
 
 
 def domain_metrics(windows: torch.Tensor, fp_ref, q) -> dict:
     """Float vs quantized perplexity and KL divergence on one domain (``q``: ``domain_eval``'s Metrics)."""
-    nll_fp = float(fp_ref.nll.double().mean())
+    return _float_vs_quantized(float(fp_ref.nll.double().mean()), q)
+
+
+def _float_vs_quantized(nll_fp: float, q) -> dict:
     return {"ppl_float": round(math.exp(nll_fp), 3), "ppl_quantized": round(q.ppl, 3),
             "ppl_increase_pct": round(100 * (math.exp(q.nll - nll_fp) - 1), 2), "kld_mean": round(q.kld_mean, 5),
             "n_tokens": int(q.n_tokens)}
