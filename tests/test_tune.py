@@ -188,3 +188,39 @@ def test_the_log_says_what_is_compiled_with_the_algorithm_extension():
     assert SignRoundV2Quantizer.can_compile_block_forward(None) is False
     assert autoround.compile_words(True, False) == "on" and autoround.compile_words(False, True) == "off"
     assert "quantization function only" in autoround.compile_words(True, True)
+
+
+def test_autoround_collects_only_what_the_tuning_made(tokenizer, monkeypatch):
+    """AutoRound calls gc.collect() about four times per block; the tuning runs with the objects alive before it
+    frozen (each of its collections then walks only what the tuning made: 13.4 -> 0.55 s of collections over six
+    demo blocks on a 2-core CPU), unfrozen after, and the tuned weights are the ones an unfrozen heap gives."""
+    import contextlib
+    import gc
+    seen, real = [], gc.collect
+
+    def spy(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return real(*args, **kwargs)
+    model = tiny_llama()
+    plan = _plan(model)
+    samples = torch.randint(2, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    settings = autoround.TuneSettings(iters=2, batch_size=2)
+    monkeypatch.setattr(gc, "collect", spy)
+    frozen = autoround.tune(model, tokenizer, plan, samples, torch.float16, settings)
+    assert gc.get_freeze_count() == 0  # unfrozen after
+    assert seen[0] == 0 and len(seen) >= 3 and all(c > 0 for c in seen[1:])  # AutoRound's own collections all frozen
+    seen.clear()
+    monkeypatch.setattr(autoround, "frozen_heap", contextlib.nullcontext)
+    plain = autoround.tune(model, tokenizer, plan, samples, torch.float16, settings)
+    assert seen and all(c == 0 for c in seen)
+    assert sorted(frozen) == sorted(plain)
+    assert all(torch.equal(a, b) for n in frozen for a, b in zip(frozen[n], plain[n]))
+
+
+def test_the_heap_is_unfrozen_when_the_tuning_fails():
+    import gc
+    with pytest.raises(RuntimeError, match="boom"):
+        with autoround.frozen_heap():
+            assert gc.get_freeze_count() > 0
+            raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0
