@@ -224,3 +224,15 @@ def test_the_heap_is_unfrozen_when_the_tuning_fails():
             assert gc.get_freeze_count() > 0
             raise RuntimeError("boom")
     assert gc.get_freeze_count() == 0
+
+
+def test_a_heap_frozen_already_is_left_frozen():
+    import gc
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with autoround.frozen_heap():
+            pass
+        assert gc.get_freeze_count() == before > 0  # the caller's freeze kept, nothing unfrozen under it
+    finally:
+        gc.unfreeze()
