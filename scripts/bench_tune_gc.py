@@ -1,0 +1,92 @@
+"""AutoRound's tuning (``quantfix.tune.tune``) with the heap frozen (``tune.frozen_heap``, the default) and without,
+on the demo model: the tuning's seconds and its garbage collections (how many, how long). AutoRound calls
+``gc.collect()`` about four times per block; unfrozen, each walks every object of the process.
+
+Each variant runs in its own process, alternating (frozen, plain, frozen, plain, ...). A random mixed plan of W3/W4
+in groups of 32/64 over the first ``--layers`` decoder layers, ``--iters`` iterations per block on ``--samples`` x
+``--seq-len`` random tokens: small, so that the per-block costs show (on a GPU the tuning is launch-bound).
+
+    python scripts/bench_tune_gc.py --runs 2 --out benchmarks/tune_gc_cpu.json
+    python scripts/bench_tune_gc.py --device cuda --iters 100 --seq-len 512 --samples 32   # a GPU row's shape
+
+Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = r'''
+import contextlib, gc, json, random, sys, time, torch
+from quantfix import source, tune
+from quantfix.cache import cache_dir
+from quantfix.plan import Plan, Precision
+from transformers import AutoModelForCausalLM, AutoTokenizer
+a = json.loads(sys.argv[1])
+if a["variant"] == "plain":
+    tune.frozen_heap = contextlib.nullcontext
+calls, spent, real = [0], [0.0], gc.collect
+def timed(*args, **kwargs):
+    t = time.perf_counter(); r = real(*args, **kwargs); calls[0] += 1; spent[0] += time.perf_counter() - t; return r
+gc.collect = timed
+path = source.resolve("demo", cache_dir(), offline=True).path
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(a["device"])
+tok = AutoTokenizer.from_pretrained(path)
+model.model.layers = model.model.layers[: a["layers"]]
+model.config.num_hidden_layers = a["layers"]
+rng = random.Random(0)
+shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+          if isinstance(m, torch.nn.Linear) and ".layers." in n}
+plan = Plan({n: Precision(rng.choice([3, 4]), rng.choice([32, 64]), True, "gptq_imatrix") for n in shapes}, shapes)
+samples = torch.randint(100, 20000, (a["samples"], a["seq_len"]), generator=torch.Generator().manual_seed(0))
+settings = tune.TuneSettings(iters=a["iters"], batch_size=min(8, a["samples"]), alg_ext=a["alg_ext"])
+t = time.perf_counter()
+out = tune.tune(model, tok, tune.tuned_plan(plan), samples, torch.float16, settings)
+print(json.dumps({"variant": a["variant"], "tune_s": round(time.perf_counter() - t, 2), "gc_calls": calls[0],
+                  "gc_s": round(spent[0], 2), "objects": len(gc.get_objects()), "modules": len(out)}))
+'''
+
+
+def run_one(args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{args['variant']} run failed (exit {proc.returncode}): {proc.stderr[-800:]}")
+    return json.loads(lines[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=2, help="runs of each variant")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--alg-ext", action="store_true", help="AutoRound's algorithm extension (as loop.tune_alg_ext)")
+    ap.add_argument("--out", default="benchmarks/tune_gc.json")
+    a = ap.parse_args()
+    base = dict(device=a.device, layers=a.layers, iters=a.iters, samples=a.samples, seq_len=a.seq_len, alg_ext=a.alg_ext)
+    rows = []
+    for i in range(a.runs):
+        for variant in ("frozen", "plain"):
+            rows.append(run_one(dict(base, variant=variant)))
+            print(f"run {i} {variant}: {rows[-1]}", flush=True)
+    print("| variant | tuning s | gc.collect calls | their s | objects |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['tune_s']} | {r['gc_calls']} | {r['gc_s']} | {r['objects']} |")
+    med = {v: round(statistics.median(r["tune_s"] for r in rows if r["variant"] == v), 2) for v in ("frozen", "plain")}
+    print(f"median tuning s: frozen {med['frozen']}, plain {med['plain']}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "settings": base, "rows": rows,
+                                       "median_tune_s": med}, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
