@@ -7,7 +7,7 @@ in groups of 32/64 over the first ``--layers`` decoder layers, ``--iters`` itera
 ``--seq-len`` random tokens: small, so that the per-block costs show (on a GPU the tuning is launch-bound).
 
     python scripts/bench_tune_gc.py --runs 2 --out benchmarks/tune_gc_cpu.json
-    python scripts/bench_tune_gc.py --device cuda --iters 100 --seq-len 512 --samples 32   # a GPU row's shape
+    python scripts/bench_tune_gc.py --device cuda --dtype bfloat16 --iters 100 --seq-len 512 --samples 32   # a GPU row's shape
 
 Prints a table and writes JSON.
 """
@@ -35,7 +35,7 @@ def timed(*args, **kwargs):
     t = time.perf_counter(); r = real(*args, **kwargs); calls[0] += 1; spent[0] += time.perf_counter() - t; return r
 gc.collect = timed
 path = source.resolve("demo", cache_dir(), offline=True).path
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(a["device"])
+model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a["dtype"])).to(a["device"])
 tok = AutoTokenizer.from_pretrained(path)
 model.model.layers = model.model.layers[: a["layers"]]
 model.config.num_hidden_layers = a["layers"]
@@ -64,6 +64,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=2, help="runs of each variant")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="the model's (bfloat16 as the GPU rows)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--samples", type=int, default=8)
@@ -71,7 +72,7 @@ def main():
     ap.add_argument("--alg-ext", action="store_true", help="AutoRound's algorithm extension (as loop.tune_alg_ext)")
     ap.add_argument("--out", default="benchmarks/tune_gc.json")
     a = ap.parse_args()
-    base = dict(device=a.device, layers=a.layers, iters=a.iters, samples=a.samples, seq_len=a.seq_len, alg_ext=a.alg_ext)
+    base = dict(device=a.device, dtype=a.dtype, layers=a.layers, iters=a.iters, samples=a.samples, seq_len=a.seq_len, alg_ext=a.alg_ext)
     rows = []
     for i in range(a.runs):
         for variant in ("frozen", "plain"):
