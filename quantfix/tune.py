@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -181,6 +182,29 @@ def _engine_kwargs(work, plan: Plan, samples: torch.Tensor, dtype: torch.dtype, 
     return kwargs
 
 
+@contextmanager
+def torch_globals_kept():
+    """Torch's process-wide settings that AutoRound changes and leaves changed, as they were before, after
+    (also on failure). Its construction turns on ``torch.use_deterministic_algorithms(True, warn_only=True)``
+    and sets ``CUBLAS_WORKSPACE_CONFIG``; left on, the rest of the process (the loop's export and verification, a
+    caller's own code) runs torch's deterministic kernels, warns on ops that have none, and fills every
+    ``torch.empty`` (``torch.utils.deterministic.fill_uninitialized_memory``: 20 logits-sized float32 buffers, 16 x 512
+    x 49152, took 26 s instead of 1 ms on a 2-core CPU). The demo's stages after the tuning measured the same either
+    way (verification 36.0 / 36.1 s): the fix is to leave the process as it was found, not a speed-up of the loop."""
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
 def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype,
          settings: TuneSettings = TuneSettings()) -> Dict[str, Tuple[torch.Tensor, ...]]:
     """AutoRound on a copy of ``model`` (float weights in, the live model untouched) with the plan's
@@ -197,7 +221,7 @@ def tune(model, tokenizer, plan: Plan, samples: torch.Tensor, dtype: torch.dtype
         return {}
     weight_dtype = next(model.parameters()).dtype
     first = next(iter(todo.values()))
-    with frozen_heap():
+    with frozen_heap(), torch_globals_kept():
         work = copy.deepcopy(model)  # made after the freeze: the collections AutoRound calls see it, as before
         try:
             ar = AutoRound(work, tokenizer, bits=first.bits, group_size=first.group_size or -1, sym=first.symmetric,

@@ -36,6 +36,7 @@ from quantfix import data as data_mod
 from quantfix import evaluate as ev
 from quantfix import export as exp
 from quantfix import cache as cache_mod, loading as loading_mod, source as source_mod
+from quantfix import tune as tune_mod
 from quantfix.plan import Precision
 from quantfix.plotting import figure
 
@@ -109,7 +110,8 @@ def main() -> None:
         peers = []
         for iters in (0, 200):
             if f"autoscheme{iters}" in a.sections:
-                peers.append(autoscheme_row(b, iters, ctx))
+                with tune_mod.torch_globals_kept():  # AutoRound leaves torch's deterministic mode on for the process
+                    peers.append(autoscheme_row(b, iters, ctx))
                 add(results, peers[-1], a.out)
         if "quantfix" not in a.sections:
             continue

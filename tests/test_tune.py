@@ -259,3 +259,43 @@ def test_what_dies_frozen_is_freed_after():
         gc.collect()
         assert alive() is not None
     assert alive() is None
+
+
+def test_torch_is_left_as_autoround_found_it(tokenizer, monkeypatch):
+    """AutoRound's construction turns torch's deterministic algorithms on (warn-only) and sets CUBLAS_WORKSPACE_CONFIG
+    for the whole process (left on, every torch.empty after it is filled and ops without a deterministic kernel warn).
+    After the tuning they are as before, also when the tuning fails."""
+    import os
+    import auto_round
+    during, real = [], auto_round.AutoRound
+
+    def spy(*args, **kwargs):  # AutoRound is a factory: the settings as its construction leaves them
+        engine = real(*args, **kwargs)
+        during.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return engine
+    monkeypatch.setattr(auto_round, "AutoRound", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    model = tiny_llama()
+    samples = torch.randint(2, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.use_deterministic_algorithms(False)
+        autoround.tune(model, tokenizer, _plan(model), samples, torch.float16, autoround.TuneSettings(iters=1, batch_size=2))
+        assert during and during[0][0] and during[0][1]  # AutoRound changed both: the checks below can fail
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        # a caller's own setting (strict, with its own workspace) comes back as it was, also after a failure
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        with pytest.raises(RuntimeError, match="boom"):
+            with autoround.torch_globals_kept():
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+                torch.utils.deterministic.fill_uninitialized_memory = not fill
+                raise RuntimeError("boom")
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        assert torch.utils.deterministic.fill_uninitialized_memory == fill
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
