@@ -299,3 +299,50 @@ def test_torch_is_left_as_autoround_found_it(tokenizer, monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def test_stable_topk_breaks_ties_by_index():
+    """The values of torch.topk; of the elements tied at the k-th value, the lowest indices; sorted by value, equal
+    values in index order."""
+    x = torch.tensor([0.5, 2.0, 1.0, 1.0, 3.0, 1.0, 2.0, 1.0])
+    top = autoround.stable_topk(x, 5)
+    assert torch.equal(top.values, torch.topk(x, 5).values)
+    assert top.indices.tolist() == [4, 1, 6, 2, 3]  # 3.0, the two 2.0s, then the first two of four tied 1.0s
+    assert torch.equal(x[top.indices], top.values)
+    unsorted = autoround.stable_topk(x, 5, sorted=False)
+    assert sorted(unsorted.indices.tolist()) == [1, 2, 3, 4, 6]
+    # bfloat16 errors as AutoRound's loss sees them: hundreds tie at the k-th value
+    g = torch.Generator().manual_seed(0)
+    d = (torch.randn(200_000, generator=g) * 0.05).abs().bfloat16()
+    k = d.numel() // 1000
+    kth = torch.topk(d, k).values.min()
+    assert int((d == kth).sum()) > int(k - (d > kth).sum()) > 0  # ties cut: the choice among them matters
+    a = autoround.stable_topk(d, k).indices
+    assert torch.equal(d[a], torch.topk(d, k).values)
+    tied = torch.nonzero(d == kth).view(-1)
+    chosen = torch.isin(tied, a)
+    assert chosen.any() and not chosen.all() and tied[chosen].max() < tied[~chosen].min()  # the first of the tied
+    # inputs it does not handle go to torch.topk unchanged
+    m = torch.randn(3, 7, generator=g)
+    assert torch.equal(autoround.stable_topk(m, 2).indices, torch.topk(m, 2).indices)
+
+
+def test_the_outlier_loss_picks_its_outliers_with_stable_topk(tokenizer, monkeypatch):
+    """With the algorithm extension and a first tuned width below 4 bits, AutoRound leaves the largest output errors
+    out of the loss through torch.topk: during quantfix's tuning that call is stable_topk; after it, torch's again."""
+    from auto_round.algorithms.quantization.sign_roundv2 import quantizer as v2
+    calls = []
+    real = autoround.stable_topk
+
+    def spy(x, k, *args, **kwargs):
+        calls.append(k)
+        return real(x, k, *args, **kwargs)
+    monkeypatch.setattr(autoround, "stable_topk", spy)
+    model = tiny_llama()
+    plan = _plan(model)
+    plan = plan.with_changes({n: Precision(3, 32, True, "imatrix") for n, p in plan.modules.items() if p.bits == 4})
+    samples = torch.randint(2, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    autoround.tune(model, tokenizer, plan, samples, torch.float16, autoround.TuneSettings(iters=2, batch_size=2,
+                                                                                          alg_ext=True))
+    assert calls and all(k >= 1 for k in calls)
+    assert v2.torch is torch
