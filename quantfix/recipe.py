@@ -640,7 +640,8 @@ class Recipe:
                 tuned = tune.tune(self.rt.model, self.rt.tokenizer, src.plan, self.data.samples, self.sim_dtype, settings)
             weights = ({n: w for n, (w, _, _) in tuned.items()}, {n: (sc, z) for n, (_, sc, z) in tuned.items()})
             self.bank.use_tuned(tuned_plan, *weights)
-            ext = ", algorithm extension" if tune.uses_alg_ext(src.plan, settings) else ""
+            ext = (", algorithm extension" + (" with its outlier loss" if tune.outlier_loss(src.plan, settings) else "")
+                   if tune.uses_alg_ext(src.plan, settings) else "")
             action = f"AutoRound tuning ({cfg.tune_iters} iterations per block{ext}) of trial {src.id}"
             rec = self.trials(tuned_plan, src.plan, fresh=True, action=action, tuned_from=src.id, drivers={"tune": 1})
             src_kld, kld = src.metrics.kld_mean, rec.metrics.kld_mean

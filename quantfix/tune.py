@@ -160,6 +160,14 @@ def uses_alg_ext(plan: Plan, settings: TuneSettings) -> bool:
     return settings.alg_ext and all(p.symmetric for p in plan.modules.values() if tunable(p))
 
 
+def outlier_loss(plan: Plan, settings: TuneSettings) -> bool:
+    """Whether AutoRound's algorithm extension leaves each block's largest output errors out of its loss when tuning
+    ``plan`` (``stable_outlier_loss``): with the extension, when the scheme quantfix passes, the first tunable module's
+    width, is below 4 bits (auto-round 0.15's rule for a symmetric integer scheme), for every block alike."""
+    first = next((p for p in plan.modules.values() if tunable(p)), None)
+    return first is not None and first.bits < 4 and uses_alg_ext(plan, settings)
+
+
 def _engine_kwargs(work, plan: Plan, samples: torch.Tensor, dtype: torch.dtype, settings: TuneSettings) -> dict:
     """AutoRound's keyword arguments for tuning ``plan`` on ``work`` (said in the log)."""
     n = samples.shape[0]
@@ -179,7 +187,8 @@ def _engine_kwargs(work, plan: Plan, samples: torch.Tensor, dtype: torch.dtype, 
     log.info("AutoRound: tuning %d modules (%d iterations per block, %d calibration samples, %d block layouts, "
              "torch.compile %s%s)", sum(tunable(p) for p in plan.modules.values()), settings.iters, len(data) * bs,
              layouts, compile_words(compiled, bool(kwargs.get("enable_alg_ext"))),
-             ", algorithm extension" if kwargs.get("enable_alg_ext") else "")
+             (", algorithm extension" + (" with its outlier loss" if outlier_loss(plan, settings) else ""))
+             if kwargs.get("enable_alg_ext") else "")
     return kwargs
 
 

@@ -327,9 +327,11 @@ def test_stable_topk_breaks_ties_by_index():
     assert torch.equal(autoround.stable_topk(m, 2).indices, torch.topk(m, 2).indices)
 
 
-def test_the_outlier_loss_picks_its_outliers_with_stable_topk(tokenizer, monkeypatch):
+@pytest.mark.parametrize("first_bits", [3, 4])
+def test_the_outlier_loss_picks_its_outliers_with_stable_topk(tokenizer, monkeypatch, first_bits):
     """With the algorithm extension and a first tuned width below 4 bits, AutoRound leaves the largest output errors
-    out of the loss through torch.topk: during quantfix's tuning that call is stable_topk; after it, torch's again."""
+    out of the loss through torch.topk: during quantfix's tuning that call is stable_topk; after it, torch's again.
+    ``outlier_loss`` (what the trial's action and the log say) agrees with what AutoRound did."""
     from auto_round.algorithms.quantization.sign_roundv2 import quantizer as v2
     calls = []
     real = autoround.stable_topk
@@ -341,8 +343,12 @@ def test_the_outlier_loss_picks_its_outliers_with_stable_topk(tokenizer, monkeyp
     model = tiny_llama()
     plan = _plan(model)
     plan = plan.with_changes({n: Precision(3, 32, True, "imatrix") for n, p in plan.modules.items() if p.bits == 4})
+    first = next(n for n, p in plan.modules.items() if autoround.tunable(p))
+    plan = plan.with_changes({first: Precision(first_bits, 32, True, "imatrix")})
+    settings = autoround.TuneSettings(iters=2, batch_size=2, alg_ext=True)
     samples = torch.randint(2, 384, (4, 32), generator=torch.Generator().manual_seed(0))
-    autoround.tune(model, tokenizer, plan, samples, torch.float16, autoround.TuneSettings(iters=2, batch_size=2,
-                                                                                          alg_ext=True))
-    assert calls and all(k >= 1 for k in calls)
+    autoround.tune(model, tokenizer, plan, samples, torch.float16, settings)
+    assert bool(calls) is (first_bits < 4) is autoround.outlier_loss(plan, settings)
+    assert all(k >= 1 for k in calls)
     assert v2.torch is torch
+    assert not autoround.outlier_loss(plan, dataclasses.replace(settings, alg_ext=False))
