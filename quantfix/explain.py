@@ -119,7 +119,9 @@ def changes(plan0: Plan, shipped: Plan, findings: List[Finding]) -> List[ChangeG
     for key, names in by_pair.items():
         p0, p1 = precisions[key]
         kind = _kind(p0, p1)
-        groups.append(ChangeGroup(key[0], key[1], kind, _what(p0, p1), names, _reasons(names, kind, findings)))
+        in_f = shipped.shapes[names[0]][1]
+        saves = p1.bits_per_weight(in_f) < p0.bits_per_weight(in_f) - 1e-9
+        groups.append(ChangeGroup(key[0], key[1], kind, _what(p0, p1), names, _reasons(names, kind, findings), saves))
     groups.sort(key=lambda g: (KINDS.index(g.kind), -g.count, g.after))
     return groups
 
@@ -142,10 +144,12 @@ def unexplained(group: ChangeGroup) -> int:
 
 
 def applied(modules: List[str], groups: List[ChangeGroup]) -> str:
-    """What the shipped plan did to ``modules``: '12 of them to W6g64-gptq-imx, 3 to W8ch-imx, 2 unchanged'."""
+    """What the shipped plan did to ``modules``: '12 of them to W6g64-gptq-imx, 3 to W8ch-imx, 2 unchanged'; a
+    label with fewer bits per weight than plan 0's (a budget below it) says so: 'to W3g64a-gptq-imx (fewer bits
+    than plan 0)'."""
     if not modules:
         return "-"
-    after = {m: g.after for g in groups for m in g.modules}
+    after = {m: g.after + (" (fewer bits than plan 0)" if g.saves else "") for g in groups for m in g.modules}
     counts = Counter(after.get(m) for m in modules)
     parts = [f"{c} to {label}" for label, c in sorted(((k, v) for k, v in counts.items() if k), key=lambda t: -t[1])]
     if counts.get(None):

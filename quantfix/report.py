@@ -401,7 +401,11 @@ def _changes_blocks(report: RunReport) -> List[tuple]:
 
 
 def _why(g: ChangeGroup, shown: int = 2) -> str:
-    """The findings that name a group's modules (the first ``shown``), and what chose the rest."""
+    """The findings that name a group's modules (the first ``shown``), and what chose the rest. A group stored in
+    fewer bits than plan 0 (a budget below it) is there for the budget, not for the findings that name its modules:
+    they ask for more precision, and the measured sensitivity spent the budget's bits elsewhere."""
+    if g.saves:
+        return _why_saved(g, shown)
     parts = []
     for r in g.reasons[:shown]:
         where = ", ".join(explain.short_module(m) for m in r.modules[:2]) + \
@@ -417,6 +421,19 @@ def _why(g: ChangeGroup, shown: int = 2) -> str:
             "the most KLD removed per added bit (measured sensitivity)"
         parts.append(f"the other {rest}: {why}" if parts else why)
     return "; ".join(parts)
+
+
+def _why_saved(g: ChangeGroup, shown: int) -> str:
+    why = "the budget: fewer bits where they add the least KLD (measured sensitivity)"
+    named = sorted({m for r in g.reasons for m in r.modules})
+    if not named:
+        return why
+    texts = "; ".join(r.text for r in g.reasons[:shown]) + (f"; {len(g.reasons) - shown} more" if len(g.reasons) > shown
+                                                             else "")
+    where = ", ".join(explain.short_module(m) for m in named[:2]) + (f" +{len(named) - 2}" if len(named) > 2 else "")
+    verb = "is" if len(named) == 1 else "are"
+    return (f"{why}; {len(named)} of them ({where}) {verb} named by findings that ask for more precision ({texts}): "
+            "the measured sensitivity spent the budget's bits elsewhere")
 
 
 def _existing(report: RunReport) -> List[tuple]:

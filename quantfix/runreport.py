@@ -150,7 +150,8 @@ class Reason:
 class ChangeGroup:
     """Modules that plan 0 and the shipped plan store differently, one group per (plan-0 label ->
     shipped label); ``kind`` says how (more bits, fewer bits, smaller group, larger group, other
-    rounding, kept in float, other), ``what`` in words; ``reasons`` are the findings that name them."""
+    rounding, kept in float, other), ``what`` in words; ``reasons`` are the findings that name them;
+    ``saves``: the shipped label stores fewer bits per weight than plan 0's (a budget below plan 0)."""
 
     before: str
     after: str
@@ -158,6 +159,7 @@ class ChangeGroup:
     what: str
     modules: List[str]
     reasons: List[Reason] = field(default_factory=list)
+    saves: bool = False
 
     @property
     def count(self) -> int:
@@ -166,7 +168,7 @@ class ChangeGroup:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ChangeGroup":
         return cls(d["before"], d["after"], d["kind"], d["what"], list(d["modules"]),
-                   [Reason(**r) for r in d.get("reasons") or []])
+                   [Reason(**r) for r in d.get("reasons") or []], bool(d.get("saves", False)))
 
 
 @dataclass

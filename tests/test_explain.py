@@ -113,3 +113,31 @@ def test_change_groups_round_trip_through_report_json():
     assert d["changes"][0]["reasons"][0]["kind"] == "outlier_channels"
     assert RunReport.from_dict(d).changes == groups
     assert "changes" not in RunReport(model="m", config={}, baseline=m).to_dict()  # written only when set
+
+
+def test_a_budget_below_plan_0_is_the_why_of_fewer_bits_not_the_findings_that_ask_for_more():
+    """Budget mode may store modules in fewer bits per weight than plan 0 (W4g64 -> W3g64a, or a larger group). The
+    group says so (``saves``), what was applied to a finding's modules says so, and the report's why names the budget:
+    an outlier finding on such a module asks for more precision, so it is not why the module got fewer bits
+    (a budget run on the demo read 'why: outlier channel 1229 (2,478x the median)' for 89 modules sent 4 -> 3 bits)."""
+    from quantfix import report as rep
+    w3 = Precision(3, 64, False, "gptq_imatrix")
+    plan0, shipped = plans({NAMES[3]: w3, NAMES[7]: w3, NAMES[0]: Precision(4, 128, True, "imatrix"),
+                            NAMES[1]: Precision(6, 64, True, "gptq_imatrix")})
+    groups = explain.changes(plan0, shipped, [outlier(1229, 2478.3, [NAMES[3]])])
+    by_after = {g.after: g for g in groups}
+    assert by_after["W3g64a-gptq-imx"].saves and by_after["W4g128-imx"].saves  # fewer bits; a larger group
+    assert not by_after["W6g64-gptq-imx"].saves
+    assert by_after["W4g128-imx"].kind == "larger group"
+    assert explain.applied([NAMES[3]], groups) == "layer 0 down_proj to W3g64a-gptq-imx (fewer bits than plan 0)"
+    assert explain.applied([NAMES[3], NAMES[1]], groups) == \
+        "2 modules: 1 to W3g64a-gptq-imx (fewer bits than plan 0), 1 to W6g64-gptq-imx"
+    why = rep._why(by_after["W3g64a-gptq-imx"])
+    assert why.startswith("the budget: fewer bits where they add the least KLD")
+    assert "1 of them (layer 0 down_proj) is named by findings that ask for more precision" in why
+    assert "outlier channel 1229 (2,478x the median)" in why
+    assert rep._why(by_after["W4g128-imx"]) == "the budget: fewer bits where they add the least KLD (measured sensitivity)"
+    # more bits: the finding is the why, as before
+    assert "the budget" not in rep._why(by_after["W6g64-gptq-imx"])
+    m = Metrics(10.0, 2.3, 0.0, 0.0, 0.0, 1.0, 100)
+    assert RunReport.from_dict(RunReport(model="m", config={}, baseline=m, changes=groups).to_dict()).changes == groups
