@@ -601,8 +601,9 @@ def _probe_counts(who: str, gens: List[dict]) -> str:
     if not gens:
         return ""
     div = sum(g["first_divergence"] is not None for g in gens)
+    loops, refusals = sum(g["new_loop"] for g in gens), sum(g["new_refusal"] for g in gens)
     return (f"{who}: {div} of {len(gens)} probes differ from the float model's greedy text, "
-            f"{sum(g['new_loop'] for g in gens)} new repetition loops, {sum(g['new_refusal'] for g in gens)} new refusals.")
+            f"{loops} new repetition loop{'' if loops == 1 else 's'}, {refusals} new refusal{'' if refusals == 1 else 's'}.")
 
 
 def _probe_rows(before: List[dict], after: List[dict]) -> List[list]:

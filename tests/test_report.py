@@ -232,3 +232,11 @@ def test_iteration_plot_keeps_to_the_measured_range(tmp_path, monkeypatch):
     boxes = seen["boxes"]
     assert len(boxes) == 3
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_probe_counts_in_words():
+    gens = [{"first_divergence": 3, "new_loop": True, "new_refusal": False},
+            {"first_divergence": None, "new_loop": False, "new_refusal": False}]
+    assert rep._probe_counts("Shipped", gens) == ("Shipped: 1 of 2 probes differ from the float model's greedy text, "
+                                                 "1 new repetition loop, 0 new refusals.")
+    assert rep._probe_counts("Plan 0", []) == ""
