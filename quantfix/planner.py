@@ -397,7 +397,8 @@ class PredictivePlanner:
         note = f"predictive: first {k} of {len(self.steps)} upgrades; drivers: " + \
                ", ".join(f"{r} x{c}" for r, c in sorted(reasons.items(), key=lambda t: -t[1]))
         if self.space.floor is not None:
-            note += f"; from the cheapest rung at or above {self.space.floor:g} bits"
+            note += (f"; from the cheapest rung at or above {self.space.floor:.3g} bits per weight" if self.space.floor
+                     else "; from each module's cheapest rung")
         return harmonize_experts(self.plan0.with_changes(changes, note=note))
 
     def bits_at(self, k: int) -> float:
