@@ -77,7 +77,7 @@ def test_the_cheapest_start_goes_below_plan_0_and_a_floor_keeps_every_module_abo
     floor4 = PredictivePlanner(plan, sens.option_base, sens.options, options, [], Space(floor=rung_bits("4/64")))
     assert all(p.bits >= 4 for p in floor4.plan_at(floor4.largest_within(5.0)).modules.values())
     assert not floor4.fits(3.5) and full.fits(3.5)
-    # the plan's note says where it started, in words a report reads (not "at or above 0 bits", not "4.28125")
+    # the plan's note says where it started, in words a report reads (not "at or above 0 bits", not "3.29688 bits")
     assert full.plan_at(0).note.endswith("; from each module's cheapest rung")
     assert floor4.plan_at(0).note.endswith(f"; from the cheapest rung at or above {rung_bits('4/64'):.3g} bits per weight")
     # plan 0's own precision is a point like the others: the threshold search still starts there
