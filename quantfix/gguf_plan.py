@@ -8,7 +8,8 @@ Q5_0 in the plan), so its labels, sizes and simulations are those of the file.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Mapping, Sequence
+import math
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -65,6 +66,19 @@ def with_tied_output(plan: Plan, model, type_name: str) -> Plan:
     shapes = dict(plan.shapes, **{name: (int(out_f), int(in_f))})
     return Plan(modules, shapes, other_params=plan.other_params - int(out_f) * int(in_f),
                 calibration=dict(plan.calibration), note=plan.note + f"; tied {name} (token_embd) planned too")
+
+
+def budget_problem(plan0: Plan, budget: Optional[float]) -> Optional[str]:
+    """The one line that refuses a budget below plan 0 in GGUF mode, or None. The search there only climbs from plan 0
+    (``ladder_options``: nothing cheaper than a module has), so a budget below it has no plan; before this check such a
+    run searched, shipped plan 0 over the budget and called it 'the lowest predicted KLD within' it (the demo at 4.6
+    bits: 5.30, Q4_K written as Q5_0 on its 576-wide rows)."""
+    if budget is None or plan0.avg_bits <= budget + 1e-6:
+        return None
+    need = math.ceil(plan0.avg_bits * 100 - 1e-6) / 100
+    return (f"plan.budget.avg_bits={budget:g} is below plan 0 in llama.cpp's types ({plan0.summary_str()}: "
+            f"{plan0.avg_bits:.3f} bits per weight, each type as llama.cpp writes it on the module's rows), and GGUF mode "
+            f"only climbs from plan 0: raise the budget to at least {need:.2f}, or ask for a smaller plan 0 (quant.bits)")
 
 
 def ladder_options(plan: Plan, ladder: Sequence[str]) -> Dict[str, Dict[str, Precision]]:

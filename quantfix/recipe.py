@@ -334,6 +334,8 @@ class Recipe:
             q = cfg.quant
             plan0 = gguf_plan.with_tied_output(plan0, self.rt.model, gguf_plan.asked_type(
                 Precision(q.bits, 0, q.symmetric, str(q.algorithm))))
+            if not cfg.quantized.name_or_path:  # a download's plan 0 is known after reading it
+                self._check_gguf_budget(plan0)
         self.report.warnings += warnings
         self.report.baseline_size_bytes = int(16 * (plan0.n_params + plan0.other_params) / 8)
         self.report.ppl_limit = verdict.ppl_limit(self.base, cfg.thresholds)
@@ -352,6 +354,7 @@ class Recipe:
                                q.awq_grid, q.llm_int8_threshold, sim_dtype=export_dtype)
         if cfg.quantized.name_or_path and self.gguf:  # a GGUF download: its types are plan 0
             plan0 = self._gguf_download(plan0)
+            self._check_gguf_budget(plan0)
         elif cfg.quantized.name_or_path:  # plan 0 is an existing checkpoint: its scheme and its own weights
             plan0 = self._load_existing(plan0)
         setup = TrialSetup(self.bank, lambda desc: self._evaluate(desc=desc), self.base, cfg.thresholds,
@@ -360,6 +363,11 @@ class Recipe:
                            locate_nonfinite=lambda: ev.locate_nonfinite(self.rt.model, self.data.windows[:1]))
         self.trials = Trials(setup)
         return plan0
+
+    def _check_gguf_budget(self, plan0: Plan) -> None:
+        problem = gguf_plan.budget_problem(plan0, self.cfg.plan.budget.avg_bits)
+        if problem:
+            raise QuantfixError(problem)
 
     def _plan0_trial(self, plan0: Plan) -> TrialRecord:
         """Plan 0 measured. An existing checkpoint is also held against plain RTN at its own widths

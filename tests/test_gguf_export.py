@@ -24,6 +24,22 @@ def test_bad_gguf_settings_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_gguf_budget_below_plan_0_is_one_line_before_the_search(llama_tools, tmp_path):  # noqa: F811
+    """GGUF mode only climbs from plan 0: on the demo, plan 0 (Q4_K, written as Q5_0 on the 576-wide rows) is 5.30
+    bits, and plan.budget.avg_bits=4.6 used to search, ship plan 0 at 5.30 bits and call it the lowest predicted KLD
+    within 4.6. Now: exit 2, one line naming plan 0's cost and the budget that would do, and no checkpoint."""
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "quantfix", "export.format=gguf", "plan.budget.avg_bits=4.6",
+                        f"hydra.run.dir={out}", "eval.n_windows=2", "eval.seq_len=256", "eval.batch_size=2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("quantfix: error:")]
+    assert len(line) == 1 and "plan.budget.avg_bits=4.6 is below plan 0 in llama.cpp's types" in line[0]
+    assert "raise the budget to at least 5.31" in line[0]
+    assert not (out / "gguf").exists() and not (out / "checkpoint").exists()
+
+
+@pytest.mark.slow
 def test_demo_gguf_export_is_verified_by_llama_perplexity(llama_tools, tmp_path):  # noqa: F811
     """python -m quantfix model.name_or_path=<the demo's GGUF file> export.format=gguf writes a GGUF
     that llama-perplexity verifies on the CPU: its KLD against the F16 parent within 10% of the

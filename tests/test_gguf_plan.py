@@ -49,3 +49,15 @@ def test_tied_output_is_planned_and_counted():
     assert tied.shapes["lm_head"] == (96, 64) and tied.modules["lm_head"].label == "Q8_0"  # Q6_K on rows of 64
     assert tied.n_params + tied.other_params == total
     assert gguf_plan.with_tied_output(tied, model, "Q6_K") is tied
+
+
+def test_a_budget_below_plan_0_is_refused_in_gguf_mode():
+    """GGUF mode climbs from plan 0 only: a budget below plan 0 as llama.cpp writes it has no plan. The line names
+    plan 0's cost and the budget that would do (rounded up, so that it fits); a budget at or above it passes."""
+    shapes = {"a": (64, 576), "b": (64, 1536)}
+    g = gguf_plan.to_gguf(Plan({n: Precision(4, 64, True, "rtn") for n in shapes}, shapes))  # Q5_0 on 576, Q4_K
+    assert g.avg_bits == pytest.approx((5.5 * 576 + 4.5 * 1536) / 2112)  # 4.773
+    problem = gguf_plan.budget_problem(g, 4.6)
+    assert problem.startswith("plan.budget.avg_bits=4.6 is below plan 0 in llama.cpp's types (")
+    assert "4.773 bits per weight" in problem and "raise the budget to at least 4.78" in problem
+    assert gguf_plan.budget_problem(g, 4.78) is None and gguf_plan.budget_problem(g, None) is None
