@@ -365,6 +365,8 @@ class Recipe:
         return plan0
 
     def _check_gguf_budget(self, plan0: Plan) -> None:
+        if self.cfg.mode != "repair":  # a diagnosis searches nothing
+            return
         problem = gguf_plan.budget_problem(plan0, self.cfg.plan.budget.avg_bits)
         if problem:
             raise QuantfixError(problem)
