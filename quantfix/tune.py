@@ -251,7 +251,7 @@ def stable_outlier_loss():
     block's output out of the loss: a ``torch.topk`` over ~2M bfloat16 errors, where hundreds tie at the k-th value
     and torch does not promise the same subset of them from run to run (on CUDA). The likely source, not yet measured
     on a GPU, of the spread of the demo's 3.5-bit plan tuned on one H100 (KLD 0.2946-0.3201 in four runs; mostly W3,
-    with the extension), where AutoScheme's tuning without the extension gave the same 0.30768 in eleven runs. During
+    with the extension), where AutoScheme's tuning without the extension gave the same 0.30768 in twelve runs. During
     the tuning that module's ``torch.topk`` is ``stable_topk``. Yields whether it applied (False when this AutoRound
     has no such module or it calls torch by another name)."""
     try:

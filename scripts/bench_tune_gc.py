@@ -16,7 +16,7 @@ repeatable. Two suspects on CUDA: the algorithm extension's outlier loss (its fi
 leaves the largest 0.1% of each block's output errors out, picked by a top-k where hundreds of bfloat16 errors tie:
 ``torch-topk`` picks them as torch does, the default ``tune.stable_topk`` by index), and attention's fused backward
 kernels (``math-sdpa``). The demo's 3.5 plan tuned on an H100 in four runs gave KLD 0.2946-0.3201; AutoScheme's
-tuning, without the extension, 0.30768 in eleven runs.
+tuning, without the extension, 0.30768 in twelve runs.
 
 Prints a table and writes JSON.
 """
