@@ -334,7 +334,9 @@ class Recipe:
             q = cfg.quant
             plan0 = gguf_plan.with_tied_output(plan0, self.rt.model, gguf_plan.asked_type(
                 Precision(q.bits, 0, q.symmetric, str(q.algorithm))))
-            if not cfg.quantized.name_or_path:  # a download's plan 0 is known after reading it
+            if cfg.quantized.name_or_path:  # a GGUF download: its types are plan 0 (read before any calibration)
+                plan0 = self._gguf_download(plan0)
+            else:
                 self._check_gguf_budget(plan0)
         self.report.warnings += warnings
         self.report.baseline_size_bytes = int(16 * (plan0.n_params + plan0.other_params) / 8)
@@ -352,10 +354,7 @@ class Recipe:
         q = cfg.quant
         self.bank = WeightBank(self.rt.model, list(plan0.modules), self.stats, q.gptq_dampening, q.gptq_block_size,
                                q.awq_grid, q.llm_int8_threshold, sim_dtype=export_dtype)
-        if cfg.quantized.name_or_path and self.gguf:  # a GGUF download: its types are plan 0
-            plan0 = self._gguf_download(plan0)
-            self._check_gguf_budget(plan0)
-        elif cfg.quantized.name_or_path:  # plan 0 is an existing checkpoint: its scheme and its own weights
+        if cfg.quantized.name_or_path and not self.gguf:  # an existing checkpoint: its scheme, its own weights
             plan0 = self._load_existing(plan0)
         setup = TrialSetup(self.bank, lambda desc: self._evaluate(desc=desc), self.base, cfg.thresholds,
                            cfg.loop.max_iters, self.out_dir / "trials.jsonl", cfg.loop.resume, self.timer,
@@ -399,6 +398,7 @@ class Recipe:
         plan0 = template.with_changes({n: gguf_plan.precision(t, template.shapes[n][1]) for n, t in types.items()},
                                       note=f"the types of {Path(path).name}, re-quantized from the float parent "
                                            "with quantfix's imatrix")
+        self._check_gguf_budget(plan0)  # before the download's own measurement
         with self.timer("llama-perplexity: the download"):
             measured = gguf_export.measure(Path(path), self.llama)
         self.report.quantized = ExistingInfo(path, "gguf", ", ".join(gguf_plan.summary(types)), notes,
@@ -650,9 +650,8 @@ class Recipe:
                 tuned = tune.tune(self.rt.model, self.rt.tokenizer, src.plan, self.data.samples, self.sim_dtype, settings)
             weights = ({n: w for n, (w, _, _) in tuned.items()}, {n: (sc, z) for n, (_, sc, z) in tuned.items()})
             self.bank.use_tuned(tuned_plan, *weights)
-            ext = (", algorithm extension" + (" with its outlier loss" if tune.outlier_loss(src.plan, settings) else "")
-                   if tune.uses_alg_ext(src.plan, settings) else "")
-            action = f"AutoRound tuning ({cfg.tune_iters} iterations per block{ext}) of trial {src.id}"
+            action = (f"AutoRound tuning ({cfg.tune_iters} iterations per block{tune.extension_words(src.plan, settings)}) "
+                      f"of trial {src.id}")
             rec = self.trials(tuned_plan, src.plan, fresh=True, action=action, tuned_from=src.id, drivers={"tune": 1})
             src_kld, kld = src.metrics.kld_mean, rec.metrics.kld_mean
             if budget is not None:

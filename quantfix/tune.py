@@ -168,6 +168,14 @@ def outlier_loss(plan: Plan, settings: TuneSettings) -> bool:
     return first is not None and first.bits < 4 and uses_alg_ext(plan, settings)
 
 
+def extension_words(plan: Plan, settings: TuneSettings) -> str:
+    """What the tuning of ``plan`` runs of AutoRound's algorithm extension, for the log and the trial's action:
+    '', ', algorithm extension' or ', algorithm extension with its outlier loss'."""
+    if not uses_alg_ext(plan, settings):
+        return ""
+    return ", algorithm extension" + (" with its outlier loss" if outlier_loss(plan, settings) else "")
+
+
 def _engine_kwargs(work, plan: Plan, samples: torch.Tensor, dtype: torch.dtype, settings: TuneSettings) -> dict:
     """AutoRound's keyword arguments for tuning ``plan`` on ``work`` (said in the log)."""
     n = samples.shape[0]
@@ -187,8 +195,7 @@ def _engine_kwargs(work, plan: Plan, samples: torch.Tensor, dtype: torch.dtype, 
     log.info("AutoRound: tuning %d modules (%d iterations per block, %d calibration samples, %d block layouts, "
              "torch.compile %s%s)", sum(tunable(p) for p in plan.modules.values()), settings.iters, len(data) * bs,
              layouts, compile_words(compiled, bool(kwargs.get("enable_alg_ext"))),
-             (", algorithm extension" + (" with its outlier loss" if outlier_loss(plan, settings) else ""))
-             if kwargs.get("enable_alg_ext") else "")
+             extension_words(plan, settings))
     return kwargs
 
 

@@ -352,3 +352,6 @@ def test_the_outlier_loss_picks_its_outliers_with_stable_topk(tokenizer, monkeyp
     assert all(k >= 1 for k in calls)
     assert v2.torch is torch
     assert not autoround.outlier_loss(plan, dataclasses.replace(settings, alg_ext=False))
+    assert autoround.extension_words(plan, settings) == ", algorithm extension" + \
+        (" with its outlier loss" if first_bits < 4 else "")
+    assert autoround.extension_words(plan, dataclasses.replace(settings, alg_ext=False)) == ""
